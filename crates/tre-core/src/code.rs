@@ -1,0 +1,92 @@
+//! Stable error codes. A code never changes meaning once released: clients,
+//! runbooks and the audit log key on it. Add new codes; never renumber.
+
+use std::fmt;
+
+macro_rules! codes {
+    ($($(#[$m:meta])* $name:ident = $text:literal,)*) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum Code { $($(#[$m])* $name,)* }
+
+        impl Code {
+            pub const ALL: &'static [Code] = &[$(Code::$name,)*];
+            pub fn as_str(self) -> &'static str {
+                match self { $(Code::$name => $text,)* }
+            }
+            pub fn parse(s: &str) -> Option<Code> {
+                Code::ALL.iter().copied().find(|c| c.as_str() == s)
+            }
+        }
+    };
+}
+
+codes! {
+    // Authentication and authorisation.
+    Unauthenticated = "TRE-A001",
+    PermissionDenied = "TRE-A002",
+    UnknownProject = "TRE-A003",
+
+    // Input validation of identifiers and parameters.
+    InvalidIdentifier = "TRE-C001",
+    InvalidEpsilon = "TRE-C002",
+
+    // The query compiler: user errors and policy refusals.
+    SqlSyntax = "TRE-Q001",
+    MultipleStatements = "TRE-Q002",
+    StatementNotAllowed = "TRE-Q003",
+    ExplainNotAllowed = "TRE-Q004",
+    TableFunction = "TRE-Q005",
+    UnknownTable = "TRE-Q006",
+    RowLevelSelect = "TRE-Q010",
+    IdentifierInOutput = "TRE-Q011",
+    IdentifierInGroupBy = "TRE-Q012",
+    GroupKeyNotPublic = "TRE-Q013",
+    UnsupportedAggregate = "TRE-Q014",
+    UnboundedColumn = "TRE-Q015",
+    UnsupportedShape = "TRE-Q016",
+    JoinNotOnPrivacyUnit = "TRE-Q017",
+    UnsupportedJoin = "TRE-Q018",
+    UnsupportedExpression = "TRE-Q019",
+    FunctionNotAllowed = "TRE-Q020",
+    IdentifierInFilter = "TRE-Q021",
+    TooManyGroups = "TRE-Q022",
+
+    // Budget.
+    BudgetExhausted = "TRE-B001",
+    EpsilonAboveCap = "TRE-B002",
+
+    // Policy files.
+    PolicyInvalid = "TRE-P001",
+
+    // Keys and extracts.
+    MasterKey = "TRE-V001",
+    WrongMasterKey = "TRE-V002",
+    ExtractUnreadable = "TRE-V003",
+
+    // Failures after data was touched: generic by design.
+    ExecutionFailed = "TRE-E001",
+
+    // Bugs and infrastructure.
+    Internal = "TRE-I001",
+    Storage = "TRE-I002",
+}
+
+impl fmt::Display for Code {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_unique_and_round_trip() {
+        let mut seen = std::collections::HashSet::new();
+        for c in Code::ALL {
+            assert!(seen.insert(c.as_str()), "duplicate {c}");
+            assert_eq!(Code::parse(c.as_str()), Some(*c));
+        }
+    }
+}

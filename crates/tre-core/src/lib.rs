@@ -1,0 +1,231 @@
+//! The shared vocabulary of tre: validated privacy parameters (`Epsilon`),
+//! identifiers (`ProjectId`, `UserId`), roles and principals, and the stable
+//! error codes every crate reports with.
+//!
+//! This crate owns no behaviour and does no IO. It must never depend on any
+//! other tre crate, on DataFusion, on tonic or on a database: everything else
+//! depends on it, so it has to stay small and cheap to compile.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+mod code;
+
+pub use code::Code;
+
+/// Errors raised while validating raw values into domain types.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum CoreError {
+    #[error("{code} epsilon must be a finite number greater than 0, got {value}; pass a positive epsilon such as 0.5", code = Code::InvalidEpsilon)]
+    InvalidEpsilon { value: f64 },
+    #[error("{code} {what} '{value}' is not valid: {why}", code = Code::InvalidIdentifier)]
+    InvalidId {
+        what: &'static str,
+        value: String,
+        why: &'static str,
+    },
+    #[error("{code} unknown role '{0}'; use one of researcher, custodian, auditor, admin", code = Code::InvalidIdentifier)]
+    UnknownRole(String),
+}
+
+/// A privacy-loss parameter: finite and strictly positive.
+///
+/// Budgets are kept in the ledger as integer nano-epsilon (`as_nanos`) so that
+/// composition by addition is exact and a budget can never drift by rounding.
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd, Serialize, Deserialize)]
+#[serde(try_from = "f64", into = "f64")]
+pub struct Epsilon(f64);
+
+impl Epsilon {
+    pub const NANOS_PER_UNIT: f64 = 1e9;
+
+    pub fn new(value: f64) -> Result<Self, CoreError> {
+        if value.is_finite() && value > 0.0 {
+            Ok(Self(value))
+        } else {
+            Err(CoreError::InvalidEpsilon { value })
+        }
+    }
+
+    pub fn value(self) -> f64 {
+        self.0
+    }
+
+    /// The ledger's integer representation, rounded up so that charging
+    /// never undercounts.
+    pub fn as_nanos(self) -> i64 {
+        (self.0 * Self::NANOS_PER_UNIT).ceil() as i64
+    }
+
+    pub fn from_nanos(nanos: i64) -> f64 {
+        nanos as f64 / Self::NANOS_PER_UNIT
+    }
+}
+
+impl TryFrom<f64> for Epsilon {
+    type Error = CoreError;
+    fn try_from(value: f64) -> Result<Self, Self::Error> {
+        Self::new(value)
+    }
+}
+
+impl From<Epsilon> for f64 {
+    fn from(e: Epsilon) -> f64 {
+        e.0
+    }
+}
+
+impl fmt::Display for Epsilon {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+fn validate_name(what: &'static str, value: &str) -> Result<(), CoreError> {
+    let bad = |why| CoreError::InvalidId {
+        what,
+        value: value.chars().take(64).collect(),
+        why,
+    };
+    if value.is_empty() || value.len() > 64 {
+        return Err(bad("it must be 1 to 64 characters long"));
+    }
+    if !value
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '@'))
+    {
+        return Err(bad("use only letters, digits, '_', '-', '.' and '@'"));
+    }
+    Ok(())
+}
+
+macro_rules! name_type {
+    ($(#[$m:meta])* $name:ident, $what:literal) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn new(value: impl Into<String>) -> Result<Self, CoreError> {
+                let value = value.into();
+                validate_name($what, &value)?;
+                Ok(Self(value))
+            }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+        impl TryFrom<String> for $name {
+            type Error = CoreError;
+            fn try_from(value: String) -> Result<Self, Self::Error> {
+                Self::new(value)
+            }
+        }
+        impl From<$name> for String {
+            fn from(v: $name) -> String {
+                v.0
+            }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+name_type!(
+    /// A research project: the unit that owns a privacy budget.
+    ProjectId,
+    "project id"
+);
+name_type!(
+    /// A person who calls the service.
+    UserId,
+    "user id"
+);
+
+/// What a caller may do. The authorisation matrix lives in the gateway; this
+/// is only the vocabulary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Researcher,
+    Custodian,
+    Auditor,
+    Admin,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [
+        Role::Researcher,
+        Role::Custodian,
+        Role::Auditor,
+        Role::Admin,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Researcher => "researcher",
+            Role::Custodian => "custodian",
+            Role::Auditor => "auditor",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = CoreError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| CoreError::UnknownRole(s.chars().take(32).collect()))
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub user: UserId,
+    pub role: Role,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epsilon_rejects_non_positive_and_non_finite() {
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert!(Epsilon::new(bad).is_err(), "{bad}");
+        }
+        assert_eq!(Epsilon::new(0.5).map(Epsilon::value), Ok(0.5));
+    }
+
+    #[test]
+    fn epsilon_nanos_round_up() {
+        let e = Epsilon::new(0.1).unwrap_or_else(|_| unreachable!());
+        assert_eq!(e.as_nanos(), 100_000_000);
+        let third = Epsilon::new(1.0 / 3.0).unwrap_or_else(|_| unreachable!());
+        assert_eq!(third.as_nanos(), 333_333_334);
+    }
+
+    #[test]
+    fn names_are_validated() {
+        assert!(ProjectId::new("demo").is_ok());
+        assert!(ProjectId::new("").is_err());
+        assert!(ProjectId::new("a b").is_err());
+        assert!(UserId::new("x".repeat(65)).is_err());
+        assert_eq!("auditor".parse::<Role>(), Ok(Role::Auditor));
+        assert!("root".parse::<Role>().is_err());
+    }
+}

@@ -1,0 +1,169 @@
+//! Dataset policies: the custodian's TOML (`policies/*.toml`) parsed into raw
+//! structs, then validated into a [`Policy`] in which invalid states cannot be
+//! represented (bounds are ordered and finite, domains non-empty, every table
+//! carries the privacy unit as an identifier, budgets are ordered).
+//!
+//! Input is text; this crate never touches the file system, DataFusion, keys
+//! or the network. It depends only on `tre-core`.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use tre_core::{Code, Epsilon};
+
+mod raw;
+
+/// A policy that failed validation, naming the source, the field and the fix.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("{source_name}: {code} field `{field}`: {message}", code = Code::PolicyInvalid)]
+pub struct PolicyError {
+    pub source_name: String,
+    pub field: String,
+    pub message: String,
+}
+
+/// A validated dataset policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub dataset: String,
+    pub description: String,
+    pub privacy_unit: String,
+    pub sdc_profile: String,
+    /// National Data Opt-out: patients with this flag set are removed from
+    /// every plan before anything else runs.
+    pub opt_out: Option<ColumnRef>,
+    pub budget: BudgetPolicy,
+    pub tables: BTreeMap<String, TablePolicy>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnRef {
+    pub table: String,
+    pub column: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BudgetPolicy {
+    /// Used when a researcher does not ask for a specific epsilon.
+    pub default_epsilon_per_query: Epsilon,
+    pub max_epsilon_per_query: Epsilon,
+    /// Budget a new project receives unless a custodian says otherwise.
+    pub project_epsilon: Epsilon,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TablePolicy {
+    pub name: String,
+    pub description: String,
+    /// Rows kept per patient; excess rows are dropped at random before any
+    /// aggregate sees them. Sensitivities are derived from this.
+    pub max_rows_per_unit: u32,
+    pub columns: Vec<ColumnPolicy>,
+}
+
+impl TablePolicy {
+    pub fn column(&self, name: &str) -> Option<&ColumnPolicy> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ColumnPolicy {
+    pub name: String,
+    pub description: String,
+    pub class: ColumnClass,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ColumnClass {
+    /// Never released, never a group key, never filtered on.
+    Identifier,
+    /// With a public domain the key may be released in full; without one it
+    /// needs DP key selection.
+    Categorical { domain: Option<Vec<String>> },
+    /// Values are clamped to `[lo, hi]` before any aggregate.
+    Numeric { lo: f64, hi: f64 },
+    /// Days since 1970-01-01, clamped to `[lo, hi]`.
+    Date { lo: i32, hi: i32 },
+}
+
+impl ColumnClass {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ColumnClass::Identifier => "identifier",
+            ColumnClass::Categorical { domain: Some(_) } => "categorical (public domain)",
+            ColumnClass::Categorical { domain: None } => "categorical (private domain)",
+            ColumnClass::Numeric { .. } => "numeric",
+            ColumnClass::Date { .. } => "date",
+        }
+    }
+}
+
+impl Policy {
+    /// Parse and validate. `source_name` (usually the file path) is quoted in
+    /// every error so the operator knows which file to fix.
+    pub fn from_toml(source_name: &str, text: &str) -> Result<Policy, PolicyError> {
+        let raw: raw::RawPolicy = toml::from_str(text).map_err(|e| PolicyError {
+            source_name: source_name.to_owned(),
+            field: toml_error_field(&e),
+            message: e.message().to_owned(),
+        })?;
+        raw.validate().map_err(|(field, message)| PolicyError {
+            source_name: source_name.to_owned(),
+            field,
+            message,
+        })
+    }
+
+    pub fn table(&self, name: &str) -> Option<&TablePolicy> {
+        self.tables.get(name)
+    }
+}
+
+fn toml_error_field(e: &toml::de::Error) -> String {
+    // toml reports a byte span, not a path; the message names the key.
+    match e.span() {
+        Some(span) => format!("at bytes {}..{}", span.start, span.end),
+        None => "(document)".to_owned(),
+    }
+}
+
+/// Parse `YYYY-MM-DD` into days since 1970-01-01 (proleptic Gregorian).
+pub fn parse_date(s: &str) -> Option<i32> {
+    let mut it = s.splitn(3, '-');
+    let y: i64 = it.next()?.parse().ok()?;
+    let m: i64 = it.next()?.parse().ok()?;
+    let d: i64 = it.next()?.parse().ok()?;
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || !(1..=9999).contains(&y) {
+        return None;
+    }
+    // Howard Hinnant's days_from_civil.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    i32::try_from(era * 146_097 + doe - 719_468).ok()
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum DomainValue {
+    Text(String),
+    Int(i64),
+    Bool(bool),
+}
+
+impl DomainValue {
+    fn into_string(self) -> String {
+        match self {
+            DomainValue::Text(s) => s,
+            DomainValue::Int(i) => i.to_string(),
+            DomainValue::Bool(b) => b.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

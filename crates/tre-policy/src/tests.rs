@@ -1,0 +1,88 @@
+use super::*;
+
+const SHIPPED: &str = include_str!("../../../policies/nhs_epr.toml");
+
+const BASE: &str = r#"
+[dataset]
+name = "d"
+privacy_unit = "person_id"
+sdc_profile = "nhs_sde"
+exclude_opted_out = "patients.opt_out"
+
+[budget]
+default_epsilon_per_query = 0.5
+max_epsilon_per_query = 1.0
+project_epsilon = 10.0
+
+[tables.patients]
+max_rows_per_unit = 1
+columns.person_id = { class = "identifier" }
+columns.sex = { class = "categorical", values = ["F", "M"] }
+columns.opt_out = { class = "categorical", values = [true, false] }
+columns.yob = { class = "numeric", bounds = [1900, 2024] }
+columns.dod = { class = "date", bounds = ["2020-01-01", "2024-12-31"] }
+"#;
+
+#[test]
+fn shipped_policy_is_valid() {
+    let p = Policy::from_toml("policies/nhs_epr.toml", SHIPPED).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.privacy_unit, "person_id");
+    assert_eq!(p.tables.len(), 4);
+    assert_eq!(p.table("admissions").map(|t| t.max_rows_per_unit), Some(5));
+}
+
+#[test]
+fn base_policy_parses_into_types() {
+    let p = Policy::from_toml("base.toml", BASE).unwrap_or_else(|e| panic!("{e}"));
+    let t = p.table("patients").unwrap_or_else(|| panic!("no patients"));
+    assert_eq!(
+        t.column("opt_out").map(|c| &c.class),
+        Some(&ColumnClass::Categorical {
+            domain: Some(vec!["true".into(), "false".into()])
+        })
+    );
+    assert_eq!(
+        t.column("dod").map(|c| &c.class),
+        Some(&ColumnClass::Date { lo: 18262, hi: 20088 })
+    );
+}
+
+/// Each mutation of the base policy must fail naming this field.
+#[test]
+fn invalid_policies_name_the_field() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("max_rows_per_unit = 1", "max_rows_per_unit = 0", "tables.patients.max_rows_per_unit"),
+        ("bounds = [1900, 2024]", "bounds = [2024, 1900]", "tables.patients.columns.yob.bounds"),
+        ("bounds = [1900, 2024]", "bounds = [1900]", "tables.patients.columns.yob.bounds"),
+        ("values = [\"F\", \"M\"]", "values = []", "tables.patients.columns.sex.values"),
+        ("values = [\"F\", \"M\"]", "values = [\"F\", \"F\"]", "tables.patients.columns.sex.values"),
+        ("class = \"identifier\"", "class = \"numeric\", bounds = [0, 1]", "tables.patients.columns.person_id"),
+        ("{ class = \"categorical\", values = [\"F\", \"M\"] }", "{ class = \"secret\" }", "tables.patients.columns.sex.class"),
+        ("max_epsilon_per_query = 1.0", "max_epsilon_per_query = 0.1", "budget.default_epsilon_per_query"),
+        ("project_epsilon = 10.0", "project_epsilon = -1.0", "budget.project_epsilon"),
+        ("\"patients.opt_out\"", "\"patients.sex\"", "dataset.exclude_opted_out"),
+        ("\"2020-01-01\"", "\"2020-13-01\"", "tables.patients.columns.dod.bounds"),
+        ("privacy_unit = \"person_id\"", "privacy_unit = \"pid\"", "tables.patients.columns"),
+    ];
+    for (from, to, field) in cases {
+        assert!(BASE.contains(from), "{from}");
+        let text = BASE.replacen(from, to, 1);
+        let err = Policy::from_toml("bad.toml", &text).expect_err(to);
+        assert_eq!(&err.field, field, "{to}: {err}");
+        let shown = err.to_string();
+        assert!(shown.starts_with("bad.toml: TRE-P001"), "{shown}");
+    }
+}
+
+#[test]
+fn unknown_keys_are_refused() {
+    let text = BASE.replace("[budget]", "[budget]\nsurprise = 1");
+    assert!(Policy::from_toml("bad.toml", &text).is_err());
+}
+
+#[test]
+fn dates_parse_to_unix_days() {
+    for (s, d) in [("1970-01-01", Some(0)), ("2000-03-01", Some(11017)), ("2024-12-31", Some(20088)), ("2024-02-30x", None)] {
+        assert_eq!(parse_date(s), d, "{s}");
+    }
+}
