@@ -37,6 +37,7 @@ codes! {
     ExplainNotAllowed = "TRE-Q004",
     TableFunction = "TRE-Q005",
     UnknownTable = "TRE-Q006",
+    FilePath = "TRE-Q007",
     RowLevelSelect = "TRE-Q010",
     IdentifierInOutput = "TRE-Q011",
     IdentifierInGroupBy = "TRE-Q012",

@@ -1,1 +1,589 @@
-//! placeholder
+//! Synthetic NHS-style records for demos, tests and benchmarks: seeded,
+//! deterministic, streamed in bounded chunks, with planted correlations
+//! (age → diabetes → HbA1c; deprivation → HbA1c and longer waits;
+//! dexamethasone lowers COVID-19 mortality in ventilated patients). Direct
+//! identifiers are pseudonymised by the vault before anything is written,
+//! and every table is written as an encrypted Parquet extract.
+//!
+//! This crate must never depend on the query engine, storage or the
+//! network: it only writes files.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    ArrayRef, BooleanBuilder, Date32Builder, Float64Builder, Int64Builder, StringBuilder,
+};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::record_batch::RecordBatch;
+use parquet::arrow::ArrowWriter;
+use parquet::file::properties::WriterProperties;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha12Rng;
+use rand_distr::{Distribution, Gamma, Normal};
+use tre_core::Code;
+use tre_vault::MasterKey;
+
+pub const TABLES: [&str; 4] = ["patients", "admissions", "lab_results", "waiting_list"];
+pub const REGIONS: [&str; 7] = [
+    "London",
+    "South East",
+    "South West",
+    "East of England",
+    "Midlands",
+    "North East and Yorkshire",
+    "North West",
+];
+const SPECIALTIES: [&str; 7] = [
+    "general_medicine",
+    "general_surgery",
+    "respiratory",
+    "cardiology",
+    "obstetrics",
+    "orthopaedics",
+    "geriatrics",
+];
+const ETHNICITY: [(&str, f64); 6] = [
+    ("White", 0.80),
+    ("Asian", 0.09),
+    ("Black", 0.04),
+    ("Mixed", 0.03),
+    ("Other", 0.02),
+    ("Not stated", 0.02),
+];
+/// Non-COVID diagnoses (ICD-10), weighted roughly by admission frequency.
+const DIAGNOSES: [&str; 12] = [
+    "I21.9", "J18.9", "N39.0", "K35.8", "I50.9", "J44.1", "S72.0", "O80.0", "E11.9", "R07.4",
+    "K80.2", "C50.9",
+];
+/// First day of 2024 in days since 1970-01-01.
+const Y2024: i32 = 19_723;
+const Y2023: i32 = 19_358;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SynthError {
+    #[error("{code} cannot write {path}: {reason}", code = Code::Internal)]
+    Write { path: String, reason: String },
+    #[error(transparent)]
+    Vault(#[from] tre_vault::VaultError),
+}
+
+/// How extracts are protected on disk.
+pub enum Protection<'a> {
+    /// Parquet modular encryption under per-file data keys.
+    Encrypted(&'a MasterKey),
+    /// Plaintext, for benchmark baselines only.
+    Plaintext,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub patients: u64,
+    pub admissions: u64,
+    pub lab_results: u64,
+    pub waiting_list: u64,
+}
+
+/// The identity bound into each extract (AAD prefix and key wrapping): the
+/// dataset directory name and the file name.
+pub fn file_id(dataset: &str, table: &str) -> String {
+    format!("{dataset}/{table}.parquet")
+}
+
+pub fn schema(table: &str) -> SchemaRef {
+    let s = |n: &str| Field::new(n, DataType::Utf8, false);
+    let sn = |n: &str| Field::new(n, DataType::Utf8, true);
+    let b = |n: &str| Field::new(n, DataType::Boolean, false);
+    let i = |n: &str| Field::new(n, DataType::Int64, false);
+    let f = |n: &str| Field::new(n, DataType::Float64, false);
+    let d = |n: &str| Field::new(n, DataType::Date32, false);
+    let fields = match table {
+        "patients" => vec![
+            s("person_id"),
+            s("sex"),
+            i("year_of_birth"),
+            s("age_band"),
+            s("ethnicity"),
+            i("imd_quintile"),
+            s("region"),
+            s("gp_practice"),
+            b("diabetes"),
+            Field::new("date_of_death", DataType::Date32, true),
+            b("research_opt_out"),
+            b("nhs_app_user"),
+        ],
+        "admissions" => vec![
+            s("person_id"),
+            d("admission_date"),
+            s("admission_month"),
+            s("admission_method"),
+            s("specialty"),
+            sn("primary_diagnosis"),
+            b("covid19"),
+            b("ventilated"),
+            b("dexamethasone"),
+            i("length_of_stay_days"),
+            i("died_28d"),
+        ],
+        "lab_results" => vec![s("person_id"), d("test_date"), s("test"), f("value")],
+        _ => vec![
+            s("person_id"),
+            d("referral_date"),
+            s("specialty"),
+            f("rtt_weeks"),
+        ],
+    };
+    Arc::new(Schema::new(fields))
+}
+
+/// Patients generated per chunk: memory is bounded by one chunk whatever N.
+const CHUNK: u64 = 8_192;
+
+/// Generate `patients` patients with `seed` into `dir/<table>.parquet`.
+/// `progress` is called after each chunk with the patients done so far.
+pub fn generate(
+    dir: &Path,
+    patients: u64,
+    seed: u64,
+    protection: Protection<'_>,
+    pseudonymiser: &MasterKey,
+    mut progress: impl FnMut(u64),
+) -> Result<Counts, SynthError> {
+    std::fs::create_dir_all(dir).map_err(|e| write_err(dir, e))?;
+    let dataset = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("dataset")
+        .to_owned();
+    let mut writers = Vec::new();
+    for table in TABLES {
+        let path = dir.join(format!("{table}.parquet"));
+        let mut props = WriterProperties::builder().set_max_row_group_row_count(Some(64 * 1024));
+        if let Protection::Encrypted(master) = &protection {
+            props = props.with_file_encryption_properties(master.file_encryption(&file_id(&dataset, table))?);
+        }
+        let file = File::create(&path).map_err(|e| write_err(&path, e))?;
+        let w = ArrowWriter::try_new(file, schema(table), Some(props.build()))
+            .map_err(|e| write_err(&path, e))?;
+        writers.push((path, w));
+    }
+    let mut rng = ChaCha12Rng::seed_from_u64(seed);
+    let mut counts = Counts::default();
+    let mut start = 0;
+    while start < patients {
+        let n = CHUNK.min(patients - start);
+        let chunk = Chunk::generate(&mut rng, start, n, pseudonymiser);
+        counts.patients += n;
+        counts.admissions += chunk.admissions.num_rows() as u64;
+        counts.lab_results += chunk.labs.num_rows() as u64;
+        counts.waiting_list += chunk.waits.num_rows() as u64;
+        for ((path, w), batch) in writers
+            .iter_mut()
+            .zip([&chunk.patients, &chunk.admissions, &chunk.labs, &chunk.waits])
+        {
+            w.write(batch).map_err(|e| write_err(path, e))?;
+        }
+        start += n;
+        progress(start);
+    }
+    for (path, w) in writers {
+        w.close().map_err(|e| write_err(&path, e))?;
+    }
+    Ok(counts)
+}
+
+fn write_err(path: &Path, e: impl std::fmt::Display) -> SynthError {
+    SynthError::Write {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// A synthetic NHS number with a valid modulus-11 check digit. Each index
+/// owns the block `900000000 + 5·index .. +5`; within a block the weighted
+/// sums differ by 2 each step, so at most one base has the invalid check
+/// digit 10 and the numbers are unique for up to 20 million patients.
+pub fn nhs_number(index: u64) -> String {
+    let base = 900_000_000 + 5 * index;
+    for n in base..base + 5 {
+        let digits = format!("{n:09}");
+        let sum: u64 = digits
+            .bytes()
+            .zip((2..=10u64).rev())
+            .map(|(d, w)| u64::from(d - b'0') * w)
+            .sum();
+        let check = (11 - sum % 11) % 11;
+        if check != 10 {
+            return format!("{n:09}{check}");
+        }
+    }
+    unreachable!("five consecutive weighted sums cannot all give check digit 10")
+}
+
+struct Chunk {
+    patients: RecordBatch,
+    admissions: RecordBatch,
+    labs: RecordBatch,
+    waits: RecordBatch,
+}
+
+fn pick<'a, R: Rng>(rng: &mut R, weighted: &[(&'a str, f64)]) -> &'a str {
+    let mut x: f64 = rng.random();
+    for (v, w) in weighted {
+        if x < *w {
+            return v;
+        }
+        x -= w;
+    }
+    weighted.last().map(|(v, _)| *v).unwrap_or_default()
+}
+
+fn month_of(day: i32) -> String {
+    // 2024 is a leap year; cumulative first days of each month.
+    const STARTS: [i32; 12] = [0, 31, 60, 91, 121, 152, 182, 213, 244, 274, 305, 335];
+    let d = day - Y2024;
+    let m = STARTS.iter().rposition(|s| d >= *s).unwrap_or(0);
+    format!("2024-{:02}", m + 1)
+}
+
+fn batch(table: &str, cols: Vec<ArrayRef>) -> RecordBatch {
+    // Column types and counts are fixed by `schema`; a mismatch is a bug in
+    // this file, caught by the unit test below.
+    RecordBatch::try_new(schema(table), cols).unwrap_or_else(|e| panic!("{table}: {e}"))
+}
+
+impl Chunk {
+    fn generate(rng: &mut ChaCha12Rng, start: u64, n: u64, key: &MasterKey) -> Chunk {
+        let mut p = PatientCols::default();
+        let mut a = AdmissionCols::default();
+        let mut l = LabCols::default();
+        let mut w = WaitCols::default();
+        let normal = |m: f64, s: f64| Normal::new(m, s).unwrap_or_else(|_| unreachable!());
+        for i in start..start + n {
+            let pid = key.pseudonymise(&nhs_number(i));
+            let age: i64 = (rng.random::<f64>().powf(1.15) * 100.0) as i64;
+            let yob = 2024 - age;
+            let sex = if rng.random_bool(0.51) { "F" } else { "M" };
+            let imd: i64 = rng.random_range(1..=5);
+            let region = REGIONS[rng.random_range(0..REGIONS.len())];
+            // Diabetes: rises with age and with deprivation (quintile 1).
+            let p_diab = (0.01 + 0.0025 * age as f64) * (1.0 + 0.15 * (5 - imd) as f64);
+            let diabetes = rng.random_bool(p_diab.min(0.6));
+            let opt_out = rng.random_bool(0.05);
+            let mut death: Option<i32> = None;
+
+            // Admissions in 2024.
+            let rate = 0.15 + 0.01 * age as f64;
+            let k = (rng.random::<f64>() * rate * 2.0).floor() as usize;
+            let covid_risk = 0.02 + 0.001 * age as f64;
+            for _ in 0..k.min(8) {
+                let day = Y2024 + rng.random_range(0..366);
+                let covid = rng.random_bool(covid_risk.min(0.3));
+                let method = if covid {
+                    "emergency"
+                } else {
+                    pick(rng, &[("emergency", 0.45), ("elective", 0.4), ("maternity", 0.08), ("transfer", 0.07)])
+                };
+                let ventilated = covid && rng.random_bool(0.15 + 0.003 * age as f64);
+                let dexa = covid && rng.random_bool(if ventilated { 0.6 } else { 0.35 });
+                let p_die = if covid {
+                    let base: f64 = 0.02 + 0.004 * age as f64;
+                    if ventilated {
+                        (base + 0.25) * if dexa { 0.65 } else { 1.0 }
+                    } else {
+                        base * if dexa { 0.95 } else { 1.0 }
+                    }
+                } else {
+                    0.002 + 0.0006 * age as f64
+                };
+                let died = death.is_none() && rng.random_bool(p_die.min(0.9));
+                if died {
+                    death = Some(day + rng.random_range(0..28));
+                }
+                let los = Gamma::new(1.5, 2.0 + age as f64 / 25.0 + if ventilated { 8.0 } else { 0.0 })
+                    .map(|g| g.sample(rng).round() as i64)
+                    .unwrap_or(1);
+                let specialty = if covid {
+                    "respiratory"
+                } else if method == "maternity" {
+                    "obstetrics"
+                } else if age >= 75 && rng.random_bool(0.4) {
+                    "geriatrics"
+                } else {
+                    SPECIALTIES[rng.random_range(0..SPECIALTIES.len())]
+                };
+                let diagnosis = if covid {
+                    Some("U07.1")
+                } else if rng.random_bool(0.02) {
+                    None
+                } else {
+                    Some(DIAGNOSES[rng.random_range(0..DIAGNOSES.len())])
+                };
+                a.push(&pid, day, method, specialty, diagnosis, covid, ventilated, dexa, los, died);
+            }
+
+            // Lab results: HbA1c for diabetics and a share of others.
+            let hba1c_tests = if diabetes {
+                rng.random_range(2..=4)
+            } else if rng.random_bool(0.25) {
+                1
+            } else {
+                0
+            };
+            let hba1c_mean = if diabetes {
+                55.0 + 3.0 * (5 - imd) as f64 + 0.05 * age as f64
+            } else {
+                34.0 + 0.05 * age as f64
+            };
+            for _ in 0..hba1c_tests {
+                let v = normal(hba1c_mean, 7.0).sample(rng).clamp(20.0, 150.0);
+                l.push(&pid, Y2024 + rng.random_range(0..366), "HbA1c", (v * 10.0).round() / 10.0);
+            }
+            if age >= 40 && rng.random_bool(0.4) {
+                let v = normal(5.2, 1.0).sample(rng).clamp(2.0, 10.0);
+                l.push(&pid, Y2024 + rng.random_range(0..366), "cholesterol", (v * 10.0).round() / 10.0);
+                let e = normal(100.0 - 0.6 * age as f64 - if diabetes { 10.0 } else { 0.0 }, 12.0)
+                    .sample(rng)
+                    .clamp(5.0, 120.0);
+                l.push(&pid, Y2024 + rng.random_range(0..366), "eGFR", e.round());
+            }
+
+            // Waiting list: deprivation lengthens waits.
+            if rng.random_bool(0.2 + 0.002 * age as f64) {
+                for _ in 0..rng.random_range(1..=2) {
+                    let mean = 14.0 + 2.0 * (5 - imd) as f64;
+                    let weeks = Gamma::new(3.0, mean / 3.0)
+                        .map(|g| g.sample(rng).min(104.0))
+                        .unwrap_or(mean);
+                    let spec = SPECIALTIES[rng.random_range(0..SPECIALTIES.len())];
+                    w.push(&pid, Y2023 + rng.random_range(0..730), spec, (weeks * 10.0).round() / 10.0);
+                }
+            }
+
+            if death.is_none() && rng.random_bool((0.0005 * age as f64).min(0.2)) {
+                death = Some(Y2024 + rng.random_range(0..731));
+            }
+            let band = match age {
+                0..=17 => "0-17",
+                18..=39 => "18-39",
+                40..=59 => "40-59",
+                60..=79 => "60-79",
+                _ => "80+",
+            };
+            p.person_id.append_value(&pid);
+            p.sex.append_value(sex);
+            p.yob.append_value(yob);
+            p.age_band.append_value(band);
+            p.ethnicity.append_value(pick(rng, &ETHNICITY));
+            p.imd.append_value(imd);
+            p.region.append_value(region);
+            p.gp.append_value(format!("{}{:05}", (b'A' + (i % 26) as u8) as char, rng.random_range(0..2_000)));
+            p.diabetes.append_value(diabetes);
+            p.death.append_option(death);
+            p.opt_out.append_value(opt_out);
+            p.app.append_value(rng.random_bool(0.6 - 0.004 * age as f64).max(false));
+        }
+        Chunk {
+            patients: p.finish(),
+            admissions: a.finish(),
+            labs: l.finish(),
+            waits: w.finish(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct PatientCols {
+    person_id: StringBuilder,
+    sex: StringBuilder,
+    yob: Int64Builder,
+    age_band: StringBuilder,
+    ethnicity: StringBuilder,
+    imd: Int64Builder,
+    region: StringBuilder,
+    gp: StringBuilder,
+    diabetes: BooleanBuilder,
+    death: Date32Builder,
+    opt_out: BooleanBuilder,
+    app: BooleanBuilder,
+}
+
+impl PatientCols {
+    fn finish(mut self) -> RecordBatch {
+        batch(
+            "patients",
+            vec![
+                Arc::new(self.person_id.finish()),
+                Arc::new(self.sex.finish()),
+                Arc::new(self.yob.finish()),
+                Arc::new(self.age_band.finish()),
+                Arc::new(self.ethnicity.finish()),
+                Arc::new(self.imd.finish()),
+                Arc::new(self.region.finish()),
+                Arc::new(self.gp.finish()),
+                Arc::new(self.diabetes.finish()),
+                Arc::new(self.death.finish()),
+                Arc::new(self.opt_out.finish()),
+                Arc::new(self.app.finish()),
+            ],
+        )
+    }
+}
+
+#[derive(Default)]
+struct AdmissionCols {
+    person_id: StringBuilder,
+    date: Date32Builder,
+    month: StringBuilder,
+    method: StringBuilder,
+    specialty: StringBuilder,
+    diagnosis: StringBuilder,
+    covid: BooleanBuilder,
+    ventilated: BooleanBuilder,
+    dexa: BooleanBuilder,
+    los: Int64Builder,
+    died: Int64Builder,
+}
+
+impl AdmissionCols {
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &mut self,
+        pid: &str,
+        day: i32,
+        method: &str,
+        specialty: &str,
+        diagnosis: Option<&str>,
+        covid: bool,
+        ventilated: bool,
+        dexa: bool,
+        los: i64,
+        died: bool,
+    ) {
+        self.person_id.append_value(pid);
+        self.date.append_value(day);
+        self.month.append_value(month_of(day));
+        self.method.append_value(method);
+        self.specialty.append_value(specialty);
+        self.diagnosis.append_option(diagnosis);
+        self.covid.append_value(covid);
+        self.ventilated.append_value(ventilated);
+        self.dexa.append_value(dexa);
+        self.los.append_value(los);
+        self.died.append_value(i64::from(died));
+    }
+
+    fn finish(mut self) -> RecordBatch {
+        batch(
+            "admissions",
+            vec![
+                Arc::new(self.person_id.finish()),
+                Arc::new(self.date.finish()),
+                Arc::new(self.month.finish()),
+                Arc::new(self.method.finish()),
+                Arc::new(self.specialty.finish()),
+                Arc::new(self.diagnosis.finish()),
+                Arc::new(self.covid.finish()),
+                Arc::new(self.ventilated.finish()),
+                Arc::new(self.dexa.finish()),
+                Arc::new(self.los.finish()),
+                Arc::new(self.died.finish()),
+            ],
+        )
+    }
+}
+
+#[derive(Default)]
+struct LabCols {
+    person_id: StringBuilder,
+    date: Date32Builder,
+    test: StringBuilder,
+    value: Float64Builder,
+}
+
+impl LabCols {
+    fn push(&mut self, pid: &str, day: i32, test: &str, value: f64) {
+        self.person_id.append_value(pid);
+        self.date.append_value(day);
+        self.test.append_value(test);
+        self.value.append_value(value);
+    }
+    fn finish(mut self) -> RecordBatch {
+        batch(
+            "lab_results",
+            vec![
+                Arc::new(self.person_id.finish()),
+                Arc::new(self.date.finish()),
+                Arc::new(self.test.finish()),
+                Arc::new(self.value.finish()),
+            ],
+        )
+    }
+}
+
+#[derive(Default)]
+struct WaitCols {
+    person_id: StringBuilder,
+    date: Date32Builder,
+    specialty: StringBuilder,
+    weeks: Float64Builder,
+}
+
+impl WaitCols {
+    fn push(&mut self, pid: &str, day: i32, specialty: &str, weeks: f64) {
+        self.person_id.append_value(pid);
+        self.date.append_value(day);
+        self.specialty.append_value(specialty);
+        self.weeks.append_value(weeks);
+    }
+    fn finish(mut self) -> RecordBatch {
+        batch(
+            "waiting_list",
+            vec![
+                Arc::new(self.person_id.finish()),
+                Arc::new(self.date.finish()),
+                Arc::new(self.specialty.finish()),
+                Arc::new(self.weeks.finish()),
+            ],
+        )
+    }
+}
+
+/// Paths of a dataset's extracts.
+pub fn extract_paths(dir: &Path) -> Vec<(String, PathBuf)> {
+    TABLES
+        .iter()
+        .map(|t| ((*t).to_owned(), dir.join(format!("{t}.parquet"))))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nhs_numbers_are_valid_and_distinct() {
+        let mut seen = std::collections::HashSet::new();
+        for i in (0..2_000).chain(9_999_000..10_000_000) {
+            let n = nhs_number(i);
+            assert_eq!(n.len(), 10);
+            assert!(seen.insert(n.clone()), "{n}");
+        }
+    }
+
+    #[test]
+    fn chunks_are_deterministic_and_match_the_schema() {
+        let key = MasterKey::from_bytes(&[3; 32]).unwrap_or_else(|e| panic!("{e}"));
+        let a = Chunk::generate(&mut ChaCha12Rng::seed_from_u64(7), 0, 500, &key);
+        let b = Chunk::generate(&mut ChaCha12Rng::seed_from_u64(7), 0, 500, &key);
+        assert_eq!(a.patients, b.patients);
+        assert_eq!(a.admissions, b.admissions);
+        assert_eq!(a.patients.num_rows(), 500);
+        assert!(a.admissions.num_rows() > 100);
+        assert!(a.labs.num_rows() > 100);
+        assert!(a.waits.num_rows() > 50);
+        assert_eq!(month_of(Y2024), "2024-01");
+        assert_eq!(month_of(Y2024 + 365), "2024-12");
+    }
+}
