@@ -1,0 +1,40 @@
+//! What leaves the engine: noisy, disclosure-checked cells with intervals.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ReleaseColumn {
+    pub name: String,
+    /// "group_key" or the aggregate, e.g. "count", "avg".
+    pub kind: String,
+    /// Mechanism description, e.g. "discrete Laplace"; empty for keys.
+    pub mechanism: String,
+    /// Noise scale in the column's units (for AVG: of the numerator).
+    pub noise_scale: f64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Cell {
+    Key {
+        value: String,
+    },
+    Value {
+        /// `None` when suppressed.
+        value: Option<f64>,
+        ci_low: Option<f64>,
+        ci_high: Option<f64>,
+        status: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Release {
+    pub columns: Vec<ReleaseColumn>,
+    pub rows: Vec<Vec<Cell>>,
+    pub epsilon: f64,
+    pub confidence: f64,
+    pub sdc_profile: String,
+    pub notes: Vec<String>,
+}

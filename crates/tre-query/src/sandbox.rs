@@ -1,0 +1,256 @@
+//! The DataFusion sandbox: a session that sees only the policy's tables,
+//! reads them through the vault's decryption (keys unwrapped per file, in
+//! memory), has no table functions, no URL tables, no spill files and a
+//! memory cap.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{ArrayRef, UInt64Array};
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::common::config::{EncryptionFactoryOptions, TableParquetOptions};
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::error::{DataFusionError, Result as DfResult};
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::memory_pool::FairSpillPool;
+use datafusion::execution::parquet_encryption::EncryptionFactory;
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
+use datafusion::object_store::path::Path as ObjectPath;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
+use parquet::encryption::decrypt::FileDecryptionProperties;
+use parquet::encryption::encrypt::FileEncryptionProperties;
+use ring::rand::{SecureRandom, SystemRandom};
+use tre_core::Code;
+use tre_policy::{ColumnClass, Policy};
+use tre_vault::MasterKey;
+
+use crate::{Limits, QueryError};
+
+/// Name under which the vault's decryption factory is registered.
+pub const FACTORY_ID: &str = "tre_vault";
+/// The sampling key used for random contribution bounding.
+pub(crate) const SHUFFLE_UDF: &str = "__tre_shuffle";
+
+pub(crate) struct Sandbox {
+    data_dir: PathBuf,
+    runtime: Arc<RuntimeEnv>,
+    tables: Vec<(String, SchemaRef, ListingTableUrl)>,
+    target_partitions: usize,
+}
+
+impl Sandbox {
+    pub(crate) fn open(
+        policy: &Policy,
+        data_dir: &Path,
+        master: Arc<MasterKey>,
+        limits: &Limits,
+    ) -> Result<Self, QueryError> {
+        let dataset = data_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        let data_dir = data_dir.canonicalize().map_err(|e| QueryError::Setup {
+            code: Code::ExtractUnreadable,
+            message: format!("data directory {}: {e}; run `tre dataset generate` first", data_dir.display()),
+        })?;
+        let mut tables = Vec::new();
+        for (name, table) in &policy.tables {
+            let path = data_dir.join(format!("{name}.parquet"));
+            let file_id = format!("{dataset}/{name}.parquet");
+            let shown = path.display().to_string();
+            let file = File::open(&path).map_err(|e| QueryError::Setup {
+                code: Code::ExtractUnreadable,
+                message: format!("extract {shown}: {e}"),
+            })?;
+            let options = ArrowReaderOptions::new()
+                .with_file_decryption_properties(master.file_decryption(&file_id)?);
+            let schema = ParquetRecordBatchReaderBuilder::try_new_with_options(file, options)
+                .map_err(|e| tre_vault::classify_open_error(&shown, &e))?
+                .schema()
+                .clone();
+            check_schema(policy, name, table, &schema, &shown)?;
+            let url = ListingTableUrl::parse(path.to_string_lossy()).map_err(|e| QueryError::Setup {
+                code: Code::ExtractUnreadable,
+                message: format!("extract {shown}: {e}"),
+            })?;
+            tables.push((name.clone(), schema, url));
+        }
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_pool(Arc::new(FairSpillPool::new(limits.memory_bytes)))
+            .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled))
+            .build_arc()
+            .map_err(|e| QueryError::Internal(e.to_string()))?;
+        runtime.register_parquet_encryption_factory(FACTORY_ID, Arc::new(VaultFactory { master }));
+        Ok(Self {
+            data_dir,
+            runtime,
+            tables,
+            target_partitions: limits.target_partitions,
+        })
+    }
+
+    pub(crate) fn data_dir(&self) -> &PathBuf {
+        &self.data_dir
+    }
+
+    /// A new session for one query. Sessions share the runtime (memory pool,
+    /// key factory) but no state: nothing a query registers survives it.
+    pub(crate) fn context(&self) -> SessionContext {
+        let config = SessionConfig::new()
+            .with_target_partitions(self.target_partitions)
+            .with_information_schema(false);
+        let ctx = SessionContext::new_with_config_rt(config, Arc::clone(&self.runtime));
+        // Table functions could multiply rows or read files: none are offered.
+        for f in ["generate_series", "range"] {
+            ctx.deregister_udtf(f);
+        }
+        ctx.register_udf(ScalarUDF::from(Shuffle::new()));
+        for (name, schema, url) in &self.tables {
+            let mut opts = TableParquetOptions::default();
+            opts.crypto.configure_factory(FACTORY_ID, &VaultFactoryOptions::default());
+            let format = ParquetFormat::default().with_options(opts);
+            let listing = ListingOptions::new(Arc::new(format)).with_file_extension(".parquet");
+            let config = ListingTableConfig::new(url.clone())
+                .with_listing_options(listing)
+                .with_schema(Arc::clone(schema));
+            // Registration cannot fail for a schema we already read; if it
+            // does, the table is simply absent and planning reports it.
+            if let Ok(table) = ListingTable::try_new(config) {
+                let _ = ctx.register_table(name.as_str(), Arc::new(table));
+            }
+        }
+        ctx
+    }
+}
+
+fn check_schema(
+    policy: &Policy,
+    name: &str,
+    table: &tre_policy::TablePolicy,
+    schema: &SchemaRef,
+    shown: &str,
+) -> Result<(), QueryError> {
+    let bad = |message: String| QueryError::Setup {
+        code: Code::PolicyInvalid,
+        message: format!("extract {shown} does not match policy '{}': {message}", policy.dataset),
+    };
+    for field in schema.fields() {
+        let Some(col) = table.column(field.name()) else {
+            return Err(bad(format!(
+                "column '{name}.{}' is not declared; every column needs a class in the policy",
+                field.name()
+            )));
+        };
+        let ok = match &col.class {
+            ColumnClass::Numeric { .. } => field.data_type().is_numeric(),
+            ColumnClass::Date { .. } => matches!(field.data_type(), DataType::Date32),
+            ColumnClass::Identifier | ColumnClass::Categorical { .. } => true,
+        };
+        if !ok {
+            return Err(bad(format!(
+                "column '{name}.{}' is {} in the extract but declared {}",
+                field.name(),
+                field.data_type(),
+                col.class.name()
+            )));
+        }
+    }
+    for col in &table.columns {
+        if schema.field_with_name(&col.name).is_err() {
+            return Err(bad(format!("declared column '{name}.{}' is missing from the extract", col.name)));
+        }
+    }
+    Ok(())
+}
+
+datafusion::common::extensions_options! {
+    /// The vault factory needs no options; file identity comes from the path.
+    pub struct VaultFactoryOptions {
+        /// Reserved.
+        pub version: u32, default = 1
+    }
+}
+
+/// Hands parquet the vault's key retriever for each file; the file identity
+/// (dataset directory and file name) is bound in as the AAD prefix.
+#[derive(Debug)]
+struct VaultFactory {
+    master: Arc<MasterKey>,
+}
+
+#[async_trait]
+impl EncryptionFactory for VaultFactory {
+    async fn get_file_encryption_properties(
+        &self,
+        _config: &EncryptionFactoryOptions,
+        _schema: &SchemaRef,
+        _path: &ObjectPath,
+    ) -> DfResult<Option<Arc<FileEncryptionProperties>>> {
+        Err(DataFusionError::Plan("the sandbox never writes files".into()))
+    }
+
+    async fn get_file_decryption_properties(
+        &self,
+        _config: &EncryptionFactoryOptions,
+        path: &ObjectPath,
+    ) -> DfResult<Option<Arc<FileDecryptionProperties>>> {
+        let parts: Vec<_> = path.parts().collect();
+        let file_id = match parts.as_slice() {
+            [.., dir, file] => format!("{}/{}", dir.as_ref(), file.as_ref()),
+            _ => return Err(DataFusionError::Plan(format!("unexpected extract path {path}"))),
+        };
+        self.master
+            .file_decryption(&file_id)
+            .map(Some)
+            .map_err(|e| DataFusionError::External(Box::new(e)))
+    }
+}
+
+/// A per-row random key from the operating system's CSPRNG, used to pick
+/// which of a patient's rows survive contribution bounding. Not callable by
+/// researchers: the compiler refuses any function it does not allow.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Shuffle {
+    signature: Signature,
+}
+
+impl Shuffle {
+    fn new() -> Self {
+        Self {
+            signature: Signature::nullary(Volatility::Volatile),
+        }
+    }
+}
+
+impl ScalarUDFImpl for Shuffle {
+    fn name(&self) -> &str {
+        SHUFFLE_UDF
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn return_type(&self, _arg_types: &[DataType]) -> DfResult<DataType> {
+        Ok(DataType::UInt64)
+    }
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        let mut bytes = vec![0u8; args.number_rows * 8];
+        SystemRandom::new()
+            .fill(&mut bytes)
+            .map_err(|_| DataFusionError::Execution("system random source failed".into()))?;
+        let values: UInt64Array = bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect();
+        Ok(ColumnarValue::Array(Arc::new(values) as ArrayRef))
+    }
+}
