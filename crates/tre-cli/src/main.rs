@@ -1,1 +1,93 @@
-fn main() {}
+//! The `tre` binary: generate and protect data, serve the gateway, issue
+//! tokens, query, and run the end-to-end demo and benchmark.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod client;
+mod demo;
+mod setup;
+
+#[derive(Parser)]
+#[command(name = "tre", version, about = "A trusted research environment: private, disclosure-checked aggregates over encrypted health records")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate synthetic data or inspect extracts.
+    Dataset {
+        #[command(subcommand)]
+        command: DatasetCommand,
+    },
+    /// Start the gRPC gateway.
+    Serve(setup::ServeArgs),
+    /// Issue signed bearer tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Submit (or dry-run) a query against a running gateway.
+    Query(client::QueryArgs),
+    /// Show the catalog: datasets, tables, column classes. Never data.
+    Catalog(client::CatalogArgs),
+    /// Show a project's privacy budget.
+    Budget(client::BudgetArgs),
+    /// Run the end-to-end demo (or, with --serve, leave it running).
+    Demo(demo::DemoArgs),
+    /// Benchmark the DP pipeline against plain DataFusion, and encrypted
+    /// against plaintext scans, on the same generated data.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum DatasetCommand {
+    /// Write synthetic NHS-style records as encrypted Parquet extracts.
+    Generate(setup::GenerateArgs),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Sign a token for a user and role with the server's issuer key.
+    Issue {
+        #[arg(long, default_value = ".tre/server")]
+        state: PathBuf,
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        role: String,
+        /// Lifetime, e.g. 30m, 8h, 7d.
+        #[arg(long, default_value = "8h")]
+        ttl: String,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TRE_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Dataset { command: DatasetCommand::Generate(args) } => setup::generate(&args).map(|_| ()),
+            Command::Serve(args) => setup::serve(args).await,
+            Command::Token { command: TokenCommand::Issue { state, user, role, ttl } } => {
+                let token = setup::issue_token(&state, &user, &role, &ttl)?;
+                println!("{token}");
+                Ok(())
+            }
+            Command::Query(args) => client::query(args).await,
+            Command::Catalog(args) => client::catalog(args).await,
+            Command::Budget(args) => client::budget(args).await,
+            Command::Demo(args) => demo::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
+        }
+    })
+}

@@ -30,27 +30,28 @@ pub enum DpError {
 /// Coverage of the intervals attached to every released cell.
 pub const CONFIDENCE: f64 = 0.95;
 
+type LaplaceMeasurement =
+    opendp::core::Measurement<AtomDomain<i64>, AbsoluteDistance<i64>, MaxDivergence, i64>;
+
 /// The discrete Laplace (two-sided geometric) mechanism over `i64`.
+///
+/// Holds only its calibration: OpenDP measurements are not `Send`, so the
+/// measurement is rebuilt (cheaply) for each sampling call.
+#[derive(Debug, Clone, PartialEq)]
 pub struct DiscreteLaplace {
     sensitivity: i64,
     scale: f64,
     epsilon: f64,
-    measurement: opendp::core::Measurement<
-        AtomDomain<i64>,
-        AbsoluteDistance<i64>,
-        MaxDivergence,
-        i64,
-    >,
 }
 
-impl std::fmt::Debug for DiscreteLaplace {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DiscreteLaplace")
-            .field("sensitivity", &self.sensitivity)
-            .field("scale", &self.scale)
-            .field("epsilon", &self.epsilon)
-            .finish()
-    }
+fn measurement(scale: f64) -> Result<LaplaceMeasurement, DpError> {
+    make_laplace::<_, _, MaxDivergence>(
+        AtomDomain::<i64>::default(),
+        AbsoluteDistance::<i64>::default(),
+        scale,
+        None,
+    )
+    .map_err(|e| DpError::Mechanism(e.to_string()))
 }
 
 impl DiscreteLaplace {
@@ -64,14 +65,7 @@ impl DiscreteLaplace {
             return Err(DpError::Sensitivity(sensitivity));
         }
         let scale = sensitivity as f64 / epsilon.value();
-        let measurement = make_laplace::<_, _, MaxDivergence>(
-            AtomDomain::<i64>::default(),
-            AbsoluteDistance::<i64>::default(),
-            scale,
-            None,
-        )
-        .map_err(|e| DpError::Mechanism(e.to_string()))?;
-        let actual = measurement
+        let actual = measurement(scale)?
             .map(&sensitivity)
             .map_err(|e| DpError::Mechanism(e.to_string()))?;
         // OpenDP rounds the map upward; allow only that rounding.
@@ -85,7 +79,6 @@ impl DiscreteLaplace {
             sensitivity,
             scale,
             epsilon: actual,
-            measurement,
         })
     }
 
@@ -102,11 +95,13 @@ impl DiscreteLaplace {
         self.epsilon
     }
 
-    /// Draw one noisy release of `exact` with OpenDP's secure sampler.
-    pub fn release(&self, exact: i64) -> Result<i64, DpError> {
-        self.measurement
-            .invoke(&exact)
-            .map_err(|e| DpError::Mechanism(e.to_string()))
+    /// Draw noisy releases of `exact` values with OpenDP's secure sampler.
+    pub fn release_all(&self, exact: &[i64]) -> Result<Vec<i64>, DpError> {
+        let m = measurement(self.scale)?;
+        exact
+            .iter()
+            .map(|x| m.invoke(x).map_err(|e| DpError::Mechanism(e.to_string())))
+            .collect()
     }
 
     /// Half-width `a` with P(|noise| >= a) <= alpha, from OpenDP's accuracy

@@ -71,14 +71,19 @@ pub(crate) async fn execute(
     let alpha = 1.0 - CONFIDENCE;
     let dp = |e: tre_dp::DpError| QueryError::Internal(e.to_string());
     let slack = profile.rounding_slack();
+    // noisy[m][cell]: each measurement's vector over all cells.
+    let mut noisy_by_measure = Vec::with_capacity(n_m);
+    for (m, measurement) in plan.measurements.iter().enumerate() {
+        let values: Vec<i64> = cells
+            .iter()
+            .map(|key| exact.get(key).map_or(0, |v| v[m]))
+            .collect();
+        noisy_by_measure.push(measurement.mechanism.release_all(&values).map_err(dp)?);
+    }
+    drop(exact);
     let mut rows = Vec::with_capacity(cells.len());
-    for key in &cells {
-        let zeros = vec![0; n_m];
-        let values = exact.get(key).unwrap_or(&zeros);
-        let mut noisy = Vec::with_capacity(n_m);
-        for (m, v) in plan.measurements.iter().zip(values) {
-            noisy.push(m.mechanism.release(*v).map_err(dp)?);
-        }
+    for (ci, key) in cells.iter().enumerate() {
+        let noisy: Vec<i64> = noisy_by_measure.iter().map(|v| v[ci]).collect();
         let mut row = Vec::with_capacity(plan.outputs.len());
         for o in &plan.outputs {
             let cell = match o.kind {

@@ -1,0 +1,85 @@
+//! Gateway errors and their one mapping to gRPC status.
+
+use tonic::{Code as GrpcCode, Status};
+use tre_core::Code;
+use tre_query::QueryError;
+use tre_store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("{code} {0}", code = Code::Unauthenticated)]
+    Unauthenticated(String),
+    #[error("{code} {0}", code = Code::PermissionDenied)]
+    PermissionDenied(String),
+    #[error("{code} epsilon {requested} is above this dataset's per-query cap of {cap}; ask for at most {cap}", code = Code::EpsilonAboveCap)]
+    EpsilonAboveCap { requested: f64, cap: f64 },
+    #[error("{code} {0}", code = Code::UnknownTable)]
+    NotFound(String),
+    #[error(transparent)]
+    Core(#[from] tre_core::CoreError),
+    #[error(transparent)]
+    Query(#[from] QueryError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{code} {0}", code = Code::Internal)]
+    Setup(String),
+}
+
+impl GatewayError {
+    pub fn code(&self) -> Code {
+        match self {
+            GatewayError::Unauthenticated(_) => Code::Unauthenticated,
+            GatewayError::PermissionDenied(_) => Code::PermissionDenied,
+            GatewayError::EpsilonAboveCap { .. } => Code::EpsilonAboveCap,
+            GatewayError::NotFound(_) => Code::UnknownTable,
+            GatewayError::Core(e) => match e {
+                tre_core::CoreError::InvalidEpsilon { .. } => Code::InvalidEpsilon,
+                tre_core::CoreError::InvalidId { .. } | tre_core::CoreError::UnknownRole(_) => Code::InvalidIdentifier,
+            },
+            GatewayError::Query(q) => q.code(),
+            GatewayError::Store(s) => match s {
+                StoreError::UnknownProject(_) => Code::UnknownProject,
+                StoreError::BudgetExhausted { .. } => Code::BudgetExhausted,
+                StoreError::Sqlite(_) => Code::Storage,
+                StoreError::Poisoned => Code::Internal,
+            },
+            GatewayError::Setup(_) => Code::Internal,
+        }
+    }
+
+    /// The one place errors become statuses. The message always starts with
+    /// the stable code; internal details are replaced by a generic text.
+    pub fn into_status(self) -> Status {
+        let code = self.code();
+        let grpc = match &self {
+            GatewayError::Unauthenticated(_) => GrpcCode::Unauthenticated,
+            GatewayError::PermissionDenied(_) => GrpcCode::PermissionDenied,
+            GatewayError::EpsilonAboveCap { .. } | GatewayError::Core(_) => GrpcCode::InvalidArgument,
+            GatewayError::NotFound(_) => GrpcCode::NotFound,
+            GatewayError::Query(q) => match q {
+                QueryError::Refused { .. } => GrpcCode::InvalidArgument,
+                QueryError::Execution { .. } => GrpcCode::Internal,
+                QueryError::Setup { .. } | QueryError::Vault(_) | QueryError::Internal(_) => GrpcCode::Internal,
+            },
+            GatewayError::Store(s) => match s {
+                StoreError::UnknownProject(_) => GrpcCode::PermissionDenied,
+                StoreError::BudgetExhausted { .. } => GrpcCode::ResourceExhausted,
+                StoreError::Sqlite(_) | StoreError::Poisoned => GrpcCode::Internal,
+            },
+            GatewayError::Setup(_) => GrpcCode::Internal,
+        };
+        let message = match &self {
+            GatewayError::Query(QueryError::Internal(_) | QueryError::Setup { .. } | QueryError::Vault(_))
+            | GatewayError::Store(StoreError::Sqlite(_) | StoreError::Poisoned)
+            | GatewayError::Setup(_) => {
+                format!("{code} internal error; the operator can find the details in the audit log")
+            }
+            _ => self.to_string(),
+        };
+        let mut status = Status::new(grpc, message);
+        if let Ok(v) = code.as_str().parse() {
+            status.metadata_mut().insert("tre-code", v);
+        }
+        status
+    }
+}
