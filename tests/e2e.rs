@@ -1,0 +1,282 @@
+//! End-to-end tests: a real gateway on 127.0.0.1:0, driven over gRPC exactly
+//! as a client would (issue #2).
+
+use std::collections::HashMap;
+
+use datafusion::arrow::array::{Array, AsArray};
+use datafusion::arrow::datatypes::{Float64Type, Int64Type};
+use tre_core::{Code, Role};
+use tre_e2e::{authed, fixture, start};
+use tre_proto::v1 as pb;
+
+const PROJECT: &str = "p1";
+
+fn value(c: &pb::Cell) -> &pb::Value {
+    match &c.content {
+        Some(pb::cell::Content::Value(v)) => v,
+        other => panic!("not a value: {other:?}"),
+    }
+}
+
+fn key(c: &pb::Cell) -> &str {
+    match &c.content {
+        Some(pb::cell::Content::Key(k)) => k,
+        other => panic!("not a key: {other:?}"),
+    }
+}
+
+fn code_of(s: &tonic::Status) -> String {
+    s.metadata().get("tre-code").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned()
+}
+
+/// Intervals cover the exact answer about 95% of the time. The query reads
+/// `patients` (one row per patient, so bounding drops nothing and the exact
+/// answer is fixed). 100 releases × 7 regions = 700 count cells at scale 15
+/// (expected coverage ≈ 95.5% including the rounding slack); the bounds
+/// [0.925, 0.985] are more than 3.5 standard errors (0.0078) away, so a
+/// false failure has probability below 1e-3. Mean intervals are Bonferroni
+/// bounds and must cover at least 93%.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_query_intervals_cover_the_exact_answer() {
+    let server = start(&[(PROJECT, &["alice"], 1000.0)]).await;
+    let (mut q, _) = server.clients().await;
+    let token = server.token("alice", Role::Researcher);
+
+    let ctx = server.state.engine.sandbox_context();
+    let exact = ctx
+        .sql("SELECT region, COUNT(*) AS n, AVG(year_of_birth) AS m FROM patients WHERE NOT research_opt_out GROUP BY region")
+        .await
+        .and_then(|df| futures_collect(df))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let exact = exact.await.unwrap_or_else(|e| panic!("{e}"));
+    let mut truth: HashMap<String, (f64, f64)> = HashMap::new();
+    for b in &exact {
+        let regions = b.column(0).as_string_view_opt().map(|a| (0..a.len()).map(|i| a.value(i).to_owned()).collect::<Vec<_>>())
+            .or_else(|| b.column(0).as_string_opt::<i32>().map(|a| (0..a.len()).map(|i| a.value(i).to_owned()).collect()))
+            .unwrap_or_else(|| panic!("region type {}", b.column(0).data_type()));
+        let n = b.column(1).as_primitive::<Int64Type>();
+        let m = b.column(2).as_primitive::<Float64Type>();
+        for (i, r) in regions.into_iter().enumerate() {
+            truth.insert(r, (n.value(i) as f64, m.value(i)));
+        }
+    }
+    assert_eq!(truth.len(), 7);
+
+    let sql = "SELECT region, COUNT(*) AS n, AVG(year_of_birth) AS mean_yob FROM patients GROUP BY region";
+    let (mut counts, mut count_hits, mut means, mut mean_hits) = (0, 0, 0, 0);
+    for _ in 0..100 {
+        let r = q
+            .submit(authed(pb::QueryRequest { project: PROJECT.into(), sql: sql.into(), epsilon: Some(0.2) }, &token))
+            .await
+            .unwrap_or_else(|s| panic!("{s:?}"))
+            .into_inner();
+        assert_eq!(r.rows.len(), 7, "every public group is returned");
+        for row in &r.rows {
+            let (n, m) = truth[key(&row.cells[0])];
+            let c = value(&row.cells[1]);
+            let (lo, hi) = (c.ci_low.unwrap_or(f64::NAN), c.ci_high.unwrap_or(f64::NAN));
+            counts += 1;
+            if lo <= n && n <= hi {
+                count_hits += 1;
+            }
+            let a = value(&row.cells[2]);
+            if let (Some(lo), Some(hi)) = (a.ci_low, a.ci_high) {
+                means += 1;
+                if lo <= m && m <= hi {
+                    mean_hits += 1;
+                }
+            }
+            assert_eq!(c.status, pb::SdcStatus::Rounded as i32);
+            assert_eq!(c.value.map(|v| v % 5.0), Some(0.0), "nhs_sde rounds counts to 5");
+        }
+    }
+    let coverage = count_hits as f64 / counts as f64;
+    assert!((0.925..=0.985).contains(&coverage), "count coverage {coverage}");
+    let mean_coverage = mean_hits as f64 / means as f64;
+    assert!(means > 600 && mean_coverage >= 0.93, "mean coverage {mean_coverage} over {means}");
+    assert!((server.spent(PROJECT) - 20.0).abs() < 1e-6);
+}
+
+fn futures_collect(
+    df: datafusion::dataframe::DataFrame,
+) -> datafusion::error::Result<impl std::future::Future<Output = datafusion::error::Result<Vec<datafusion::arrow::record_batch::RecordBatch>>>> {
+    Ok(df.collect())
+}
+
+/// Each refusal returns its own stable code and charges nothing; every call
+/// leaves one audit event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_return_their_code_and_cost_nothing() {
+    let server = start(&[(PROJECT, &["alice"], 10.0), ("other", &["bob"], 10.0)]).await;
+    let (mut q, _) = server.clients().await;
+    let alice = server.token("alice", Role::Researcher);
+    let cases: &[(&str, Option<f64>, Code)] = &[
+        ("SELECT * FROM patients", None, Code::RowLevelSelect),
+        ("SELECT sex, year_of_birth FROM patients WHERE sex = 'F'", None, Code::RowLevelSelect),
+        ("SELECT person_id, COUNT(*) AS n FROM patients GROUP BY person_id", None, Code::IdentifierInOutput),
+        ("SELECT COUNT(*) AS n FROM patients GROUP BY person_id", None, Code::IdentifierInGroupBy),
+        ("SELECT gp_practice, COUNT(*) FROM patients GROUP BY gp_practice", None, Code::GroupKeyNotPublic),
+        ("SELECT COUNT(*) FROM patients WHERE person_id = 'P00'", None, Code::IdentifierInFilter),
+        ("CREATE TABLE x (a INT)", None, Code::StatementNotAllowed),
+        ("CREATE EXTERNAL TABLE x STORED AS PARQUET LOCATION '/tmp/x'", None, Code::StatementNotAllowed),
+        ("INSERT INTO patients VALUES ('a')", None, Code::StatementNotAllowed),
+        ("DROP TABLE patients", None, Code::StatementNotAllowed),
+        ("COPY patients TO '/tmp/out.csv'", None, Code::StatementNotAllowed),
+        ("SET datafusion.execution.batch_size = 1", None, Code::StatementNotAllowed),
+        ("EXPLAIN SELECT COUNT(*) FROM patients", None, Code::ExplainNotAllowed),
+        ("EXPLAIN ANALYZE SELECT COUNT(*) FROM patients", None, Code::ExplainNotAllowed),
+        ("SELECT COUNT(*) FROM generate_series(1, 10)", None, Code::TableFunction),
+        ("SELECT COUNT(*) FROM range(10)", None, Code::TableFunction),
+        ("SELECT COUNT(*) FROM '/etc/passwd'", None, Code::FilePath),
+        ("SELECT COUNT(*) FROM 'nhs_epr/patients.parquet'", None, Code::FilePath),
+        ("SELECT COUNT(*) FROM secrets", None, Code::UnknownTable),
+        ("SELECT COUNT(*) FROM patients p JOIN admissions a ON p.sex = a.specialty", None, Code::JoinNotOnPrivacyUnit),
+        ("SELECT COUNT(*) FROM patients p, admissions a", None, Code::JoinNotOnPrivacyUnit),
+        ("SELECT COUNT(*) FROM patients p JOIN admissions a ON p.person_id = a.person_id AND a.covid19", None, Code::JoinNotOnPrivacyUnit),
+        ("SELECT COUNT(*) FROM patients p LEFT JOIN admissions a ON p.person_id = a.person_id", None, Code::UnsupportedJoin),
+        ("SELECT MAX(year_of_birth) FROM patients", None, Code::UnsupportedAggregate),
+        ("SELECT AVG(imd_quintile) FROM patients", None, Code::UnboundedColumn),
+        ("SELECT COUNT(*) FROM patients WHERE random() < 0.5", None, Code::FunctionNotAllowed),
+        ("SELECT COUNT(*) FROM patients WHERE sex IN (SELECT sex FROM patients)", None, Code::UnsupportedShape),
+        ("SELECT COUNT(*) FROM patients; SELECT 1", None, Code::MultipleStatements),
+        ("SELEC COUNT(*) FROM patients", None, Code::SqlSyntax),
+        ("SELECT sex, COUNT(*) FROM patients GROUP BY sex", Some(5.0), Code::EpsilonAboveCap),
+        ("SELECT sex, COUNT(*) FROM patients GROUP BY sex", Some(-1.0), Code::InvalidEpsilon),
+    ];
+    let mut seen = std::collections::HashSet::new();
+    for (sql, eps, code) in cases {
+        let before = server.audit_len();
+        let s = q
+            .submit(authed(pb::QueryRequest { project: PROJECT.into(), sql: (*sql).into(), epsilon: *eps }, &alice))
+            .await
+            .expect_err(sql);
+        assert_eq!(code_of(&s), code.as_str(), "{sql}: {}", s.message());
+        assert!(s.message().starts_with(code.as_str()), "{sql}: {}", s.message());
+        assert_eq!(server.audit_len(), before + 1, "{sql}: one audit event per call");
+        seen.insert(*code);
+    }
+    assert_eq!(server.spent(PROJECT), 0.0, "refusals cost nothing");
+
+    // Who may ask: unauthenticated, forged, wrong role, not a member.
+    let forged = format!("{}x", &alice[..alice.len() - 1]);
+    let custodian = server.token("carol", Role::Custodian);
+    let ok_sql = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex";
+    let auth_cases: &[(&str, &str, Code, tonic::Code)] = &[
+        ("", PROJECT, Code::Unauthenticated, tonic::Code::Unauthenticated),
+        (&forged, PROJECT, Code::Unauthenticated, tonic::Code::Unauthenticated),
+        (&custodian, PROJECT, Code::PermissionDenied, tonic::Code::PermissionDenied),
+        (&alice, "other", Code::PermissionDenied, tonic::Code::PermissionDenied),
+        (&alice, "nope", Code::UnknownProject, tonic::Code::PermissionDenied),
+    ];
+    for (token, project, code, grpc) in auth_cases {
+        let before = server.audit_len();
+        let s = q
+            .submit(authed(pb::QueryRequest { project: (*project).into(), sql: ok_sql.into(), epsilon: None }, token))
+            .await
+            .expect_err(project);
+        assert_eq!((code_of(&s), s.code()), (code.as_str().to_owned(), *grpc), "{project}: {}", s.message());
+        assert_eq!(server.audit_len(), before + 1);
+    }
+    assert_eq!(server.spent(PROJECT), 0.0);
+    assert!(seen.len() >= 20, "distinct codes: {}", seen.len());
+}
+
+/// The ledger refuses what the budget cannot pay for, atomically.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_exhaustion_is_refused() {
+    let server = start(&[(PROJECT, &["alice"], 1.0)]).await;
+    let (mut q, _) = server.clients().await;
+    let t = server.token("alice", Role::Researcher);
+    let sql = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex";
+    let submit = |eps: f64| pb::QueryRequest { project: PROJECT.into(), sql: sql.into(), epsilon: Some(eps) };
+    let r = q.submit(authed(submit(0.6), &t)).await.unwrap_or_else(|s| panic!("{s:?}")).into_inner();
+    assert!((r.epsilon_spent - 0.6).abs() < 1e-9 && (r.epsilon_remaining - 0.4).abs() < 1e-6);
+    let s = q.submit(authed(submit(0.6), &t)).await.expect_err("over budget");
+    assert_eq!((code_of(&s), s.code()), (Code::BudgetExhausted.as_str().to_owned(), tonic::Code::ResourceExhausted));
+    assert!((server.spent(PROJECT) - 0.6).abs() < 1e-9, "refusal charged nothing");
+    q.submit(authed(submit(0.4), &t)).await.unwrap_or_else(|s| panic!("{s:?}"));
+    let s = q.submit(authed(submit(0.01), &t)).await.expect_err("exhausted");
+    assert_eq!(code_of(&s), Code::BudgetExhausted.as_str());
+    let b = q.budget(authed(pb::BudgetRequest { project: PROJECT.into() }, &t)).await.unwrap_or_else(|s| panic!("{s:?}")).into_inner();
+    assert!(b.epsilon_remaining.abs() < 1e-9 && (b.epsilon_spent - 1.0).abs() < 1e-9);
+    let p = tre_core::ProjectId::new(PROJECT).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(server.state.store.ledger_total(&p).ok(), Some(1.0));
+    assert_eq!(server.state.store.verify_chain().ok(), Some(None));
+}
+
+/// A dry run describes the plan and its cost without spending anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_describes_and_costs_nothing() {
+    let server = start(&[(PROJECT, &["alice"], 5.0)]).await;
+    let (mut q, mut c) = server.clients().await;
+    let t = server.token("alice", Role::Researcher);
+    let sql = "SELECT p.region, COUNT(*) AS n, AVG(a.length_of_stay_days) AS los FROM patients p JOIN admissions a ON p.person_id = a.person_id GROUP BY p.region";
+    let d = q
+        .dry_run(authed(pb::QueryRequest { project: PROJECT.into(), sql: sql.into(), epsilon: Some(0.9) }, &t))
+        .await
+        .unwrap_or_else(|s| panic!("{s:?}"))
+        .into_inner();
+    assert_eq!(d.cells, 7);
+    assert!((d.epsilon - 0.9).abs() < 1e-12);
+    let text = d.plan.join("\n");
+    for needle in [
+        "at most 5 row(s) per patient, chosen at random",
+        "opted out",
+        "each patient contributes at most 5 row(s)",
+        "measure COUNT(*): discrete Laplace, sensitivity 5, epsilon 0.3000, scale 16.6",
+        "measure SUM(length_of_stay_days) clamped to [0, 365]: discrete Laplace, sensitivity 1825",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+    assert_eq!(server.spent(PROJECT), 0.0);
+
+    // The catalog shows classes and bounds, never data.
+    let t2 = server.token("dana", Role::Auditor);
+    let ds = c.list_datasets(authed(pb::ListDatasetsRequest {}, &t2)).await.unwrap_or_else(|s| panic!("{s:?}")).into_inner();
+    assert_eq!(ds.datasets[0].tables, ["admissions", "lab_results", "patients", "waiting_list"]);
+    let desc = c
+        .describe_table(authed(pb::DescribeTableRequest { dataset: "nhs_epr".into(), table: "patients".into() }, &t2))
+        .await
+        .unwrap_or_else(|s| panic!("{s:?}"))
+        .into_inner();
+    let pid = desc.columns.iter().find(|c| c.name == "person_id").map(|c| c.class.as_str());
+    assert_eq!(pid, Some("identifier"));
+    let yob = desc.columns.iter().find(|c| c.name == "year_of_birth").map(|c| (c.lower_bound, c.upper_bound));
+    assert_eq!(yob, Some((Some(1920.0), Some(2024.0))));
+}
+
+/// A wrong master key stops the engine with a clear, coded error.
+#[test]
+fn wrong_master_key_gives_a_clear_error() {
+    let _ = fixture();
+    let wrong = std::sync::Arc::new(tre_vault::MasterKey::from_bytes(&[7; 32]).unwrap_or_else(|e| panic!("{e}")));
+    let err = match tre_e2e::engine_with(wrong) {
+        Ok(_) => panic!("opened with the wrong key"),
+        Err(e) => e,
+    };
+    assert_eq!(err.code(), Code::WrongMasterKey);
+    let msg = err.to_string();
+    assert!(msg.starts_with("TRE-V002 the master key does not match"), "{msg}");
+    assert!(msg.contains("TRE_MASTER_KEY"), "{msg}");
+}
+
+/// The bytes of an encrypted extract contain none of the generated values;
+/// the plaintext copy of the same data does (so the search can fail).
+#[test]
+fn encrypted_extracts_hide_every_value() {
+    let f = fixture();
+    let pseudonym = f.master.pseudonymise(&tre_synth::nhs_number(0));
+    let needles: [&[u8]; 4] = [pseudonym.as_bytes(), b"U07.1", b"North East and Yorkshire", b"person_id"];
+    let contains = |hay: &[u8], n: &[u8]| hay.windows(n.len()).any(|w| w == n);
+    let mut plain_all = Vec::new();
+    for table in tre_synth::TABLES {
+        let enc = std::fs::read(f.data.join(format!("{table}.parquet"))).unwrap_or_else(|e| panic!("{e}"));
+        for n in needles {
+            assert!(!contains(&enc, n), "{table}: found {:?}", String::from_utf8_lossy(n));
+        }
+        plain_all.extend(std::fs::read(f.plaintext.join(format!("{table}.parquet"))).unwrap_or_else(|e| panic!("{e}")));
+    }
+    for n in needles {
+        assert!(contains(&plain_all, n), "control: plaintext lacks {:?}", String::from_utf8_lossy(n));
+    }
+}

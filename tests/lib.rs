@@ -1,0 +1,137 @@
+//! Test harness for the end-to-end tests: one small encrypted dataset per
+//! test process, and a real gateway per test on 127.0.0.1:0.
+//!
+//! This crate is test support only; nothing may depend on it.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use tempfile::TempDir;
+use tonic::transport::Channel;
+use tre_core::{Epsilon, ProjectId, Role, UserId};
+use tre_gateway::{AppState, Issuer};
+use tre_policy::Policy;
+use tre_proto::v1::catalog_service_client::CatalogServiceClient;
+use tre_proto::v1::query_service_client::QueryServiceClient;
+use tre_query::{Engine, Limits};
+use tre_sdc::Profile;
+use tre_store::{ProjectSeed, Store};
+use tre_synth::Protection;
+use tre_vault::MasterKey;
+
+pub const POLICY: &str = include_str!("../policies/nhs_epr.toml");
+pub const NHS_SDE: &str = include_str!("../policies/sdc/nhs_sde.toml");
+pub const PATIENTS: u64 = 3_000;
+pub const MASTER: [u8; 32] = [0x42; 32];
+
+pub struct Fixture {
+    _dir: TempDir,
+    pub data: PathBuf,
+    pub plaintext: PathBuf,
+    pub master: Arc<MasterKey>,
+}
+
+/// One encrypted and one plaintext copy of the same synthetic data, made
+/// once per test process.
+pub fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let master = Arc::new(MasterKey::from_bytes(&MASTER).unwrap_or_else(|e| panic!("{e}")));
+        let data = dir.path().join("enc/nhs_epr");
+        let plaintext = dir.path().join("plain/nhs_epr");
+        tre_synth::generate(&data, PATIENTS, 11, Protection::Encrypted(&master), &master, |_| {})
+            .unwrap_or_else(|e| panic!("{e}"));
+        tre_synth::generate(&plaintext, PATIENTS, 11, Protection::Plaintext, &master, |_| {})
+            .unwrap_or_else(|e| panic!("{e}"));
+        Fixture { _dir: dir, data, plaintext, master }
+    })
+}
+
+pub fn policy() -> Policy {
+    Policy::from_toml("policies/nhs_epr.toml", POLICY).unwrap_or_else(|e| panic!("{e}"))
+}
+
+pub fn engine_with(master: Arc<MasterKey>) -> Result<Engine, tre_query::QueryError> {
+    let profile = Profile::from_toml("policies/sdc/nhs_sde.toml", NHS_SDE).unwrap_or_else(|e| panic!("{e}"));
+    Engine::open(policy(), profile, &fixture().data, master, Limits::default())
+}
+
+pub struct Server {
+    pub url: String,
+    pub state: Arc<AppState>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    _state_dir: TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Start a gateway with the given projects: (id, members, budget).
+pub async fn start(projects: &[(&str, &[&str], f64)]) -> Server {
+    let f = fixture();
+    let state_dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let engine = engine_with(Arc::clone(&f.master)).unwrap_or_else(|e| panic!("{e}"));
+    let store = Store::open(&state_dir.path().join("tre.db")).unwrap_or_else(|e| panic!("{e}"));
+    for (id, members, budget) in projects {
+        store
+            .seed_project(&ProjectSeed {
+                id: ProjectId::new(*id).unwrap_or_else(|e| panic!("{e}")),
+                title: (*id).to_owned(),
+                dataset: "nhs_epr".into(),
+                budget: Epsilon::new(*budget).unwrap_or_else(|e| panic!("{e}")),
+                members: members.iter().map(|m| UserId::new(*m).unwrap_or_else(|e| panic!("{e}"))).collect(),
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let issuer = Issuer::load_or_create(state_dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let state = Arc::new(AppState { engine, store, issuer });
+    let (addr, stop, _handle) = tre_gateway::spawn(Arc::clone(&state), "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    Server { url: format!("http://{addr}"), state, stop: Some(stop), _state_dir: state_dir }
+}
+
+impl Server {
+    pub fn token(&self, user: &str, role: Role) -> String {
+        self.state
+            .issuer
+            .issue(&UserId::new(user).unwrap_or_else(|e| panic!("{e}")), role, 3600)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub async fn clients(&self) -> (QueryServiceClient<Channel>, CatalogServiceClient<Channel>) {
+        let ch = Channel::from_shared(self.url.clone())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        (QueryServiceClient::new(ch.clone()), CatalogServiceClient::new(ch))
+    }
+
+    pub fn spent(&self, project: &str) -> f64 {
+        self.state
+            .store
+            .project(&ProjectId::new(project).unwrap_or_else(|e| panic!("{e}")))
+            .map(|p| p.spent())
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub fn audit_len(&self) -> usize {
+        self.state.store.audit_events().map(|e| e.len()).unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+/// Wrap a message with a bearer token.
+pub fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Ok(v) = format!("Bearer {token}").parse() {
+        r.metadata_mut().insert("authorization", v);
+    }
+    r
+}

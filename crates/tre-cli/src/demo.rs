@@ -55,7 +55,7 @@ const QUESTIONS: &[(&str, &str, f64)] = &[
         "SELECT ventilated, dexamethasone, AVG(died_28d) AS mortality_28d, COUNT(*) AS admissions \
          FROM admissions WHERE covid19 \
          GROUP BY ventilated, dexamethasone",
-        1.0,
+        2.0,
     ),
     (
         "Referral-to-treatment time (weeks) by NHS region",
@@ -65,7 +65,7 @@ const QUESTIONS: &[(&str, &str, f64)] = &[
         0.5,
     ),
 ];
-const DEMO_BUDGET: f64 = 4.0;
+const DEMO_BUDGET: f64 = 5.0;
 
 fn ensure_data(args: &DemoArgs, data: &Path, key_file: &Path) -> Result<()> {
     let key = setup::master_key(key_file, true)?;

@@ -166,7 +166,17 @@ pub(crate) async fn compile(
     for f in &filters {
         check_filter(f, &scopes)?;
     }
-    let keys = group_keys(agg, &scopes)?;
+    // Which group keys are released: an identifier there is an identifier
+    // in the output (TRE-Q011), not merely a grouping (TRE-Q012).
+    let released_keys: Vec<usize> = projection
+        .expr
+        .iter()
+        .filter_map(|e| match unalias(e) {
+            Expr::Column(c) => agg.schema.index_of_column(c).ok().filter(|i| *i < agg.group_expr.len()),
+            _ => None,
+        })
+        .collect();
+    let keys = group_keys(agg, &scopes, &released_keys)?;
     let cells = keys
         .iter()
         .try_fold(1usize, |acc, k| acc.checked_mul(k.domain.len()))
@@ -602,9 +612,9 @@ fn check_filter(predicate: &Expr, scopes: &[Scope<'_>]) -> Result<(), QueryError
     refusal.map_or(Ok(()), Err)
 }
 
-fn group_keys(agg: &Aggregate, scopes: &[Scope<'_>]) -> Result<Vec<GroupKey>, QueryError> {
+fn group_keys(agg: &Aggregate, scopes: &[Scope<'_>], released: &[usize]) -> Result<Vec<GroupKey>, QueryError> {
     let mut keys = Vec::new();
-    for e in &agg.group_expr {
+    for (i, e) in agg.group_expr.iter().enumerate() {
         let Expr::Column(c) = unalias(e) else {
             return Err(QueryError::refused(
                 Code::UnsupportedExpression,
@@ -615,6 +625,12 @@ fn group_keys(agg: &Aggregate, scopes: &[Scope<'_>]) -> Result<Vec<GroupKey>, Qu
             return Err(QueryError::Internal(format!("unresolved group column {c}")));
         };
         match &col.class {
+            ColumnClass::Identifier if released.contains(&i) => {
+                return Err(QueryError::refused(
+                    Code::IdentifierInOutput,
+                    format!("the identifier '{}' can never be released; remove it from SELECT", c.name),
+                ));
+            }
             ColumnClass::Identifier => {
                 return Err(QueryError::refused(
                     Code::IdentifierInGroupBy,

@@ -276,7 +276,7 @@ impl Chunk {
             // Admissions in 2024.
             let rate = 0.15 + 0.01 * age as f64;
             let k = (rng.random::<f64>() * rate * 2.0).floor() as usize;
-            let covid_risk = 0.02 + 0.001 * age as f64;
+            let covid_risk = 0.06 + 0.002 * age as f64;
             for _ in 0..k.min(8) {
                 let day = Y2024 + rng.random_range(0..366);
                 let covid = rng.random_bool(covid_risk.min(0.3));
@@ -285,7 +285,7 @@ impl Chunk {
                 } else {
                     pick(rng, &[("emergency", 0.45), ("elective", 0.4), ("maternity", 0.08), ("transfer", 0.07)])
                 };
-                let ventilated = covid && rng.random_bool(0.15 + 0.003 * age as f64);
+                let ventilated = covid && rng.random_bool(0.25 + 0.004 * age as f64);
                 let dexa = covid && rng.random_bool(if ventilated { 0.6 } else { 0.35 });
                 let p_die = if covid {
                     let base: f64 = 0.02 + 0.004 * age as f64;
