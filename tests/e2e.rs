@@ -26,7 +26,11 @@ fn key(c: &pb::Cell) -> &str {
 }
 
 fn code_of(s: &tonic::Status) -> String {
-    s.metadata().get("tre-code").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned()
+    s.metadata()
+        .get("tre-code")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// Intervals cover the exact answer about 95% of the time. The query reads
@@ -46,13 +50,25 @@ async fn accepted_query_intervals_cover_the_exact_answer() {
     let exact = ctx
         .sql("SELECT region, COUNT(*) AS n, AVG(year_of_birth) AS m FROM patients WHERE NOT research_opt_out GROUP BY region")
         .await
-        .and_then(|df| futures_collect(df))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .collect()
+        .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let exact = exact.await.unwrap_or_else(|e| panic!("{e}"));
     let mut truth: HashMap<String, (f64, f64)> = HashMap::new();
     for b in &exact {
-        let regions = b.column(0).as_string_view_opt().map(|a| (0..a.len()).map(|i| a.value(i).to_owned()).collect::<Vec<_>>())
-            .or_else(|| b.column(0).as_string_opt::<i32>().map(|a| (0..a.len()).map(|i| a.value(i).to_owned()).collect()))
+        let regions = b
+            .column(0)
+            .as_string_view_opt()
+            .map(|a| {
+                (0..a.len())
+                    .map(|i| a.value(i).to_owned())
+                    .collect::<Vec<_>>()
+            })
+            .or_else(|| {
+                b.column(0)
+                    .as_string_opt::<i32>()
+                    .map(|a| (0..a.len()).map(|i| a.value(i).to_owned()).collect())
+            })
             .unwrap_or_else(|| panic!("region type {}", b.column(0).data_type()));
         let n = b.column(1).as_primitive::<Int64Type>();
         let m = b.column(2).as_primitive::<Float64Type>();
@@ -66,7 +82,14 @@ async fn accepted_query_intervals_cover_the_exact_answer() {
     let (mut counts, mut count_hits, mut means, mut mean_hits) = (0, 0, 0, 0);
     for _ in 0..100 {
         let r = q
-            .submit(authed(pb::QueryRequest { project: PROJECT.into(), sql: sql.into(), epsilon: Some(0.2) }, &token))
+            .submit(authed(
+                pb::QueryRequest {
+                    project: PROJECT.into(),
+                    sql: sql.into(),
+                    epsilon: Some(0.2),
+                },
+                &token,
+            ))
             .await
             .unwrap_or_else(|s| panic!("{s:?}"))
             .into_inner();
@@ -87,20 +110,24 @@ async fn accepted_query_intervals_cover_the_exact_answer() {
                 }
             }
             assert_eq!(c.status, pb::SdcStatus::Rounded as i32);
-            assert_eq!(c.value.map(|v| v % 5.0), Some(0.0), "nhs_sde rounds counts to 5");
+            assert_eq!(
+                c.value.map(|v| v % 5.0),
+                Some(0.0),
+                "nhs_sde rounds counts to 5"
+            );
         }
     }
     let coverage = count_hits as f64 / counts as f64;
-    assert!((0.925..=0.985).contains(&coverage), "count coverage {coverage}");
+    assert!(
+        (0.925..=0.985).contains(&coverage),
+        "count coverage {coverage}"
+    );
     let mean_coverage = mean_hits as f64 / means as f64;
-    assert!(means > 600 && mean_coverage >= 0.93, "mean coverage {mean_coverage} over {means}");
+    assert!(
+        means > 600 && mean_coverage >= 0.93,
+        "mean coverage {mean_coverage} over {means}"
+    );
     assert!((server.spent(PROJECT) - 20.0).abs() < 1e-6);
-}
-
-fn futures_collect(
-    df: datafusion::dataframe::DataFrame,
-) -> datafusion::error::Result<impl std::future::Future<Output = datafusion::error::Result<Vec<datafusion::arrow::record_batch::RecordBatch>>>> {
-    Ok(df.collect())
 }
 
 /// Each refusal returns its own stable code and charges nothing; every call
@@ -112,47 +139,158 @@ async fn refusals_return_their_code_and_cost_nothing() {
     let alice = server.token("alice", Role::Researcher);
     let cases: &[(&str, Option<f64>, Code)] = &[
         ("SELECT * FROM patients", None, Code::RowLevelSelect),
-        ("SELECT sex, year_of_birth FROM patients WHERE sex = 'F'", None, Code::RowLevelSelect),
-        ("SELECT person_id, COUNT(*) AS n FROM patients GROUP BY person_id", None, Code::IdentifierInOutput),
-        ("SELECT COUNT(*) AS n FROM patients GROUP BY person_id", None, Code::IdentifierInGroupBy),
-        ("SELECT gp_practice, COUNT(*) FROM patients GROUP BY gp_practice", None, Code::GroupKeyNotPublic),
-        ("SELECT COUNT(*) FROM patients WHERE person_id = 'P00'", None, Code::IdentifierInFilter),
+        (
+            "SELECT sex, year_of_birth FROM patients WHERE sex = 'F'",
+            None,
+            Code::RowLevelSelect,
+        ),
+        (
+            "SELECT person_id, COUNT(*) AS n FROM patients GROUP BY person_id",
+            None,
+            Code::IdentifierInOutput,
+        ),
+        (
+            "SELECT COUNT(*) AS n FROM patients GROUP BY person_id",
+            None,
+            Code::IdentifierInGroupBy,
+        ),
+        (
+            "SELECT gp_practice, COUNT(*) FROM patients GROUP BY gp_practice",
+            None,
+            Code::GroupKeyNotPublic,
+        ),
+        (
+            "SELECT COUNT(*) FROM patients WHERE person_id = 'P00'",
+            None,
+            Code::IdentifierInFilter,
+        ),
         ("CREATE TABLE x (a INT)", None, Code::StatementNotAllowed),
-        ("CREATE EXTERNAL TABLE x STORED AS PARQUET LOCATION '/tmp/x'", None, Code::StatementNotAllowed),
-        ("INSERT INTO patients VALUES ('a')", None, Code::StatementNotAllowed),
+        (
+            "CREATE EXTERNAL TABLE x STORED AS PARQUET LOCATION '/tmp/x'",
+            None,
+            Code::StatementNotAllowed,
+        ),
+        (
+            "INSERT INTO patients VALUES ('a')",
+            None,
+            Code::StatementNotAllowed,
+        ),
         ("DROP TABLE patients", None, Code::StatementNotAllowed),
-        ("COPY patients TO '/tmp/out.csv'", None, Code::StatementNotAllowed),
-        ("SET datafusion.execution.batch_size = 1", None, Code::StatementNotAllowed),
-        ("EXPLAIN SELECT COUNT(*) FROM patients", None, Code::ExplainNotAllowed),
-        ("EXPLAIN ANALYZE SELECT COUNT(*) FROM patients", None, Code::ExplainNotAllowed),
-        ("SELECT COUNT(*) FROM generate_series(1, 10)", None, Code::TableFunction),
+        (
+            "COPY patients TO '/tmp/out.csv'",
+            None,
+            Code::StatementNotAllowed,
+        ),
+        (
+            "SET datafusion.execution.batch_size = 1",
+            None,
+            Code::StatementNotAllowed,
+        ),
+        (
+            "EXPLAIN SELECT COUNT(*) FROM patients",
+            None,
+            Code::ExplainNotAllowed,
+        ),
+        (
+            "EXPLAIN ANALYZE SELECT COUNT(*) FROM patients",
+            None,
+            Code::ExplainNotAllowed,
+        ),
+        (
+            "SELECT COUNT(*) FROM generate_series(1, 10)",
+            None,
+            Code::TableFunction,
+        ),
         ("SELECT COUNT(*) FROM range(10)", None, Code::TableFunction),
         ("SELECT COUNT(*) FROM '/etc/passwd'", None, Code::FilePath),
-        ("SELECT COUNT(*) FROM 'nhs_epr/patients.parquet'", None, Code::FilePath),
+        (
+            "SELECT COUNT(*) FROM 'nhs_epr/patients.parquet'",
+            None,
+            Code::FilePath,
+        ),
         ("SELECT COUNT(*) FROM secrets", None, Code::UnknownTable),
-        ("SELECT COUNT(*) FROM patients p JOIN admissions a ON p.sex = a.specialty", None, Code::JoinNotOnPrivacyUnit),
-        ("SELECT COUNT(*) FROM patients p, admissions a", None, Code::JoinNotOnPrivacyUnit),
-        ("SELECT COUNT(*) FROM patients p JOIN admissions a ON p.person_id = a.person_id AND a.covid19", None, Code::JoinNotOnPrivacyUnit),
-        ("SELECT COUNT(*) FROM patients p LEFT JOIN admissions a ON p.person_id = a.person_id", None, Code::UnsupportedJoin),
-        ("SELECT MAX(year_of_birth) FROM patients", None, Code::UnsupportedAggregate),
-        ("SELECT AVG(imd_quintile) FROM patients", None, Code::UnboundedColumn),
-        ("SELECT COUNT(*) FROM patients WHERE random() < 0.5", None, Code::FunctionNotAllowed),
-        ("SELECT COUNT(*) FROM patients WHERE sex IN (SELECT sex FROM patients)", None, Code::UnsupportedShape),
-        ("SELECT COUNT(*) FROM patients; SELECT 1", None, Code::MultipleStatements),
+        (
+            "SELECT COUNT(*) FROM patients p JOIN admissions a ON p.sex = a.specialty",
+            None,
+            Code::JoinNotOnPrivacyUnit,
+        ),
+        (
+            "SELECT COUNT(*) FROM patients p, admissions a",
+            None,
+            Code::JoinNotOnPrivacyUnit,
+        ),
+        (
+            "SELECT COUNT(*) FROM patients p JOIN admissions a ON p.person_id = a.person_id AND a.covid19",
+            None,
+            Code::JoinNotOnPrivacyUnit,
+        ),
+        (
+            "SELECT COUNT(*) FROM patients p LEFT JOIN admissions a ON p.person_id = a.person_id",
+            None,
+            Code::UnsupportedJoin,
+        ),
+        (
+            "SELECT MAX(year_of_birth) FROM patients",
+            None,
+            Code::UnsupportedAggregate,
+        ),
+        (
+            "SELECT AVG(imd_quintile) FROM patients",
+            None,
+            Code::UnboundedColumn,
+        ),
+        (
+            "SELECT COUNT(*) FROM patients WHERE random() < 0.5",
+            None,
+            Code::FunctionNotAllowed,
+        ),
+        (
+            "SELECT COUNT(*) FROM patients WHERE sex IN (SELECT sex FROM patients)",
+            None,
+            Code::UnsupportedShape,
+        ),
+        (
+            "SELECT COUNT(*) FROM patients; SELECT 1",
+            None,
+            Code::MultipleStatements,
+        ),
         ("SELEC COUNT(*) FROM patients", None, Code::SqlSyntax),
-        ("SELECT sex, COUNT(*) FROM patients GROUP BY sex", Some(5.0), Code::EpsilonAboveCap),
-        ("SELECT sex, COUNT(*) FROM patients GROUP BY sex", Some(-1.0), Code::InvalidEpsilon),
+        (
+            "SELECT sex, COUNT(*) FROM patients GROUP BY sex",
+            Some(5.0),
+            Code::EpsilonAboveCap,
+        ),
+        (
+            "SELECT sex, COUNT(*) FROM patients GROUP BY sex",
+            Some(-1.0),
+            Code::InvalidEpsilon,
+        ),
     ];
     let mut seen = std::collections::HashSet::new();
     for (sql, eps, code) in cases {
         let before = server.audit_len();
         let s = q
-            .submit(authed(pb::QueryRequest { project: PROJECT.into(), sql: (*sql).into(), epsilon: *eps }, &alice))
+            .submit(authed(
+                pb::QueryRequest {
+                    project: PROJECT.into(),
+                    sql: (*sql).into(),
+                    epsilon: *eps,
+                },
+                &alice,
+            ))
             .await
             .expect_err(sql);
         assert_eq!(code_of(&s), code.as_str(), "{sql}: {}", s.message());
-        assert!(s.message().starts_with(code.as_str()), "{sql}: {}", s.message());
-        assert_eq!(server.audit_len(), before + 1, "{sql}: one audit event per call");
+        assert!(
+            s.message().starts_with(code.as_str()),
+            "{sql}: {}",
+            s.message()
+        );
+        assert_eq!(
+            server.audit_len(),
+            before + 1,
+            "{sql}: one audit event per call"
+        );
         seen.insert(*code);
     }
     assert_eq!(server.spent(PROJECT), 0.0, "refusals cost nothing");
@@ -162,19 +300,56 @@ async fn refusals_return_their_code_and_cost_nothing() {
     let custodian = server.token("carol", Role::Custodian);
     let ok_sql = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex";
     let auth_cases: &[(&str, &str, Code, tonic::Code)] = &[
-        ("", PROJECT, Code::Unauthenticated, tonic::Code::Unauthenticated),
-        (&forged, PROJECT, Code::Unauthenticated, tonic::Code::Unauthenticated),
-        (&custodian, PROJECT, Code::PermissionDenied, tonic::Code::PermissionDenied),
-        (&alice, "other", Code::PermissionDenied, tonic::Code::PermissionDenied),
-        (&alice, "nope", Code::UnknownProject, tonic::Code::PermissionDenied),
+        (
+            "",
+            PROJECT,
+            Code::Unauthenticated,
+            tonic::Code::Unauthenticated,
+        ),
+        (
+            &forged,
+            PROJECT,
+            Code::Unauthenticated,
+            tonic::Code::Unauthenticated,
+        ),
+        (
+            &custodian,
+            PROJECT,
+            Code::PermissionDenied,
+            tonic::Code::PermissionDenied,
+        ),
+        (
+            &alice,
+            "other",
+            Code::PermissionDenied,
+            tonic::Code::PermissionDenied,
+        ),
+        (
+            &alice,
+            "nope",
+            Code::UnknownProject,
+            tonic::Code::PermissionDenied,
+        ),
     ];
     for (token, project, code, grpc) in auth_cases {
         let before = server.audit_len();
         let s = q
-            .submit(authed(pb::QueryRequest { project: (*project).into(), sql: ok_sql.into(), epsilon: None }, token))
+            .submit(authed(
+                pb::QueryRequest {
+                    project: (*project).into(),
+                    sql: ok_sql.into(),
+                    epsilon: None,
+                },
+                token,
+            ))
             .await
             .expect_err(project);
-        assert_eq!((code_of(&s), s.code()), (code.as_str().to_owned(), *grpc), "{project}: {}", s.message());
+        assert_eq!(
+            (code_of(&s), s.code()),
+            (code.as_str().to_owned(), *grpc),
+            "{project}: {}",
+            s.message()
+        );
         assert_eq!(server.audit_len(), before + 1);
     }
     assert_eq!(server.spent(PROJECT), 0.0);
@@ -188,16 +363,50 @@ async fn budget_exhaustion_is_refused() {
     let (mut q, _) = server.clients().await;
     let t = server.token("alice", Role::Researcher);
     let sql = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex";
-    let submit = |eps: f64| pb::QueryRequest { project: PROJECT.into(), sql: sql.into(), epsilon: Some(eps) };
-    let r = q.submit(authed(submit(0.6), &t)).await.unwrap_or_else(|s| panic!("{s:?}")).into_inner();
+    let submit = |eps: f64| pb::QueryRequest {
+        project: PROJECT.into(),
+        sql: sql.into(),
+        epsilon: Some(eps),
+    };
+    let r = q
+        .submit(authed(submit(0.6), &t))
+        .await
+        .unwrap_or_else(|s| panic!("{s:?}"))
+        .into_inner();
     assert!((r.epsilon_spent - 0.6).abs() < 1e-9 && (r.epsilon_remaining - 0.4).abs() < 1e-6);
-    let s = q.submit(authed(submit(0.6), &t)).await.expect_err("over budget");
-    assert_eq!((code_of(&s), s.code()), (Code::BudgetExhausted.as_str().to_owned(), tonic::Code::ResourceExhausted));
-    assert!((server.spent(PROJECT) - 0.6).abs() < 1e-9, "refusal charged nothing");
-    q.submit(authed(submit(0.4), &t)).await.unwrap_or_else(|s| panic!("{s:?}"));
-    let s = q.submit(authed(submit(0.01), &t)).await.expect_err("exhausted");
+    let s = q
+        .submit(authed(submit(0.6), &t))
+        .await
+        .expect_err("over budget");
+    assert_eq!(
+        (code_of(&s), s.code()),
+        (
+            Code::BudgetExhausted.as_str().to_owned(),
+            tonic::Code::ResourceExhausted
+        )
+    );
+    assert!(
+        (server.spent(PROJECT) - 0.6).abs() < 1e-9,
+        "refusal charged nothing"
+    );
+    q.submit(authed(submit(0.4), &t))
+        .await
+        .unwrap_or_else(|s| panic!("{s:?}"));
+    let s = q
+        .submit(authed(submit(0.01), &t))
+        .await
+        .expect_err("exhausted");
     assert_eq!(code_of(&s), Code::BudgetExhausted.as_str());
-    let b = q.budget(authed(pb::BudgetRequest { project: PROJECT.into() }, &t)).await.unwrap_or_else(|s| panic!("{s:?}")).into_inner();
+    let b = q
+        .budget(authed(
+            pb::BudgetRequest {
+                project: PROJECT.into(),
+            },
+            &t,
+        ))
+        .await
+        .unwrap_or_else(|s| panic!("{s:?}"))
+        .into_inner();
     assert!(b.epsilon_remaining.abs() < 1e-9 && (b.epsilon_spent - 1.0).abs() < 1e-9);
     let p = tre_core::ProjectId::new(PROJECT).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(server.state.store.ledger_total(&p).ok(), Some(1.0));
@@ -212,7 +421,14 @@ async fn dry_run_describes_and_costs_nothing() {
     let t = server.token("alice", Role::Researcher);
     let sql = "SELECT p.region, COUNT(*) AS n, AVG(a.length_of_stay_days) AS los FROM patients p JOIN admissions a ON p.person_id = a.person_id GROUP BY p.region";
     let d = q
-        .dry_run(authed(pb::QueryRequest { project: PROJECT.into(), sql: sql.into(), epsilon: Some(0.9) }, &t))
+        .dry_run(authed(
+            pb::QueryRequest {
+                project: PROJECT.into(),
+                sql: sql.into(),
+                epsilon: Some(0.9),
+            },
+            &t,
+        ))
         .await
         .unwrap_or_else(|s| panic!("{s:?}"))
         .into_inner();
@@ -232,16 +448,37 @@ async fn dry_run_describes_and_costs_nothing() {
 
     // The catalog shows classes and bounds, never data.
     let t2 = server.token("dana", Role::Auditor);
-    let ds = c.list_datasets(authed(pb::ListDatasetsRequest {}, &t2)).await.unwrap_or_else(|s| panic!("{s:?}")).into_inner();
-    assert_eq!(ds.datasets[0].tables, ["admissions", "lab_results", "patients", "waiting_list"]);
-    let desc = c
-        .describe_table(authed(pb::DescribeTableRequest { dataset: "nhs_epr".into(), table: "patients".into() }, &t2))
+    let ds = c
+        .list_datasets(authed(pb::ListDatasetsRequest {}, &t2))
         .await
         .unwrap_or_else(|s| panic!("{s:?}"))
         .into_inner();
-    let pid = desc.columns.iter().find(|c| c.name == "person_id").map(|c| c.class.as_str());
+    assert_eq!(
+        ds.datasets[0].tables,
+        ["admissions", "lab_results", "patients", "waiting_list"]
+    );
+    let desc = c
+        .describe_table(authed(
+            pb::DescribeTableRequest {
+                dataset: "nhs_epr".into(),
+                table: "patients".into(),
+            },
+            &t2,
+        ))
+        .await
+        .unwrap_or_else(|s| panic!("{s:?}"))
+        .into_inner();
+    let pid = desc
+        .columns
+        .iter()
+        .find(|c| c.name == "person_id")
+        .map(|c| c.class.as_str());
     assert_eq!(pid, Some("identifier"));
-    let yob = desc.columns.iter().find(|c| c.name == "year_of_birth").map(|c| (c.lower_bound, c.upper_bound));
+    let yob = desc
+        .columns
+        .iter()
+        .find(|c| c.name == "year_of_birth")
+        .map(|c| (c.lower_bound, c.upper_bound));
     assert_eq!(yob, Some((Some(1920.0), Some(2024.0))));
 }
 
@@ -249,14 +486,19 @@ async fn dry_run_describes_and_costs_nothing() {
 #[test]
 fn wrong_master_key_gives_a_clear_error() {
     let _ = fixture();
-    let wrong = std::sync::Arc::new(tre_vault::MasterKey::from_bytes(&[7; 32]).unwrap_or_else(|e| panic!("{e}")));
+    let wrong = std::sync::Arc::new(
+        tre_vault::MasterKey::from_bytes(&[7; 32]).unwrap_or_else(|e| panic!("{e}")),
+    );
     let err = match tre_e2e::engine_with(wrong) {
         Ok(_) => panic!("opened with the wrong key"),
         Err(e) => e,
     };
     assert_eq!(err.code(), Code::WrongMasterKey);
     let msg = err.to_string();
-    assert!(msg.starts_with("TRE-V002 the master key does not match"), "{msg}");
+    assert!(
+        msg.starts_with("TRE-V002 the master key does not match"),
+        "{msg}"
+    );
     assert!(msg.contains("TRE_MASTER_KEY"), "{msg}");
 }
 
@@ -266,17 +508,34 @@ fn wrong_master_key_gives_a_clear_error() {
 fn encrypted_extracts_hide_every_value() {
     let f = fixture();
     let pseudonym = f.master.pseudonymise(&tre_synth::nhs_number(0));
-    let needles: [&[u8]; 4] = [pseudonym.as_bytes(), b"U07.1", b"North East and Yorkshire", b"person_id"];
+    let needles: [&[u8]; 4] = [
+        pseudonym.as_bytes(),
+        b"U07.1",
+        b"North East and Yorkshire",
+        b"person_id",
+    ];
     let contains = |hay: &[u8], n: &[u8]| hay.windows(n.len()).any(|w| w == n);
     let mut plain_all = Vec::new();
     for table in tre_synth::TABLES {
-        let enc = std::fs::read(f.data.join(format!("{table}.parquet"))).unwrap_or_else(|e| panic!("{e}"));
+        let enc = std::fs::read(f.data.join(format!("{table}.parquet")))
+            .unwrap_or_else(|e| panic!("{e}"));
         for n in needles {
-            assert!(!contains(&enc, n), "{table}: found {:?}", String::from_utf8_lossy(n));
+            assert!(
+                !contains(&enc, n),
+                "{table}: found {:?}",
+                String::from_utf8_lossy(n)
+            );
         }
-        plain_all.extend(std::fs::read(f.plaintext.join(format!("{table}.parquet"))).unwrap_or_else(|e| panic!("{e}")));
+        plain_all.extend(
+            std::fs::read(f.plaintext.join(format!("{table}.parquet")))
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
     }
     for n in needles {
-        assert!(contains(&plain_all, n), "control: plaintext lacks {:?}", String::from_utf8_lossy(n));
+        assert!(
+            contains(&plain_all, n),
+            "control: plaintext lacks {:?}",
+            String::from_utf8_lossy(n)
+        );
     }
 }

@@ -40,11 +40,30 @@ pub fn fixture() -> &'static Fixture {
         let master = Arc::new(MasterKey::from_bytes(&MASTER).unwrap_or_else(|e| panic!("{e}")));
         let data = dir.path().join("enc/nhs_epr");
         let plaintext = dir.path().join("plain/nhs_epr");
-        tre_synth::generate(&data, PATIENTS, 11, Protection::Encrypted(&master), &master, |_| {})
-            .unwrap_or_else(|e| panic!("{e}"));
-        tre_synth::generate(&plaintext, PATIENTS, 11, Protection::Plaintext, &master, |_| {})
-            .unwrap_or_else(|e| panic!("{e}"));
-        Fixture { _dir: dir, data, plaintext, master }
+        tre_synth::generate(
+            &data,
+            PATIENTS,
+            11,
+            Protection::Encrypted(&master),
+            &master,
+            |_| {},
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        tre_synth::generate(
+            &plaintext,
+            PATIENTS,
+            11,
+            Protection::Plaintext,
+            &master,
+            |_| {},
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        Fixture {
+            _dir: dir,
+            data,
+            plaintext,
+            master,
+        }
     })
 }
 
@@ -53,8 +72,15 @@ pub fn policy() -> Policy {
 }
 
 pub fn engine_with(master: Arc<MasterKey>) -> Result<Engine, tre_query::QueryError> {
-    let profile = Profile::from_toml("policies/sdc/nhs_sde.toml", NHS_SDE).unwrap_or_else(|e| panic!("{e}"));
-    Engine::open(policy(), profile, &fixture().data, master, Limits::default())
+    let profile =
+        Profile::from_toml("policies/sdc/nhs_sde.toml", NHS_SDE).unwrap_or_else(|e| panic!("{e}"));
+    Engine::open(
+        policy(),
+        profile,
+        &fixture().data,
+        master,
+        Limits::default(),
+    )
 }
 
 pub struct Server {
@@ -85,23 +111,42 @@ pub async fn start(projects: &[(&str, &[&str], f64)]) -> Server {
                 title: (*id).to_owned(),
                 dataset: "nhs_epr".into(),
                 budget: Epsilon::new(*budget).unwrap_or_else(|e| panic!("{e}")),
-                members: members.iter().map(|m| UserId::new(*m).unwrap_or_else(|e| panic!("{e}"))).collect(),
+                members: members
+                    .iter()
+                    .map(|m| UserId::new(*m).unwrap_or_else(|e| panic!("{e}")))
+                    .collect(),
             })
             .unwrap_or_else(|e| panic!("{e}"));
     }
     let issuer = Issuer::load_or_create(state_dir.path()).unwrap_or_else(|e| panic!("{e}"));
-    let state = Arc::new(AppState { engine, store, issuer });
-    let (addr, stop, _handle) = tre_gateway::spawn(Arc::clone(&state), "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    Server { url: format!("http://{addr}"), state, stop: Some(stop), _state_dir: state_dir }
+    let state = Arc::new(AppState {
+        engine,
+        store,
+        issuer,
+    });
+    let (addr, stop, _handle) = tre_gateway::spawn(
+        Arc::clone(&state),
+        "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    Server {
+        url: format!("http://{addr}"),
+        state,
+        stop: Some(stop),
+        _state_dir: state_dir,
+    }
 }
 
 impl Server {
     pub fn token(&self, user: &str, role: Role) -> String {
         self.state
             .issuer
-            .issue(&UserId::new(user).unwrap_or_else(|e| panic!("{e}")), role, 3600)
+            .issue(
+                &UserId::new(user).unwrap_or_else(|e| panic!("{e}")),
+                role,
+                3600,
+            )
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
@@ -111,7 +156,10 @@ impl Server {
             .connect()
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        (QueryServiceClient::new(ch.clone()), CatalogServiceClient::new(ch))
+        (
+            QueryServiceClient::new(ch.clone()),
+            CatalogServiceClient::new(ch),
+        )
     }
 
     pub fn spent(&self, project: &str) -> f64 {
@@ -123,7 +171,11 @@ impl Server {
     }
 
     pub fn audit_len(&self) -> usize {
-        self.state.store.audit_events().map(|e| e.len()).unwrap_or_else(|e| panic!("{e}"))
+        self.state
+            .store
+            .audit_events()
+            .map(|e| e.len())
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 }
 

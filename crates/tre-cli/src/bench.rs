@@ -26,7 +26,8 @@ pub struct BenchArgs {
 
 const DP_SQL: &str = "SELECT p.region, a.admission_method, COUNT(*) AS n, AVG(a.length_of_stay_days) AS los \
     FROM patients p JOIN admissions a ON p.person_id = a.person_id GROUP BY p.region, a.admission_method";
-const SCAN_SQL: &str = "SELECT COUNT(*), SUM(length_of_stay_days), COUNT(DISTINCT person_id) FROM admissions";
+const SCAN_SQL: &str =
+    "SELECT COUNT(*), SUM(length_of_stay_days), COUNT(DISTINCT person_id) FROM admissions";
 
 async fn median<F, Fut>(runs: usize, mut f: F) -> Result<Duration>
 where
@@ -49,7 +50,14 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let enc = args.dir.join("encrypted/nhs_epr");
     let plain = args.dir.join("plaintext/nhs_epr");
     for (out, plaintext) in [(&enc, false), (&plain, true)] {
-        setup::generate(&GenerateArgs { patients: args.patients, seed: 7, out: out.clone(), key_file: key_file.clone(), plaintext, quiet: true })?;
+        setup::generate(&GenerateArgs {
+            patients: args.patients,
+            seed: 7,
+            out: out.clone(),
+            key_file: key_file.clone(),
+            plaintext,
+            quiet: true,
+        })?;
     }
     let policy = setup::load_policy(None)?;
     let profile = setup::load_profile(None, &policy.sdc_profile)?;
@@ -64,17 +72,33 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     })
     .await?;
     let plain_df = median(args.runs, || async {
-        engine.sandbox_context().sql(DP_SQL).await?.collect().await?;
+        engine
+            .sandbox_context()
+            .sql(DP_SQL)
+            .await?
+            .collect()
+            .await?;
         Ok(())
     })
     .await?;
     let enc_scan = median(args.runs, || async {
-        engine.sandbox_context().sql(SCAN_SQL).await?.collect().await?;
+        engine
+            .sandbox_context()
+            .sql(SCAN_SQL)
+            .await?
+            .collect()
+            .await?;
         Ok(())
     })
     .await?;
     let plain_ctx = SessionContext::new();
-    plain_ctx.register_parquet("admissions", plain.join("admissions.parquet").to_string_lossy().as_ref(), ParquetReadOptions::default()).await?;
+    plain_ctx
+        .register_parquet(
+            "admissions",
+            plain.join("admissions.parquet").to_string_lossy().as_ref(),
+            ParquetReadOptions::default(),
+        )
+        .await?;
     let plain_scan = median(args.runs, || async {
         plain_ctx.sql(SCAN_SQL).await?.collect().await?;
         Ok(())
@@ -82,12 +106,33 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     .await?;
 
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    println!("tre bench · {} patients · median of {} runs (same data, same process)", args.patients, args.runs);
-    println!("  DP pipeline (compile + bound + execute + noise + SDC): {:8.1} ms", ms(dp));
-    println!("  plain DataFusion, same aggregate, same extracts:       {:8.1} ms", ms(plain_df));
-    println!("  ratio DP / plain:                                      {:8.2}x", dp.as_secs_f64() / plain_df.as_secs_f64());
-    println!("  scan of admissions, encrypted:                         {:8.1} ms", ms(enc_scan));
-    println!("  scan of admissions, plaintext:                         {:8.1} ms", ms(plain_scan));
-    println!("  ratio encrypted / plaintext:                           {:8.2}x", enc_scan.as_secs_f64() / plain_scan.as_secs_f64());
+    println!(
+        "tre bench · {} patients · median of {} runs (same data, same process)",
+        args.patients, args.runs
+    );
+    println!(
+        "  DP pipeline (compile + bound + execute + noise + SDC): {:8.1} ms",
+        ms(dp)
+    );
+    println!(
+        "  plain DataFusion, same aggregate, same extracts:       {:8.1} ms",
+        ms(plain_df)
+    );
+    println!(
+        "  ratio DP / plain:                                      {:8.2}x",
+        dp.as_secs_f64() / plain_df.as_secs_f64()
+    );
+    println!(
+        "  scan of admissions, encrypted:                         {:8.1} ms",
+        ms(enc_scan)
+    );
+    println!(
+        "  scan of admissions, plaintext:                         {:8.1} ms",
+        ms(plain_scan)
+    );
+    println!(
+        "  ratio encrypted / plaintext:                           {:8.2}x",
+        enc_scan.as_secs_f64() / plain_scan.as_secs_f64()
+    );
     Ok(())
 }

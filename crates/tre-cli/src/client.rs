@@ -101,16 +101,30 @@ pub fn status_text(s: &tonic::Status) -> String {
 
 pub async fn query(args: QueryArgs) -> Result<()> {
     let mut c = Client::from_conn(&args.conn).await?;
-    let req = pb::QueryRequest { project: args.project, sql: args.sql, epsilon: args.epsilon };
+    let req = pb::QueryRequest {
+        project: args.project,
+        sql: args.sql,
+        epsilon: args.epsilon,
+    };
     if args.dry_run {
-        let r = c.query.dry_run(req).await.map_err(|s| anyhow::anyhow!(status_text(&s)))?.into_inner();
+        let r = c
+            .query
+            .dry_run(req)
+            .await
+            .map_err(|s| anyhow::anyhow!(status_text(&s)))?
+            .into_inner();
         match args.format {
             Format::Json => println!("{}", serde_json::to_string_pretty(&dry_run_json(&r))?),
             _ => print!("{}", render_dry_run(&r)),
         }
         return Ok(());
     }
-    let r = c.query.submit(req).await.map_err(|s| anyhow::anyhow!(status_text(&s)))?.into_inner();
+    let r = c
+        .query
+        .submit(req)
+        .await
+        .map_err(|s| anyhow::anyhow!(status_text(&s)))?
+        .into_inner();
     match args.format {
         Format::Table => print!("{}", render_release(&r, None)),
         Format::Json => println!("{}", serde_json::to_string_pretty(&release_json(&r))?),
@@ -123,17 +137,46 @@ pub async fn catalog(args: CatalogArgs) -> Result<()> {
     let mut c = Client::from_conn(&args.conn).await?;
     match args.table {
         None => {
-            let r = c.catalog.list_datasets(pb::ListDatasetsRequest {}).await.map_err(|s| anyhow::anyhow!(status_text(&s)))?.into_inner();
+            let r = c
+                .catalog
+                .list_datasets(pb::ListDatasetsRequest {})
+                .await
+                .map_err(|s| anyhow::anyhow!(status_text(&s)))?
+                .into_inner();
             for d in r.datasets {
-                println!("{} — {}\n  privacy unit: {}; sdc profile: {}; epsilon per query: default {}, max {}\n  tables: {}",
-                    d.name, d.description, d.privacy_unit, d.sdc_profile, d.default_epsilon_per_query, d.max_epsilon_per_query, d.tables.join(", "));
+                println!(
+                    "{} — {}\n  privacy unit: {}; sdc profile: {}; epsilon per query: default {}, max {}\n  tables: {}",
+                    d.name,
+                    d.description,
+                    d.privacy_unit,
+                    d.sdc_profile,
+                    d.default_epsilon_per_query,
+                    d.max_epsilon_per_query,
+                    d.tables.join(", ")
+                );
             }
         }
         Some(t) => {
-            let r = c.catalog.describe_table(pb::DescribeTableRequest { dataset: String::new(), table: t }).await.map_err(|s| anyhow::anyhow!(status_text(&s)))?.into_inner();
-            println!("{}.{} — {} (at most {} rows per patient)", r.dataset, r.table, r.description, r.max_rows_per_unit);
+            let r = c
+                .catalog
+                .describe_table(pb::DescribeTableRequest {
+                    dataset: String::new(),
+                    table: t,
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!(status_text(&s)))?
+                .into_inner();
+            println!(
+                "{}.{} — {} (at most {} rows per patient)",
+                r.dataset, r.table, r.description, r.max_rows_per_unit
+            );
             let mut table = Table::new();
-            table.load_preset(UTF8_FULL_CONDENSED).set_header(["column", "class", "domain / bounds", "description"]);
+            table.load_preset(UTF8_FULL_CONDENSED).set_header([
+                "column",
+                "class",
+                "domain / bounds",
+                "description",
+            ]);
             for col in r.columns {
                 let dom = if !col.domain.is_empty() {
                     col.domain.join(", ")
@@ -152,8 +195,18 @@ pub async fn catalog(args: CatalogArgs) -> Result<()> {
 
 pub async fn budget(args: BudgetArgs) -> Result<()> {
     let mut c = Client::from_conn(&args.conn).await?;
-    let r = c.query.budget(pb::BudgetRequest { project: args.project }).await.map_err(|s| anyhow::anyhow!(status_text(&s)))?.into_inner();
-    println!("project {}: epsilon budget {}, spent {}, remaining {}", r.project, r.epsilon_budget, r.epsilon_spent, r.epsilon_remaining);
+    let r = c
+        .query
+        .budget(pb::BudgetRequest {
+            project: args.project,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!(status_text(&s)))?
+        .into_inner();
+    println!(
+        "project {}: epsilon budget {}, spent {}, remaining {}",
+        r.project, r.epsilon_budget, r.epsilon_spent, r.epsilon_remaining
+    );
     Ok(())
 }
 
@@ -186,7 +239,11 @@ pub fn render_release(r: &pb::QueryResponse, max_rows: Option<usize>) -> String 
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED);
     table.set_header(r.columns.iter().map(|c| {
-        if c.kind == pb::ColumnKind::Aggregate as i32 { format!("{} [95% CI]", c.name) } else { c.name.clone() }
+        if c.kind == pb::ColumnKind::Aggregate as i32 {
+            format!("{} [95% CI]", c.name)
+        } else {
+            c.name.clone()
+        }
     }));
     let shown = max_rows.unwrap_or(usize::MAX).min(r.rows.len());
     for row in &r.rows[..shown] {
@@ -196,18 +253,31 @@ pub fn render_release(r: &pb::QueryResponse, max_rows: Option<usize>) -> String 
     for row in &r.rows {
         for c in &row.cells {
             if let Some(pb::cell::Content::Value(v)) = &c.content {
-                if v.status == pb::SdcStatus::Rounded as i32 { rounded += 1 }
-                if v.status == pb::SdcStatus::Suppressed as i32 { suppressed += 1 }
+                if v.status == pb::SdcStatus::Rounded as i32 {
+                    rounded += 1
+                }
+                if v.status == pb::SdcStatus::Suppressed as i32 {
+                    suppressed += 1
+                }
             }
         }
     }
     let mut out = format!("{table}\n");
     if shown < r.rows.len() {
-        out += &format!("… {} more rows (use --format csv for all)\n", r.rows.len() - shown);
+        out += &format!(
+            "… {} more rows (use --format csv for all)\n",
+            r.rows.len() - shown
+        );
     }
     out += &format!(
         "{} rows · sdc {}: {} cells rounded, {} suppressed · epsilon spent {} · remaining {} · release {}\n",
-        r.rows.len(), r.sdc_profile, rounded, suppressed, r.epsilon_spent, num(r.epsilon_remaining), r.release_id
+        r.rows.len(),
+        r.sdc_profile,
+        rounded,
+        suppressed,
+        r.epsilon_spent,
+        num(r.epsilon_remaining),
+        r.release_id
     );
     out
 }
@@ -217,7 +287,13 @@ pub fn render_dry_run(r: &pb::DryRunResponse) -> String {
     for line in &r.plan {
         out += &format!("  - {line}\n");
     }
-    out += &format!("cells: {} · epsilon {} · remaining before this query {} · plan {}\n", r.cells, r.epsilon, num(r.epsilon_remaining), &r.plan_hash[..12.min(r.plan_hash.len())]);
+    out += &format!(
+        "cells: {} · epsilon {} · remaining before this query {} · plan {}\n",
+        r.cells,
+        r.epsilon,
+        num(r.epsilon_remaining),
+        &r.plan_hash[..12.min(r.plan_hash.len())]
+    );
     out
 }
 
@@ -225,12 +301,23 @@ fn render_csv(r: &pb::QueryResponse) -> String {
     let mut header = Vec::new();
     for c in &r.columns {
         if c.kind == pb::ColumnKind::Aggregate as i32 {
-            header.extend([c.name.clone(), format!("{}_ci_low", c.name), format!("{}_ci_high", c.name), format!("{}_status", c.name)]);
+            header.extend([
+                c.name.clone(),
+                format!("{}_ci_low", c.name),
+                format!("{}_ci_high", c.name),
+                format!("{}_status", c.name),
+            ]);
         } else {
             header.push(c.name.clone());
         }
     }
-    let esc = |s: &str| if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_owned() };
+    let esc = |s: &str| {
+        if s.contains([',', '"', '\n']) {
+            format!("\"{}\"", s.replace('"', "\"\""))
+        } else {
+            s.to_owned()
+        }
+    };
     let mut out = header.iter().map(|h| esc(h)).collect::<Vec<_>>().join(",") + "\n";
     let opt = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
     for row in &r.rows {
@@ -238,7 +325,12 @@ fn render_csv(r: &pb::QueryResponse) -> String {
         for c in &row.cells {
             match &c.content {
                 Some(pb::cell::Content::Key(k)) => fields.push(esc(k)),
-                Some(pb::cell::Content::Value(v)) => fields.extend([opt(v.value), opt(v.ci_low), opt(v.ci_high), status_name(v.status).to_owned()]),
+                Some(pb::cell::Content::Value(v)) => fields.extend([
+                    opt(v.value),
+                    opt(v.ci_low),
+                    opt(v.ci_high),
+                    status_name(v.status).to_owned(),
+                ]),
                 None => fields.push(String::new()),
             }
         }
@@ -257,16 +349,25 @@ fn status_name(s: i32) -> &'static str {
 }
 
 fn release_json(r: &pb::QueryResponse) -> serde_json::Value {
-    let rows: Vec<serde_json::Value> = r.rows.iter().map(|row| {
-        serde_json::Value::Array(row.cells.iter().map(|c| match &c.content {
-            Some(pb::cell::Content::Key(k)) => serde_json::json!(k),
-            Some(pb::cell::Content::Value(v)) => serde_json::json!({
-                "value": v.value, "ci_low": v.ci_low, "ci_high": v.ci_high,
-                "status": status_name(v.status), "reason": v.reason,
-            }),
-            None => serde_json::Value::Null,
-        }).collect())
-    }).collect();
+    let rows: Vec<serde_json::Value> = r
+        .rows
+        .iter()
+        .map(|row| {
+            serde_json::Value::Array(
+                row.cells
+                    .iter()
+                    .map(|c| match &c.content {
+                        Some(pb::cell::Content::Key(k)) => serde_json::json!(k),
+                        Some(pb::cell::Content::Value(v)) => serde_json::json!({
+                            "value": v.value, "ci_low": v.ci_low, "ci_high": v.ci_high,
+                            "status": status_name(v.status), "reason": v.reason,
+                        }),
+                        None => serde_json::Value::Null,
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
     serde_json::json!({
         "release_id": r.release_id,
         "columns": r.columns.iter().map(|c| serde_json::json!({"name": c.name, "aggregate": c.aggregate, "mechanism": c.mechanism, "noise_scale": c.noise_scale})).collect::<Vec<_>>(),

@@ -70,9 +70,18 @@ const DEMO_BUDGET: f64 = 5.0;
 fn ensure_data(args: &DemoArgs, data: &Path, key_file: &Path) -> Result<()> {
     let key = setup::master_key(key_file, true)?;
     let marker = data.join(".generated");
-    let expected = format!("patients={} seed={} key={}\n", args.patients, args.seed, key.key_id());
+    let expected = format!(
+        "patients={} seed={} key={}\n",
+        args.patients,
+        args.seed,
+        key.key_id()
+    );
     if std::fs::read_to_string(&marker).ok().as_deref() == Some(expected.as_str()) {
-        eprintln!("reusing {} synthetic patients in {}", args.patients, data.display());
+        eprintln!(
+            "reusing {} synthetic patients in {}",
+            args.patients,
+            data.display()
+        );
         return Ok(());
     }
     let started = Instant::now();
@@ -112,7 +121,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     } else {
         format!("demo-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S"))
     };
-    let budget = if args.serve { state.engine.policy().budget.project_epsilon } else { Epsilon::new(DEMO_BUDGET)? };
+    let budget = if args.serve {
+        state.engine.policy().budget.project_epsilon
+    } else {
+        Epsilon::new(DEMO_BUDGET)?
+    };
     state.store.seed_project(&ProjectSeed {
         id: ProjectId::new(&project)?,
         title: "Demo: NHS service use and outcomes".into(),
@@ -121,20 +134,39 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         members: vec![UserId::new("researcher")?],
     })?;
     let state = Arc::new(state);
-    let addr = if args.serve { args.listen } else { "127.0.0.1:0".parse()? };
-    let (bound, stop, handle) = tre_gateway::spawn(Arc::clone(&state), addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+    let addr = if args.serve {
+        args.listen
+    } else {
+        "127.0.0.1:0".parse()?
+    };
+    let (bound, stop, handle) = tre_gateway::spawn(Arc::clone(&state), addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
 
     if args.serve {
         let tokens = args.state.join("tokens");
         std::fs::create_dir_all(&tokens)?;
         for role in Role::ALL {
-            let token = state.issuer.issue(&UserId::new(role.as_str())?, role, 8 * 3600)?;
+            let token = state
+                .issuer
+                .issue(&UserId::new(role.as_str())?, role, 8 * 3600)?;
             std::fs::write(tokens.join(format!("{role}.token")), token)?;
         }
-        println!("tre gateway on http://{bound} · project `demo` · member `researcher` · budget epsilon {budget}");
-        println!("tokens (valid 8h) in {}/<role>.token for researcher, custodian, auditor, admin", tokens.display());
-        println!("try:\n  tre query --server http://{bound} --token-file {}/researcher.token --project demo --dry-run \\\n    \"SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex\"", tokens.display());
-        println!("  tre catalog --server http://{bound} --token-file {}/researcher.token --table admissions", tokens.display());
+        println!(
+            "tre gateway on http://{bound} · project `demo` · member `researcher` · budget epsilon {budget}"
+        );
+        println!(
+            "tokens (valid 8h) in {}/<role>.token for researcher, custodian, auditor, admin",
+            tokens.display()
+        );
+        println!(
+            "try:\n  tre query --server http://{bound} --token-file {}/researcher.token --project demo --dry-run \\\n    \"SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex\"",
+            tokens.display()
+        );
+        println!(
+            "  tre catalog --server http://{bound} --token-file {}/researcher.token --table admissions",
+            tokens.display()
+        );
         println!("press Ctrl-C to stop");
         tokio::signal::ctrl_c().await?;
         let _ = stop.send(());
@@ -142,37 +174,102 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         return Ok(());
     }
 
-    let token = state.issuer.issue(&UserId::new("researcher")?, Role::Researcher, 3600)?;
+    let token = state
+        .issuer
+        .issue(&UserId::new("researcher")?, Role::Researcher, 3600)?;
     let mut client = Client::connect(&format!("http://{bound}"), &token).await?;
-    println!("\ntre demo · gateway on {bound} · project {project} · researcher `researcher` · budget epsilon {budget}\n");
+    println!(
+        "\ntre demo · gateway on {bound} · project {project} · researcher `researcher` · budget epsilon {budget}\n"
+    );
 
     let (title, sql, eps) = QUESTIONS[0];
-    let dry = client.query.dry_run(pb::QueryRequest { project: project.clone(), sql: sql.into(), epsilon: Some(eps) }).await.map_err(|s| anyhow::anyhow!(status_text(&s)))?.into_inner();
-    println!("▶ dry run of question 1 (costs nothing)\n{}", render_dry_run(&dry));
+    let dry = client
+        .query
+        .dry_run(pb::QueryRequest {
+            project: project.clone(),
+            sql: sql.into(),
+            epsilon: Some(eps),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!(status_text(&s)))?
+        .into_inner();
+    println!(
+        "▶ dry run of question 1 (costs nothing)\n{}",
+        render_dry_run(&dry)
+    );
 
     for (i, (title_i, sql, eps)) in QUESTIONS.iter().enumerate() {
         let _ = title;
-        println!("▶ Q{}: {title_i}\n  {}\n", i + 1, sql.split_whitespace().collect::<Vec<_>>().join(" "));
+        println!(
+            "▶ Q{}: {title_i}\n  {}\n",
+            i + 1,
+            sql.split_whitespace().collect::<Vec<_>>().join(" ")
+        );
         let t = Instant::now();
-        let r = client.query.submit(pb::QueryRequest { project: project.clone(), sql: (*sql).into(), epsilon: Some(*eps) }).await.map_err(|s| anyhow::anyhow!(status_text(&s)))?.into_inner();
+        let r = client
+            .query
+            .submit(pb::QueryRequest {
+                project: project.clone(),
+                sql: (*sql).into(),
+                epsilon: Some(*eps),
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!(status_text(&s)))?
+            .into_inner();
         print!("{}", render_release(&r, Some(14)));
         println!("  ({:.2}s)\n", t.elapsed().as_secs_f64());
     }
 
     println!("▶ refusal 1: a row-level select");
-    let refused = client.query.submit(pb::QueryRequest { project: project.clone(), sql: "SELECT person_id, date_of_death FROM patients".into(), epsilon: None }).await;
-    println!("  {}\n", refused.err().map(|s| status_text(&s)).unwrap_or_else(|| "UNEXPECTEDLY ACCEPTED".into()));
+    let refused = client
+        .query
+        .submit(pb::QueryRequest {
+            project: project.clone(),
+            sql: "SELECT person_id, date_of_death FROM patients".into(),
+            epsilon: None,
+        })
+        .await;
+    println!(
+        "  {}\n",
+        refused
+            .err()
+            .map(|s| status_text(&s))
+            .unwrap_or_else(|| "UNEXPECTEDLY ACCEPTED".into())
+    );
     println!("▶ refusal 2: a query the remaining budget cannot pay for (epsilon 1.0)");
-    let refused = client.query.submit(pb::QueryRequest { project: project.clone(), sql: "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex".into(), epsilon: Some(1.0) }).await;
-    println!("  {}\n", refused.err().map(|s| status_text(&s)).unwrap_or_else(|| "UNEXPECTEDLY ACCEPTED".into()));
+    let refused = client
+        .query
+        .submit(pb::QueryRequest {
+            project: project.clone(),
+            sql: "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex".into(),
+            epsilon: Some(1.0),
+        })
+        .await;
+    println!(
+        "  {}\n",
+        refused
+            .err()
+            .map(|s| status_text(&s))
+            .unwrap_or_else(|| "UNEXPECTEDLY ACCEPTED".into())
+    );
 
-    let b = client.query.budget(pb::BudgetRequest { project: project.clone() }).await.map_err(|s| anyhow::anyhow!(status_text(&s)))?.into_inner();
+    let b = client
+        .query
+        .budget(pb::BudgetRequest {
+            project: project.clone(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!(status_text(&s)))?
+        .into_inner();
     let events = state.store.audit_events()?.len();
     let chain = match state.store.verify_chain()? {
         None => "intact".to_owned(),
         Some(seq) => format!("BROKEN at event {seq}"),
     };
-    println!("budget: spent {} of {}, {} left · audit log: {events} events, hash chain {chain}", b.epsilon_spent, b.epsilon_budget, b.epsilon_remaining);
+    println!(
+        "budget: spent {} of {}, {} left · audit log: {events} events, hash chain {chain}",
+        b.epsilon_spent, b.epsilon_budget, b.epsilon_remaining
+    );
     println!("demo finished in {:.1}s", started.elapsed().as_secs_f64());
     let _ = stop.send(());
     let _ = handle.await;

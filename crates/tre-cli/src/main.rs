@@ -12,7 +12,11 @@ mod demo;
 mod setup;
 
 #[derive(Parser)]
-#[command(name = "tre", version, about = "A trusted research environment: private, disclosure-checked aggregates over encrypted health records")]
+#[command(
+    name = "tre",
+    version,
+    about = "A trusted research environment: private, disclosure-checked aggregates over encrypted health records"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -69,16 +73,31 @@ enum TokenCommand {
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TRE_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TRE_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         match cli.command {
-            Command::Dataset { command: DatasetCommand::Generate(args) } => setup::generate(&args).map(|_| ()),
+            Command::Dataset {
+                command: DatasetCommand::Generate(args),
+            } => setup::generate(&args).map(|_| ()),
             Command::Serve(args) => setup::serve(args).await,
-            Command::Token { command: TokenCommand::Issue { state, user, role, ttl } } => {
+            Command::Token {
+                command:
+                    TokenCommand::Issue {
+                        state,
+                        user,
+                        role,
+                        ttl,
+                    },
+            } => {
                 let token = setup::issue_token(&state, &user, &role, &ttl)?;
                 println!("{token}");
                 Ok(())

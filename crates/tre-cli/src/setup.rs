@@ -19,12 +19,24 @@ use tre_synth::Protection;
 use tre_vault::{MASTER_KEY_ENV, MasterKey};
 
 /// The shipped policy and profiles, embedded so the binary works anywhere.
-pub const DEFAULT_POLICY: (&str, &str) = ("policies/nhs_epr.toml", include_str!("../../../policies/nhs_epr.toml"));
+pub const DEFAULT_POLICY: (&str, &str) = (
+    "policies/nhs_epr.toml",
+    include_str!("../../../policies/nhs_epr.toml"),
+);
 const DEFAULT_PROFILES: &[(&str, &str)] = &[
-    ("nhs_sde", include_str!("../../../policies/sdc/nhs_sde.toml")),
-    ("opensafely", include_str!("../../../policies/sdc/opensafely.toml")),
+    (
+        "nhs_sde",
+        include_str!("../../../policies/sdc/nhs_sde.toml"),
+    ),
+    (
+        "opensafely",
+        include_str!("../../../policies/sdc/opensafely.toml"),
+    ),
     ("ukllc", include_str!("../../../policies/sdc/ukllc.toml")),
-    ("all_of_us", include_str!("../../../policies/sdc/all_of_us.toml")),
+    (
+        "all_of_us",
+        include_str!("../../../policies/sdc/all_of_us.toml"),
+    ),
 ];
 
 #[derive(Args, Clone)]
@@ -50,7 +62,10 @@ pub fn master_key(key_file: &Path, create: bool) -> Result<MasterKey> {
     let env = std::env::var(MASTER_KEY_ENV).ok();
     let (key, source) = MasterKey::resolve(env.as_deref(), key_file, create)?;
     if source == (tre_vault::KeySource::File { created: true }) {
-        eprintln!("created master key {} (owner-only); keep it safe", key_file.display());
+        eprintln!(
+            "created master key {} (owner-only); keep it safe",
+            key_file.display()
+        );
     }
     Ok(key)
 }
@@ -58,15 +73,35 @@ pub fn master_key(key_file: &Path, create: bool) -> Result<MasterKey> {
 pub fn generate(args: &GenerateArgs) -> Result<tre_synth::Counts> {
     let key = master_key(&args.key_file, true)?;
     if args.plaintext {
-        eprintln!("WARNING: writing PLAINTEXT extracts to {} — for benchmark baselines only, never for real data", args.out.display());
+        eprintln!(
+            "WARNING: writing PLAINTEXT extracts to {} — for benchmark baselines only, never for real data",
+            args.out.display()
+        );
     }
-    let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(args.patients) };
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(args.patients)
+    };
     bar.set_style(
-        ProgressStyle::with_template("generating {bar:30} {pos}/{len} patients ({per_sec}, eta {eta})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "generating {bar:30} {pos}/{len} patients ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let protection = if args.plaintext { Protection::Plaintext } else { Protection::Encrypted(&key) };
-    let counts = tre_synth::generate(&args.out, args.patients, args.seed, protection, &key, |done| bar.set_position(done))?;
+    let protection = if args.plaintext {
+        Protection::Plaintext
+    } else {
+        Protection::Encrypted(&key)
+    };
+    let counts = tre_synth::generate(
+        &args.out,
+        args.patients,
+        args.seed,
+        protection,
+        &key,
+        |done| bar.set_position(done),
+    )?;
     bar.finish_and_clear();
     if !args.quiet {
         eprintln!(
@@ -76,7 +111,11 @@ pub fn generate(args: &GenerateArgs) -> Result<tre_synth::Counts> {
             counts.lab_results,
             counts.waiting_list,
             args.out.display(),
-            if args.plaintext { "plaintext" } else { "encrypted, AES-256-GCM, footer encrypted" }
+            if args.plaintext {
+                "plaintext"
+            } else {
+                "encrypted, AES-256-GCM, footer encrypted"
+            }
         );
     }
     Ok(counts)
@@ -110,7 +149,11 @@ pub struct ServeArgs {
 
 pub fn load_policy(path: Option<&Path>) -> Result<Policy> {
     let (name, text) = match path {
-        Some(p) => (p.display().to_string(), std::fs::read_to_string(p).with_context(|| format!("cannot read policy {}", p.display()))?),
+        Some(p) => (
+            p.display().to_string(),
+            std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read policy {}", p.display()))?,
+        ),
         None => (DEFAULT_POLICY.0.to_owned(), DEFAULT_POLICY.1.to_owned()),
     };
     Ok(Policy::from_toml(&name, &text)?)
@@ -120,7 +163,8 @@ pub fn load_profile(dir: Option<&Path>, name: &str) -> Result<Profile> {
     match dir {
         Some(d) => {
             let p = d.join(format!("{name}.toml"));
-            let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read sdc profile {}", p.display()))?;
+            let text = std::fs::read_to_string(&p)
+                .with_context(|| format!("cannot read sdc profile {}", p.display()))?;
             Ok(Profile::from_toml(&p.display().to_string(), &text)?)
         }
         None => match DEFAULT_PROFILES.iter().find(|(n, _)| *n == name) {
@@ -135,7 +179,8 @@ pub fn open_state(args: &ServeArgs) -> Result<AppState> {
     let policy = load_policy(args.policy.as_deref())?;
     let profile = load_profile(args.sdc_dir.as_deref(), &policy.sdc_profile)?;
     let master = Arc::new(master_key(&args.key_file, false)?);
-    std::fs::create_dir_all(&args.state).with_context(|| format!("cannot create {}", args.state.display()))?;
+    std::fs::create_dir_all(&args.state)
+        .with_context(|| format!("cannot create {}", args.state.display()))?;
     let engine = Engine::open(policy, profile, &args.data, master, Limits::default())?;
     let store = Store::open(&args.state.join("tre.db"))?;
     let issuer = Issuer::load_or_create(&args.state)?;
@@ -144,22 +189,37 @@ pub fn open_state(args: &ServeArgs) -> Result<AppState> {
         None => engine.policy().budget.project_epsilon,
     };
     for spec in &args.projects {
-        let (id, members) = spec.split_once('=').with_context(|| format!("--project {spec}: write ID=USER[,USER...]"))?;
+        let (id, members) = spec
+            .split_once('=')
+            .with_context(|| format!("--project {spec}: write ID=USER[,USER...]"))?;
         store.seed_project(&ProjectSeed {
             id: ProjectId::new(id)?,
             title: id.to_owned(),
             dataset: engine.policy().dataset.clone(),
             budget,
-            members: members.split(',').map(UserId::new).collect::<Result<_, _>>()?,
+            members: members
+                .split(',')
+                .map(UserId::new)
+                .collect::<Result<_, _>>()?,
         })?;
     }
-    Ok(AppState { engine, store, issuer })
+    Ok(AppState {
+        engine,
+        store,
+        issuer,
+    })
 }
 
 pub async fn serve(args: ServeArgs) -> Result<()> {
     let state = Arc::new(open_state(&args)?);
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
-    eprintln!("tre gateway listening on {} (dataset {})", listener.local_addr()?, state.engine.policy().dataset);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    eprintln!(
+        "tre gateway listening on {} (dataset {})",
+        listener.local_addr()?,
+        state.engine.policy().dataset
+    );
     tre_gateway::serve(state, listener, async {
         let _ = tokio::signal::ctrl_c().await;
     })
@@ -169,7 +229,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
 
 pub fn parse_ttl(ttl: &str) -> Result<Duration> {
     let (num, unit) = ttl.split_at(ttl.find(|c: char| !c.is_ascii_digit()).unwrap_or(ttl.len()));
-    let n: u64 = num.parse().with_context(|| format!("bad --ttl {ttl}: use e.g. 30m, 8h, 7d"))?;
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("bad --ttl {ttl}: use e.g. 30m, 8h, 7d"))?;
     let secs = match unit {
         "s" => n,
         "m" => n * 60,

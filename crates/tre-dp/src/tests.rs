@@ -11,7 +11,11 @@ fn calibration_matches_opendp_privacy_map() {
     for (s, e, scale) in cases {
         let m = DiscreteLaplace::new(s, eps(e)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(m.scale(), scale);
-        assert!((m.epsilon() - e).abs() <= e * 1e-9, "{} vs {e}", m.epsilon());
+        assert!(
+            (m.epsilon() - e).abs() <= e * 1e-9,
+            "{} vs {e}",
+            m.epsilon()
+        );
     }
 }
 
@@ -32,11 +36,15 @@ fn rejects_zero_sensitivity() {
 #[test]
 fn noise_is_centred_with_declared_spread_and_coverage() {
     let m = DiscreteLaplace::new(5, eps(0.5)).unwrap_or_else(|e| panic!("{e}"));
-    let half = m.half_width(1.0 - CONFIDENCE).unwrap_or_else(|e| panic!("{e}"));
+    let half = m
+        .half_width(1.0 - CONFIDENCE)
+        .unwrap_or_else(|e| panic!("{e}"));
     let n = 20_000;
     let exact = 1_000;
     let (mut sum, mut sq, mut covered) = (0.0, 0.0, 0);
-    let draws = m.release_all(&vec![exact; n]).unwrap_or_else(|e| panic!("{e}"));
+    let draws = m
+        .release_all(&vec![exact; n])
+        .unwrap_or_else(|e| panic!("{e}"));
     for noisy in draws {
         let d = (noisy - exact) as f64;
         sum += d;
@@ -49,7 +57,10 @@ fn noise_is_centred_with_declared_spread_and_coverage() {
     let sd = (sq / n as f64 - mean * mean).sqrt();
     let expected_sd = std::f64::consts::SQRT_2 * m.scale();
     assert!(mean.abs() < 0.6, "mean {mean}");
-    assert!((sd / expected_sd - 1.0).abs() < 0.05, "sd {sd} vs {expected_sd}");
+    assert!(
+        (sd / expected_sd - 1.0).abs() < 0.05,
+        "sd {sd} vs {expected_sd}"
+    );
     let coverage = covered as f64 / n as f64;
     assert!((0.94..=0.96).contains(&coverage), "coverage {coverage}");
 }

@@ -38,20 +38,28 @@ impl Issuer {
         let pkcs8 = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let doc = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
-                    .map_err(|_| GatewayError::Setup("cannot generate the token issuer key".into()))?;
-                write_owner_only(&path, doc.as_ref())
-                    .map_err(|e| GatewayError::Setup(format!("cannot write {}: {e}", path.display())))?;
+                let doc = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| {
+                    GatewayError::Setup("cannot generate the token issuer key".into())
+                })?;
+                write_owner_only(&path, doc.as_ref()).map_err(|e| {
+                    GatewayError::Setup(format!("cannot write {}: {e}", path.display()))
+                })?;
                 doc.as_ref().to_vec()
             }
-            Err(e) => return Err(GatewayError::Setup(format!("cannot read {}: {e}", path.display()))),
+            Err(e) => {
+                return Err(GatewayError::Setup(format!(
+                    "cannot read {}: {e}",
+                    path.display()
+                )));
+            }
         };
         Self::from_pkcs8(&pkcs8)
     }
 
     pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self, GatewayError> {
-        let pair = Ed25519KeyPair::from_pkcs8(pkcs8)
-            .map_err(|_| GatewayError::Setup("the token issuer key is not a valid Ed25519 PKCS#8 key".into()))?;
+        let pair = Ed25519KeyPair::from_pkcs8(pkcs8).map_err(|_| {
+            GatewayError::Setup("the token issuer key is not a valid Ed25519 PKCS#8 key".into())
+        })?;
         Ok(Self {
             encoding: EncodingKey::from_ed_der(pkcs8),
             decoding: DecodingKey::from_ed_der(pair.public_key().as_ref()),
@@ -81,23 +89,27 @@ impl Issuer {
         v.leeway = 0;
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &v).map_err(|e| {
             GatewayError::Unauthenticated(match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => "the token has expired; ask the operator for a new one".into(),
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
+                    "the token has expired; ask the operator for a new one".into()
+                }
                 _ => "the token is not valid; ask the operator for a new one".into(),
             })
         })?;
         let user = UserId::new(data.claims.sub)
             .map_err(|_| GatewayError::Unauthenticated("the token names an invalid user".into()))?;
-        let role = data
-            .claims
-            .role
-            .parse::<Role>()
-            .map_err(|_| GatewayError::Unauthenticated("the token names an unknown role".into()))?;
+        let role =
+            data.claims.role.parse::<Role>().map_err(|_| {
+                GatewayError::Unauthenticated("the token names an unknown role".into())
+            })?;
         Ok(Principal { user, role })
     }
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn write_owner_only(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

@@ -41,15 +41,19 @@ pub(crate) fn release(id: String, r: &Release, remaining: f64) -> pb::QueryRespo
                     .map(|c| pb::Cell {
                         content: Some(match c {
                             Cell::Key { value } => pb::cell::Content::Key(value.clone()),
-                            Cell::Value { value, ci_low, ci_high, status: s, reason } => {
-                                pb::cell::Content::Value(pb::Value {
-                                    value: *value,
-                                    ci_low: *ci_low,
-                                    ci_high: *ci_high,
-                                    status: status(s) as i32,
-                                    reason: reason.clone(),
-                                })
-                            }
+                            Cell::Value {
+                                value,
+                                ci_low,
+                                ci_high,
+                                status: s,
+                                reason,
+                            } => pb::cell::Content::Value(pb::Value {
+                                value: *value,
+                                ci_low: *ci_low,
+                                ci_high: *ci_high,
+                                status: status(s) as i32,
+                                reason: reason.clone(),
+                            }),
                         }),
                     })
                     .collect(),
@@ -88,7 +92,9 @@ pub(crate) fn table(p: &Policy, t: &TablePolicy) -> pb::DescribeTableResponse {
                 let (domain, lo, hi) = match &c.class {
                     ColumnClass::Categorical { domain: Some(d) } => (d.clone(), None, None),
                     ColumnClass::Numeric { lo, hi } => (vec![], Some(*lo), Some(*hi)),
-                    ColumnClass::Date { lo, hi } => (vec![], Some(f64::from(*lo)), Some(f64::from(*hi))),
+                    ColumnClass::Date { lo, hi } => {
+                        (vec![], Some(f64::from(*lo)), Some(f64::from(*hi)))
+                    }
                     _ => (vec![], None, None),
                 };
                 pb::ColumnInfo {

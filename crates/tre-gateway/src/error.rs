@@ -34,7 +34,9 @@ impl GatewayError {
             GatewayError::NotFound(_) => Code::UnknownTable,
             GatewayError::Core(e) => match e {
                 tre_core::CoreError::InvalidEpsilon { .. } => Code::InvalidEpsilon,
-                tre_core::CoreError::InvalidId { .. } | tre_core::CoreError::UnknownRole(_) => Code::InvalidIdentifier,
+                tre_core::CoreError::InvalidId { .. } | tre_core::CoreError::UnknownRole(_) => {
+                    Code::InvalidIdentifier
+                }
             },
             GatewayError::Query(q) => q.code(),
             GatewayError::Store(s) => match s {
@@ -54,12 +56,16 @@ impl GatewayError {
         let grpc = match &self {
             GatewayError::Unauthenticated(_) => GrpcCode::Unauthenticated,
             GatewayError::PermissionDenied(_) => GrpcCode::PermissionDenied,
-            GatewayError::EpsilonAboveCap { .. } | GatewayError::Core(_) => GrpcCode::InvalidArgument,
+            GatewayError::EpsilonAboveCap { .. } | GatewayError::Core(_) => {
+                GrpcCode::InvalidArgument
+            }
             GatewayError::NotFound(_) => GrpcCode::NotFound,
             GatewayError::Query(q) => match q {
                 QueryError::Refused { .. } => GrpcCode::InvalidArgument,
                 QueryError::Execution { .. } => GrpcCode::Internal,
-                QueryError::Setup { .. } | QueryError::Vault(_) | QueryError::Internal(_) => GrpcCode::Internal,
+                QueryError::Setup { .. } | QueryError::Vault(_) | QueryError::Internal(_) => {
+                    GrpcCode::Internal
+                }
             },
             GatewayError::Store(s) => match s {
                 StoreError::UnknownProject(_) => GrpcCode::PermissionDenied,
@@ -69,7 +75,9 @@ impl GatewayError {
             GatewayError::Setup(_) => GrpcCode::Internal,
         };
         let message = match &self {
-            GatewayError::Query(QueryError::Internal(_) | QueryError::Setup { .. } | QueryError::Vault(_))
+            GatewayError::Query(
+                QueryError::Internal(_) | QueryError::Setup { .. } | QueryError::Vault(_),
+            )
             | GatewayError::Store(StoreError::Sqlite(_) | StoreError::Poisoned)
             | GatewayError::Setup(_) => {
                 format!("{code} internal error; the operator can find the details in the audit log")

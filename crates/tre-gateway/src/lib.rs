@@ -52,7 +52,11 @@ pub async fn serve(
 pub async fn spawn(
     state: Arc<AppState>,
     addr: SocketAddr,
-) -> std::io::Result<(SocketAddr, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>)> {
+) -> std::io::Result<(
+    SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -32,10 +32,16 @@ impl Services {
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| GatewayError::Unauthenticated("no bearer token; send `authorization: Bearer <token>`".into()))?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .ok_or_else(|| GatewayError::Unauthenticated("the authorization header must be `Bearer <token>`".into()))?;
+            .ok_or_else(|| {
+                GatewayError::Unauthenticated(
+                    "no bearer token; send `authorization: Bearer <token>`".into(),
+                )
+            })?;
+        let token = header.strip_prefix("Bearer ").ok_or_else(|| {
+            GatewayError::Unauthenticated(
+                "the authorization header must be `Bearer <token>`".into(),
+            )
+        })?;
         self.state.issuer.verify(token.trim())
     }
 
@@ -103,7 +109,12 @@ impl Services {
         match result {
             Ok(()) => e.outcome = "allowed".into(),
             Err(err) => {
-                e.outcome = if outcome.epsilon > 0.0 { "failed" } else { "refused" }.into();
+                e.outcome = if outcome.epsilon > 0.0 {
+                    "failed"
+                } else {
+                    "refused"
+                }
+                .into();
                 e.code = err.code().as_str().into();
                 if e.detail.is_empty() {
                     e.detail = err.to_string();
@@ -117,11 +128,19 @@ impl Services {
             .map_err(|err| GatewayError::from(err).into_status())
     }
 
-    async fn submit(&self, who: &Principal, req: &pb::QueryRequest, outcome: &mut Outcome) -> Result<pb::QueryResponse, GatewayError> {
+    async fn submit(
+        &self,
+        who: &Principal,
+        req: &pb::QueryRequest,
+        outcome: &mut Outcome,
+    ) -> Result<pb::QueryResponse, GatewayError> {
         let project = self.authorise_project(who, &req.project)?;
         let eps = self.epsilon(req.epsilon)?;
         let plan = self.state.engine.compile(&req.sql, eps).await?;
-        let (ledger_id, remaining) = self.state.store.reserve(&project.id, plan.epsilon(), plan.plan_hash())?;
+        let (ledger_id, remaining) =
+            self.state
+                .store
+                .reserve(&project.id, plan.epsilon(), plan.plan_hash())?;
         // From here on the budget is spent, whatever happens.
         outcome.epsilon = plan.epsilon().value();
         let release = match self.state.engine.execute(&plan).await {
@@ -134,14 +153,22 @@ impl Services {
             }
         };
         let release_id = uuid::Uuid::new_v4().to_string();
-        let body = serde_json::to_string(&release).map_err(|e| GatewayError::Setup(e.to_string()))?;
-        let mut event = AuditEvent::new(who.user.as_str(), Some(who.role), project.id.as_str(), "query.submit");
+        let body =
+            serde_json::to_string(&release).map_err(|e| GatewayError::Setup(e.to_string()))?;
+        let mut event = AuditEvent::new(
+            who.user.as_str(),
+            Some(who.role),
+            project.id.as_str(),
+            "query.submit",
+        );
         event.sql = req.sql.clone();
         event.outcome = "allowed".into();
         event.epsilon_charged = plan.epsilon().value();
         event.release_id = release_id.clone();
         event.detail = format!("plan {}", plan.plan_hash());
-        self.state.store.commit_release(&release_id, ledger_id, &body, &event)?;
+        self.state
+            .store
+            .commit_release(&release_id, ledger_id, &body, &event)?;
         outcome.release_id = release_id.clone();
         Ok(convert::release(release_id, &release, remaining))
     }
@@ -149,7 +176,10 @@ impl Services {
 
 #[tonic::async_trait]
 impl QueryService for Services {
-    async fn submit(&self, request: Request<pb::QueryRequest>) -> Result<Response<pb::QueryResponse>, Status> {
+    async fn submit(
+        &self,
+        request: Request<pb::QueryRequest>,
+    ) -> Result<Response<pb::QueryResponse>, Status> {
         let who = self.authenticate(&request);
         let req = request.into_inner();
         let mut outcome = Outcome::default();
@@ -165,17 +195,29 @@ impl QueryService for Services {
                     (Some(auth), _) => GatewayError::Unauthenticated(auth.to_string()),
                     (None, e) => e,
                 };
-                self.audit(who.as_ref().ok(), &req.project, "query.submit", &req.sql, &Err(&err), outcome)?;
+                self.audit(
+                    who.as_ref().ok(),
+                    &req.project,
+                    "query.submit",
+                    &req.sql,
+                    &Err(&err),
+                    outcome,
+                )?;
                 Err(err.into_status())
             }
         }
     }
 
-    async fn dry_run(&self, request: Request<pb::QueryRequest>) -> Result<Response<pb::DryRunResponse>, Status> {
+    async fn dry_run(
+        &self,
+        request: Request<pb::QueryRequest>,
+    ) -> Result<Response<pb::DryRunResponse>, Status> {
         let who = self.authenticate(&request);
         let req = request.into_inner();
         let result = async {
-            let who = who.as_ref().map_err(|e| GatewayError::Unauthenticated(e.to_string()))?;
+            let who = who
+                .as_ref()
+                .map_err(|e| GatewayError::Unauthenticated(e.to_string()))?;
             let project = self.authorise_project(who, &req.project)?;
             let eps = self.epsilon(req.epsilon)?;
             let plan = self.state.engine.compile(&req.sql, eps).await?;
@@ -189,11 +231,21 @@ impl QueryService for Services {
             })
         }
         .await;
-        self.audit(who.as_ref().ok(), &req.project, "query.dry_run", &req.sql, &result.as_ref().map(|_| ()), Outcome::default())?;
+        self.audit(
+            who.as_ref().ok(),
+            &req.project,
+            "query.dry_run",
+            &req.sql,
+            &result.as_ref().map(|_| ()),
+            Outcome::default(),
+        )?;
         result.map(Response::new).map_err(GatewayError::into_status)
     }
 
-    async fn budget(&self, request: Request<pb::BudgetRequest>) -> Result<Response<pb::BudgetResponse>, Status> {
+    async fn budget(
+        &self,
+        request: Request<pb::BudgetRequest>,
+    ) -> Result<Response<pb::BudgetResponse>, Status> {
         let who = self.authenticate(&request);
         let req = request.into_inner();
         let result = who
@@ -206,36 +258,77 @@ impl QueryService for Services {
                 epsilon_spent: p.spent(),
                 epsilon_remaining: p.remaining(),
             });
-        self.audit(who.as_ref().ok(), &req.project, "budget.show", "", &result.as_ref().map(|_| ()), Outcome::default())?;
+        self.audit(
+            who.as_ref().ok(),
+            &req.project,
+            "budget.show",
+            "",
+            &result.as_ref().map(|_| ()),
+            Outcome::default(),
+        )?;
         result.map(Response::new).map_err(GatewayError::into_status)
     }
 }
 
 #[tonic::async_trait]
 impl CatalogService for Services {
-    async fn list_datasets(&self, request: Request<pb::ListDatasetsRequest>) -> Result<Response<pb::ListDatasetsResponse>, Status> {
+    async fn list_datasets(
+        &self,
+        request: Request<pb::ListDatasetsRequest>,
+    ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
         let who = self.authenticate(&request);
-        let result = who.as_ref().map_err(|e| GatewayError::Unauthenticated(e.to_string())).map(|_| pb::ListDatasetsResponse {
-            datasets: vec![convert::dataset(self.state.engine.policy())],
-        });
-        self.audit(who.as_ref().ok(), "", "catalog.list", "", &result.as_ref().map(|_| ()), Outcome::default())?;
+        let result = who
+            .as_ref()
+            .map_err(|e| GatewayError::Unauthenticated(e.to_string()))
+            .map(|_| pb::ListDatasetsResponse {
+                datasets: vec![convert::dataset(self.state.engine.policy())],
+            });
+        self.audit(
+            who.as_ref().ok(),
+            "",
+            "catalog.list",
+            "",
+            &result.as_ref().map(|_| ()),
+            Outcome::default(),
+        )?;
         result.map(Response::new).map_err(GatewayError::into_status)
     }
 
-    async fn describe_table(&self, request: Request<pb::DescribeTableRequest>) -> Result<Response<pb::DescribeTableResponse>, Status> {
+    async fn describe_table(
+        &self,
+        request: Request<pb::DescribeTableRequest>,
+    ) -> Result<Response<pb::DescribeTableResponse>, Status> {
         let who = self.authenticate(&request);
         let req = request.into_inner();
         let policy = self.state.engine.policy();
-        let result = who.as_ref().map_err(|e| GatewayError::Unauthenticated(e.to_string())).and_then(|_| {
-            if !req.dataset.is_empty() && req.dataset != policy.dataset {
-                return Err(GatewayError::NotFound(format!("no dataset '{}'; list datasets first", req.dataset)));
-            }
-            policy
-                .table(&req.table)
-                .map(|t| convert::table(policy, t))
-                .ok_or_else(|| GatewayError::NotFound(format!("no table '{}' in dataset '{}'", req.table, policy.dataset)))
-        });
-        self.audit(who.as_ref().ok(), "", "catalog.describe", &req.table, &result.as_ref().map(|_| ()), Outcome::default())?;
+        let result = who
+            .as_ref()
+            .map_err(|e| GatewayError::Unauthenticated(e.to_string()))
+            .and_then(|_| {
+                if !req.dataset.is_empty() && req.dataset != policy.dataset {
+                    return Err(GatewayError::NotFound(format!(
+                        "no dataset '{}'; list datasets first",
+                        req.dataset
+                    )));
+                }
+                policy
+                    .table(&req.table)
+                    .map(|t| convert::table(policy, t))
+                    .ok_or_else(|| {
+                        GatewayError::NotFound(format!(
+                            "no table '{}' in dataset '{}'",
+                            req.table, policy.dataset
+                        ))
+                    })
+            });
+        self.audit(
+            who.as_ref().ok(),
+            "",
+            "catalog.describe",
+            &req.table,
+            &result.as_ref().map(|_| ()),
+            Outcome::default(),
+        )?;
         result.map(Response::new).map_err(GatewayError::into_status)
     }
 }

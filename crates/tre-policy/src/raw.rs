@@ -71,7 +71,8 @@ fn epsilon(field: &str, v: f64) -> Result<Epsilon, Invalid> {
 fn is_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         && !s.starts_with(|c: char| c.is_ascii_digit())
 }
 
@@ -79,7 +80,10 @@ impl RawPolicy {
     pub(crate) fn validate(self) -> Result<Policy, Invalid> {
         let d = self.dataset;
         if !is_name(&d.name) {
-            return Err(invalid("dataset.name", "use lowercase letters, digits and '_'"));
+            return Err(invalid(
+                "dataset.name",
+                "use lowercase letters, digits and '_'",
+            ));
         }
         if !is_name(&d.privacy_unit) {
             return Err(invalid(
@@ -99,7 +103,10 @@ impl RawPolicy {
                 "budget.default_epsilon_per_query",
                 b.default_epsilon_per_query,
             )?,
-            max_epsilon_per_query: epsilon("budget.max_epsilon_per_query", b.max_epsilon_per_query)?,
+            max_epsilon_per_query: epsilon(
+                "budget.max_epsilon_per_query",
+                b.max_epsilon_per_query,
+            )?,
             project_epsilon: epsilon("budget.project_epsilon", b.project_epsilon)?,
         };
         if budget.default_epsilon_per_query > budget.max_epsilon_per_query {
@@ -122,7 +129,10 @@ impl RawPolicy {
         for (name, value) in self.tables {
             let field = format!("tables.{name}");
             if !is_name(&name) {
-                return Err(invalid(field, "table names use lowercase letters, digits and '_'"));
+                return Err(invalid(
+                    field,
+                    "table names use lowercase letters, digits and '_'",
+                ));
             }
             let raw: RawTable = value
                 .try_into()
@@ -136,7 +146,10 @@ impl RawPolicy {
             Some(spec) => {
                 let field = "dataset.exclude_opted_out";
                 let (t, c) = spec.split_once('.').ok_or_else(|| {
-                    invalid(field, "write it as \"table.column\", e.g. \"patients.research_opt_out\"")
+                    invalid(
+                        field,
+                        "write it as \"table.column\", e.g. \"patients.research_opt_out\"",
+                    )
                 })?;
                 let table: &TablePolicy = tables
                     .get(t)
@@ -179,14 +192,20 @@ impl RawTable {
         if !(1..=10_000).contains(&self.max_rows_per_unit) {
             return Err(invalid(
                 format!("{field}.max_rows_per_unit"),
-                format!("must be between 1 and 10000, got {}", self.max_rows_per_unit),
+                format!(
+                    "must be between 1 and 10000, got {}",
+                    self.max_rows_per_unit
+                ),
             ));
         }
         let mut columns = Vec::new();
         for (cname, value) in self.columns {
             let cfield = format!("{field}.columns.{cname}");
             if !is_name(&cname) {
-                return Err(invalid(cfield, "column names use lowercase letters, digits and '_'"));
+                return Err(invalid(
+                    cfield,
+                    "column names use lowercase letters, digits and '_'",
+                ));
             }
             let raw: RawColumn = value
                 .try_into()
@@ -226,7 +245,10 @@ impl RawColumn {
     fn validate(self, field: &str) -> Result<ColumnClass, Invalid> {
         let no_bounds = |what: &str| {
             if self.bounds.is_some() {
-                Err(invalid(format!("{field}.bounds"), format!("a {what} column takes no bounds")))
+                Err(invalid(
+                    format!("{field}.bounds"),
+                    format!("a {what} column takes no bounds"),
+                ))
             } else {
                 Ok(())
             }
@@ -235,7 +257,10 @@ impl RawColumn {
             "identifier" => {
                 no_bounds("identifier")?;
                 if self.values.is_some() {
-                    return Err(invalid(format!("{field}.values"), "an identifier has no public domain"));
+                    return Err(invalid(
+                        format!("{field}.values"),
+                        "an identifier has no public domain",
+                    ));
                 }
                 Ok(ColumnClass::Identifier)
             }
@@ -250,12 +275,16 @@ impl RawColumn {
                         ));
                     }
                     Some(v) => {
-                        let vals: Vec<String> = v.into_iter().map(DomainValue::into_string).collect();
+                        let vals: Vec<String> =
+                            v.into_iter().map(DomainValue::into_string).collect();
                         let mut sorted = vals.clone();
                         sorted.sort();
                         sorted.dedup();
                         if sorted.len() != vals.len() {
-                            return Err(invalid(format!("{field}.values"), "values must be distinct"));
+                            return Err(invalid(
+                                format!("{field}.values"),
+                                "values must be distinct",
+                            ));
                         }
                         Some(vals)
                     }
@@ -263,10 +292,11 @@ impl RawColumn {
                 Ok(ColumnClass::Categorical { domain })
             }
             "numeric" => {
-                let b = self.bounds.ok_or_else(|| {
-                    invalid(field, "a numeric column needs bounds = [lo, hi]")
-                })?;
-                let num = |v: &toml::Value| v.as_float().or_else(|| v.as_integer().map(|i| i as f64));
+                let b = self
+                    .bounds
+                    .ok_or_else(|| invalid(field, "a numeric column needs bounds = [lo, hi]"))?;
+                let num =
+                    |v: &toml::Value| v.as_float().or_else(|| v.as_integer().map(|i| i as f64));
                 match b.as_slice() {
                     [lo, hi] => match (num(lo), num(hi)) {
                         (Some(lo), Some(hi)) if lo.is_finite() && hi.is_finite() && lo < hi => {
@@ -277,12 +307,18 @@ impl RawColumn {
                             "bounds must be two finite numbers with lo < hi",
                         )),
                     },
-                    _ => Err(invalid(format!("{field}.bounds"), "write bounds as [lo, hi]")),
+                    _ => Err(invalid(
+                        format!("{field}.bounds"),
+                        "write bounds as [lo, hi]",
+                    )),
                 }
             }
             "date" => {
                 let b = self.bounds.ok_or_else(|| {
-                    invalid(field, "a date column needs bounds = [\"YYYY-MM-DD\", \"YYYY-MM-DD\"]")
+                    invalid(
+                        field,
+                        "a date column needs bounds = [\"YYYY-MM-DD\", \"YYYY-MM-DD\"]",
+                    )
                 })?;
                 let day = |v: &toml::Value| v.as_str().and_then(parse_date);
                 match b.as_slice() {
@@ -293,7 +329,10 @@ impl RawColumn {
                             "bounds must be two dates \"YYYY-MM-DD\" with lo < hi",
                         )),
                     },
-                    _ => Err(invalid(format!("{field}.bounds"), "write bounds as [lo, hi]")),
+                    _ => Err(invalid(
+                        format!("{field}.bounds"),
+                        "write bounds as [lo, hi]",
+                    )),
                 }
             }
             other => Err(invalid(

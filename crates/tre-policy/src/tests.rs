@@ -43,7 +43,10 @@ fn base_policy_parses_into_types() {
     );
     assert_eq!(
         t.column("dod").map(|c| &c.class),
-        Some(&ColumnClass::Date { lo: 18262, hi: 20088 })
+        Some(&ColumnClass::Date {
+            lo: 18262,
+            hi: 20088
+        })
     );
 }
 
@@ -51,18 +54,66 @@ fn base_policy_parses_into_types() {
 #[test]
 fn invalid_policies_name_the_field() {
     let cases: &[(&str, &str, &str)] = &[
-        ("max_rows_per_unit = 1", "max_rows_per_unit = 0", "tables.patients.max_rows_per_unit"),
-        ("bounds = [1900, 2024]", "bounds = [2024, 1900]", "tables.patients.columns.yob.bounds"),
-        ("bounds = [1900, 2024]", "bounds = [1900]", "tables.patients.columns.yob.bounds"),
-        ("values = [\"F\", \"M\"]", "values = []", "tables.patients.columns.sex.values"),
-        ("values = [\"F\", \"M\"]", "values = [\"F\", \"F\"]", "tables.patients.columns.sex.values"),
-        ("class = \"identifier\"", "class = \"numeric\", bounds = [0, 1]", "tables.patients.columns.person_id"),
-        ("{ class = \"categorical\", values = [\"F\", \"M\"] }", "{ class = \"secret\" }", "tables.patients.columns.sex.class"),
-        ("max_epsilon_per_query = 1.0", "max_epsilon_per_query = 0.1", "budget.default_epsilon_per_query"),
-        ("project_epsilon = 10.0", "project_epsilon = -1.0", "budget.project_epsilon"),
-        ("\"patients.opt_out\"", "\"patients.sex\"", "dataset.exclude_opted_out"),
-        ("\"2020-01-01\"", "\"2020-13-01\"", "tables.patients.columns.dod.bounds"),
-        ("privacy_unit = \"person_id\"", "privacy_unit = \"pid\"", "tables.patients.columns"),
+        (
+            "max_rows_per_unit = 1",
+            "max_rows_per_unit = 0",
+            "tables.patients.max_rows_per_unit",
+        ),
+        (
+            "bounds = [1900, 2024]",
+            "bounds = [2024, 1900]",
+            "tables.patients.columns.yob.bounds",
+        ),
+        (
+            "bounds = [1900, 2024]",
+            "bounds = [1900]",
+            "tables.patients.columns.yob.bounds",
+        ),
+        (
+            "values = [\"F\", \"M\"]",
+            "values = []",
+            "tables.patients.columns.sex.values",
+        ),
+        (
+            "values = [\"F\", \"M\"]",
+            "values = [\"F\", \"F\"]",
+            "tables.patients.columns.sex.values",
+        ),
+        (
+            "class = \"identifier\"",
+            "class = \"numeric\", bounds = [0, 1]",
+            "tables.patients.columns.person_id",
+        ),
+        (
+            "{ class = \"categorical\", values = [\"F\", \"M\"] }",
+            "{ class = \"secret\" }",
+            "tables.patients.columns.sex.class",
+        ),
+        (
+            "max_epsilon_per_query = 1.0",
+            "max_epsilon_per_query = 0.1",
+            "budget.default_epsilon_per_query",
+        ),
+        (
+            "project_epsilon = 10.0",
+            "project_epsilon = -1.0",
+            "budget.project_epsilon",
+        ),
+        (
+            "\"patients.opt_out\"",
+            "\"patients.sex\"",
+            "dataset.exclude_opted_out",
+        ),
+        (
+            "\"2020-01-01\"",
+            "\"2020-13-01\"",
+            "tables.patients.columns.dod.bounds",
+        ),
+        (
+            "privacy_unit = \"person_id\"",
+            "privacy_unit = \"pid\"",
+            "tables.patients.columns",
+        ),
     ];
     for (from, to, field) in cases {
         assert!(BASE.contains(from), "{from}");
@@ -82,7 +133,12 @@ fn unknown_keys_are_refused() {
 
 #[test]
 fn dates_parse_to_unix_days() {
-    for (s, d) in [("1970-01-01", Some(0)), ("2000-03-01", Some(11017)), ("2024-12-31", Some(20088)), ("2024-02-30x", None)] {
+    for (s, d) in [
+        ("1970-01-01", Some(0)),
+        ("2000-03-01", Some(11017)),
+        ("2024-12-31", Some(20088)),
+        ("2024-02-30x", None),
+    ] {
         assert_eq!(parse_date(s), d, "{s}");
     }
 }

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
+use datafusion::arrow::datatypes::DataType;
 use datafusion::catalog::TableProvider;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{Column, TableReference};
@@ -24,7 +25,6 @@ use datafusion::logical_expr::{
     Aggregate, BinaryExpr, Expr, ExprFunctionExt, JoinType, LogicalPlan, LogicalPlanBuilder,
     Operator, cast, lit, when,
 };
-use datafusion::arrow::datatypes::DataType;
 use datafusion::prelude::{SessionContext, col};
 use datafusion::sql::parser::{DFParser, Statement as DfStatement};
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
@@ -44,20 +44,48 @@ pub const FIXED_POINT_SCALE: f64 = 100.0;
 /// Scalar functions a researcher may use in WHERE: deterministic and
 /// row-local. Anything else is refused (TRE-Q020).
 const ALLOWED_FUNCTIONS: &[&str] = &[
-    "abs", "lower", "upper", "trim", "btrim", "ltrim", "rtrim", "length", "character_length",
-    "char_length", "substr", "substring", "starts_with", "ends_with", "coalesce", "nullif",
-    "date_trunc", "date_part", "datepart", "extract", "to_date", "concat", "strpos", "left",
-    "right", "replace",
+    "abs",
+    "lower",
+    "upper",
+    "trim",
+    "btrim",
+    "ltrim",
+    "rtrim",
+    "length",
+    "character_length",
+    "char_length",
+    "substr",
+    "substring",
+    "starts_with",
+    "ends_with",
+    "coalesce",
+    "nullif",
+    "date_trunc",
+    "date_part",
+    "datepart",
+    "extract",
+    "to_date",
+    "concat",
+    "strpos",
+    "left",
+    "right",
+    "replace",
 ];
 
 /// What one noisy measurement computes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Measure {
     CountRows,
-    CountNonNull { column: String },
+    CountNonNull {
+        column: String,
+    },
     CountDistinctUnits,
     /// Sum of a numeric column clamped to `[lo, hi]`, in fixed point.
-    Sum { column: String, lo: f64, hi: f64 },
+    Sum {
+        column: String,
+        lo: f64,
+        hi: f64,
+    },
 }
 
 #[derive(Debug)]
@@ -69,10 +97,21 @@ pub(crate) struct Measurement {
 /// How a released column is produced from measurements.
 #[derive(Debug, Clone, PartialEq)]
 pub enum OutputKind {
-    Key { index: usize },
-    Count { m: usize },
-    Sum { m: usize },
-    Avg { sum: usize, count: usize, lo: f64, hi: f64 },
+    Key {
+        index: usize,
+    },
+    Count {
+        m: usize,
+    },
+    Sum {
+        m: usize,
+    },
+    Avg {
+        sum: usize,
+        count: usize,
+        lo: f64,
+        hi: f64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -122,7 +161,13 @@ impl PrivatePlan {
     pub fn measures(&self) -> Vec<(Measure, i64, f64)> {
         self.measurements
             .iter()
-            .map(|m| (m.measure.clone(), m.mechanism.sensitivity(), m.mechanism.epsilon()))
+            .map(|m| {
+                (
+                    m.measure.clone(),
+                    m.mechanism.sensitivity(),
+                    m.mechanism.epsilon(),
+                )
+            })
             .collect()
     }
     /// The released columns with their mechanisms and noise scales.
@@ -132,7 +177,10 @@ impl PrivatePlan {
             .map(|o| {
                 let (mechanism, scale) = match o.kind {
                     OutputKind::Key { .. } => (String::new(), 0.0),
-                    OutputKind::Count { m } => ("discrete Laplace".to_owned(), self.measurements[m].mechanism.scale()),
+                    OutputKind::Count { m } => (
+                        "discrete Laplace".to_owned(),
+                        self.measurements[m].mechanism.scale(),
+                    ),
                     OutputKind::Sum { m } | OutputKind::Avg { sum: m, .. } => (
                         "discrete Laplace (fixed point)".to_owned(),
                         self.measurements[m].mechanism.scale() / FIXED_POINT_SCALE,
@@ -172,7 +220,11 @@ pub(crate) async fn compile(
         .expr
         .iter()
         .filter_map(|e| match unalias(e) {
-            Expr::Column(c) => agg.schema.index_of_column(c).ok().filter(|i| *i < agg.group_expr.len()),
+            Expr::Column(c) => agg
+                .schema
+                .index_of_column(c)
+                .ok()
+                .filter(|i| *i < agg.group_expr.len()),
             _ => None,
         })
         .collect();
@@ -192,14 +244,23 @@ pub(crate) async fn compile(
         })?;
     let k_total = scopes
         .iter()
-        .try_fold(1i64, |acc, s| acc.checked_mul(i64::from(s.table.max_rows_per_unit)))
+        .try_fold(1i64, |acc, s| {
+            acc.checked_mul(i64::from(s.table.max_rows_per_unit))
+        })
         .ok_or_else(|| QueryError::Internal("row bound overflow".into()))?;
 
     // Aggregates → measures.
     let mut measures: Vec<(Measure, Expr, i64)> = Vec::new();
     let mut agg_outputs: Vec<(OutputKind, &'static str)> = Vec::new();
     for e in &agg.aggr_expr {
-        let (kind, name) = aggregate(e, &scopes, &policy.privacy_unit, k_total, cells, &mut measures)?;
+        let (kind, name) = aggregate(
+            e,
+            &scopes,
+            &policy.privacy_unit,
+            k_total,
+            cells,
+            &mut measures,
+        )?;
         agg_outputs.push((kind, name));
     }
     if measures.is_empty() {
@@ -225,7 +286,10 @@ pub(crate) async fn compile(
             }
         };
         let idx = agg.schema.index_of_column(c).map_err(|_| {
-            QueryError::refused(Code::UnsupportedExpression, format!("output column '{name}' is not an aggregate or a group key"))
+            QueryError::refused(
+                Code::UnsupportedExpression,
+                format!("output column '{name}' is not an aggregate or a group key"),
+            )
         })?;
         let n_keys = agg.group_expr.len();
         let (kind, aggregate) = if idx < n_keys {
@@ -233,16 +297,22 @@ pub(crate) async fn compile(
         } else {
             agg_outputs[idx - n_keys].clone()
         };
-        outputs.push(Output { name, kind, aggregate });
+        outputs.push(Output {
+            name,
+            kind,
+            aggregate,
+        });
     }
 
     // Rewrite.
     let m = measures.len();
-    let eps_each = tre_dp::split_epsilon(epsilon, m).map_err(|e| QueryError::Internal(e.to_string()))?;
+    let eps_each =
+        tre_dp::split_epsilon(epsilon, m).map_err(|e| QueryError::Internal(e.to_string()))?;
     let mut measurements = Vec::with_capacity(m);
     let mut measure_exprs = Vec::with_capacity(m);
     for (i, (measure, expr, sensitivity)) in measures.into_iter().enumerate() {
-        let mechanism = DiscreteLaplace::new(sensitivity, eps_each).map_err(|e| QueryError::Internal(e.to_string()))?;
+        let mechanism = DiscreteLaplace::new(sensitivity, eps_each)
+            .map_err(|e| QueryError::Internal(e.to_string()))?;
         measure_exprs.push(expr.alias(format!("__m{i}")));
         measurements.push(Measurement { measure, mechanism });
     }
@@ -280,16 +350,23 @@ fn hex_digest(bytes: &[u8]) -> String {
 }
 
 async fn parse(ctx: &SessionContext, sql: &str) -> Result<LogicalPlan, QueryError> {
-    let mut statements = DFParser::parse_sql(sql)
-        .map_err(|e| QueryError::refused(Code::SqlSyntax, format!("the SQL does not parse: {e}")))?;
+    let mut statements = DFParser::parse_sql(sql).map_err(|e| {
+        QueryError::refused(Code::SqlSyntax, format!("the SQL does not parse: {e}"))
+    })?;
     if statements.len() != 1 {
         return Err(QueryError::refused(
             Code::MultipleStatements,
-            format!("send exactly one SELECT statement, not {}", statements.len()),
+            format!(
+                "send exactly one SELECT statement, not {}",
+                statements.len()
+            ),
         ));
     }
     let Some(statement) = statements.pop_front() else {
-        return Err(QueryError::refused(Code::MultipleStatements, "send exactly one SELECT statement"));
+        return Err(QueryError::refused(
+            Code::MultipleStatements,
+            "send exactly one SELECT statement",
+        ));
     };
     match &statement {
         DfStatement::Statement(s) => match s.as_ref() {
@@ -299,10 +376,16 @@ async fn parse(ctx: &SessionContext, sql: &str) -> Result<LogicalPlan, QueryErro
             }
             other => {
                 let kind = other.to_string();
-                let kind: String = kind.split_whitespace().next().unwrap_or("this").to_uppercase();
+                let kind: String = kind
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("this")
+                    .to_uppercase();
                 return Err(QueryError::refused(
                     Code::StatementNotAllowed,
-                    format!("{kind} statements are not allowed; only SELECT queries that return aggregates are accepted"),
+                    format!(
+                        "{kind} statements are not allowed; only SELECT queries that return aggregates are accepted"
+                    ),
                 ));
             }
         },
@@ -325,7 +408,12 @@ async fn parse(ctx: &SessionContext, sql: &str) -> Result<LogicalPlan, QueryErro
         .with_allow_dml(false)
         .with_allow_statements(false)
         .verify_plan(&plan)
-        .map_err(|_| QueryError::refused(Code::StatementNotAllowed, "only SELECT queries are accepted"))?;
+        .map_err(|_| {
+            QueryError::refused(
+                Code::StatementNotAllowed,
+                "only SELECT queries are accepted",
+            )
+        })?;
     Ok(plan)
 }
 
@@ -349,17 +437,25 @@ fn planning_refusal(msg: &str) -> QueryError {
     if msg.contains("not found") && msg.contains("table") {
         let looks_like_path = msg.contains('/')
             || msg.contains('\\')
-            || [".parquet", ".csv", ".json", ".arrow", ".avro"].iter().any(|x| msg.contains(x));
+            || [".parquet", ".csv", ".json", ".arrow", ".avro"]
+                .iter()
+                .any(|x| msg.contains(x));
         return if looks_like_path {
             QueryError::refused(
                 Code::FilePath,
                 "files cannot be read from a query; use the dataset's tables (see `tre catalog`)",
             )
         } else {
-            QueryError::refused(Code::UnknownTable, format!("{msg}; list the dataset's tables with the catalog service"))
+            QueryError::refused(
+                Code::UnknownTable,
+                format!("{msg}; list the dataset's tables with the catalog service"),
+            )
         };
     }
-    QueryError::refused(Code::SqlSyntax, format!("the query cannot be planned: {msg}"))
+    QueryError::refused(
+        Code::SqlSyntax,
+        format!("the query cannot be planned: {msg}"),
+    )
 }
 
 /// Refuse node types that are never allowed, anywhere, including inside
@@ -369,7 +465,9 @@ fn check_nodes(plan: &LogicalPlan) -> Result<(), QueryError> {
     let unsupported = |what: &str| {
         QueryError::refused(
             Code::UnsupportedShape,
-            format!("{what} is not supported; write one SELECT with aggregates over a table or a join on person_id"),
+            format!(
+                "{what} is not supported; write one SELECT with aggregates over a table or a join on person_id"
+            ),
         )
     };
     let _ = plan.apply_with_subqueries(|node| {
@@ -392,7 +490,9 @@ fn check_nodes(plan: &LogicalPlan) -> Result<(), QueryError> {
             LogicalPlan::Sort(_) => Some(unsupported("ORDER BY (for now)")),
             LogicalPlan::Limit(_) => Some(unsupported("LIMIT (for now)")),
             LogicalPlan::Distinct(_) => Some(unsupported("SELECT DISTINCT")),
-            LogicalPlan::Values(_) | LogicalPlan::EmptyRelation(_) => Some(unsupported("a query without a table")),
+            LogicalPlan::Values(_) | LogicalPlan::EmptyRelation(_) => {
+                Some(unsupported("a query without a table"))
+            }
             _ => None,
         };
         Ok(match r {
@@ -406,8 +506,12 @@ fn check_nodes(plan: &LogicalPlan) -> Result<(), QueryError> {
     refusal.map_or(Ok(()), Err)
 }
 
-fn top_shape(plan: &LogicalPlan) -> Result<(&datafusion::logical_expr::Projection, &Aggregate), QueryError> {
-    let has_aggregate = plan.exists(|n| Ok(matches!(n, LogicalPlan::Aggregate(_)))).unwrap_or(false);
+fn top_shape(
+    plan: &LogicalPlan,
+) -> Result<(&datafusion::logical_expr::Projection, &Aggregate), QueryError> {
+    let has_aggregate = plan
+        .exists(|n| Ok(matches!(n, LogicalPlan::Aggregate(_))))
+        .unwrap_or(false);
     if !has_aggregate {
         return Err(QueryError::refused(
             Code::RowLevelSelect,
@@ -474,7 +578,10 @@ fn walk_from<'p>(
             if j.join_type != JoinType::Inner {
                 return Err(QueryError::refused(
                     Code::UnsupportedJoin,
-                    format!("{} joins are not supported yet; use an inner JOIN ... ON a.person_id = b.person_id", j.join_type),
+                    format!(
+                        "{} joins are not supported yet; use an inner JOIN ... ON a.person_id = b.person_id",
+                        j.join_type
+                    ),
                 ));
             }
             let before = scopes.len();
@@ -486,7 +593,11 @@ fn walk_from<'p>(
             if let Some(f) = &j.filter {
                 for c in split_and(f) {
                     match c {
-                        Expr::BinaryExpr(BinaryExpr { left, op: Operator::Eq, right }) => {
+                        Expr::BinaryExpr(BinaryExpr {
+                            left,
+                            op: Operator::Eq,
+                            right,
+                        }) => {
                             conds.push((left.as_ref().clone(), right.as_ref().clone()));
                         }
                         _ => return Err(join_refusal(unit)),
@@ -497,7 +608,10 @@ fn walk_from<'p>(
                 return Err(join_refusal(unit));
             }
             let (left_q, right_q): (Vec<_>, Vec<_>) = (
-                scopes[before..mid].iter().map(|s| s.qualifier.clone()).collect(),
+                scopes[before..mid]
+                    .iter()
+                    .map(|s| s.qualifier.clone())
+                    .collect(),
                 scopes[mid..].iter().map(|s| s.qualifier.clone()).collect(),
             );
             let mut linked = false;
@@ -508,8 +622,12 @@ fn walk_from<'p>(
                 if &l.name != unit || &r.name != unit {
                     return Err(join_refusal(unit));
                 }
-                let side = |c: &Column, qs: &[TableReference]| c.relation.as_ref().is_some_and(|q| qs.contains(q));
-                if (side(l, &left_q) && side(r, &right_q)) || (side(l, &right_q) && side(r, &left_q)) {
+                let side = |c: &Column, qs: &[TableReference]| {
+                    c.relation.as_ref().is_some_and(|q| qs.contains(q))
+                };
+                if (side(l, &left_q) && side(r, &right_q))
+                    || (side(l, &right_q) && side(r, &left_q))
+                {
                     linked = true;
                 }
                 joins.push(format!("{l} = {r}"));
@@ -533,19 +651,28 @@ fn walk_from<'p>(
 fn join_refusal(unit: &str) -> QueryError {
     QueryError::refused(
         Code::JoinNotOnPrivacyUnit,
-        format!("joins must be on the privacy unit {unit}: write JOIN b ON a.{unit} = b.{unit} and nothing else in ON"),
+        format!(
+            "joins must be on the privacy unit {unit}: write JOIN b ON a.{unit} = b.{unit} and nothing else in ON"
+        ),
     )
 }
 
 fn table_policy<'p>(policy: &'p Policy, name: &str) -> Result<&'p TablePolicy, QueryError> {
     policy.table(name).ok_or_else(|| {
-        QueryError::refused(Code::UnknownTable, format!("table '{name}' is not part of dataset '{}'", policy.dataset))
+        QueryError::refused(
+            Code::UnknownTable,
+            format!("table '{name}' is not part of dataset '{}'", policy.dataset),
+        )
     })
 }
 
 fn split_and(e: &Expr) -> Vec<&Expr> {
     match e {
-        Expr::BinaryExpr(BinaryExpr { left, op: Operator::And, right }) => {
+        Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: Operator::And,
+            right,
+        }) => {
             let mut v = split_and(left);
             v.extend(split_and(right));
             v
@@ -612,13 +739,19 @@ fn check_filter(predicate: &Expr, scopes: &[Scope<'_>]) -> Result<(), QueryError
     refusal.map_or(Ok(()), Err)
 }
 
-fn group_keys(agg: &Aggregate, scopes: &[Scope<'_>], released: &[usize]) -> Result<Vec<GroupKey>, QueryError> {
+fn group_keys(
+    agg: &Aggregate,
+    scopes: &[Scope<'_>],
+    released: &[usize],
+) -> Result<Vec<GroupKey>, QueryError> {
     let mut keys = Vec::new();
     for (i, e) in agg.group_expr.iter().enumerate() {
         let Expr::Column(c) = unalias(e) else {
             return Err(QueryError::refused(
                 Code::UnsupportedExpression,
-                format!("GROUP BY {e} is an expression; group by columns with a public domain (expressions come later)"),
+                format!(
+                    "GROUP BY {e} is an expression; group by columns with a public domain (expressions come later)"
+                ),
             ));
         };
         let Some((table, col)) = resolve(c, scopes) else {
@@ -628,16 +761,24 @@ fn group_keys(agg: &Aggregate, scopes: &[Scope<'_>], released: &[usize]) -> Resu
             ColumnClass::Identifier if released.contains(&i) => {
                 return Err(QueryError::refused(
                     Code::IdentifierInOutput,
-                    format!("the identifier '{}' can never be released; remove it from SELECT", c.name),
+                    format!(
+                        "the identifier '{}' can never be released; remove it from SELECT",
+                        c.name
+                    ),
                 ));
             }
             ColumnClass::Identifier => {
                 return Err(QueryError::refused(
                     Code::IdentifierInGroupBy,
-                    format!("cannot GROUP BY the identifier '{}': that would release one row per patient", c.name),
+                    format!(
+                        "cannot GROUP BY the identifier '{}': that would release one row per patient",
+                        c.name
+                    ),
                 ));
             }
-            ColumnClass::Categorical { domain: Some(domain) } => keys.push(GroupKey {
+            ColumnClass::Categorical {
+                domain: Some(domain),
+            } => keys.push(GroupKey {
                 name: format!("{}.{}", table.name, col.name),
                 domain: domain.clone(),
             }),
@@ -665,13 +806,18 @@ fn aggregate(
     measures: &mut Vec<(Measure, Expr, i64)>,
 ) -> Result<(OutputKind, &'static str), QueryError> {
     let Expr::AggregateFunction(AggregateFunction { func, params }) = unalias(e) else {
-        return Err(QueryError::refused(Code::UnsupportedAggregate, format!("{e} is not a supported aggregate")));
+        return Err(QueryError::refused(
+            Code::UnsupportedAggregate,
+            format!("{e} is not a supported aggregate"),
+        ));
     };
     let name = func.name().to_lowercase();
     if params.filter.is_some() || !params.order_by.is_empty() {
         return Err(QueryError::refused(
             Code::UnsupportedAggregate,
-            format!("{name} with FILTER or ORDER BY is not supported; move the condition into WHERE"),
+            format!(
+                "{name} with FILTER or ORDER BY is not supported; move the condition into WHERE"
+            ),
         ));
     }
     let arg_col = |i: usize| -> Result<(&Column, &ColumnPolicy), QueryError> {
@@ -702,17 +848,26 @@ fn aggregate(
                     if params.distinct {
                         if col.class == ColumnClass::Identifier && c.name == unit {
                             let s = k_total.min(i64::try_from(cells).unwrap_or(i64::MAX));
-                            let m = push(Measure::CountDistinctUnits, count_distinct(Expr::Column(c.clone())), s);
+                            let m = push(
+                                Measure::CountDistinctUnits,
+                                count_distinct(Expr::Column(c.clone())),
+                                s,
+                            );
                             Ok((OutputKind::Count { m }, "count_distinct_units"))
                         } else {
                             Err(QueryError::refused(
                                 Code::UnsupportedAggregate,
-                                format!("COUNT(DISTINCT {}) is not supported; COUNT(DISTINCT {unit}) counts patients", c.name),
+                                format!(
+                                    "COUNT(DISTINCT {}) is not supported; COUNT(DISTINCT {unit}) counts patients",
+                                    c.name
+                                ),
                             ))
                         }
                     } else {
                         let m = push(
-                            Measure::CountNonNull { column: c.name.clone() },
+                            Measure::CountNonNull {
+                                column: c.name.clone(),
+                            },
                             count(Expr::Column(c.clone())),
                             k_total,
                         );
@@ -723,19 +878,30 @@ fn aggregate(
         }
         "sum" | "avg" | "mean" => {
             if params.distinct {
-                return Err(QueryError::refused(Code::UnsupportedAggregate, format!("{name}(DISTINCT ...) is not supported")));
+                return Err(QueryError::refused(
+                    Code::UnsupportedAggregate,
+                    format!("{name}(DISTINCT ...) is not supported"),
+                ));
             }
             let (c, col) = arg_col(0)?;
             let ColumnClass::Numeric { lo, hi } = col.class else {
                 return Err(QueryError::refused(
                     Code::UnboundedColumn,
-                    format!("{name}({}) needs a numeric column with declared bounds; '{}' is {}", c.name, c.name, col.class.name()),
+                    format!(
+                        "{name}({}) needs a numeric column with declared bounds; '{}' is {}",
+                        c.name,
+                        c.name,
+                        col.class.name()
+                    ),
                 ));
             };
             let bound = (lo.abs().max(hi.abs()) * FIXED_POINT_SCALE).ceil() as i64;
-            let s = k_total
-                .checked_mul(bound.max(1))
-                .ok_or_else(|| QueryError::refused(Code::UnboundedColumn, "the bounds are too wide to sum safely"))?;
+            let s = k_total.checked_mul(bound.max(1)).ok_or_else(|| {
+                QueryError::refused(
+                    Code::UnboundedColumn,
+                    "the bounds are too wide to sum safely",
+                )
+            })?;
             let column = Expr::Column(c.clone());
             let as_float = cast(column.clone(), DataType::Float64);
             let clamped = when(as_float.clone().lt(lit(lo)), lit(lo))
@@ -743,28 +909,60 @@ fn aggregate(
                 .otherwise(as_float)
                 .map_err(|e| QueryError::Internal(e.to_string()))?;
             let fixed = cast(clamped * lit(FIXED_POINT_SCALE), DataType::Int64);
-            let sm = push(Measure::Sum { column: c.name.clone(), lo, hi }, sum(fixed), s);
+            let sm = push(
+                Measure::Sum {
+                    column: c.name.clone(),
+                    lo,
+                    hi,
+                },
+                sum(fixed),
+                s,
+            );
             if name == "sum" {
                 Ok((OutputKind::Sum { m: sm }, "sum"))
             } else {
-                let cm = push(Measure::CountNonNull { column: c.name.clone() }, count(column), k_total);
-                Ok((OutputKind::Avg { sum: sm, count: cm, lo, hi }, "avg"))
+                let cm = push(
+                    Measure::CountNonNull {
+                        column: c.name.clone(),
+                    },
+                    count(column),
+                    k_total,
+                );
+                Ok((
+                    OutputKind::Avg {
+                        sum: sm,
+                        count: cm,
+                        lo,
+                        hi,
+                    },
+                    "avg",
+                ))
             }
         }
         "min" | "max" => Err(QueryError::refused(
             Code::UnsupportedAggregate,
-            format!("{} is not released under differential privacy (one patient decides it); percentiles come later", name.to_uppercase()),
+            format!(
+                "{} is not released under differential privacy (one patient decides it); percentiles come later",
+                name.to_uppercase()
+            ),
         )),
         other => Err(QueryError::refused(
             Code::UnsupportedAggregate,
-            format!("aggregate '{other}' is not supported; use COUNT(*), COUNT(DISTINCT person_id), SUM or AVG"),
+            format!(
+                "aggregate '{other}' is not supported; use COUNT(*), COUNT(DISTINCT person_id), SUM or AVG"
+            ),
         )),
     }
 }
 
 /// Replace every private table scan with its bounded version.
-async fn bound_scans(ctx: &SessionContext, policy: &Policy, input: &LogicalPlan) -> Result<LogicalPlan, QueryError> {
-    let internal = |e: datafusion::error::DataFusionError| QueryError::Internal(format!("bounding: {e}"));
+async fn bound_scans(
+    ctx: &SessionContext,
+    policy: &Policy,
+    input: &LogicalPlan,
+) -> Result<LogicalPlan, QueryError> {
+    let internal =
+        |e: datafusion::error::DataFusionError| QueryError::Internal(format!("bounding: {e}"));
     let mut providers: HashMap<String, Arc<dyn TableProvider>> = HashMap::new();
     for name in policy.tables.keys() {
         let p = ctx.table_provider(name.as_str()).await.map_err(internal)?;
@@ -773,14 +971,20 @@ async fn bound_scans(ctx: &SessionContext, policy: &Policy, input: &LogicalPlan)
     let shuffle = ctx.udf(SHUFFLE_UDF).map_err(internal)?;
     let mut bounded: HashMap<String, LogicalPlan> = HashMap::new();
     for (name, table) in &policy.tables {
-        bounded.insert(name.clone(), bounded_scan(policy, table, &providers, &shuffle).map_err(internal)?);
+        bounded.insert(
+            name.clone(),
+            bounded_scan(policy, table, &providers, &shuffle).map_err(internal)?,
+        );
     }
     input
         .clone()
         .transform_up_with_subqueries(|node| match node {
             LogicalPlan::TableScan(scan) => match bounded.get(scan.table_name.table()) {
                 Some(plan) => Ok(Transformed::yes(plan.clone())),
-                None => Err(datafusion::error::DataFusionError::Plan(format!("unknown table {}", scan.table_name))),
+                None => Err(datafusion::error::DataFusionError::Plan(format!(
+                    "unknown table {}",
+                    scan.table_name
+                ))),
             },
             other => other.recompute_schema().map(Transformed::yes),
         })
@@ -798,13 +1002,20 @@ fn bounded_scan(
         providers
             .get(name)
             .map(|p| provider_as_source(Arc::clone(p)))
-            .ok_or_else(|| datafusion::error::DataFusionError::Plan(format!("no provider for {name}")))
+            .ok_or_else(|| {
+                datafusion::error::DataFusionError::Plan(format!("no provider for {name}"))
+            })
     };
     let qcol = |t: &str, c: &str| Expr::Column(Column::new(Some(t), c));
     let unit = &policy.privacy_unit;
     let name = table.name.as_str();
     let scan = LogicalPlanBuilder::scan(name, source(name)?, None)?;
-    let columns: Vec<Expr> = scan.schema().columns().into_iter().map(Expr::Column).collect();
+    let columns: Vec<Expr> = scan
+        .schema()
+        .columns()
+        .into_iter()
+        .map(Expr::Column)
+        .collect();
     let mut b = scan;
     if let Some(opt) = &policy.opt_out {
         if opt.table == name {
@@ -817,7 +1028,10 @@ fn bounded_scan(
             b = b.join(
                 opted_in,
                 JoinType::LeftSemi,
-                (vec![Column::new(Some(name), unit.as_str())], vec![Column::from_name("__tre_opted_in")]),
+                (
+                    vec![Column::new(Some(name), unit.as_str())],
+                    vec![Column::from_name("__tre_opted_in")],
+                ),
                 None,
             )?;
         }
@@ -836,7 +1050,11 @@ fn bounded_scan(
 
 /// The checks that make the rewrite trustworthy.
 fn verify(plan: &PrivatePlan, scopes: usize) -> Result<(), QueryError> {
-    let bug = |m: String| Err(QueryError::Internal(format!("private plan check failed: {m}")));
+    let bug = |m: String| {
+        Err(QueryError::Internal(format!(
+            "private plan check failed: {m}"
+        )))
+    };
     let n = plan.measurements.len();
     let mut used = vec![false; n];
     for o in &plan.outputs {
@@ -860,9 +1078,16 @@ fn verify(plan: &PrivatePlan, scopes: usize) -> Result<(), QueryError> {
     if used.iter().any(|u| !u) {
         return bug("a measurement is charged but never released".into());
     }
-    let charged: f64 = plan.measurements.iter().map(|m| m.mechanism.epsilon()).sum();
+    let charged: f64 = plan
+        .measurements
+        .iter()
+        .map(|m| m.mechanism.epsilon())
+        .sum();
     if charged > plan.epsilon.value() * (1.0 + 1e-9) {
-        return bug(format!("mechanisms cost {charged} but the plan charges {}", plan.epsilon));
+        return bug(format!(
+            "mechanisms cost {charged} but the plan charges {}",
+            plan.epsilon
+        ));
     }
     if plan.exec.schema().fields().len() != plan.keys.len() + n {
         return bug("the executed aggregate does not match keys and measurements".into());
@@ -896,7 +1121,10 @@ fn describe(
         ));
     }
     if let Some(o) = &policy.opt_out {
-        d.push(format!("remove patients who opted out ({}.{} = true) from every table", o.table, o.column));
+        d.push(format!(
+            "remove patients who opted out ({}.{} = true) from every table",
+            o.table, o.column
+        ));
     }
     for j in joins {
         d.push(format!("join on {j}"));
@@ -904,12 +1132,22 @@ fn describe(
     for f in filters {
         d.push(format!("keep rows where {f}"));
     }
-    d.push(format!("each patient contributes at most {k_total} row(s) to the aggregate"));
+    d.push(format!(
+        "each patient contributes at most {k_total} row(s) to the aggregate"
+    ));
     if plan.keys.is_empty() {
         d.push("one cell (no GROUP BY)".into());
     } else {
-        let keys: Vec<String> = plan.keys.iter().map(|k| format!("{} ({} public values)", k.name, k.domain.len())).collect();
-        d.push(format!("group by {}: {} cells, empty cells included", keys.join(" × "), plan.cells()));
+        let keys: Vec<String> = plan
+            .keys
+            .iter()
+            .map(|k| format!("{} ({} public values)", k.name, k.domain.len()))
+            .collect();
+        d.push(format!(
+            "group by {}: {} cells, empty cells included",
+            keys.join(" × "),
+            plan.cells()
+        ));
     }
     let alpha = 1.0 - CONFIDENCE;
     for m in &plan.measurements {
@@ -919,7 +1157,11 @@ fn describe(
             Measure::CountDistinctUnits => format!("COUNT(DISTINCT {})", policy.privacy_unit),
             Measure::Sum { column, lo, hi } => format!("SUM({column}) clamped to [{lo}, {hi}]"),
         };
-        let unit = if matches!(m.measure, Measure::Sum { .. }) { FIXED_POINT_SCALE } else { 1.0 };
+        let unit = if matches!(m.measure, Measure::Sum { .. }) {
+            FIXED_POINT_SCALE
+        } else {
+            1.0
+        };
         let hw = m.mechanism.half_width(alpha).unwrap_or(f64::NAN) / unit;
         d.push(format!(
             "measure {what}: discrete Laplace, sensitivity {}, epsilon {:.4}, scale {}, 95% interval ±{}",

@@ -10,16 +10,18 @@ use datafusion::prelude::SessionContext;
 use tre_dp::CONFIDENCE;
 use tre_sdc::Profile;
 
+use crate::QueryError;
 use crate::compile::{FIXED_POINT_SCALE, Measure, OutputKind, PrivatePlan};
 use crate::release::{Cell, Release};
-use crate::QueryError;
 
 pub(crate) async fn execute(
     ctx: &SessionContext,
     plan: &PrivatePlan,
     profile: &Profile,
 ) -> Result<Release, QueryError> {
-    let exec_err = |e: datafusion::error::DataFusionError| QueryError::Execution { detail: e.to_string() };
+    let exec_err = |e: datafusion::error::DataFusionError| QueryError::Execution {
+        detail: e.to_string(),
+    };
     let batches = ctx
         .execute_logical_plan(plan.exec.clone())
         .await
@@ -37,17 +39,31 @@ pub(crate) async fn execute(
         for row in 0..batch.num_rows() {
             let mut key = Vec::with_capacity(n_keys);
             for k in 0..n_keys {
-                let v = ScalarValue::try_from_array(batch.column(k), row)
-                    .map_err(|e| QueryError::Execution { detail: e.to_string() })?;
-                key.push(if v.is_null() { String::new() } else { v.to_string() });
+                let v = ScalarValue::try_from_array(batch.column(k), row).map_err(|e| {
+                    QueryError::Execution {
+                        detail: e.to_string(),
+                    }
+                })?;
+                key.push(if v.is_null() {
+                    String::new()
+                } else {
+                    v.to_string()
+                });
             }
             let mut values = Vec::with_capacity(n_m);
             for m in 0..n_m {
                 let array = batch.column(n_keys + m);
                 let array = array.as_primitive_opt::<Int64Type>().ok_or_else(|| {
-                    QueryError::Internal(format!("measurement {m} is {}, not Int64", array.data_type()))
+                    QueryError::Internal(format!(
+                        "measurement {m} is {}, not Int64",
+                        array.data_type()
+                    ))
                 })?;
-                values.push(if array.is_null(row) { 0 } else { array.value(row) });
+                values.push(if array.is_null(row) {
+                    0
+                } else {
+                    array.value(row)
+                });
             }
             exact.insert(key, values);
         }
@@ -87,38 +103,92 @@ pub(crate) async fn execute(
         let mut row = Vec::with_capacity(plan.outputs.len());
         for o in &plan.outputs {
             let cell = match o.kind {
-                OutputKind::Key { index } => Cell::Key { value: key[index].clone() },
+                OutputKind::Key { index } => Cell::Key {
+                    value: key[index].clone(),
+                },
                 OutputKind::Count { m } => {
-                    let hw = plan.measurements[m].mechanism.half_width(alpha).map_err(dp)? + slack;
+                    let hw = plan.measurements[m]
+                        .mechanism
+                        .half_width(alpha)
+                        .map_err(dp)?
+                        + slack;
                     let out = profile.count_cell(noisy[m]);
-                    value_cell(out.value, out.value.map(|v| ((v - hw).max(0.0), v + hw)), out.status, out.reason)
+                    value_cell(
+                        out.value,
+                        out.value.map(|v| ((v - hw).max(0.0), v + hw)),
+                        out.status,
+                        out.reason,
+                    )
                 }
                 OutputKind::Sum { m } => {
-                    let hw = plan.measurements[m].mechanism.half_width(alpha).map_err(dp)? / FIXED_POINT_SCALE;
+                    let hw = plan.measurements[m]
+                        .mechanism
+                        .half_width(alpha)
+                        .map_err(dp)?
+                        / FIXED_POINT_SCALE;
                     let v = noisy[m] as f64 / FIXED_POINT_SCALE;
-                    value_cell(Some(v), Some((v - hw, v + hw)), tre_sdc::Status::Released, String::new())
+                    value_cell(
+                        Some(v),
+                        Some((v - hw, v + hw)),
+                        tre_sdc::Status::Released,
+                        String::new(),
+                    )
                 }
                 OutputKind::Avg { sum, count, lo, hi } => {
                     // Each half at alpha/2, so the ratio's interval covers
                     // with probability at least 1 - alpha (Bonferroni).
-                    let hs = plan.measurements[sum].mechanism.half_width(alpha / 2.0).map_err(dp)? / FIXED_POINT_SCALE;
-                    let hc = plan.measurements[count].mechanism.half_width(alpha / 2.0).map_err(dp)?;
+                    let hs = plan.measurements[sum]
+                        .mechanism
+                        .half_width(alpha / 2.0)
+                        .map_err(dp)?
+                        / FIXED_POINT_SCALE;
+                    let hc = plan.measurements[count]
+                        .mechanism
+                        .half_width(alpha / 2.0)
+                        .map_err(dp)?;
                     let s = noisy[sum] as f64 / FIXED_POINT_SCALE;
                     let c = noisy[count] as f64;
-                    let mean = if c > 0.0 { (s / c).clamp(lo, hi) } else { f64::NAN };
+                    let mean = if c > 0.0 {
+                        (s / c).clamp(lo, hi)
+                    } else {
+                        f64::NAN
+                    };
                     let interval = if c - hc > 0.0 {
-                        let ratios = [(s - hs) / (c - hc), (s - hs) / (c + hc), (s + hs) / (c - hc), (s + hs) / (c + hc)];
-                        let low = ratios.iter().copied().fold(f64::INFINITY, f64::min).clamp(lo, hi);
-                        let high = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max).clamp(lo, hi);
+                        let ratios = [
+                            (s - hs) / (c - hc),
+                            (s - hs) / (c + hc),
+                            (s + hs) / (c - hc),
+                            (s + hs) / (c + hc),
+                        ];
+                        let low = ratios
+                            .iter()
+                            .copied()
+                            .fold(f64::INFINITY, f64::min)
+                            .clamp(lo, hi);
+                        let high = ratios
+                            .iter()
+                            .copied()
+                            .fold(f64::NEG_INFINITY, f64::max)
+                            .clamp(lo, hi);
                         (low, high)
                     } else {
                         (lo, hi)
                     };
                     if mean.is_nan() {
-                        value_cell(None, None, tre_sdc::Status::Suppressed, "noisy denominator is not positive".into())
+                        value_cell(
+                            None,
+                            None,
+                            tre_sdc::Status::Suppressed,
+                            "noisy denominator is not positive".into(),
+                        )
                     } else {
                         let out = profile.derived_cell(mean, noisy[count]);
-                        value_cell(out.value, out.value.map(|_| interval), out.status, out.reason)
+                        value_cell(
+                            out.value,
+                            out.value.map(|_| interval),
+                            out.status,
+                            out.reason,
+                        )
                     }
                 }
             };
@@ -130,8 +200,14 @@ pub(crate) async fn execute(
         "each patient contributes at most the policy's rows per table; counts and sums carry discrete Laplace noise; intervals are {}%",
         (CONFIDENCE * 100.0).round()
     )];
-    if plan.measurements.iter().any(|m| matches!(m.measure, Measure::Sum { .. })) {
-        notes.push("sums are computed in fixed point over values clamped to their declared bounds".into());
+    if plan
+        .measurements
+        .iter()
+        .any(|m| matches!(m.measure, Measure::Sum { .. }))
+    {
+        notes.push(
+            "sums are computed in fixed point over values clamped to their declared bounds".into(),
+        );
     }
     Ok(Release {
         columns: plan.columns(),
@@ -143,7 +219,12 @@ pub(crate) async fn execute(
     })
 }
 
-fn value_cell(value: Option<f64>, interval: Option<(f64, f64)>, status: tre_sdc::Status, reason: String) -> Cell {
+fn value_cell(
+    value: Option<f64>,
+    interval: Option<(f64, f64)>,
+    status: tre_sdc::Status,
+    reason: String,
+) -> Cell {
     Cell::Value {
         value,
         ci_low: interval.map(|i| i.0),

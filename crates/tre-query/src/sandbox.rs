@@ -61,7 +61,10 @@ impl Sandbox {
             .to_owned();
         let data_dir = data_dir.canonicalize().map_err(|e| QueryError::Setup {
             code: Code::ExtractUnreadable,
-            message: format!("data directory {}: {e}; run `tre dataset generate` first", data_dir.display()),
+            message: format!(
+                "data directory {}: {e}; run `tre dataset generate` first",
+                data_dir.display()
+            ),
         })?;
         let mut tables = Vec::new();
         for (name, table) in &policy.tables {
@@ -79,15 +82,18 @@ impl Sandbox {
                 .schema()
                 .clone();
             check_schema(policy, name, table, &schema, &shown)?;
-            let url = ListingTableUrl::parse(path.to_string_lossy()).map_err(|e| QueryError::Setup {
-                code: Code::ExtractUnreadable,
-                message: format!("extract {shown}: {e}"),
-            })?;
+            let url =
+                ListingTableUrl::parse(path.to_string_lossy()).map_err(|e| QueryError::Setup {
+                    code: Code::ExtractUnreadable,
+                    message: format!("extract {shown}: {e}"),
+                })?;
             tables.push((name.clone(), schema, url));
         }
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_pool(Arc::new(FairSpillPool::new(limits.memory_bytes)))
-            .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled))
+            .with_disk_manager_builder(
+                DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+            )
             .build_arc()
             .map_err(|e| QueryError::Internal(e.to_string()))?;
         runtime.register_parquet_encryption_factory(FACTORY_ID, Arc::new(VaultFactory { master }));
@@ -117,7 +123,8 @@ impl Sandbox {
         ctx.register_udf(ScalarUDF::from(Shuffle::new()));
         for (name, schema, url) in &self.tables {
             let mut opts = TableParquetOptions::default();
-            opts.crypto.configure_factory(FACTORY_ID, &VaultFactoryOptions::default());
+            opts.crypto
+                .configure_factory(FACTORY_ID, &VaultFactoryOptions::default());
             let format = ParquetFormat::default().with_options(opts);
             let listing = ListingOptions::new(Arc::new(format)).with_file_extension(".parquet");
             let config = ListingTableConfig::new(url.clone())
@@ -142,7 +149,10 @@ fn check_schema(
 ) -> Result<(), QueryError> {
     let bad = |message: String| QueryError::Setup {
         code: Code::PolicyInvalid,
-        message: format!("extract {shown} does not match policy '{}': {message}", policy.dataset),
+        message: format!(
+            "extract {shown} does not match policy '{}': {message}",
+            policy.dataset
+        ),
     };
     for field in schema.fields() {
         let Some(col) = table.column(field.name()) else {
@@ -167,7 +177,10 @@ fn check_schema(
     }
     for col in &table.columns {
         if schema.field_with_name(&col.name).is_err() {
-            return Err(bad(format!("declared column '{name}.{}' is missing from the extract", col.name)));
+            return Err(bad(format!(
+                "declared column '{name}.{}' is missing from the extract",
+                col.name
+            )));
         }
     }
     Ok(())
@@ -196,7 +209,9 @@ impl EncryptionFactory for VaultFactory {
         _schema: &SchemaRef,
         _path: &ObjectPath,
     ) -> DfResult<Option<Arc<FileEncryptionProperties>>> {
-        Err(DataFusionError::Plan("the sandbox never writes files".into()))
+        Err(DataFusionError::Plan(
+            "the sandbox never writes files".into(),
+        ))
     }
 
     async fn get_file_decryption_properties(
@@ -207,7 +222,11 @@ impl EncryptionFactory for VaultFactory {
         let parts: Vec<_> = path.parts().collect();
         let file_id = match parts.as_slice() {
             [.., dir, file] => format!("{}/{}", dir.as_ref(), file.as_ref()),
-            _ => return Err(DataFusionError::Plan(format!("unexpected extract path {path}"))),
+            _ => {
+                return Err(DataFusionError::Plan(format!(
+                    "unexpected extract path {path}"
+                )));
+            }
         };
         self.master
             .file_decryption(&file_id)

@@ -68,9 +68,12 @@ impl Profile {
                     "set either `round_base` or `midpoint6 = true`, not both".into(),
                 ));
             }
-            (Some(b), false) => Rounding::Base(u32::try_from(b).ok().filter(|b| *b >= 1).ok_or_else(
-                || err("field `round_base` must be a positive integer".into()),
-            )?),
+            (Some(b), false) => Rounding::Base(
+                u32::try_from(b)
+                    .ok()
+                    .filter(|b| *b >= 1)
+                    .ok_or_else(|| err("field `round_base` must be a positive integer".into()))?,
+            ),
             (None, true) => Rounding::Midpoint6,
             (None, false) => Rounding::None,
         };
@@ -110,11 +113,17 @@ impl Profile {
             Rounding::Base(b) => {
                 let b = i64::from(b);
                 let rounded = (noisy + b / 2) / b * b;
-                Outcome::rounded(rounded as f64, format!("rounded to base {b} ({})", self.name))
+                Outcome::rounded(
+                    rounded as f64,
+                    format!("rounded to base {b} ({})", self.name),
+                )
             }
             Rounding::Midpoint6 => {
                 let rounded = (noisy + 5) / 6 * 6 - 3;
-                Outcome::rounded(rounded as f64, format!("midpoint-6 rounding ({})", self.name))
+                Outcome::rounded(
+                    rounded as f64,
+                    format!("midpoint-6 rounding ({})", self.name),
+                )
             }
         }
     }
@@ -195,7 +204,8 @@ mod tests {
     #[test]
     fn profiles_apply_their_rules() {
         let nhs = profile("name = \"nhs_sde\"\nsuppress_below = 10\nround_base = 5");
-        let os = profile("name = \"os\"\nsuppress_below = 8\nzero_allowed = true\nmidpoint6 = true");
+        let os =
+            profile("name = \"os\"\nsuppress_below = 8\nzero_allowed = true\nmidpoint6 = true");
         let aou = profile("name = \"aou\"\nsuppress_below = 21\nzero_allowed = true");
         // (profile, noisy, expected value, expected status)
         let cases = [

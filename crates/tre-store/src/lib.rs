@@ -120,9 +120,18 @@ impl Store {
             "INSERT INTO projects(id, title, dataset, budget_nanos, spent_nanos, created_at)
              VALUES (?1, ?2, ?3, ?4, 0, ?5)
              ON CONFLICT(id) DO UPDATE SET title = excluded.title, dataset = excluded.dataset",
-            params![seed.id.as_str(), seed.title, seed.dataset, seed.budget.as_nanos(), now()],
+            params![
+                seed.id.as_str(),
+                seed.title,
+                seed.dataset,
+                seed.budget.as_nanos(),
+                now()
+            ],
         )?;
-        tx.execute("DELETE FROM project_members WHERE project_id = ?1", [seed.id.as_str()])?;
+        tx.execute(
+            "DELETE FROM project_members WHERE project_id = ?1",
+            [seed.id.as_str()],
+        )?;
         for m in &seed.members {
             tx.execute(
                 "INSERT INTO project_members(project_id, user_id) VALUES (?1, ?2)",
@@ -139,12 +148,20 @@ impl Store {
             .query_row(
                 "SELECT title, dataset, budget_nanos, spent_nanos FROM projects WHERE id = ?1",
                 [id.as_str()],
-                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?, r.get(3)?)),
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                    ))
+                },
             )
             .optional()?
             .ok_or_else(|| StoreError::UnknownProject(id.to_string()))?;
-        let mut stmt =
-            conn.prepare("SELECT user_id FROM project_members WHERE project_id = ?1 ORDER BY user_id")?;
+        let mut stmt = conn.prepare(
+            "SELECT user_id FROM project_members WHERE project_id = ?1 ORDER BY user_id",
+        )?;
         let members = stmt
             .query_map([id.as_str()], |r| r.get::<_, String>(0))?
             .filter_map(|r| r.ok().and_then(|u| UserId::new(u).ok()))
@@ -220,7 +237,15 @@ impl Store {
         tx.execute(
             "INSERT INTO releases(id, ledger_id, project_id, user_id, sql, body, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![release_id, ledger_id, event.project, event.user, event.sql, release_json, event.at],
+            params![
+                release_id,
+                ledger_id,
+                event.project,
+                event.user,
+                event.sql,
+                release_json,
+                event.at
+            ],
         )?;
         let seq = append_event(&tx, event)?;
         tx.commit()?;
@@ -290,9 +315,11 @@ impl Store {
 
 fn append_event(tx: &rusqlite::Transaction<'_>, e: &AuditEvent) -> Result<i64, StoreError> {
     let (last_seq, prev): (i64, String) = tx
-        .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
+        .query_row(
+            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .optional()?
         .unwrap_or((0, GENESIS.to_owned()));
     let seq = last_seq + 1;

@@ -28,7 +28,13 @@ fn reservations_never_overspend() {
     let (_d, s) = store();
     let p = seed(&s, 1.0);
     // (cost, expect ok)
-    for (cost, ok) in [(0.4, true), (0.4, true), (0.3, false), (0.2, true), (0.1, false)] {
+    for (cost, ok) in [
+        (0.4, true),
+        (0.4, true),
+        (0.3, false),
+        (0.2, true),
+        (0.1, false),
+    ] {
         let r = s.reserve(&p, eps(cost), "h");
         assert_eq!(r.is_ok(), ok, "cost {cost}: {r:?}");
         if !ok {
@@ -44,7 +50,8 @@ fn reservations_never_overspend() {
 fn reseeding_keeps_the_ledger() {
     let (_d, s) = store();
     let p = seed(&s, 1.0);
-    s.reserve(&p, eps(0.5), "h").unwrap_or_else(|e| panic!("{e}"));
+    s.reserve(&p, eps(0.5), "h")
+        .unwrap_or_else(|e| panic!("{e}"));
     seed(&s, 1.0);
     let proj = s.project(&p).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(proj.remaining(), 0.5);

@@ -161,7 +161,9 @@ pub fn generate(
         let path = dir.join(format!("{table}.parquet"));
         let mut props = WriterProperties::builder().set_max_row_group_row_count(Some(64 * 1024));
         if let Protection::Encrypted(master) = &protection {
-            props = props.with_file_encryption_properties(master.file_encryption(&file_id(&dataset, table))?);
+            props = props.with_file_encryption_properties(
+                master.file_encryption(&file_id(&dataset, table))?,
+            );
         }
         let file = File::create(&path).map_err(|e| write_err(&path, e))?;
         let w = ArrowWriter::try_new(file, schema(table), Some(props.build()))
@@ -178,10 +180,12 @@ pub fn generate(
         counts.admissions += chunk.admissions.num_rows() as u64;
         counts.lab_results += chunk.labs.num_rows() as u64;
         counts.waiting_list += chunk.waits.num_rows() as u64;
-        for ((path, w), batch) in writers
-            .iter_mut()
-            .zip([&chunk.patients, &chunk.admissions, &chunk.labs, &chunk.waits])
-        {
+        for ((path, w), batch) in writers.iter_mut().zip([
+            &chunk.patients,
+            &chunk.admissions,
+            &chunk.labs,
+            &chunk.waits,
+        ]) {
             w.write(batch).map_err(|e| write_err(path, e))?;
         }
         start += n;
@@ -283,7 +287,15 @@ impl Chunk {
                 let method = if covid {
                     "emergency"
                 } else {
-                    pick(rng, &[("emergency", 0.45), ("elective", 0.4), ("maternity", 0.08), ("transfer", 0.07)])
+                    pick(
+                        rng,
+                        &[
+                            ("emergency", 0.45),
+                            ("elective", 0.4),
+                            ("maternity", 0.08),
+                            ("transfer", 0.07),
+                        ],
+                    )
                 };
                 let ventilated = covid && rng.random_bool(0.25 + 0.004 * age as f64);
                 let dexa = covid && rng.random_bool(if ventilated { 0.6 } else { 0.35 });
@@ -301,9 +313,12 @@ impl Chunk {
                 if died {
                     death = Some(day + rng.random_range(0..28));
                 }
-                let los = Gamma::new(1.5, 2.0 + age as f64 / 25.0 + if ventilated { 8.0 } else { 0.0 })
-                    .map(|g| g.sample(rng).round() as i64)
-                    .unwrap_or(1);
+                let los = Gamma::new(
+                    1.5,
+                    2.0 + age as f64 / 25.0 + if ventilated { 8.0 } else { 0.0 },
+                )
+                .map(|g| g.sample(rng).round() as i64)
+                .unwrap_or(1);
                 let specialty = if covid {
                     "respiratory"
                 } else if method == "maternity" {
@@ -320,7 +335,9 @@ impl Chunk {
                 } else {
                     Some(DIAGNOSES[rng.random_range(0..DIAGNOSES.len())])
                 };
-                a.push(&pid, day, method, specialty, diagnosis, covid, ventilated, dexa, los, died);
+                a.push(
+                    &pid, day, method, specialty, diagnosis, covid, ventilated, dexa, los, died,
+                );
             }
 
             // Lab results: HbA1c for diabetics and a share of others.
@@ -338,14 +355,27 @@ impl Chunk {
             };
             for _ in 0..hba1c_tests {
                 let v = normal(hba1c_mean, 7.0).sample(rng).clamp(20.0, 150.0);
-                l.push(&pid, Y2024 + rng.random_range(0..366), "HbA1c", (v * 10.0).round() / 10.0);
+                l.push(
+                    &pid,
+                    Y2024 + rng.random_range(0..366),
+                    "HbA1c",
+                    (v * 10.0).round() / 10.0,
+                );
             }
             if age >= 40 && rng.random_bool(0.4) {
                 let v = normal(5.2, 1.0).sample(rng).clamp(2.0, 10.0);
-                l.push(&pid, Y2024 + rng.random_range(0..366), "cholesterol", (v * 10.0).round() / 10.0);
-                let e = normal(100.0 - 0.6 * age as f64 - if diabetes { 10.0 } else { 0.0 }, 12.0)
-                    .sample(rng)
-                    .clamp(5.0, 120.0);
+                l.push(
+                    &pid,
+                    Y2024 + rng.random_range(0..366),
+                    "cholesterol",
+                    (v * 10.0).round() / 10.0,
+                );
+                let e = normal(
+                    100.0 - 0.6 * age as f64 - if diabetes { 10.0 } else { 0.0 },
+                    12.0,
+                )
+                .sample(rng)
+                .clamp(5.0, 120.0);
                 l.push(&pid, Y2024 + rng.random_range(0..366), "eGFR", e.round());
             }
 
@@ -357,7 +387,12 @@ impl Chunk {
                         .map(|g| g.sample(rng).min(104.0))
                         .unwrap_or(mean);
                     let spec = SPECIALTIES[rng.random_range(0..SPECIALTIES.len())];
-                    w.push(&pid, Y2023 + rng.random_range(0..730), spec, (weeks * 10.0).round() / 10.0);
+                    w.push(
+                        &pid,
+                        Y2023 + rng.random_range(0..730),
+                        spec,
+                        (weeks * 10.0).round() / 10.0,
+                    );
                 }
             }
 
@@ -378,11 +413,16 @@ impl Chunk {
             p.ethnicity.append_value(pick(rng, &ETHNICITY));
             p.imd.append_value(imd);
             p.region.append_value(region);
-            p.gp.append_value(format!("{}{:05}", (b'A' + (i % 26) as u8) as char, rng.random_range(0..2_000)));
+            p.gp.append_value(format!(
+                "{}{:05}",
+                (b'A' + (i % 26) as u8) as char,
+                rng.random_range(0..2_000)
+            ));
             p.diabetes.append_value(diabetes);
             p.death.append_option(death);
             p.opt_out.append_value(opt_out);
-            p.app.append_value(rng.random_bool(0.6 - 0.004 * age as f64).max(false));
+            p.app
+                .append_value(rng.random_bool(0.6 - 0.004 * age as f64).max(false));
         }
         Chunk {
             patients: p.finish(),

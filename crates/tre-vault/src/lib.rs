@@ -64,7 +64,8 @@ pub enum KeySource {
 impl MasterKey {
     pub fn from_bytes(bytes: &[u8; 32]) -> Result<Self, VaultError> {
         let key = LessSafeKey::new(
-            UnboundKey::new(&AES_256_GCM, bytes).map_err(|_| VaultError::Crypto("aes key".into()))?,
+            UnboundKey::new(&AES_256_GCM, bytes)
+                .map_err(|_| VaultError::Crypto("aes key".into()))?,
         );
         // Sub-keys are derived so that the wrapping key never doubles as the
         // pseudonymisation key.
@@ -101,9 +102,8 @@ impl MasterKey {
         }
         match fs::read_to_string(key_file) {
             Ok(text) => Ok((
-                Self::from_hex(&text).map_err(|e| {
-                    VaultError::MasterKey(format!("{}: {e}", key_file.display()))
-                })?,
+                Self::from_hex(&text)
+                    .map_err(|e| VaultError::MasterKey(format!("{}: {e}", key_file.display())))?,
                 KeySource::File { created: false },
             )),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
@@ -136,7 +136,10 @@ impl MasterKey {
     /// wrapped by the master key into the footer key metadata; AES-256-GCM
     /// with the footer encrypted; the file identity bound in as AAD prefix
     /// (not stored) so that files cannot be swapped.
-    pub fn file_encryption(&self, file_id: &str) -> Result<Arc<FileEncryptionProperties>, VaultError> {
+    pub fn file_encryption(
+        &self,
+        file_id: &str,
+    ) -> Result<Arc<FileEncryptionProperties>, VaultError> {
         let dek: [u8; DEK_LEN] = random_bytes()?;
         let wrapped = self.wrap(&dek, file_id)?;
         FileEncryptionProperties::builder(dek.to_vec())
@@ -274,8 +277,12 @@ mod tests {
     fn wrap_round_trips_and_binds_identity_and_key() {
         let k = key(1);
         let dek = [7u8; DEK_LEN];
-        let wrapped = k.wrap(&dek, "nhs_epr/patients.parquet").unwrap_or_else(|e| panic!("{e}"));
-        let back = k.unwrap_key(&wrapped, "nhs_epr/patients.parquet").unwrap_or_else(|e| panic!("{e}"));
+        let wrapped = k
+            .wrap(&dek, "nhs_epr/patients.parquet")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let back = k
+            .unwrap_key(&wrapped, "nhs_epr/patients.parquet")
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(back, dek);
         assert!(matches!(
             k.unwrap_key(&wrapped, "nhs_epr/admissions.parquet"),
@@ -313,7 +320,8 @@ mod tests {
         let missing = dir.path().join("none.key");
         assert!(MasterKey::resolve(None, &missing, false).is_err());
         let env = hex::encode([9u8; 32]);
-        let (k3, src) = MasterKey::resolve(Some(&env), &missing, false).unwrap_or_else(|e| panic!("{e}"));
+        let (k3, src) =
+            MasterKey::resolve(Some(&env), &missing, false).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(src, KeySource::Environment);
         assert_eq!(k3.key_id(), key(9).key_id());
     }
