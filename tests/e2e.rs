@@ -413,6 +413,73 @@ async fn budget_exhaustion_is_refused() {
     assert_eq!(server.state.store.verify_chain().ok(), Some(None));
 }
 
+/// A query that fails after touching data is still charged, and the
+/// researcher sees only a generic message; the detail goes to the audit log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_after_touching_data_is_charged_and_generic() {
+    let f = fixture();
+    let copy = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let data = copy.path().join("nhs_epr");
+    std::fs::create_dir_all(&data).unwrap_or_else(|e| panic!("{e}"));
+    for table in tre_synth::TABLES {
+        let name = format!("{table}.parquet");
+        std::fs::copy(f.data.join(&name), data.join(&name)).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let server = tre_e2e::start_on(&data, &[(PROJECT, &["alice"], 5.0)]).await;
+    // Damage the ciphertext of the admissions extract after start-up: the
+    // footer still decrypts, the column pages no longer authenticate.
+    let path = data.join("admissions.parquet");
+    let mut bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{e}"));
+    for b in &mut bytes[100..400] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&path, bytes).unwrap_or_else(|e| panic!("{e}"));
+
+    let (mut q, _) = server.clients().await;
+    let t = server.token("alice", Role::Researcher);
+    let sql = "SELECT admission_method, COUNT(*) AS n FROM admissions GROUP BY admission_method";
+    let s = q
+        .submit(authed(
+            pb::QueryRequest {
+                project: PROJECT.into(),
+                sql: sql.into(),
+                epsilon: Some(0.5),
+            },
+            &t,
+        ))
+        .await
+        .expect_err("corrupt extract");
+    assert_eq!(
+        (code_of(&s), s.code()),
+        (
+            Code::ExecutionFailed.as_str().to_owned(),
+            tonic::Code::Internal
+        )
+    );
+    assert_eq!(
+        s.message(),
+        "TRE-E001 the query failed while running; its cost has been charged and the details are in the audit log"
+    );
+    assert!(
+        (server.spent(PROJECT) - 0.5).abs() < 1e-9,
+        "charged even though it failed"
+    );
+    let events = server
+        .state
+        .store
+        .audit_events()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let last = events
+        .last()
+        .map(|e| &e.event)
+        .unwrap_or_else(|| panic!("no audit event"));
+    assert_eq!(
+        (last.outcome.as_str(), last.code.as_str()),
+        ("failed", "TRE-E001")
+    );
+    assert!(!last.detail.is_empty() && (last.epsilon_charged - 0.5).abs() < 1e-9);
+}
+
 /// A dry run describes the plan and its cost without spending anything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_run_describes_and_costs_nothing() {

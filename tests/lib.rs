@@ -72,15 +72,16 @@ pub fn policy() -> Policy {
 }
 
 pub fn engine_with(master: Arc<MasterKey>) -> Result<Engine, tre_query::QueryError> {
+    engine_on(&fixture().data, master)
+}
+
+pub fn engine_on(
+    data: &std::path::Path,
+    master: Arc<MasterKey>,
+) -> Result<Engine, tre_query::QueryError> {
     let profile =
         Profile::from_toml("policies/sdc/nhs_sde.toml", NHS_SDE).unwrap_or_else(|e| panic!("{e}"));
-    Engine::open(
-        policy(),
-        profile,
-        &fixture().data,
-        master,
-        Limits::default(),
-    )
+    Engine::open(policy(), profile, data, master, Limits::default())
 }
 
 pub struct Server {
@@ -100,9 +101,14 @@ impl Drop for Server {
 
 /// Start a gateway with the given projects: (id, members, budget).
 pub async fn start(projects: &[(&str, &[&str], f64)]) -> Server {
+    start_on(&fixture().data, projects).await
+}
+
+/// Start a gateway over the extracts in `data` (encrypted under `MASTER`).
+pub async fn start_on(data: &std::path::Path, projects: &[(&str, &[&str], f64)]) -> Server {
     let f = fixture();
     let state_dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let engine = engine_with(Arc::clone(&f.master)).unwrap_or_else(|e| panic!("{e}"));
+    let engine = engine_on(data, Arc::clone(&f.master)).unwrap_or_else(|e| panic!("{e}"));
     let store = Store::open(&state_dir.path().join("tre.db")).unwrap_or_else(|e| panic!("{e}"));
     for (id, members, budget) in projects {
         store

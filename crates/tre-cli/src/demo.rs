@@ -182,7 +182,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         "\ntre demo · gateway on {bound} · project {project} · researcher `researcher` · budget epsilon {budget}\n"
     );
 
-    let (title, sql, eps) = QUESTIONS[0];
+    let (_, sql, eps) = QUESTIONS[0];
     let dry = client
         .query
         .dry_run(pb::QueryRequest {
@@ -199,7 +199,6 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     );
 
     for (i, (title_i, sql, eps)) in QUESTIONS.iter().enumerate() {
-        let _ = title;
         println!(
             "▶ Q{}: {title_i}\n  {}\n",
             i + 1,
@@ -220,38 +219,35 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         println!("  ({:.2}s)\n", t.elapsed().as_secs_f64());
     }
 
-    println!("▶ refusal 1: a row-level select");
-    let refused = client
-        .query
-        .submit(pb::QueryRequest {
-            project: project.clone(),
-            sql: "SELECT person_id, date_of_death FROM patients".into(),
-            epsilon: None,
-        })
-        .await;
-    println!(
-        "  {}\n",
-        refused
-            .err()
-            .map(|s| status_text(&s))
-            .unwrap_or_else(|| "UNEXPECTEDLY ACCEPTED".into())
-    );
-    println!("▶ refusal 2: a query the remaining budget cannot pay for (epsilon 1.0)");
-    let refused = client
-        .query
-        .submit(pb::QueryRequest {
-            project: project.clone(),
-            sql: "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex".into(),
-            epsilon: Some(1.0),
-        })
-        .await;
-    println!(
-        "  {}\n",
-        refused
-            .err()
-            .map(|s| status_text(&s))
-            .unwrap_or_else(|| "UNEXPECTEDLY ACCEPTED".into())
-    );
+    for (title, sql, eps) in [
+        (
+            "a row-level select",
+            "SELECT person_id, date_of_death FROM patients",
+            None,
+        ),
+        (
+            "a query the remaining budget cannot pay for (epsilon 1.0)",
+            "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex",
+            Some(1.0),
+        ),
+    ] {
+        println!("▶ refusal: {title}");
+        let refused = client
+            .query
+            .submit(pb::QueryRequest {
+                project: project.clone(),
+                sql: sql.into(),
+                epsilon: eps,
+            })
+            .await;
+        println!(
+            "  {}\n",
+            refused
+                .err()
+                .map(|s| status_text(&s))
+                .unwrap_or_else(|| "UNEXPECTEDLY ACCEPTED".into())
+        );
+    }
 
     let b = client
         .query

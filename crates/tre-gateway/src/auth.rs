@@ -41,7 +41,7 @@ impl Issuer {
                 let doc = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| {
                     GatewayError::Setup("cannot generate the token issuer key".into())
                 })?;
-                write_owner_only(&path, doc.as_ref()).map_err(|e| {
+                tre_vault::write_secret_file(&path, doc.as_ref()).map_err(|e| {
                     GatewayError::Setup(format!("cannot write {}: {e}", path.display()))
                 })?;
                 doc.as_ref().to_vec()
@@ -110,21 +110,4 @@ fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-fn write_owner_only(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
 }

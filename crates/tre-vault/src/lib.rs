@@ -108,7 +108,7 @@ impl MasterKey {
             )),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
                 let bytes: [u8; 32] = random_bytes()?;
-                write_owner_only(key_file, hex::encode(bytes).as_bytes()).map_err(|e| {
+                write_secret_file(key_file, hex::encode(bytes).as_bytes()).map_err(|e| {
                     VaultError::MasterKey(format!("cannot create {}: {e}", key_file.display()))
                 })?;
                 Ok((Self::from_bytes(&bytes)?, KeySource::File { created: true }))
@@ -249,7 +249,10 @@ fn random_bytes<const N: usize>() -> Result<[u8; N], VaultError> {
     Ok(buf)
 }
 
-fn write_owner_only(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Create `path` (and its parents) holding `bytes`, readable and writable by
+/// the owner only (0600). Fails if the file exists: secrets are never
+/// overwritten.
+pub fn write_secret_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir)?;
     }
