@@ -350,6 +350,12 @@ async fn refusals_return_their_code_and_cost_nothing() {
             "{project}: {}",
             s.message()
         );
+        assert_eq!(
+            s.message().matches("TRE-").count(),
+            1,
+            "one code per message: {}",
+            s.message()
+        );
         assert_eq!(server.audit_len(), before + 1);
     }
     assert_eq!(server.spent(PROJECT), 0.0);

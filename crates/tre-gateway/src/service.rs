@@ -174,13 +174,22 @@ impl Services {
     }
 }
 
+/// The reason an authentication failed, without its code, so that each use
+/// can wrap it once.
+fn bare_reason(e: GatewayError) -> String {
+    match e {
+        GatewayError::Unauthenticated(reason) => reason,
+        other => other.to_string(),
+    }
+}
+
 #[tonic::async_trait]
 impl QueryService for Services {
     async fn submit(
         &self,
         request: Request<pb::QueryRequest>,
     ) -> Result<Response<pb::QueryResponse>, Status> {
-        let who = self.authenticate(&request);
+        let who = self.authenticate(&request).map_err(bare_reason);
         let req = request.into_inner();
         let mut outcome = Outcome::default();
         let result = match &who {
@@ -192,7 +201,7 @@ impl QueryService for Services {
             Ok(resp) => Ok(Response::new(resp)),
             Err(err) => {
                 let err = match (who.as_ref().err(), err) {
-                    (Some(auth), _) => GatewayError::Unauthenticated(auth.to_string()),
+                    (Some(reason), _) => GatewayError::Unauthenticated(reason.clone()),
                     (None, e) => e,
                 };
                 self.audit(
@@ -212,12 +221,12 @@ impl QueryService for Services {
         &self,
         request: Request<pb::QueryRequest>,
     ) -> Result<Response<pb::DryRunResponse>, Status> {
-        let who = self.authenticate(&request);
+        let who = self.authenticate(&request).map_err(bare_reason);
         let req = request.into_inner();
         let result = async {
             let who = who
                 .as_ref()
-                .map_err(|e| GatewayError::Unauthenticated(e.to_string()))?;
+                .map_err(|reason| GatewayError::Unauthenticated(reason.clone()))?;
             let project = self.authorise_project(who, &req.project)?;
             let eps = self.epsilon(req.epsilon)?;
             let plan = self.state.engine.compile(&req.sql, eps).await?;
@@ -246,11 +255,11 @@ impl QueryService for Services {
         &self,
         request: Request<pb::BudgetRequest>,
     ) -> Result<Response<pb::BudgetResponse>, Status> {
-        let who = self.authenticate(&request);
+        let who = self.authenticate(&request).map_err(bare_reason);
         let req = request.into_inner();
         let result = who
             .as_ref()
-            .map_err(|e| GatewayError::Unauthenticated(e.to_string()))
+            .map_err(|reason| GatewayError::Unauthenticated(reason.clone()))
             .and_then(|who| self.authorise_project(who, &req.project))
             .map(|p| pb::BudgetResponse {
                 project: p.id.to_string(),
@@ -276,10 +285,10 @@ impl CatalogService for Services {
         &self,
         request: Request<pb::ListDatasetsRequest>,
     ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
-        let who = self.authenticate(&request);
+        let who = self.authenticate(&request).map_err(bare_reason);
         let result = who
             .as_ref()
-            .map_err(|e| GatewayError::Unauthenticated(e.to_string()))
+            .map_err(|reason| GatewayError::Unauthenticated(reason.clone()))
             .map(|_| pb::ListDatasetsResponse {
                 datasets: vec![convert::dataset(self.state.engine.policy())],
             });
@@ -298,12 +307,12 @@ impl CatalogService for Services {
         &self,
         request: Request<pb::DescribeTableRequest>,
     ) -> Result<Response<pb::DescribeTableResponse>, Status> {
-        let who = self.authenticate(&request);
+        let who = self.authenticate(&request).map_err(bare_reason);
         let req = request.into_inner();
         let policy = self.state.engine.policy();
         let result = who
             .as_ref()
-            .map_err(|e| GatewayError::Unauthenticated(e.to_string()))
+            .map_err(|reason| GatewayError::Unauthenticated(reason.clone()))
             .and_then(|_| {
                 if !req.dataset.is_empty() && req.dataset != policy.dataset {
                     return Err(GatewayError::NotFound(format!(

@@ -461,7 +461,7 @@ fn planning_refusal(msg: &str) -> QueryError {
 /// Refuse node types that are never allowed, anywhere, including inside
 /// subqueries.
 fn check_nodes(plan: &LogicalPlan) -> Result<(), QueryError> {
-    let mut refusal: Option<QueryError> = None;
+    let mut first = FirstRefusal::default();
     let unsupported = |what: &str| {
         QueryError::refused(
             Code::UnsupportedShape,
@@ -471,7 +471,7 @@ fn check_nodes(plan: &LogicalPlan) -> Result<(), QueryError> {
         )
     };
     let _ = plan.apply_with_subqueries(|node| {
-        let r = match node {
+        first.visit(match node {
             LogicalPlan::Explain(_) | LogicalPlan::Analyze(_) => Some(explain_refusal()),
             LogicalPlan::Ddl(_)
             | LogicalPlan::Dml(_)
@@ -494,16 +494,33 @@ fn check_nodes(plan: &LogicalPlan) -> Result<(), QueryError> {
                 Some(unsupported("a query without a table"))
             }
             _ => None,
-        };
-        Ok(match r {
+        })
+    });
+    first.into_result()
+}
+
+/// Collects the first refusal met while walking a plan or an expression and
+/// stops the walk there.
+#[derive(Default)]
+struct FirstRefusal(Option<QueryError>);
+
+impl FirstRefusal {
+    fn visit(
+        &mut self,
+        refusal: Option<QueryError>,
+    ) -> datafusion::error::Result<TreeNodeRecursion> {
+        Ok(match refusal {
             Some(e) => {
-                refusal = Some(e);
+                self.0 = Some(e);
                 TreeNodeRecursion::Stop
             }
             None => TreeNodeRecursion::Continue,
         })
-    });
-    refusal.map_or(Ok(()), Err)
+    }
+
+    fn into_result(self) -> Result<(), QueryError> {
+        self.0.map_or(Ok(()), Err)
+    }
 }
 
 fn top_shape(
@@ -699,9 +716,9 @@ fn resolve<'p>(c: &Column, scopes: &[Scope<'p>]) -> Option<(&'p TablePolicy, &'p
 }
 
 fn check_filter(predicate: &Expr, scopes: &[Scope<'_>]) -> Result<(), QueryError> {
-    let mut refusal = None;
+    let mut first = FirstRefusal::default();
     let _ = predicate.apply(|e| {
-        let r = match e {
+        first.visit(match e {
             Expr::Column(c) => match resolve(c, scopes) {
                 Some((_, col)) if col.class == ColumnClass::Identifier => Some(QueryError::refused(
                     Code::IdentifierInFilter,
@@ -727,16 +744,9 @@ fn check_filter(predicate: &Expr, scopes: &[Scope<'_>]) -> Result<(), QueryError
                 "aggregates and window functions cannot appear in WHERE",
             )),
             _ => None,
-        };
-        Ok(match r {
-            Some(err) => {
-                refusal = Some(err);
-                TreeNodeRecursion::Stop
-            }
-            None => TreeNodeRecursion::Continue,
         })
     });
-    refusal.map_or(Ok(()), Err)
+    first.into_result()
 }
 
 fn group_keys(
