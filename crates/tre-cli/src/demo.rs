@@ -119,8 +119,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let project = if args.serve {
         "demo".to_owned()
     } else {
-        format!("demo-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S"))
+        format!("demo-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S%.3f"))
     };
+    if !args.serve && state.store.project(&ProjectId::new(&project)?).is_ok() {
+        anyhow::bail!("project {project} already exists; run the demo again");
+    }
     let budget = if args.serve {
         state.engine.policy().budget.project_epsilon
     } else {
