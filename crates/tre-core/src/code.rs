@@ -51,10 +51,16 @@ codes! {
     FunctionNotAllowed = "TRE-Q020",
     IdentifierInFilter = "TRE-Q021",
     TooManyGroups = "TRE-Q022",
+    KeySelectionNeedsDelta = "TRE-Q023",
+    CrossJoin = "TRE-Q024",
+    SubqueryNotAllowed = "TRE-Q025",
+    PrivacyUnitLost = "TRE-Q026",
+    IdentifierInExpression = "TRE-Q027",
 
     // Budget.
     BudgetExhausted = "TRE-B001",
     EpsilonAboveCap = "TRE-B002",
+    DeltaAboveCap = "TRE-B003",
 
     // Policy files.
     PolicyInvalid = "TRE-P001",

@@ -25,6 +25,8 @@ pub enum CoreError {
         value: String,
         why: &'static str,
     },
+    #[error("{code} delta must be a finite number in [0, 1e-3], got {value}; pass a small delta such as 1e-7, or 0 for pure epsilon", code = Code::InvalidEpsilon)]
+    InvalidDelta { value: f64 },
     #[error("{code} unknown role '{0}'; use one of researcher, custodian, auditor, admin", code = Code::InvalidIdentifier)]
     UnknownRole(String),
 }
@@ -79,6 +81,63 @@ impl From<Epsilon> for f64 {
 impl fmt::Display for Epsilon {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)
+    }
+}
+
+/// The probability δ with which an (ε, δ) guarantee may fail: finite, in
+/// `[0, 1e-3]` (anything larger is not a privacy guarantee worth the name).
+/// Zero means pure ε-DP.
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd, Default, Serialize, Deserialize)]
+#[serde(try_from = "f64", into = "f64")]
+pub struct Delta(f64);
+
+impl Delta {
+    pub const ZERO: Delta = Delta(0.0);
+    /// The ledger keeps δ in units of 1e-15 so sums are exact integers.
+    pub const FEMTOS_PER_UNIT: f64 = 1e15;
+
+    pub fn new(value: f64) -> Result<Self, CoreError> {
+        if value.is_finite() && (0.0..=1e-3).contains(&value) {
+            Ok(Self(value))
+        } else {
+            Err(CoreError::InvalidDelta { value })
+        }
+    }
+
+    pub fn value(self) -> f64 {
+        self.0
+    }
+
+    pub fn is_zero(self) -> bool {
+        self.0 == 0.0
+    }
+
+    /// Rounded up so that charging never undercounts.
+    pub fn as_femtos(self) -> i64 {
+        (self.0 * Self::FEMTOS_PER_UNIT).ceil() as i64
+    }
+
+    pub fn from_femtos(femtos: i64) -> f64 {
+        femtos as f64 / Self::FEMTOS_PER_UNIT
+    }
+}
+
+impl TryFrom<f64> for Delta {
+    type Error = CoreError;
+    fn try_from(value: f64) -> Result<Self, Self::Error> {
+        Self::new(value)
+    }
+}
+
+impl From<Delta> for f64 {
+    fn from(d: Delta) -> f64 {
+        d.0
+    }
+}
+
+impl fmt::Display for Delta {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:e}", self.0)
     }
 }
 

@@ -9,11 +9,13 @@
 //! This crate must never depend on arrow, DataFusion, storage or the
 //! network: it sees numbers, sensitivities and epsilons only.
 
-use opendp::domains::AtomDomain;
-use opendp::measurements::make_laplace;
-use opendp::measures::MaxDivergence;
-use opendp::metrics::AbsoluteDistance;
-use tre_core::{Code, Epsilon};
+use std::collections::HashMap;
+
+use opendp::domains::{AtomDomain, MapDomain, VectorDomain};
+use opendp::measurements::{make_laplace, make_laplace_threshold, make_private_quantile};
+use opendp::measures::{Approximate, MaxDivergence};
+use opendp::metrics::{AbsoluteDistance, L01InfDistance, SymmetricDistance};
+use tre_core::{Code, Delta, Epsilon};
 
 /// Errors from the mechanisms. They are internal by nature: a well-formed
 /// plan never produces one.
@@ -111,6 +113,220 @@ impl DiscreteLaplace {
         let a = opendp::accuracy::discrete_laplacian_scale_to_accuracy(self.scale, alpha)
             .map_err(|e| DpError::Mechanism(e.to_string()))?;
         Ok((a.floor() - 1.0).max(0.0))
+    }
+}
+
+type QuantileMeasurement =
+    opendp::core::Measurement<VectorDomain<AtomDomain<i64>>, SymmetricDistance, MaxDivergence, i64>;
+
+fn quantile_measurement(
+    buckets: i64,
+    alpha: f64,
+    scale: f64,
+) -> Result<QuantileMeasurement, DpError> {
+    make_private_quantile(
+        VectorDomain::new(AtomDomain::<i64>::default()),
+        SymmetricDistance,
+        MaxDivergence,
+        (0..=buckets).collect(),
+        alpha,
+        scale,
+    )
+    .map_err(|e| DpError::Mechanism(e.to_string()))
+}
+
+/// A DP quantile by OpenDP's `make_private_quantile` (the exponential
+/// mechanism by report-noisy-max) over bucket indices `0..=buckets` of a
+/// bounded value. Calibrated so that a patient with up to `max_rows` rows
+/// costs at most `epsilon`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quantile {
+    alpha: f64,
+    buckets: i64,
+    max_rows: u32,
+    scale: f64,
+    epsilon: f64,
+}
+
+impl Quantile {
+    pub fn new(alpha: f64, buckets: i64, max_rows: u32, epsilon: Epsilon) -> Result<Self, DpError> {
+        if max_rows < 1 {
+            return Err(DpError::Sensitivity(i64::from(max_rows)));
+        }
+        let map = |scale: f64| -> Result<f64, DpError> {
+            quantile_measurement(buckets, alpha, scale)?
+                .map(&max_rows)
+                .map_err(|e| DpError::Mechanism(e.to_string()))
+        };
+        // The privacy map is inversely proportional to the scale.
+        let mut scale = map(1.0)? / epsilon.value();
+        let mut actual = map(scale)?;
+        for _ in 0..8 {
+            if actual <= epsilon.value() {
+                break;
+            }
+            scale *= (actual / epsilon.value()) * (1.0 + 1e-12);
+            actual = map(scale)?;
+        }
+        if actual > epsilon.value() * (1.0 + 1e-9) {
+            return Err(DpError::CostMismatch {
+                planned: epsilon.value(),
+                actual,
+            });
+        }
+        Ok(Self {
+            alpha,
+            buckets,
+            max_rows,
+            scale,
+            epsilon: actual,
+        })
+    }
+
+    pub fn alpha(&self) -> f64 {
+        self.alpha
+    }
+
+    pub fn buckets(&self) -> i64 {
+        self.buckets
+    }
+
+    pub fn max_rows(&self) -> u32 {
+        self.max_rows
+    }
+
+    /// The noise scale in units of rank (the quantile score changes by one
+    /// per rank).
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
+    pub fn epsilon(&self) -> f64 {
+        self.epsilon
+    }
+
+    /// Release one bucket index from a histogram of `(bucket, count)`.
+    pub fn release(&self, histogram: &[(i64, u64)]) -> Result<i64, DpError> {
+        let total: u64 = histogram.iter().map(|(_, c)| *c).sum();
+        let mut data = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+        for (b, c) in histogram {
+            data.extend(std::iter::repeat_n(*b, usize::try_from(*c).unwrap_or(0)));
+        }
+        quantile_measurement(self.buckets, self.alpha, self.scale)?
+            .invoke(&data)
+            .map_err(|e| DpError::Mechanism(e.to_string()))
+    }
+
+    /// Rank error `r` such that the released value's rank is within `r` of
+    /// the target rank with probability at least `1 - alpha`: report-noisy-
+    /// max over `C` candidates misses the best score by more than
+    /// `scale * ln(C / alpha)` with probability at most `alpha` (union bound,
+    /// so conservative).
+    pub fn rank_half_width(&self, alpha: f64) -> f64 {
+        let c = (self.buckets + 1) as f64;
+        self.scale * (c / alpha).ln()
+    }
+}
+
+type ThresholdMeasurement = opendp::core::Measurement<
+    MapDomain<AtomDomain<String>, AtomDomain<i64>>,
+    L01InfDistance<AbsoluteDistance<i64>>,
+    Approximate<MaxDivergence>,
+    HashMap<String, i64>,
+>;
+
+fn threshold_measurement(scale: f64, threshold: i64) -> Result<ThresholdMeasurement, DpError> {
+    make_laplace_threshold(
+        MapDomain::new(AtomDomain::<String>::default(), AtomDomain::<i64>::default()),
+        L01InfDistance::default(),
+        scale,
+        threshold,
+        None,
+    )
+    .map_err(|e| DpError::Mechanism(e.to_string()))
+}
+
+/// DP key selection: a group key without a public domain is released only
+/// if its noisy distinct-patient count clears a threshold (OpenDP's
+/// `make_laplace_threshold`, an (ε, δ) mechanism). Each patient counts
+/// towards at most `max_groups` keys, once each.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeySelection {
+    max_groups: u32,
+    scale: f64,
+    threshold: i64,
+    epsilon: f64,
+    delta: f64,
+}
+
+impl KeySelection {
+    pub fn new(max_groups: u32, epsilon: Epsilon, delta: Delta) -> Result<Self, DpError> {
+        if max_groups < 1 || delta.is_zero() {
+            return Err(DpError::Mechanism(
+                "key selection needs max_groups >= 1 and delta > 0".into(),
+            ));
+        }
+        let d_in = (max_groups, i64::from(max_groups), 1i64);
+        let scale = f64::from(max_groups) / epsilon.value();
+        let cost = |t: i64| -> Result<(f64, f64), DpError> {
+            threshold_measurement(scale, t)?
+                .map(&d_in)
+                .map_err(|e| DpError::Mechanism(e.to_string()))
+        };
+        // Smallest threshold whose delta fits: delta falls as it rises.
+        let (mut lo, mut hi) = (1i64, 1i64 << 40);
+        if cost(hi)?.1 > delta.value() {
+            return Err(DpError::Mechanism("no threshold reaches this delta".into()));
+        }
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if cost(mid)?.1 <= delta.value() {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        let (eps, del) = cost(lo)?;
+        if eps > epsilon.value() * (1.0 + 1e-9) || del > delta.value() {
+            return Err(DpError::CostMismatch {
+                planned: epsilon.value(),
+                actual: eps,
+            });
+        }
+        Ok(Self {
+            max_groups,
+            scale,
+            threshold: lo,
+            epsilon: eps,
+            delta: del,
+        })
+    }
+
+    pub fn threshold(&self) -> i64 {
+        self.threshold
+    }
+
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
+    pub fn epsilon(&self) -> f64 {
+        self.epsilon
+    }
+
+    pub fn delta(&self) -> f64 {
+        self.delta
+    }
+
+    pub fn max_groups(&self) -> u32 {
+        self.max_groups
+    }
+
+    /// Keys whose noisy count clears the threshold, with that noisy count.
+    pub fn select(&self, counts: HashMap<String, i64>) -> Result<HashMap<String, i64>, DpError> {
+        threshold_measurement(self.scale, self.threshold)?
+            .invoke(&counts)
+            .map_err(|e| DpError::Mechanism(e.to_string()))
     }
 }
 

@@ -64,3 +64,65 @@ fn noise_is_centred_with_declared_spread_and_coverage() {
     let coverage = covered as f64 / n as f64;
     assert!((0.94..=0.96).contains(&coverage), "coverage {coverage}");
 }
+
+/// The quantile mechanism is calibrated through OpenDP's own privacy map
+/// and its cost grows no faster than linearly with rows per patient.
+#[test]
+fn quantile_calibration_matches_opendp_privacy_map() {
+    for (rows, e) in [(1u32, 1.0), (5, 0.5), (6, 0.1)] {
+        let q = Quantile::new(0.5, 200, rows, eps(e)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(q.epsilon() <= e * (1.0 + 1e-9), "{} > {e}", q.epsilon());
+        assert!(q.epsilon() >= e * 0.999, "{} wastes budget", q.epsilon());
+    }
+    let one = Quantile::new(0.5, 200, 1, eps(1.0)).unwrap_or_else(|e| panic!("{e}"));
+    let five = Quantile::new(0.5, 200, 5, eps(1.0)).unwrap_or_else(|e| panic!("{e}"));
+    assert!((five.scale() / one.scale() - 5.0).abs() < 1e-6);
+}
+
+/// Released quantiles are centred on the exact one in rank, and the stated
+/// rank interval covers it. Data: 4,001 distinct values 0..=4000 over 4,000
+/// buckets, so rank = value; 1,000 releases of the median at scale ≈ 4.
+/// The stated interval is a union bound (conservative), so coverage must be
+/// at least 0.95 − 3.5 standard errors (0.007) → ≥ 0.925, failure < 1e-3;
+/// the mean rank error has standard error ≈ 0.2, so |mean| < 1.5 fails with
+/// probability < 1e-10.
+#[test]
+fn quantile_is_centred_and_its_rank_interval_covers() {
+    let q = Quantile::new(0.5, 4000, 1, eps(0.5)).unwrap_or_else(|e| panic!("{e}"));
+    let histogram: Vec<(i64, u64)> = (0..=4000).map(|b| (b, 1)).collect();
+    let r = q.rank_half_width(1.0 - CONFIDENCE);
+    let (mut sum, mut covered) = (0.0, 0);
+    let n = 1_000;
+    for _ in 0..n {
+        let b = q.release(&histogram).unwrap_or_else(|e| panic!("{e}"));
+        let err = (b - 2000) as f64;
+        sum += err;
+        if err.abs() <= r {
+            covered += 1;
+        }
+    }
+    let mean = sum / f64::from(n);
+    assert!(mean.abs() < 1.5, "mean rank error {mean}");
+    let coverage = f64::from(covered) / f64::from(n);
+    assert!(coverage >= 0.925, "coverage {coverage} of ±{r}");
+}
+
+/// Key selection: the threshold is set by OpenDP's privacy map for the
+/// requested (ε, δ); a key held by a single patient is released with
+/// probability at most δ (never, in 2,000 tries at δ = 1e-6), and a key
+/// far above the threshold always is.
+#[test]
+fn key_selection_meets_delta_and_keeps_large_keys() {
+    let delta = Delta::new(1e-6).unwrap_or_else(|e| panic!("{e}"));
+    let ks = KeySelection::new(3, eps(0.5), delta).unwrap_or_else(|e| panic!("{e}"));
+    assert!(ks.delta() <= 1e-6 && ks.epsilon() <= 0.5 * (1.0 + 1e-9));
+    assert!(ks.threshold() > 1);
+    let big = ks.threshold() + 40 * ks.scale().ceil() as i64;
+    for _ in 0..2_000 {
+        let counts = HashMap::from([("lonely".to_owned(), 1i64), ("common".to_owned(), big)]);
+        let kept = ks.select(counts).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!kept.contains_key("lonely"));
+        assert!(kept.contains_key("common"));
+    }
+    assert!(KeySelection::new(3, eps(0.5), Delta::ZERO).is_err());
+}

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
-use tre_core::{Code, Epsilon};
+use tre_core::{Code, Delta, Epsilon};
 
 mod raw;
 
@@ -32,6 +32,12 @@ pub struct Policy {
     /// National Data Opt-out: patients with this flag set are removed from
     /// every plan before anything else runs.
     pub opt_out: Option<ColumnRef>,
+    /// DP key selection: at most this many groups per patient are kept
+    /// (chosen at random) when a group key has no public domain.
+    pub max_groups_per_unit: u32,
+    /// Public reference tables (lookups such as ICD-10 chapters) that may be
+    /// joined on any key. Their contents are public, so they need no bounding.
+    pub reference_tables: Vec<String>,
     pub budget: BudgetPolicy,
     pub tables: BTreeMap<String, TablePolicy>,
 }
@@ -49,6 +55,11 @@ pub struct BudgetPolicy {
     pub max_epsilon_per_query: Epsilon,
     /// Budget a new project receives unless a custodian says otherwise.
     pub project_epsilon: Epsilon,
+    /// δ for queries that need one (DP key selection); zero means such
+    /// queries are refused unless the researcher asks for a δ.
+    pub default_delta_per_query: Delta,
+    pub max_delta_per_query: Delta,
+    pub project_delta: Delta,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
-use tre_core::Epsilon;
+use tre_core::{Delta, Epsilon};
 
 use crate::{
     BudgetPolicy, ColumnClass, ColumnPolicy, ColumnRef, DomainValue, Policy, TablePolicy,
@@ -31,6 +31,14 @@ struct RawDataset {
     privacy_unit: String,
     sdc_profile: String,
     exclude_opted_out: Option<String>,
+    #[serde(default = "default_max_groups")]
+    max_groups_per_unit: i64,
+    #[serde(default)]
+    reference_tables: Vec<String>,
+}
+
+fn default_max_groups() -> i64 {
+    1
 }
 
 #[derive(Deserialize)]
@@ -39,6 +47,12 @@ struct RawBudget {
     default_epsilon_per_query: f64,
     max_epsilon_per_query: f64,
     project_epsilon: f64,
+    #[serde(default)]
+    default_delta_per_query: f64,
+    #[serde(default)]
+    max_delta_per_query: f64,
+    #[serde(default)]
+    project_delta: f64,
 }
 
 #[derive(Deserialize)]
@@ -66,6 +80,10 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> Invalid {
 
 fn epsilon(field: &str, v: f64) -> Result<Epsilon, Invalid> {
     Epsilon::new(v).map_err(|_| invalid(field, format!("must be a positive number, got {v}")))
+}
+
+fn delta(field: &str, v: f64) -> Result<Delta, Invalid> {
+    Delta::new(v).map_err(|_| invalid(field, format!("must be in [0, 1e-3], got {v}")))
 }
 
 fn is_name(s: &str) -> bool {
@@ -108,7 +126,42 @@ impl RawPolicy {
                 b.max_epsilon_per_query,
             )?,
             project_epsilon: epsilon("budget.project_epsilon", b.project_epsilon)?,
+            default_delta_per_query: delta(
+                "budget.default_delta_per_query",
+                b.default_delta_per_query,
+            )?,
+            max_delta_per_query: delta("budget.max_delta_per_query", b.max_delta_per_query)?,
+            project_delta: delta("budget.project_delta", b.project_delta)?,
         };
+        if budget.default_delta_per_query > budget.max_delta_per_query {
+            return Err(invalid(
+                "budget.default_delta_per_query",
+                "must not exceed budget.max_delta_per_query",
+            ));
+        }
+        if budget.max_delta_per_query > budget.project_delta {
+            return Err(invalid(
+                "budget.max_delta_per_query",
+                "must not exceed budget.project_delta",
+            ));
+        }
+        if !(1..=1_000).contains(&d.max_groups_per_unit) {
+            return Err(invalid(
+                "dataset.max_groups_per_unit",
+                format!(
+                    "must be between 1 and 1000, got {}",
+                    d.max_groups_per_unit
+                ),
+            ));
+        }
+        for (i, r) in d.reference_tables.iter().enumerate() {
+            if !is_name(r) {
+                return Err(invalid(
+                    format!("dataset.reference_tables[{i}]"),
+                    "name a public reference table shipped under datasets/reference/, e.g. \"icd10_codes\"",
+                ));
+            }
+        }
         if budget.default_epsilon_per_query > budget.max_epsilon_per_query {
             return Err(invalid(
                 "budget.default_epsilon_per_query",
@@ -181,6 +234,9 @@ impl RawPolicy {
             privacy_unit: d.privacy_unit,
             sdc_profile: d.sdc_profile,
             opt_out,
+            max_groups_per_unit: u32::try_from(d.max_groups_per_unit)
+                .map_err(|_| invalid("dataset.max_groups_per_unit", "out of range"))?,
+            reference_tables: d.reference_tables,
             budget,
             tables,
         })
