@@ -9,6 +9,8 @@ use tre_core::{Code, Role};
 use tre_e2e::{authed, fixture, start};
 use tre_proto::v1 as pb;
 
+mod corpus;
+
 const PROJECT: &str = "p1";
 
 fn value(c: &pb::Cell) -> &pb::Value {
@@ -87,6 +89,7 @@ async fn accepted_query_intervals_cover_the_exact_answer() {
                     project: PROJECT.into(),
                     sql: sql.into(),
                     epsilon: Some(0.2),
+                    delta: None,
                 },
                 &token,
             ))
@@ -275,6 +278,7 @@ async fn refusals_return_their_code_and_cost_nothing() {
                     project: PROJECT.into(),
                     sql: (*sql).into(),
                     epsilon: *eps,
+                    delta: None,
                 },
                 &alice,
             ))
@@ -339,6 +343,7 @@ async fn refusals_return_their_code_and_cost_nothing() {
                     project: (*project).into(),
                     sql: ok_sql.into(),
                     epsilon: None,
+                    delta: None,
                 },
                 token,
             ))
@@ -373,6 +378,7 @@ async fn budget_exhaustion_is_refused() {
         project: PROJECT.into(),
         sql: sql.into(),
         epsilon: Some(eps),
+        delta: None,
     };
     let r = q
         .submit(authed(submit(0.6), &t))
@@ -450,6 +456,7 @@ async fn failure_after_touching_data_is_charged_and_generic() {
                 project: PROJECT.into(),
                 sql: sql.into(),
                 epsilon: Some(0.5),
+                delta: None,
             },
             &t,
         ))
@@ -499,13 +506,14 @@ async fn dry_run_describes_and_costs_nothing() {
                 project: PROJECT.into(),
                 sql: sql.into(),
                 epsilon: Some(0.9),
+                delta: None,
             },
             &t,
         ))
         .await
         .unwrap_or_else(|s| panic!("{s:?}"))
         .into_inner();
-    assert_eq!(d.cells, 7);
+    assert_eq!(d.cells, Some(7));
     assert!((d.epsilon - 0.9).abs() < 1e-12);
     let text = d.plan.join("\n");
     for needle in [

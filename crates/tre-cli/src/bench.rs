@@ -10,7 +10,7 @@ use anyhow::Result;
 use clap::Args;
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use tre_core::Epsilon;
-use tre_query::{Engine, Limits};
+use tre_query::{Budget, Engine, Limits};
 
 use crate::setup::{self, GenerateArgs};
 
@@ -66,7 +66,15 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let eps = Epsilon::new(1.0)?;
 
     let dp = median(args.runs, || async {
-        let plan = engine.compile(DP_SQL, eps).await?;
+        let plan = engine
+            .compile(
+                DP_SQL,
+                Budget {
+                    epsilon: eps,
+                    delta: tre_core::Delta::ZERO,
+                },
+            )
+            .await?;
         engine.execute(&plan).await?;
         Ok(())
     })

@@ -36,6 +36,10 @@ pub struct QueryArgs {
     pub project: String,
     #[arg(long)]
     pub epsilon: Option<f64>,
+    /// Delta for DP key selection (group keys without a public domain);
+    /// the policy default when absent.
+    #[arg(long)]
+    pub delta: Option<f64>,
     #[arg(long)]
     pub dry_run: bool,
     #[arg(long, value_enum, default_value_t)]
@@ -105,6 +109,7 @@ pub async fn query(args: QueryArgs) -> Result<()> {
         project: args.project,
         sql: args.sql,
         epsilon: args.epsilon,
+        delta: args.delta,
     };
     if args.dry_run {
         let r = c
@@ -287,10 +292,37 @@ pub fn render_dry_run(r: &pb::DryRunResponse) -> String {
     for line in &r.plan {
         out += &format!("  - {line}\n");
     }
+    for c in &r.columns {
+        if c.kind == pb::ColumnKind::Aggregate as i32 {
+            out += &format!(
+                "  column {}: {} (noise scale {}{})\n",
+                c.name,
+                c.mechanism,
+                num(c.noise_scale),
+                c.expected_half_width
+                    .map(|h| format!(", 95% interval ±{} per cell", num(h)))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    if !r.public_keys.is_empty() {
+        out += &format!(
+            "public keys (released in full): {}\n",
+            r.public_keys.join(", ")
+        );
+    }
+    if !r.selected_keys.is_empty() {
+        out += &format!(
+            "selected keys (DP key selection): {}\n",
+            r.selected_keys.join(", ")
+        );
+    }
     out += &format!(
-        "cells: {} · epsilon {} · remaining before this query {} · plan {}\n",
-        r.cells,
+        "cells: {} · epsilon {} · delta {} · remaining before this query {} · plan {}\n",
+        r.cells
+            .map_or("chosen by key selection".to_owned(), |c| c.to_string()),
         r.epsilon,
+        r.delta,
         num(r.epsilon_remaining),
         &r.plan_hash[..12.min(r.plan_hash.len())]
     );
@@ -383,7 +415,8 @@ fn release_json(r: &pb::QueryResponse) -> serde_json::Value {
 fn dry_run_json(r: &pb::DryRunResponse) -> serde_json::Value {
     serde_json::json!({
         "plan": r.plan, "epsilon": r.epsilon, "epsilon_remaining": r.epsilon_remaining,
-        "cells": r.cells, "plan_hash": r.plan_hash,
+        "cells": r.cells, "plan_hash": r.plan_hash, "delta": r.delta,
+        "public_keys": r.public_keys, "selected_keys": r.selected_keys,
         "columns": r.columns.iter().map(|c| serde_json::json!({"name": c.name, "aggregate": c.aggregate, "mechanism": c.mechanism, "noise_scale": c.noise_scale})).collect::<Vec<_>>(),
     })
 }

@@ -191,6 +191,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         .dry_run(pb::QueryRequest {
             project: project.clone(),
             sql: sql.into(),
+            delta: None,
             epsilon: Some(eps),
         })
         .await
@@ -213,6 +214,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             .submit(pb::QueryRequest {
                 project: project.clone(),
                 sql: (*sql).into(),
+                delta: None,
                 epsilon: Some(*eps),
             })
             .await
@@ -240,6 +242,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             .submit(pb::QueryRequest {
                 project: project.clone(),
                 sql: sql.into(),
+                delta: None,
                 epsilon: eps,
             })
             .await;

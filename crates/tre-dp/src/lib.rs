@@ -237,7 +237,10 @@ type ThresholdMeasurement = opendp::core::Measurement<
 
 fn threshold_measurement(scale: f64, threshold: i64) -> Result<ThresholdMeasurement, DpError> {
     make_laplace_threshold(
-        MapDomain::new(AtomDomain::<String>::default(), AtomDomain::<i64>::default()),
+        MapDomain::new(
+            AtomDomain::<String>::default(),
+            AtomDomain::<i64>::default(),
+        ),
         L01InfDistance::default(),
         scale,
         threshold,

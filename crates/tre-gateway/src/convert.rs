@@ -16,6 +16,7 @@ pub(crate) fn column(c: &ReleaseColumn) -> pb::Column {
         aggregate: c.kind.clone(),
         mechanism: c.mechanism.clone(),
         noise_scale: c.noise_scale,
+        expected_half_width: c.expected_half_width,
     }
 }
 
@@ -60,6 +61,7 @@ pub(crate) fn release(id: String, r: &Release, remaining: f64) -> pb::QueryRespo
             })
             .collect(),
         epsilon_spent: r.epsilon,
+        delta_spent: r.delta,
         epsilon_remaining: remaining,
         confidence: r.confidence,
         sdc_profile: r.sdc_profile.clone(),

@@ -11,8 +11,6 @@ pub enum GatewayError {
     Unauthenticated(String),
     #[error("{code} {0}", code = Code::PermissionDenied)]
     PermissionDenied(String),
-    #[error("{code} epsilon {requested} is above this dataset's per-query cap of {cap}; ask for at most {cap}", code = Code::EpsilonAboveCap)]
-    EpsilonAboveCap { requested: f64, cap: f64 },
     #[error("{code} {0}", code = Code::UnknownTable)]
     NotFound(String),
     #[error(transparent)]
@@ -30,10 +28,10 @@ impl GatewayError {
         match self {
             GatewayError::Unauthenticated(_) => Code::Unauthenticated,
             GatewayError::PermissionDenied(_) => Code::PermissionDenied,
-            GatewayError::EpsilonAboveCap { .. } => Code::EpsilonAboveCap,
             GatewayError::NotFound(_) => Code::UnknownTable,
             GatewayError::Core(e) => match e {
-                tre_core::CoreError::InvalidEpsilon { .. } => Code::InvalidEpsilon,
+                tre_core::CoreError::InvalidEpsilon { .. }
+                | tre_core::CoreError::InvalidDelta { .. } => Code::InvalidEpsilon,
                 tre_core::CoreError::InvalidId { .. } | tre_core::CoreError::UnknownRole(_) => {
                     Code::InvalidIdentifier
                 }
@@ -53,12 +51,14 @@ impl GatewayError {
     /// the stable code; internal details are replaced by a generic text.
     pub fn into_status(self) -> Status {
         let code = self.code();
+        if code == Code::Internal {
+            // For the operator; the researcher sees a generic message.
+            tracing::error!("internal error: {self}");
+        }
         let grpc = match &self {
             GatewayError::Unauthenticated(_) => GrpcCode::Unauthenticated,
             GatewayError::PermissionDenied(_) => GrpcCode::PermissionDenied,
-            GatewayError::EpsilonAboveCap { .. } | GatewayError::Core(_) => {
-                GrpcCode::InvalidArgument
-            }
+            GatewayError::Core(_) => GrpcCode::InvalidArgument,
             GatewayError::NotFound(_) => GrpcCode::NotFound,
             GatewayError::Query(q) => match q {
                 QueryError::Refused { .. } => GrpcCode::InvalidArgument,

@@ -8,6 +8,7 @@ use tre_core::{Epsilon, Principal, ProjectId, Role};
 use tre_proto::v1 as pb;
 use tre_proto::v1::catalog_service_server::CatalogService;
 use tre_proto::v1::query_service_server::QueryService;
+use tre_query::Budget;
 use tre_query::QueryError;
 use tre_store::{AuditEvent, Project};
 
@@ -70,19 +71,8 @@ impl Services {
         Ok(p)
     }
 
-    fn epsilon(&self, requested: Option<f64>) -> Result<Epsilon, GatewayError> {
-        let budget = &self.state.engine.policy().budget;
-        let eps = match requested {
-            None => budget.default_epsilon_per_query,
-            Some(v) => Epsilon::new(v)?,
-        };
-        if eps > budget.max_epsilon_per_query {
-            return Err(GatewayError::EpsilonAboveCap {
-                requested: eps.value(),
-                cap: budget.max_epsilon_per_query.value(),
-            });
-        }
-        Ok(eps)
+    fn budget(&self, req: &pb::QueryRequest) -> Result<Budget, GatewayError> {
+        Ok(self.state.engine.budget(req.epsilon, req.delta)?)
     }
 
     /// Append the call's audit event. If the log cannot be written the call
@@ -135,8 +125,8 @@ impl Services {
         outcome: &mut Outcome,
     ) -> Result<pb::QueryResponse, GatewayError> {
         let project = self.authorise_project(who, &req.project)?;
-        let eps = self.epsilon(req.epsilon)?;
-        let plan = self.state.engine.compile(&req.sql, eps).await?;
+        let budget = self.budget(req)?;
+        let plan = self.state.engine.compile(&req.sql, budget).await?;
         let (ledger_id, remaining) =
             self.state
                 .store
@@ -165,7 +155,7 @@ impl Services {
         event.outcome = "allowed".into();
         event.epsilon_charged = plan.epsilon().value();
         event.release_id = release_id.clone();
-        event.detail = format!("plan {}", plan.plan_hash());
+        event.detail = format!("plan {} delta {}", plan.plan_hash(), plan.delta());
         self.state
             .store
             .commit_release(&release_id, ledger_id, &body, &event)?;
@@ -228,15 +218,18 @@ impl QueryService for Services {
                 .as_ref()
                 .map_err(|reason| GatewayError::Unauthenticated(reason.clone()))?;
             let project = self.authorise_project(who, &req.project)?;
-            let eps = self.epsilon(req.epsilon)?;
-            let plan = self.state.engine.compile(&req.sql, eps).await?;
+            let budget = self.budget(&req)?;
+            let plan = self.state.engine.compile(&req.sql, budget).await?;
             Ok::<_, GatewayError>(pb::DryRunResponse {
                 plan: plan.description().to_vec(),
                 columns: plan.columns().iter().map(convert::column).collect(),
                 epsilon: plan.epsilon().value(),
                 epsilon_remaining: project.remaining(),
-                cells: plan.cells() as u64,
+                cells: plan.cells().map(|c| c as u64),
                 plan_hash: plan.plan_hash().to_owned(),
+                delta: plan.delta().value(),
+                public_keys: plan.public_keys(),
+                selected_keys: plan.selected_keys(),
             })
         }
         .await;

@@ -148,10 +148,7 @@ impl RawPolicy {
         if !(1..=1_000).contains(&d.max_groups_per_unit) {
             return Err(invalid(
                 "dataset.max_groups_per_unit",
-                format!(
-                    "must be between 1 and 1000, got {}",
-                    d.max_groups_per_unit
-                ),
+                format!("must be between 1 and 1000, got {}", d.max_groups_per_unit),
             ));
         }
         for (i, r) in d.reference_tables.iter().enumerate() {

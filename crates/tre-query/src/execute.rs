@@ -1,118 +1,290 @@
 //! Run a private plan and turn its exact per-cell aggregates into noisy,
-//! disclosure-checked cells. The exact numbers live only inside `execute`.
+//! disclosure-checked cells. The exact numbers live only inside this module
+//! (and, for soundness tests only, behind the `soundness-testing` feature).
+//!
+//! Order: DP key selection (if any) fixes the cells; every cell gets its
+//! noisy measurements; SDC applies to the noisy values; then the
+//! researcher's HAVING / ORDER BY / LIMIT / arithmetic run in DataFusion
+//! over the noisy table alone.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, AsArray};
-use datafusion::arrow::datatypes::Int64Type;
-use datafusion::common::ScalarValue;
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch, UInt64Array};
+use datafusion::arrow::datatypes::{DataType, Decimal128Type, Field, Int64Type, Schema};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{Column, ScalarValue};
+use datafusion::datasource::{MemTable, provider_as_source};
+use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder};
 use datafusion::prelude::SessionContext;
 use tre_dp::CONFIDENCE;
 use tre_sdc::Profile;
 
 use crate::QueryError;
-use crate::compile::{FIXED_POINT_SCALE, Measure, OutputKind, PrivatePlan};
+use crate::compile::{FIXED_POINT_SCALE, Mechanism, OutputKind, PrivatePlan};
 use crate::release::{Cell, Release};
+
+const CELL_ID: &str = "__tre_cell";
+
+type Key = Vec<ScalarValue>;
+
+fn exec_err(e: datafusion::error::DataFusionError) -> QueryError {
+    QueryError::Execution {
+        detail: e.to_string(),
+    }
+}
+
+async fn collect(ctx: &SessionContext, plan: &LogicalPlan) -> Result<Vec<RecordBatch>, QueryError> {
+    ctx.execute_logical_plan(plan.clone())
+        .await
+        .map_err(exec_err)?
+        .collect()
+        .await
+        .map_err(exec_err)
+}
+
+/// Read an exact integer measurement (Int64 count or Decimal128 fixed-point
+/// sum), checking that it fits.
+fn read_i64(array: &ArrayRef, row: usize) -> Result<i64, QueryError> {
+    if array.is_null(row) {
+        return Ok(0);
+    }
+    if let Some(a) = array.as_primitive_opt::<Int64Type>() {
+        return Ok(a.value(row));
+    }
+    if let Some(a) = array.as_primitive_opt::<Decimal128Type>() {
+        return i64::try_from(a.value(row)).map_err(|_| QueryError::Execution {
+            detail: "a fixed-point sum overflowed 64 bits".into(),
+        });
+    }
+    Err(QueryError::Internal(format!(
+        "measurement of type {} is not an integer",
+        array.data_type()
+    )))
+}
+
+fn key_of(batch: &RecordBatch, cols: usize, row: usize) -> Result<Key, QueryError> {
+    (0..cols)
+        .map(|k| ScalarValue::try_from_array(batch.column(k), row).map_err(exec_err))
+        .collect()
+}
+
+/// Exact per-cell values of every measurement: Laplace measurements as
+/// integers, quantiles as histograms. Also the selected keys' exact
+/// distinct-patient counts.
+pub(crate) struct Exact {
+    pub(crate) laplace: HashMap<Key, Vec<i64>>,
+    pub(crate) histograms: Vec<(usize, HashMap<Key, Vec<(i64, u64)>>)>,
+    pub(crate) selection: Option<HashMap<Key, i64>>,
+}
+
+pub(crate) async fn exact(ctx: &SessionContext, plan: &PrivatePlan) -> Result<Exact, QueryError> {
+    let n_keys = plan.keys.len();
+    let mut selection = None;
+    if let Some(s) = &plan.selection {
+        let mut counts = HashMap::new();
+        for b in collect(ctx, &s.plan).await? {
+            for r in 0..b.num_rows() {
+                let key = key_of(&b, s.keys.len(), r)?;
+                if key.iter().any(ScalarValue::is_null) {
+                    continue;
+                }
+                counts.insert(key, read_i64(b.column(s.keys.len()), r)?);
+            }
+        }
+        selection = Some(counts);
+    }
+    let mut laplace = HashMap::new();
+    for b in collect(ctx, &plan.main).await? {
+        for r in 0..b.num_rows() {
+            let key = key_of(&b, n_keys, r)?;
+            let values = (n_keys..b.num_columns())
+                .map(|c| read_i64(b.column(c), r))
+                .collect::<Result<Vec<_>, _>>()?;
+            laplace.insert(key, values);
+        }
+    }
+    let mut histograms = Vec::new();
+    for (m, p) in &plan.quantiles {
+        let mut h: HashMap<Key, Vec<(i64, u64)>> = HashMap::new();
+        for b in collect(ctx, p).await? {
+            for r in 0..b.num_rows() {
+                let bucket = b.column(n_keys);
+                if bucket.is_null(r) {
+                    continue;
+                }
+                let bucket = read_i64(bucket, r)?;
+                let n = u64::try_from(read_i64(b.column(n_keys + 1), r)?).unwrap_or(0);
+                h.entry(key_of(&b, n_keys, r)?)
+                    .or_default()
+                    .push((bucket, n));
+            }
+        }
+        histograms.push((*m, h));
+    }
+    Ok(Exact {
+        laplace,
+        histograms,
+        selection,
+    })
+}
 
 pub(crate) async fn execute(
     ctx: &SessionContext,
     plan: &PrivatePlan,
     profile: &Profile,
 ) -> Result<Release, QueryError> {
-    let exec_err = |e: datafusion::error::DataFusionError| QueryError::Execution {
-        detail: e.to_string(),
-    };
-    let batches = ctx
-        .execute_logical_plan(plan.exec.clone())
-        .await
-        .map_err(exec_err)?
-        .collect()
-        .await
-        .map_err(exec_err)?;
+    let exact = exact(ctx, plan).await?;
+    let dp = |e: tre_dp::DpError| QueryError::Internal(e.to_string());
 
-    let n_keys = plan.keys.len();
-    let n_m = plan.measurements.len();
-    // Exact aggregates per cell key. Rows whose key is outside the public
-    // domain (NULL, unexpected values) are never released.
-    let mut exact: HashMap<Vec<String>, Vec<i64>> = HashMap::new();
-    for batch in &batches {
-        for row in 0..batch.num_rows() {
-            let mut key = Vec::with_capacity(n_keys);
-            for k in 0..n_keys {
-                let v = ScalarValue::try_from_array(batch.column(k), row).map_err(|e| {
-                    QueryError::Execution {
-                        detail: e.to_string(),
-                    }
-                })?;
-                key.push(if v.is_null() {
-                    String::new()
-                } else {
-                    v.to_string()
-                });
+    // Which values each key takes: public domains, or the selected keys.
+    let mut selected: Vec<Key> = Vec::new();
+    if let (Some(s), Some(counts)) = (&plan.selection, exact.selection) {
+        // OpenDP's threshold mechanism works on string keys; map back.
+        let mut by_text: HashMap<String, Key> = HashMap::new();
+        let mut text_counts = HashMap::new();
+        for (k, v) in counts {
+            let text = format!("{k:?}");
+            text_counts.insert(text.clone(), v);
+            by_text.insert(text, k);
+        }
+        let kept = s.mechanism.select(text_counts).map_err(dp)?;
+        selected = kept.keys().filter_map(|t| by_text.remove(t)).collect();
+        selected.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    }
+    let mut cells: Vec<Key> = vec![Vec::new()];
+    let mut selected_done = false;
+    for k in &plan.keys {
+        match &k.domain {
+            Some(d) => {
+                cells = cells
+                    .into_iter()
+                    .flat_map(|p| {
+                        d.iter().map(move |v| {
+                            let mut p = p.clone();
+                            p.push(v.clone());
+                            p
+                        })
+                    })
+                    .collect();
             }
-            let mut values = Vec::with_capacity(n_m);
-            for m in 0..n_m {
-                let array = batch.column(n_keys + m);
-                let array = array.as_primitive_opt::<Int64Type>().ok_or_else(|| {
-                    QueryError::Internal(format!(
-                        "measurement {m} is {}, not Int64",
-                        array.data_type()
-                    ))
-                })?;
-                values.push(if array.is_null(row) {
-                    0
-                } else {
-                    array.value(row)
-                });
+            // All selected keys enter together, as tuples, at the first one.
+            None if !selected_done => {
+                selected_done = true;
+                cells = cells
+                    .into_iter()
+                    .flat_map(|p| {
+                        selected.iter().map(move |t| {
+                            let mut p = p.clone();
+                            p.extend(t.iter().cloned());
+                            p
+                        })
+                    })
+                    .collect();
             }
-            exact.insert(key, values);
+            None => {}
+        }
+    }
+    // Cells are built in group-key order except that selected tuples are
+    // contiguous; put each cell back in group-key order.
+    let order: Vec<usize> = {
+        let public: Vec<usize> = (0..plan.keys.len())
+            .filter(|i| plan.keys[*i].domain.is_some())
+            .collect();
+        let sel: Vec<usize> = (0..plan.keys.len())
+            .filter(|i| plan.keys[*i].domain.is_none())
+            .collect();
+        let first_sel = sel.first().copied().unwrap_or(usize::MAX);
+        let mut built = Vec::new();
+        for i in &public {
+            if *i > first_sel && !built.contains(&first_sel) {
+                built.extend(sel.iter().copied());
+            }
+            built.push(*i);
+        }
+        if !sel.is_empty() && !built.contains(&first_sel) {
+            built.extend(sel.iter().copied());
+        }
+        built
+    };
+    let cells: Vec<Key> = cells
+        .into_iter()
+        .map(|c| {
+            let mut out = vec![ScalarValue::Null; c.len()];
+            for (pos, key_index) in order.iter().enumerate() {
+                if let (Some(slot), Some(v)) = (out.get_mut(*key_index), c.get(pos)) {
+                    *slot = v.clone();
+                }
+            }
+            out
+        })
+        .collect();
+
+    // Noisy measurements per cell.
+    let alpha = 1.0 - CONFIDENCE;
+    let mut noisy: Vec<Vec<f64>> = vec![Vec::new(); plan.measurements.len()];
+    let mut laplace_col = 0;
+    for (m, measurement) in plan.measurements.iter().enumerate() {
+        match &measurement.mechanism {
+            Mechanism::Laplace(l) => {
+                let values: Vec<i64> = cells
+                    .iter()
+                    .map(|k| exact.laplace.get(k).map_or(0, |v| v[laplace_col]))
+                    .collect();
+                laplace_col += 1;
+                noisy[m] = l
+                    .release_all(&values)
+                    .map_err(dp)?
+                    .into_iter()
+                    .map(|v| v as f64)
+                    .collect();
+            }
+            Mechanism::Quantile(q) => {
+                let Some((_, hist)) = exact.histograms.iter().find(|(i, _)| *i == m) else {
+                    return Err(QueryError::Internal("quantile without histogram".into()));
+                };
+                let crate::compile::Measure::Quantile { lo, hi, .. } = measurement.measure else {
+                    return Err(QueryError::Internal("quantile measure mismatch".into()));
+                };
+                let width = (hi - lo) / q.buckets() as f64;
+                let empty = Vec::new();
+                noisy[m] = cells
+                    .iter()
+                    .map(|k| {
+                        q.release(hist.get(k).unwrap_or(&empty))
+                            .map(|b| lo + b as f64 * width)
+                    })
+                    .collect::<Result<_, _>>()
+                    .map_err(dp)?;
+            }
         }
     }
 
-    // Every public cell, in domain order, empty ones included.
-    let mut cells: Vec<Vec<String>> = vec![Vec::new()];
-    for k in &plan.keys {
-        cells = cells
-            .into_iter()
-            .flat_map(|prefix| {
-                k.domain.iter().map(move |v| {
-                    let mut p = prefix.clone();
-                    p.push(v.clone());
-                    p
-                })
+    // Cells of the release aggregate, after SDC.
+    let slack = profile.rounding_slack();
+    let lap = |m: usize| match &plan.measurements[m].mechanism {
+        Mechanism::Laplace(l) => Ok(l),
+        Mechanism::Quantile(_) => Err(QueryError::Internal(
+            "expected a Laplace measurement".into(),
+        )),
+    };
+    let mut agg_cells: Vec<Vec<Cell>> = Vec::with_capacity(cells.len());
+    for (ci, key) in cells.iter().enumerate() {
+        let mut row: Vec<Cell> = key
+            .iter()
+            .map(|v| Cell::Key {
+                value: if v.is_null() {
+                    String::new()
+                } else {
+                    v.to_string()
+                },
             })
             .collect();
-    }
-
-    let alpha = 1.0 - CONFIDENCE;
-    let dp = |e: tre_dp::DpError| QueryError::Internal(e.to_string());
-    let slack = profile.rounding_slack();
-    // noisy[m][cell]: each measurement's vector over all cells.
-    let mut noisy_by_measure = Vec::with_capacity(n_m);
-    for (m, measurement) in plan.measurements.iter().enumerate() {
-        let values: Vec<i64> = cells
-            .iter()
-            .map(|key| exact.get(key).map_or(0, |v| v[m]))
-            .collect();
-        noisy_by_measure.push(measurement.mechanism.release_all(&values).map_err(dp)?);
-    }
-    drop(exact);
-    let mut rows = Vec::with_capacity(cells.len());
-    for (ci, key) in cells.iter().enumerate() {
-        let noisy: Vec<i64> = noisy_by_measure.iter().map(|v| v[ci]).collect();
-        let mut row = Vec::with_capacity(plan.outputs.len());
-        for o in &plan.outputs {
-            let cell = match o.kind {
-                OutputKind::Key { index } => Cell::Key {
-                    value: key[index].clone(),
-                },
+        for a in &plan.aggs {
+            let cell = match a.kind {
                 OutputKind::Count { m } => {
-                    let hw = plan.measurements[m]
-                        .mechanism
-                        .half_width(alpha)
-                        .map_err(dp)?
-                        + slack;
-                    let out = profile.count_cell(noisy[m]);
+                    let hw = lap(m)?.half_width(alpha).map_err(dp)? + slack;
+                    let out = profile.count_cell(noisy[m][ci] as i64);
                     value_cell(
                         out.value,
                         out.value.map(|v| ((v - hw).max(0.0), v + hw)),
@@ -121,12 +293,8 @@ pub(crate) async fn execute(
                     )
                 }
                 OutputKind::Sum { m } => {
-                    let hw = plan.measurements[m]
-                        .mechanism
-                        .half_width(alpha)
-                        .map_err(dp)?
-                        / FIXED_POINT_SCALE;
-                    let v = noisy[m] as f64 / FIXED_POINT_SCALE;
+                    let hw = lap(m)?.half_width(alpha).map_err(dp)? / FIXED_POINT_SCALE;
+                    let v = noisy[m][ci] / FIXED_POINT_SCALE;
                     value_cell(
                         Some(v),
                         Some((v - hw, v + hw)),
@@ -134,47 +302,20 @@ pub(crate) async fn execute(
                         String::new(),
                     )
                 }
-                OutputKind::Avg { sum, count, lo, hi } => {
+                OutputKind::Avg {
+                    sum,
+                    count,
+                    mid,
+                    half,
+                } => {
                     // Each half at alpha/2, so the ratio's interval covers
                     // with probability at least 1 - alpha (Bonferroni).
-                    let hs = plan.measurements[sum]
-                        .mechanism
-                        .half_width(alpha / 2.0)
-                        .map_err(dp)?
-                        / FIXED_POINT_SCALE;
-                    let hc = plan.measurements[count]
-                        .mechanism
-                        .half_width(alpha / 2.0)
-                        .map_err(dp)?;
-                    let s = noisy[sum] as f64 / FIXED_POINT_SCALE;
-                    let c = noisy[count] as f64;
-                    let mean = if c > 0.0 {
-                        (s / c).clamp(lo, hi)
-                    } else {
-                        f64::NAN
-                    };
-                    let interval = if c - hc > 0.0 {
-                        let ratios = [
-                            (s - hs) / (c - hc),
-                            (s - hs) / (c + hc),
-                            (s + hs) / (c - hc),
-                            (s + hs) / (c + hc),
-                        ];
-                        let low = ratios
-                            .iter()
-                            .copied()
-                            .fold(f64::INFINITY, f64::min)
-                            .clamp(lo, hi);
-                        let high = ratios
-                            .iter()
-                            .copied()
-                            .fold(f64::NEG_INFINITY, f64::max)
-                            .clamp(lo, hi);
-                        (low, high)
-                    } else {
-                        (lo, hi)
-                    };
-                    if mean.is_nan() {
+                    let hs = lap(sum)?.half_width(alpha / 2.0).map_err(dp)? / FIXED_POINT_SCALE;
+                    let hc = lap(count)?.half_width(alpha / 2.0).map_err(dp)?;
+                    let s = noisy[sum][ci] / FIXED_POINT_SCALE;
+                    let c = noisy[count][ci];
+                    let (lo, hi) = (mid - half, mid + half);
+                    if c <= 0.0 {
                         value_cell(
                             None,
                             None,
@@ -182,7 +323,11 @@ pub(crate) async fn execute(
                             "noisy denominator is not positive".into(),
                         )
                     } else {
-                        let out = profile.derived_cell(mean, noisy[count]);
+                        let mean = (mid + s / c).clamp(lo, hi);
+                        let interval = ratio_interval(s, hs, c, hc).map_or((lo, hi), |(a, b)| {
+                            ((mid + a).clamp(lo, hi), (mid + b).clamp(lo, hi))
+                        });
+                        let out = profile.derived_cell(mean, c as i64);
                         value_cell(
                             out.value,
                             out.value.map(|_| interval),
@@ -191,32 +336,284 @@ pub(crate) async fn execute(
                         )
                     }
                 }
+                OutputKind::Var {
+                    count,
+                    s1,
+                    s2,
+                    half,
+                    sample,
+                    sqrt,
+                } => {
+                    let third = alpha / 3.0;
+                    let hc = lap(count)?.half_width(third).map_err(dp)?;
+                    let h1 = lap(s1)?.half_width(third).map_err(dp)? / FIXED_POINT_SCALE;
+                    let h2 = lap(s2)?.half_width(third).map_err(dp)? / FIXED_POINT_SCALE;
+                    let c = noisy[count][ci];
+                    let (a1, a2) = (
+                        noisy[s1][ci] / FIXED_POINT_SCALE,
+                        noisy[s2][ci] / FIXED_POINT_SCALE,
+                    );
+                    if c <= 1.0 {
+                        value_cell(
+                            None,
+                            None,
+                            tre_sdc::Status::Suppressed,
+                            "noisy denominator is too small".into(),
+                        )
+                    } else {
+                        let max_var = half * half;
+                        let correction = if sample { c / (c - 1.0) } else { 1.0 };
+                        let var = ((a2 / c - (a1 / c).powi(2)) * correction).clamp(0.0, max_var);
+                        let interval =
+                            match (ratio_interval(a1, h1, c, hc), ratio_interval(a2, h2, c, hc)) {
+                                (Some((m1lo, m1hi)), Some((m2lo, m2hi))) => {
+                                    let sq_min = if m1lo <= 0.0 && m1hi >= 0.0 {
+                                        0.0
+                                    } else {
+                                        m1lo.powi(2).min(m1hi.powi(2))
+                                    };
+                                    let sq_max = m1lo.powi(2).max(m1hi.powi(2));
+                                    (
+                                        ((m2lo - sq_max) * correction).clamp(0.0, max_var),
+                                        ((m2hi - sq_min) * correction).clamp(0.0, max_var),
+                                    )
+                                }
+                                _ => (0.0, max_var),
+                            };
+                        let (v, iv) = if sqrt {
+                            (var.sqrt(), (interval.0.sqrt(), interval.1.sqrt()))
+                        } else {
+                            (var, interval)
+                        };
+                        let out = profile.derived_cell(v, c as i64);
+                        value_cell(out.value, out.value.map(|_| iv), out.status, out.reason)
+                    }
+                }
+                OutputKind::Quantile { m } => value_cell(
+                    Some(noisy[m][ci]),
+                    None,
+                    tre_sdc::Status::Released,
+                    String::new(),
+                ),
             };
             row.push(cell);
         }
-        rows.push(row);
+        agg_cells.push(row);
     }
+
+    let rows = post_process(ctx, plan, &cells, &agg_cells).await?;
+
     let mut notes = vec![format!(
-        "each patient contributes at most the policy's rows per table; counts and sums carry discrete Laplace noise; intervals are {}%",
+        "each patient contributes at most {} row(s); counts and sums carry discrete Laplace noise; intervals are {}%",
+        plan.max_rows_per_unit(),
         (CONFIDENCE * 100.0).round()
     )];
-    if plan
-        .measurements
-        .iter()
-        .any(|m| matches!(m.measure, Measure::Sum { .. }))
-    {
-        notes.push(
-            "sums are computed in fixed point over values clamped to their declared bounds".into(),
-        );
+    if plan.measurements.iter().any(|m| {
+        matches!(
+            m.measure,
+            crate::compile::Measure::Sum { .. } | crate::compile::Measure::CenteredSum { .. }
+        )
+    }) {
+        notes.push("sums are computed in fixed point over values clamped to their bounds".into());
+    }
+    for m in &plan.measurements {
+        if let Mechanism::Quantile(q) = &m.mechanism {
+            notes.push(format!(
+                "{}: with 95% probability the released value's rank is within ±{:.0} of the exact quantile's",
+                m.measure.describe("person_id"),
+                q.rank_half_width(alpha)
+            ));
+        }
+    }
+    if let Some(s) = &plan.selection {
+        notes.push(format!(
+            "{} key(s) released by DP key selection (threshold {} patients before noise)",
+            selected.len(),
+            s.mechanism.threshold()
+        ));
     }
     Ok(Release {
         columns: plan.columns(),
         rows,
-        epsilon: plan.epsilon.value(),
+        epsilon: plan.epsilon().value(),
+        delta: plan.delta().value(),
         confidence: CONFIDENCE,
         sdc_profile: profile.name.clone(),
         notes,
     })
+}
+
+/// The interval of `s / c` given `s ± hs` and `c ± hc`, when `c - hc > 0`.
+fn ratio_interval(s: f64, hs: f64, c: f64, hc: f64) -> Option<(f64, f64)> {
+    if c - hc <= 0.0 {
+        return None;
+    }
+    let r = [
+        (s - hs) / (c - hc),
+        (s - hs) / (c + hc),
+        (s + hs) / (c - hc),
+        (s + hs) / (c + hc),
+    ];
+    Some((
+        r.iter().copied().fold(f64::INFINITY, f64::min),
+        r.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    ))
+}
+
+/// Run the researcher's post-processing (HAVING, ORDER BY, LIMIT,
+/// arithmetic) over the noisy cells, in DataFusion, and map each output
+/// column back to its noisy cell where it passes one through unchanged.
+async fn post_process(
+    ctx: &SessionContext,
+    plan: &PrivatePlan,
+    cells: &[Key],
+    agg_cells: &[Vec<Cell>],
+) -> Result<Vec<Vec<Cell>>, QueryError> {
+    let internal = |e: datafusion::error::DataFusionError| {
+        QueryError::Internal(format!("post-processing: {e}"))
+    };
+    let n_keys = plan.keys.len();
+    let schema = &plan.agg_schema;
+    let mut fields = Vec::new();
+    let mut arrays: Vec<ArrayRef> = Vec::new();
+    for (i, (_, f)) in schema.iter().enumerate() {
+        let values: Vec<ScalarValue> = (0..cells.len())
+            .map(|r| {
+                let v = if i < n_keys {
+                    cells[r][i].clone()
+                } else {
+                    match &agg_cells[r][i] {
+                        Cell::Value { value: Some(v), .. } => ScalarValue::Float64(Some(*v)),
+                        _ => ScalarValue::Float64(None),
+                    }
+                };
+                v.cast_to(f.data_type())
+                    .or_else(|_| ScalarValue::try_from(f.data_type()))
+            })
+            .collect::<Result<_, _>>()
+            .map_err(internal)?;
+        let array = if values.is_empty() {
+            datafusion::arrow::array::new_empty_array(f.data_type())
+        } else {
+            ScalarValue::iter_to_array(values).map_err(internal)?
+        };
+        fields.push(Field::new(format!("__c{i}"), f.data_type().clone(), true));
+        arrays.push(array);
+    }
+    fields.push(Field::new(CELL_ID, DataType::UInt64, false));
+    arrays.push(Arc::new(UInt64Array::from_iter_values(
+        0..cells.len() as u64,
+    )));
+    let arrow_schema = Arc::new(Schema::new(fields));
+    let batch =
+        RecordBatch::try_new(Arc::clone(&arrow_schema), arrays).map_err(|e| internal(e.into()))?;
+    let table = MemTable::try_new(arrow_schema, vec![vec![batch]]).map_err(internal)?;
+    // The noisy table, shaped exactly like the release aggregate's output.
+    let mut exprs: Vec<Expr> = schema
+        .iter()
+        .enumerate()
+        .map(|(i, (q, f))| {
+            Expr::Column(Column::from_name(format!("__c{i}"))).alias_qualified(q.cloned(), f.name())
+        })
+        .collect();
+    exprs.push(Expr::Column(Column::from_name(CELL_ID)));
+    let noisy = LogicalPlanBuilder::scan("__tre_noisy", provider_as_source(Arc::new(table)), None)
+        .and_then(|b| b.project(exprs))
+        .and_then(|b| b.build())
+        .map_err(internal)?;
+    let mut replaced = false;
+    let post = plan
+        .post
+        .clone()
+        .transform_down(|node| match node {
+            LogicalPlan::Aggregate(_) if !replaced => {
+                replaced = true;
+                Ok(Transformed::new(
+                    noisy.clone(),
+                    true,
+                    TreeNodeRecursion::Jump,
+                ))
+            }
+            other => Ok(Transformed::no(other)),
+        })
+        .map_err(internal)?
+        .data
+        .transform_up(|node| match node {
+            LogicalPlan::Projection(mut p) => {
+                let id = Expr::Column(Column::from_name(CELL_ID));
+                if !p.expr.contains(&id) {
+                    p.expr.push(id);
+                }
+                LogicalPlan::Projection(p)
+                    .recompute_schema()
+                    .map(Transformed::yes)
+            }
+            other => other.recompute_schema().map(Transformed::yes),
+        })
+        .map_err(internal)?
+        .data;
+    let batches = collect(ctx, &post).await.map_err(|e| match e {
+        QueryError::Execution { detail } => {
+            QueryError::Internal(format!("post-processing: {detail}"))
+        }
+        other => other,
+    })?;
+    let mut rows = Vec::new();
+    for b in &batches {
+        let id_col = b
+            .schema()
+            .index_of(CELL_ID)
+            .map_err(|e| internal(e.into()))?;
+        let ids = b
+            .column(id_col)
+            .as_primitive_opt::<datafusion::arrow::datatypes::UInt64Type>()
+            .ok_or_else(|| QueryError::Internal("cell id type".into()))?;
+        for r in 0..b.num_rows() {
+            let cell_row = usize::try_from(ids.value(r))
+                .ok()
+                .and_then(|i| agg_cells.get(i));
+            let mut row = Vec::with_capacity(plan.columns.len());
+            for (c, col) in plan.columns.iter().enumerate() {
+                let passed = col.source.and_then(|s| cell_row.and_then(|cr| cr.get(s)));
+                row.push(match passed {
+                    Some(cell) => cell.clone(),
+                    None => {
+                        let v = ScalarValue::try_from_array(b.column(c), r).map_err(internal)?;
+                        let value = relation_f64(&v);
+                        match value {
+                            Some(x) => value_cell(
+                                Some(x),
+                                None,
+                                tre_sdc::Status::Released,
+                                "computed from released values".into(),
+                            ),
+                            None if v.is_null() => value_cell(
+                                None,
+                                None,
+                                tre_sdc::Status::Suppressed,
+                                "computed from a suppressed value".into(),
+                            ),
+                            None => Cell::Key {
+                                value: v.to_string(),
+                            },
+                        }
+                    }
+                });
+            }
+            rows.push(row);
+        }
+    }
+    Ok(rows)
+}
+
+fn relation_f64(v: &ScalarValue) -> Option<f64> {
+    if v.is_null() || !v.data_type().is_numeric() {
+        return None;
+    }
+    match v.cast_to(&DataType::Float64).ok()? {
+        ScalarValue::Float64(Some(f)) => Some(f),
+        _ => None,
+    }
 }
 
 fn value_cell(

@@ -20,10 +20,11 @@ use tre_vault::MasterKey;
 
 mod compile;
 mod execute;
+mod reference;
 mod release;
 mod sandbox;
 
-pub use compile::{Measure, OutputKind, PrivatePlan};
+pub use compile::{Budget, FIXED_POINT_SCALE, Measure, OutputKind, PrivatePlan};
 pub use release::{Cell, Release, ReleaseColumn};
 pub use sandbox::FACTORY_ID;
 
@@ -99,6 +100,7 @@ pub struct Engine {
     profile: Arc<Profile>,
     sandbox: sandbox::Sandbox,
     limits: Limits,
+    reference: reference::RefTables,
 }
 
 impl Engine {
@@ -122,12 +124,15 @@ impl Engine {
             });
         }
         let policy = Arc::new(policy);
-        let sandbox = sandbox::Sandbox::open(&policy, data_dir, master, &limits)?;
+        let reference = reference::load(&policy.reference_tables)?;
+        let sandbox =
+            sandbox::Sandbox::open(&policy, data_dir, master, &limits, reference.clone())?;
         Ok(Self {
             policy,
             profile: Arc::new(profile),
             sandbox,
             limits,
+            reference,
         })
     }
 
@@ -151,13 +156,58 @@ impl Engine {
     }
 
     /// Parse, check and rewrite. Touches no data and costs nothing.
-    pub async fn compile(
-        &self,
-        sql: &str,
-        epsilon: tre_core::Epsilon,
-    ) -> Result<PrivatePlan, QueryError> {
+    pub async fn compile(&self, sql: &str, budget: Budget) -> Result<PrivatePlan, QueryError> {
         let ctx = self.sandbox.context();
-        compile::compile(&ctx, &self.policy, &self.limits, sql, epsilon).await
+        compile::compile(
+            &ctx,
+            &self.policy,
+            &self.reference,
+            &self.limits,
+            sql,
+            budget,
+            &compile::Exclusion::default(),
+        )
+        .await
+    }
+
+    /// The privacy parameters for one query: the researcher's request
+    /// within the policy's per-query caps, or the policy defaults.
+    pub fn budget(&self, epsilon: Option<f64>, delta: Option<f64>) -> Result<Budget, QueryError> {
+        let caps = &self.policy.budget;
+        let invalid =
+            |e: tre_core::CoreError| QueryError::refused(Code::InvalidEpsilon, e.to_string());
+        let epsilon = match epsilon {
+            None => caps.default_epsilon_per_query,
+            Some(v) => tre_core::Epsilon::new(v).map_err(invalid)?,
+        };
+        if epsilon > caps.max_epsilon_per_query {
+            return Err(QueryError::refused(
+                Code::EpsilonAboveCap,
+                format!(
+                    "epsilon {epsilon} is above this dataset's per-query cap of {cap}; ask for at most {cap}",
+                    cap = caps.max_epsilon_per_query
+                ),
+            ));
+        }
+        let delta = match delta {
+            None => caps.default_delta_per_query,
+            Some(v) => tre_core::Delta::new(v).map_err(invalid)?,
+        };
+        if delta > caps.max_delta_per_query {
+            return Err(QueryError::refused(
+                Code::DeltaAboveCap,
+                format!(
+                    "delta {delta} is above this dataset's per-query cap of {cap}; ask for at most {cap}",
+                    cap = caps.max_delta_per_query
+                ),
+            ));
+        }
+        Ok(Budget { epsilon, delta })
+    }
+
+    /// Names of the public reference tables.
+    pub fn reference_tables(&self) -> Vec<String> {
+        self.reference.keys().cloned().collect()
     }
 
     /// Run a compiled plan and release noisy, disclosure-checked cells.
@@ -165,5 +215,73 @@ impl Engine {
     pub async fn execute(&self, plan: &PrivatePlan) -> Result<Release, QueryError> {
         let ctx = self.sandbox.context();
         execute::execute(&ctx, plan, &self.profile).await
+    }
+}
+
+/// Test-only access to exact, pre-noise aggregates, for the sensitivity
+/// soundness test. Never enable `soundness-testing` in a deployment: it
+/// exists to prove bounds, and it returns what must never leave.
+#[cfg(feature = "soundness-testing")]
+pub mod soundness {
+    use super::*;
+
+    /// Exact per-cell values of each measurement, keyed by cell.
+    #[derive(Debug, Default, PartialEq)]
+    pub struct ExactRelease {
+        /// Laplace measurements: cell → one integer per measurement.
+        pub laplace: std::collections::HashMap<String, Vec<i64>>,
+        /// Quantile histograms: per quantile, cell → (bucket, rows).
+        pub histograms: Vec<std::collections::HashMap<String, Vec<(i64, u64)>>>,
+        /// Key selection: key → distinct patients.
+        pub selection: std::collections::HashMap<String, i64>,
+    }
+
+    impl Engine {
+        /// Make contribution bounding a deterministic function of each row
+        /// (so neighbouring datasets keep every other patient's rows).
+        pub fn set_deterministic_bounding(&mut self, seed: Option<u64>) {
+            self.sandbox.set_deterministic_seed(seed);
+        }
+
+        /// Compile `sql` with `excluded` patients removed from every table,
+        /// and return its exact aggregates.
+        pub async fn exact(
+            &self,
+            sql: &str,
+            budget: Budget,
+            excluded: &[String],
+        ) -> Result<ExactRelease, QueryError> {
+            let ctx = self.sandbox.context();
+            let plan = compile::compile(
+                &ctx,
+                &self.policy,
+                &self.reference,
+                &self.limits,
+                sql,
+                budget,
+                &compile::Exclusion(excluded.to_vec()),
+            )
+            .await?;
+            let e = execute::exact(&ctx, &plan).await?;
+            let text = |k: &Vec<datafusion::common::ScalarValue>| format!("{k:?}");
+            Ok(ExactRelease {
+                laplace: e
+                    .laplace
+                    .iter()
+                    .map(|(k, v)| (text(k), v.clone()))
+                    .collect(),
+                histograms: e
+                    .histograms
+                    .iter()
+                    .map(|(_, h)| h.iter().map(|(k, v)| (text(k), v.clone())).collect())
+                    .collect(),
+                selection: e
+                    .selection
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|(k, v)| (text(k), *v))
+                    .collect(),
+            })
+        }
     }
 }

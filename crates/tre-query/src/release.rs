@@ -9,8 +9,12 @@ pub struct ReleaseColumn {
     pub kind: String,
     /// Mechanism description, e.g. "discrete Laplace"; empty for keys.
     pub mechanism: String,
-    /// Noise scale in the column's units (for AVG: of the numerator).
+    /// Noise scale in the column's units (for AVG: of the numerator; for
+    /// quantiles: in ranks).
     pub noise_scale: f64,
+    /// Expected half-width of a cell's 95% interval, where it does not
+    /// depend on the data (counts and sums).
+    pub expected_half_width: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -34,6 +38,7 @@ pub struct Release {
     pub columns: Vec<ReleaseColumn>,
     pub rows: Vec<Vec<Cell>>,
     pub epsilon: f64,
+    pub delta: f64,
     pub confidence: f64,
     pub sdc_profile: String,
     pub notes: Vec<String>,
