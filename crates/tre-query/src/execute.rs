@@ -27,6 +27,8 @@ use crate::release::{Cell, Release};
 const CELL_ID: &str = "__tre_cell";
 
 type Key = Vec<ScalarValue>;
+/// Per cell, `(bucket, rows)` pairs of one quantile's histogram.
+type Histogram = HashMap<Key, Vec<(i64, u64)>>;
 
 fn exec_err(e: datafusion::error::DataFusionError) -> QueryError {
     QueryError::Execution {
@@ -74,7 +76,7 @@ fn key_of(batch: &RecordBatch, cols: usize, row: usize) -> Result<Key, QueryErro
 /// distinct-patient counts.
 pub(crate) struct Exact {
     pub(crate) laplace: HashMap<Key, Vec<i64>>,
-    pub(crate) histograms: Vec<(usize, HashMap<Key, Vec<(i64, u64)>>)>,
+    pub(crate) histograms: Vec<(usize, Histogram)>,
     pub(crate) selection: Option<HashMap<Key, i64>>,
 }
 
@@ -106,7 +108,7 @@ pub(crate) async fn exact(ctx: &SessionContext, plan: &PrivatePlan) -> Result<Ex
     }
     let mut histograms = Vec::new();
     for (m, p) in &plan.quantiles {
-        let mut h: HashMap<Key, Vec<(i64, u64)>> = HashMap::new();
+        let mut h: Histogram = HashMap::new();
         for b in collect(ctx, p).await? {
             for r in 0..b.num_rows() {
                 let bucket = b.column(n_keys);
@@ -516,7 +518,7 @@ async fn post_process(
             Expr::Column(Column::from_name(format!("__c{i}"))).alias_qualified(q.cloned(), f.name())
         })
         .collect();
-    exprs.push(Expr::Column(Column::from_name(CELL_ID)));
+    exprs.push(Expr::Column(Column::new(Some("__tre_noisy"), CELL_ID)).alias(CELL_ID));
     let noisy = LogicalPlanBuilder::scan("__tre_noisy", provider_as_source(Arc::new(table)), None)
         .and_then(|b| b.project(exprs))
         .and_then(|b| b.build())
@@ -541,7 +543,8 @@ async fn post_process(
         .transform_up(|node| match node {
             LogicalPlan::Projection(mut p) => {
                 let id = Expr::Column(Column::from_name(CELL_ID));
-                if !p.expr.contains(&id) {
+                let has_id = p.schema.fields().iter().any(|f| f.name() == CELL_ID);
+                if !has_id {
                     p.expr.push(id);
                 }
                 LogicalPlan::Projection(p)

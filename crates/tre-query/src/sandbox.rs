@@ -142,7 +142,7 @@ impl Sandbox {
         ctx.register_udf(ScalarUDF::from(GroupHash::new(self.deterministic_seed)));
         ctx.register_udf(ScalarUDF::from(Clamp::new()));
         // VARIANCE is the SQL-standard spelling of the sample variance.
-        let _ = ctx.register_udaf(
+        ctx.register_udaf(
             datafusion::functions_aggregate::variance::var_samp_udaf()
                 .as_ref()
                 .clone()

@@ -1540,10 +1540,10 @@ fn verify(plan: &PrivatePlan, private_scans: usize, budget: Budget) -> Result<()
     }
     let n_keys = plan.keys.len();
     for c in &plan.columns {
-        if let Some(i) = c.source {
-            if i >= n_keys + plan.aggs.len() {
-                return bug(format!("column {} has no source", c.name));
-            }
+        if let Some(i) = c.source
+            && i >= n_keys + plan.aggs.len()
+        {
+            return bug(format!("column {} has no source", c.name));
         }
     }
     let mut charged: f64 = plan

@@ -410,10 +410,10 @@ impl<'a> Analyzer<'a> {
                 let mut fanout = public.max_rows;
                 for (l, r) in &on_pairs {
                     let e = if public_is_right { r } else { l };
-                    if let Expr::Column(c) = unalias(e) {
-                        if let Some(Some(d)) = public.max_dup.get(index(public_schema, c)?) {
-                            fanout = fanout.min((*d).max(1));
-                        }
+                    if let Expr::Column(c) = unalias(e)
+                        && let Some(Some(d)) = public.max_dup.get(index(public_schema, c)?)
+                    {
+                        fanout = fanout.min((*d).max(1));
                     }
                 }
                 self.notes.push(format!(
@@ -553,14 +553,14 @@ pub(crate) fn expr_bounds(e: &Expr, schema: &DFSchema, rel: &Rel) -> Result<Boun
         domain: domain_of(e, schema, rel),
         range: range_of(e, schema, rel),
     };
-    if b.domain.is_none() || b.range.is_none() {
-        if let Some(values) = evaluate(e, schema, rel) {
-            if b.range.is_none() {
-                b.range = numeric_range(&values);
-            }
-            if b.domain.is_none() {
-                b.domain = Some(values);
-            }
+    if (b.domain.is_none() || b.range.is_none())
+        && let Some(values) = evaluate(e, schema, rel)
+    {
+        if b.range.is_none() {
+            b.range = numeric_range(&values);
+        }
+        if b.domain.is_none() {
+            b.domain = Some(values);
         }
     }
     Ok(b)
@@ -903,10 +903,10 @@ fn per_unit_aggregate(
     let arg = params.args.first().map(unalias);
     // COUNT(*), COUNT(person_id) and COUNT(DISTINCT x) only count rows.
     if name == "count" {
-        if let Some(a) = arg {
-            if !matches!(a, Expr::Literal(..)) && col_info(a, schema, rel) != Some(&Info::Unit) {
-                check_no_identifiers(a, schema, rel, Code::IdentifierInExpression)?;
-            }
+        if let Some(a) = arg
+            && !matches!(a, Expr::Literal(..) | Expr::Column(_))
+        {
+            check_no_identifiers(a, schema, rel, Code::IdentifierInExpression)?;
         }
         return Ok(counts());
     }
