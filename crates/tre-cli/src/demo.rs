@@ -64,8 +64,32 @@ const QUESTIONS: &[(&str, &str, f64)] = &[
          GROUP BY p.region",
         0.5,
     ),
+    (
+        "Emergency admissions by ICD-10 chapter and sex (three tables: admissions, patients, the public ICD-10 lookup)",
+        "SELECT c.chapter_title, p.sex, COUNT(*) AS admissions \
+         FROM admissions a JOIN patients p ON a.person_id = p.person_id \
+         JOIN icd10_codes c ON a.primary_diagnosis = c.code \
+         WHERE a.admission_method = 'emergency' \
+         GROUP BY c.chapter_title, p.sex ORDER BY c.chapter_title, p.sex",
+        0.5,
+    ),
+    (
+        "Median referral-to-treatment time (weeks) by specialty",
+        "SELECT specialty, MEDIAN(rtt_weeks) AS median_weeks, COUNT(*) AS pathways \
+         FROM waiting_list GROUP BY specialty",
+        0.5,
+    ),
+    (
+        "Patients by number of 2024 admissions (a per-patient feature) and deprivation quintile",
+        "WITH per_patient AS (SELECT person_id, COUNT(*) AS n FROM admissions GROUP BY person_id) \
+         SELECT CASE WHEN pp.n >= 3 THEN '3+' ELSE CAST(pp.n AS VARCHAR) END AS admissions_2024, \
+                p.imd_quintile, COUNT(*) AS patients \
+         FROM per_patient pp JOIN patients p ON pp.person_id = p.person_id \
+         GROUP BY 1, 2 ORDER BY 2, 1",
+        0.5,
+    ),
 ];
-const DEMO_BUDGET: f64 = 5.0;
+const DEMO_BUDGET: f64 = 6.5;
 
 fn ensure_data(args: &DemoArgs, data: &Path, key_file: &Path) -> Result<()> {
     let key = setup::master_key(key_file, true)?;
