@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::AsArray;
 use serde::Deserialize;
-use tre_e2e::{engine_on, fixture};
+use tre_e2e::{engine_with, fixture};
 use tre_query::{Budget, Engine, Measure, PrivatePlan};
 
 #[derive(Deserialize)]
@@ -73,8 +73,7 @@ fn outcome(r: &Result<(PrivatePlan, Budget), String>) -> String {
 /// the pinned plan shape, cost or code.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_corpus() {
-    let engine =
-        engine_on(&fixture().data, Arc::clone(&fixture().master)).unwrap_or_else(|e| panic!("{e}"));
+    let engine = engine_with(Arc::clone(&fixture().master)).unwrap_or_else(|e| panic!("{e}"));
     let bless = std::env::var_os("TRE_BLESS").is_some();
     let (mut accepted, mut refused, mut adversarial) = (0, 0, 0);
     let mut failures = Vec::new();
@@ -150,11 +149,17 @@ async fn heaviest_patients(engine: &Engine) -> Vec<String> {
     out
 }
 
-fn l1(a: &HashMap<String, Vec<i64>>, b: &HashMap<String, Vec<i64>>, col: usize) -> i64 {
+/// Cells present in either release, once each.
+fn union_keys<'a, V>(a: &'a HashMap<String, V>, b: &'a HashMap<String, V>) -> Vec<&'a String> {
     let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
     keys.sort();
     keys.dedup();
-    keys.iter()
+    keys
+}
+
+fn l1(a: &HashMap<String, Vec<i64>>, b: &HashMap<String, Vec<i64>>, col: usize) -> i64 {
+    union_keys(a, b)
+        .iter()
         .map(|k| {
             let x = a.get(*k).map_or(0, |v| v[col]);
             let y = b.get(*k).map_or(0, |v| v[col]);
@@ -171,8 +176,7 @@ fn l1(a: &HashMap<String, Vec<i64>>, b: &HashMap<String, Vec<i64>>, col: usize) 
 /// each row so that removing one patient leaves everyone else's rows alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sensitivity_is_sound() {
-    let mut engine =
-        engine_on(&fixture().data, Arc::clone(&fixture().master)).unwrap_or_else(|e| panic!("{e}"));
+    let mut engine = engine_with(Arc::clone(&fixture().master)).unwrap_or_else(|e| panic!("{e}"));
     engine.set_deterministic_bounding(Some(7));
     let heavy = heaviest_patients(&engine).await;
     assert_eq!(heavy.len(), 20);
@@ -205,11 +209,8 @@ async fn sensitivity_is_sound() {
                 }
             }
             for (h, hw) in full.histograms.iter().zip(&without.histograms) {
-                let mut keys: Vec<&String> = h.keys().chain(hw.keys()).collect();
-                keys.sort();
-                keys.dedup();
                 let mut rows = 0u64;
-                for key in keys {
+                for key in union_keys(h, hw) {
                     let mut counts: HashMap<i64, i64> = HashMap::new();
                     for (b, n) in h.get(key).into_iter().flatten() {
                         *counts.entry(*b).or_default() += *n as i64;
@@ -224,14 +225,7 @@ async fn sensitivity_is_sound() {
                 }
             }
             if let Some((_, _, g)) = plan.key_selection() {
-                let mut keys: Vec<&String> = full
-                    .selection
-                    .keys()
-                    .chain(without.selection.keys())
-                    .collect();
-                keys.sort();
-                keys.dedup();
-                let diffs: Vec<i64> = keys
+                let diffs: Vec<i64> = union_keys(&full.selection, &without.selection)
                     .iter()
                     .map(|key| {
                         full.selection.get(*key).copied().unwrap_or(0)
@@ -261,8 +255,7 @@ async fn sensitivity_is_sound() {
 /// releases exactly the columns it asked for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepted_corpus_executes() {
-    let engine =
-        engine_on(&fixture().data, Arc::clone(&fixture().master)).unwrap_or_else(|e| panic!("{e}"));
+    let engine = engine_with(Arc::clone(&fixture().master)).unwrap_or_else(|e| panic!("{e}"));
     let mut failures = Vec::new();
     for c in load("accepted") {
         let Ok((plan, _)) = compile(&engine, &c).await else {

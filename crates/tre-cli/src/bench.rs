@@ -63,18 +63,13 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let profile = setup::load_profile(None, &policy.sdc_profile)?;
     let master = Arc::new(setup::master_key(&key_file, false)?);
     let engine = Engine::open(policy, profile, &enc, master, Limits::default())?;
-    let eps = Epsilon::new(1.0)?;
+    let budget = Budget {
+        epsilon: Epsilon::new(1.0)?,
+        delta: tre_core::Delta::ZERO,
+    };
 
     let dp = median(args.runs, || async {
-        let plan = engine
-            .compile(
-                DP_SQL,
-                Budget {
-                    epsilon: eps,
-                    delta: tre_core::Delta::ZERO,
-                },
-            )
-            .await?;
+        let plan = engine.compile(DP_SQL, budget).await?;
         engine.execute(&plan).await?;
         Ok(())
     })

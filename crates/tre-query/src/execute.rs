@@ -154,73 +154,36 @@ pub(crate) async fn execute(
         selected = kept.keys().filter_map(|t| by_text.remove(t)).collect();
         selected.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     }
-    let mut cells: Vec<Key> = vec![Vec::new()];
-    let mut selected_done = false;
-    for k in &plan.keys {
-        match &k.domain {
-            Some(d) => {
-                cells = cells
-                    .into_iter()
-                    .flat_map(|p| {
-                        d.iter().map(move |v| {
-                            let mut p = p.clone();
-                            p.push(v.clone());
-                            p
-                        })
-                    })
-                    .collect();
-            }
-            // All selected keys enter together, as tuples, at the first one.
-            None if !selected_done => {
-                selected_done = true;
-                cells = cells
-                    .into_iter()
-                    .flat_map(|p| {
-                        selected.iter().map(move |t| {
-                            let mut p = p.clone();
-                            p.extend(t.iter().cloned());
-                            p
-                        })
-                    })
-                    .collect();
-            }
-            None => {}
-        }
-    }
-    // Cells are built in group-key order except that selected tuples are
-    // contiguous; put each cell back in group-key order.
-    let order: Vec<usize> = {
-        let public: Vec<usize> = (0..plan.keys.len())
-            .filter(|i| plan.keys[*i].domain.is_some())
-            .collect();
-        let sel: Vec<usize> = (0..plan.keys.len())
-            .filter(|i| plan.keys[*i].domain.is_none())
-            .collect();
-        let first_sel = sel.first().copied().unwrap_or(usize::MAX);
-        let mut built = Vec::new();
-        for i in &public {
-            if *i > first_sel && !built.contains(&first_sel) {
-                built.extend(sel.iter().copied());
-            }
-            built.push(*i);
-        }
-        if !sel.is_empty() && !built.contains(&first_sel) {
-            built.extend(sel.iter().copied());
-        }
-        built
-    };
-    let cells: Vec<Key> = cells
-        .into_iter()
-        .map(|c| {
-            let mut out = vec![ScalarValue::Null; c.len()];
-            for (pos, key_index) in order.iter().enumerate() {
-                if let (Some(slot), Some(v)) = (out.get_mut(*key_index), c.get(pos)) {
-                    *slot = v.clone();
-                }
-            }
-            out
-        })
+    // Every cell, nested in group-key order. Each public key contributes
+    // its domain; the selected keys enter together, as tuples, at the
+    // position of the first of them.
+    let n_keys = plan.keys.len();
+    let selected_at: Vec<usize> = (0..n_keys)
+        .filter(|i| plan.keys[*i].domain.is_none())
         .collect();
+    let mut cells: Vec<Key> = vec![vec![ScalarValue::Null; n_keys]];
+    for (i, k) in plan.keys.iter().enumerate() {
+        let choices: Vec<Vec<(usize, ScalarValue)>> = match &k.domain {
+            Some(d) => d.iter().map(|v| vec![(i, v.clone())]).collect(),
+            None if selected_at.first() == Some(&i) => selected
+                .iter()
+                .map(|t| selected_at.iter().copied().zip(t.iter().cloned()).collect())
+                .collect(),
+            None => continue,
+        };
+        cells = cells
+            .into_iter()
+            .flat_map(|cell| {
+                choices.iter().map(move |assign| {
+                    let mut c = cell.clone();
+                    for (slot, v) in assign {
+                        c[*slot] = v.clone();
+                    }
+                    c
+                })
+            })
+            .collect();
+    }
 
     // Noisy measurements per cell.
     let alpha = 1.0 - CONFIDENCE;

@@ -94,6 +94,24 @@ impl Default for Limits {
     }
 }
 
+/// Refuse a privacy parameter above the policy's per-query cap.
+fn within_cap<T: PartialOrd + std::fmt::Display>(
+    what: &str,
+    value: T,
+    cap: T,
+    code: Code,
+) -> Result<(), QueryError> {
+    if value > cap {
+        return Err(QueryError::refused(
+            code,
+            format!(
+                "{what} {value} is above this dataset's per-query cap of {cap}; ask for at most {cap}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A dataset opened for private querying.
 pub struct Engine {
     policy: Arc<Policy>,
@@ -180,28 +198,22 @@ impl Engine {
             None => caps.default_epsilon_per_query,
             Some(v) => tre_core::Epsilon::new(v).map_err(invalid)?,
         };
-        if epsilon > caps.max_epsilon_per_query {
-            return Err(QueryError::refused(
-                Code::EpsilonAboveCap,
-                format!(
-                    "epsilon {epsilon} is above this dataset's per-query cap of {cap}; ask for at most {cap}",
-                    cap = caps.max_epsilon_per_query
-                ),
-            ));
-        }
+        within_cap(
+            "epsilon",
+            epsilon,
+            caps.max_epsilon_per_query,
+            Code::EpsilonAboveCap,
+        )?;
         let delta = match delta {
             None => caps.default_delta_per_query,
             Some(v) => tre_core::Delta::new(v).map_err(invalid)?,
         };
-        if delta > caps.max_delta_per_query {
-            return Err(QueryError::refused(
-                Code::DeltaAboveCap,
-                format!(
-                    "delta {delta} is above this dataset's per-query cap of {cap}; ask for at most {cap}",
-                    cap = caps.max_delta_per_query
-                ),
-            ));
-        }
+        within_cap(
+            "delta",
+            delta,
+            caps.max_delta_per_query,
+            Code::DeltaAboveCap,
+        )?;
         Ok(Budget { epsilon, delta })
     }
 

@@ -580,14 +580,12 @@ fn domain_of(e: &Expr, schema: &DFSchema, rel: &Rel) -> Option<Vec<ScalarValue>>
             ..
         }) => {
             let mut out: Vec<ScalarValue> = Vec::new();
-            let branches = when_then_expr
-                .iter()
-                .map(|(_, t)| t.as_ref())
-                .chain(else_expr.as_deref());
-            for t in branches {
-                if matches!(unalias(t), Expr::Literal(v, _) if v.is_null()) {
-                    continue;
-                }
+            for t in non_null(
+                when_then_expr
+                    .iter()
+                    .map(|(_, t)| t.as_ref())
+                    .chain(else_expr.as_deref()),
+            ) {
                 for v in domain_of(t, schema, rel)? {
                     if !out.contains(&v) {
                         out.push(v);
@@ -629,8 +627,23 @@ fn numeric_range(values: &[ScalarValue]) -> Option<(f64, f64)> {
     (lo <= hi).then_some((lo, hi))
 }
 
-fn hull(a: (f64, f64), b: (f64, f64)) -> (f64, f64) {
-    (a.0.min(b.0), a.1.max(b.1))
+/// Branches or arguments other than a literal NULL (which adds no value).
+fn non_null<'e>(exprs: impl Iterator<Item = &'e Expr>) -> impl Iterator<Item = &'e Expr> {
+    exprs.filter(|e| !matches!(unalias(e), Expr::Literal(v, _) if v.is_null()))
+}
+
+/// The smallest range holding every expression's range; `None` if any has
+/// none, or there are none.
+fn hull_of<'e>(
+    exprs: impl Iterator<Item = &'e Expr>,
+    range: impl Fn(&Expr) -> Option<(f64, f64)>,
+) -> Option<(f64, f64)> {
+    let mut acc: Option<(f64, f64)> = None;
+    for e in exprs {
+        let (lo, hi) = range(e)?;
+        acc = Some(acc.map_or((lo, hi), |(a, b)| (a.min(lo), b.max(hi))));
+    }
+    acc
 }
 
 fn range_of(e: &Expr, schema: &DFSchema, rel: &Rel) -> Option<(f64, f64)> {
@@ -715,19 +728,8 @@ fn range_of(e: &Expr, schema: &DFSchema, rel: &Rel) -> Option<(f64, f64)> {
             else_expr,
             ..
         }) => {
-            let mut acc: Option<(f64, f64)> = None;
-            for t in when_then_expr
-                .iter()
-                .map(|(_, t)| t.as_ref())
-                .chain(else_expr.as_deref())
-            {
-                if matches!(unalias(t), Expr::Literal(v, _) if v.is_null()) {
-                    continue;
-                }
-                let x = r(t)?;
-                acc = Some(acc.map_or(x, |a| hull(a, x)));
-            }
-            acc?
+            let branches = when_then_expr.iter().map(|(_, t)| t.as_ref());
+            hull_of(non_null(branches.chain(else_expr.as_deref())), r)?
         }
         Expr::ScalarFunction(f) => {
             let name = f.func.name();
@@ -735,15 +737,7 @@ fn range_of(e: &Expr, schema: &DFSchema, rel: &Rel) -> Option<(f64, f64)> {
             match name {
                 n if n == CLAMP_UDF => (lit_f64(args.get(1)?)?, lit_f64(args.get(2)?)?),
                 "coalesce" | "nvl" | "ifnull" | "greatest" | "least" => {
-                    let mut acc: Option<(f64, f64)> = None;
-                    for a in args {
-                        if matches!(unalias(a), Expr::Literal(v, _) if v.is_null()) {
-                            continue;
-                        }
-                        let x = r(a)?;
-                        acc = Some(acc.map_or(x, |a| hull(a, x)));
-                    }
-                    acc?
+                    hull_of(non_null(args.iter()), r)?
                 }
                 "abs" => {
                     let (lo, hi) = r(args.first()?)?;
