@@ -10,6 +10,7 @@ use tre_e2e::{authed, fixture, start};
 use tre_proto::v1 as pb;
 
 mod corpus;
+mod governance;
 
 const PROJECT: &str = "p1";
 
@@ -80,14 +81,19 @@ async fn accepted_query_intervals_cover_the_exact_answer() {
     }
     assert_eq!(truth.len(), 7);
 
-    let sql = "SELECT region, COUNT(*) AS n, AVG(year_of_birth) AS mean_yob FROM patients GROUP BY region";
     let (mut counts, mut count_hits, mut means, mut mean_hits) = (0, 0, 0, 0);
-    for _ in 0..100 {
+    for i in 0..100 {
+        // An always-true filter that differs per query: an identical query
+        // would get its stored release back (issue #4), not fresh noise.
+        let sql = format!(
+            "SELECT region, COUNT(*) AS n, AVG(year_of_birth) AS mean_yob FROM patients WHERE year_of_birth > {} GROUP BY region",
+            1000 + i
+        );
         let r = q
             .submit(authed(
                 pb::QueryRequest {
                     project: PROJECT.into(),
-                    sql: sql.into(),
+                    sql,
                     epsilon: Some(0.2),
                     delta: None,
                 },
@@ -381,8 +387,25 @@ async fn budget_exhaustion_is_refused() {
         .unwrap_or_else(|s| panic!("{s:?}"))
         .into_inner();
     assert!((r.epsilon_spent - 0.6).abs() < 1e-9 && (r.epsilon_remaining - 0.4).abs() < 1e-6);
-    let s = q
+    // Issue #4: the same plan at the same epsilon is the stored release, free.
+    let again = q
         .submit(authed(submit(0.6), &t))
+        .await
+        .unwrap_or_else(|s| panic!("{s:?}"))
+        .into_inner();
+    assert!(again.repeated && again.epsilon_spent == 0.0);
+    assert_eq!(
+        (again.release_id.as_str(), &again.rows),
+        (r.release_id.as_str(), &r.rows)
+    );
+    let s = q
+        .submit(authed(
+            pb::QueryRequest {
+                sql: "SELECT age_band, COUNT(*) AS n FROM patients GROUP BY age_band".into(),
+                ..submit(0.6)
+            },
+            &t,
+        ))
         .await
         .expect_err("over budget");
     assert_eq!(
@@ -416,8 +439,26 @@ async fn budget_exhaustion_is_refused() {
         .into_inner();
     assert!(b.epsilon_remaining.abs() < 1e-9 && (b.epsilon_spent - 1.0).abs() < 1e-9);
     let p = tre_core::ProjectId::new(PROJECT).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(server.state.store.ledger_total(&p).ok(), Some(1.0));
-    assert_eq!(server.state.store.verify_chain().ok(), Some(None));
+    let ledger = server
+        .state
+        .store
+        .ledger(&p)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let charged: i64 = ledger.iter().map(|l| l.epsilon_nanos).sum();
+    assert_eq!((ledger.len(), charged), (2, 1_000_000_000));
+    assert!(
+        ledger
+            .iter()
+            .all(|l| l.status == "released" && l.release_id.is_some())
+    );
+    assert!(
+        server
+            .state
+            .store
+            .verify_audit()
+            .map(|r| r.is_intact())
+            .unwrap_or(false)
+    );
 }
 
 /// A query that fails after touching data is still charged, and the
@@ -475,7 +516,7 @@ async fn failure_after_touching_data_is_charged_and_generic() {
     let events = server
         .state
         .store
-        .audit_events()
+        .audit_events(&tre_store::AuditFilter::default())
         .unwrap_or_else(|e| panic!("{e}"));
     let last = events
         .last()
@@ -485,7 +526,7 @@ async fn failure_after_touching_data_is_charged_and_generic() {
         (last.outcome.as_str(), last.code.as_str()),
         ("failed", "TRE-E001")
     );
-    assert!(!last.detail.is_empty() && (last.epsilon_charged - 0.5).abs() < 1e-9);
+    assert!(!last.detail.is_empty() && last.epsilon_nanos == 500_000_000);
 }
 
 /// A dry run describes the plan and its cost without spending anything.

@@ -8,14 +8,14 @@ use std::sync::{Arc, OnceLock};
 
 use tempfile::TempDir;
 use tonic::transport::Channel;
-use tre_core::{Epsilon, ProjectId, Role, UserId};
-use tre_gateway::{AppState, Issuer};
+use tre_core::{Delta, Epsilon, ProjectId, Role, UserId};
+use tre_gateway::{AppState, AuditNotary, Issuer, Tls};
 use tre_policy::Policy;
 use tre_proto::v1::catalog_service_client::CatalogServiceClient;
 use tre_proto::v1::query_service_client::QueryServiceClient;
 use tre_query::{Engine, Limits};
 use tre_sdc::Profile;
-use tre_store::{ProjectSeed, Store};
+use tre_store::{AuditFilter, ProjectSeed, SqliteStore, Store};
 use tre_synth::Protection;
 use tre_vault::MasterKey;
 
@@ -88,8 +88,12 @@ pub struct Server {
     pub url: String,
     pub state: Arc<AppState>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    _state_dir: TempDir,
+    handle: Option<tokio::task::JoinHandle<()>>,
+    pub state_dir: TempDir,
 }
+
+/// Audit checkpoints in tests come every this many events.
+pub const CHECKPOINT_EVERY: u32 = 10;
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -106,41 +110,74 @@ pub async fn start(projects: &[(&str, &[&str], f64)]) -> Server {
 
 /// Start a gateway over the extracts in `data` (encrypted under `MASTER`).
 pub async fn start_on(data: &std::path::Path, projects: &[(&str, &[&str], f64)]) -> Server {
-    let f = fixture();
     let state_dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let engine = engine_on(data, Arc::clone(&f.master)).unwrap_or_else(|e| panic!("{e}"));
-    let store = Store::open(&state_dir.path().join("tre.db")).unwrap_or_else(|e| panic!("{e}"));
+    start_in(state_dir, data, projects, None).await
+}
+
+/// Open the state in `state_dir` (its store, keys and projects) as the
+/// server binary would.
+pub fn open_state(
+    state_dir: &std::path::Path,
+    data: &std::path::Path,
+    projects: &[(&str, &[&str], f64)],
+) -> AppState {
+    // Not `fixture().master`: a child server process must not generate data.
+    let master = Arc::new(MasterKey::from_bytes(&MASTER).unwrap_or_else(|e| panic!("{e}")));
+    let engine = engine_on(data, master).unwrap_or_else(|e| panic!("{e}"));
+    let notary = Arc::new(AuditNotary::load_or_create(state_dir).unwrap_or_else(|e| panic!("{e}")));
+    let store = SqliteStore::open(&state_dir.join("tre.db"), notary, CHECKPOINT_EVERY)
+        .unwrap_or_else(|e| panic!("{e}"));
+    store
+        .recover_interrupted()
+        .unwrap_or_else(|e| panic!("{e}"));
     for (id, members, budget) in projects {
         store
             .seed_project(&ProjectSeed {
                 id: ProjectId::new(*id).unwrap_or_else(|e| panic!("{e}")),
                 title: (*id).to_owned(),
                 dataset: "nhs_epr".into(),
-                budget: Epsilon::new(*budget).unwrap_or_else(|e| panic!("{e}")),
+                epsilon: Epsilon::new(*budget).unwrap_or_else(|e| panic!("{e}")),
+                delta: Delta::new(1e-5).unwrap_or_else(|e| panic!("{e}")),
                 members: members
                     .iter()
                     .map(|m| UserId::new(*m).unwrap_or_else(|e| panic!("{e}")))
                     .collect(),
+                end_date: tre_store::today()
+                    .checked_add_days(chrono::Days::new(30))
+                    .unwrap_or_else(|| unreachable!()),
             })
             .unwrap_or_else(|e| panic!("{e}"));
     }
-    let issuer = Issuer::load_or_create(state_dir.path()).unwrap_or_else(|e| panic!("{e}"));
-    let state = Arc::new(AppState {
+    let issuer = Issuer::load_or_create(state_dir).unwrap_or_else(|e| panic!("{e}"));
+    AppState {
         engine,
-        store,
+        store: Box::new(store),
         issuer,
-    });
-    let (addr, stop, _handle) = tre_gateway::spawn(
+    }
+}
+
+/// Start a gateway keeping its state in `state_dir`, optionally with TLS.
+pub async fn start_in(
+    state_dir: TempDir,
+    data: &std::path::Path,
+    projects: &[(&str, &[&str], f64)],
+    tls: Option<Tls>,
+) -> Server {
+    let state = Arc::new(open_state(state_dir.path(), data, projects));
+    let (addr, stop, handle) = tre_gateway::spawn(
         Arc::clone(&state),
         "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
+        tls.clone(),
     )
     .await
     .unwrap_or_else(|e| panic!("{e}"));
+    let scheme = if tls.is_some() { "https" } else { "http" };
     Server {
-        url: format!("http://{addr}"),
+        url: format!("{scheme}://{addr}"),
         state,
         stop: Some(stop),
-        _state_dir: state_dir,
+        handle: Some(handle),
+        state_dir,
     }
 }
 
@@ -156,16 +193,31 @@ impl Server {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
-    pub async fn clients(&self) -> (QueryServiceClient<Channel>, CatalogServiceClient<Channel>) {
-        let ch = Channel::from_shared(self.url.clone())
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url.clone())
             .unwrap_or_else(|e| panic!("{e}"))
             .connect()
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub async fn clients(&self) -> (QueryServiceClient<Channel>, CatalogServiceClient<Channel>) {
+        let ch = self.channel().await;
         (
             QueryServiceClient::new(ch.clone()),
             CatalogServiceClient::new(ch),
         )
+    }
+
+    /// Stop the server and wait until it has shut down (and signed its
+    /// shutdown checkpoint).
+    pub async fn shutdown(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            let _ = h.await;
+        }
     }
 
     pub fn spent(&self, project: &str) -> f64 {
@@ -179,7 +231,7 @@ impl Server {
     pub fn audit_len(&self) -> usize {
         self.state
             .store
-            .audit_events()
+            .audit_events(&AuditFilter::default())
             .map(|e| e.len())
             .unwrap_or_else(|e| panic!("{e}"))
     }

@@ -7,9 +7,12 @@ use clap::{Args, ValueEnum};
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tre_proto::v1 as pb;
+use tre_proto::v1::admin_service_client::AdminServiceClient;
+use tre_proto::v1::audit_service_client::AuditServiceClient;
 use tre_proto::v1::catalog_service_client::CatalogServiceClient;
+use tre_proto::v1::project_service_client::ProjectServiceClient;
 use tre_proto::v1::query_service_client::QueryServiceClient;
 
 #[derive(Clone, Copy, ValueEnum, Default)]
@@ -22,10 +25,19 @@ pub enum Format {
 
 #[derive(Args)]
 pub struct Conn {
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    /// http://host:port on loopback; https://host:port when the gateway has TLS.
+    #[arg(long, default_value = "http://127.0.0.1:50051", env = "TRE_SERVER")]
     pub server: String,
-    #[arg(long)]
+    #[arg(long, env = "TRE_TOKEN_FILE")]
     pub token_file: PathBuf,
+    /// CA certificate (PEM) that signed the gateway's certificate.
+    #[arg(long)]
+    pub ca_cert: Option<PathBuf>,
+    /// Client certificate and key (PEM) when the gateway requires mutual TLS.
+    #[arg(long, requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    #[arg(long, requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -66,14 +78,41 @@ pub struct BudgetArgs {
 
 type Auth = Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
 
+type Authed = InterceptedService<Channel, Auth>;
+
 pub struct Client {
-    pub query: QueryServiceClient<InterceptedService<Channel, Auth>>,
-    pub catalog: CatalogServiceClient<InterceptedService<Channel, Auth>>,
+    pub query: QueryServiceClient<Authed>,
+    pub catalog: CatalogServiceClient<Authed>,
+    pub projects: ProjectServiceClient<Authed>,
+    pub audit: AuditServiceClient<Authed>,
+    pub admin: AdminServiceClient<Authed>,
+}
+
+/// PEM files for a TLS connection.
+#[derive(Default)]
+pub struct TlsFiles {
+    pub ca_cert: Option<Vec<u8>>,
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Client {
     pub async fn connect(server: &str, token: &str) -> Result<Self> {
-        let channel = Channel::from_shared(server.to_owned())?
+        Self::connect_tls(server, token, &TlsFiles::default()).await
+    }
+
+    pub async fn connect_tls(server: &str, token: &str, tls: &TlsFiles) -> Result<Self> {
+        let mut endpoint = Channel::from_shared(server.to_owned())?;
+        if server.starts_with("https://") {
+            let mut cfg = ClientTlsConfig::new();
+            if let Some(ca) = &tls.ca_cert {
+                cfg = cfg.ca_certificate(Certificate::from_pem(ca));
+            }
+            if let Some((cert, key)) = &tls.identity {
+                cfg = cfg.identity(Identity::from_pem(cert, key));
+            }
+            endpoint = endpoint.tls_config(cfg)?;
+        }
+        let channel = endpoint
             .connect()
             .await
             .with_context(|| format!("cannot connect to {server}"))?;
@@ -87,15 +126,33 @@ impl Client {
         };
         Ok(Self {
             query: QueryServiceClient::with_interceptor(channel.clone(), auth()),
-            catalog: CatalogServiceClient::with_interceptor(channel, auth()),
+            catalog: CatalogServiceClient::with_interceptor(channel.clone(), auth()),
+            projects: ProjectServiceClient::with_interceptor(channel.clone(), auth()),
+            audit: AuditServiceClient::with_interceptor(channel.clone(), auth()),
+            admin: AdminServiceClient::with_interceptor(channel, auth()),
         })
     }
 
     pub async fn from_conn(conn: &Conn) -> Result<Self> {
+        let read =
+            |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
         let token = std::fs::read_to_string(&conn.token_file)
             .with_context(|| format!("cannot read token file {}", conn.token_file.display()))?;
-        Self::connect(&conn.server, &token).await
+        let tls = TlsFiles {
+            ca_cert: conn.ca_cert.as_ref().map(read).transpose()?,
+            identity: match (&conn.client_cert, &conn.client_key) {
+                (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+                _ => None,
+            },
+        };
+        Self::connect_tls(&conn.server, &token, &tls).await
     }
+}
+
+/// The reply of a call, or its refusal as the user should see it.
+pub fn rpc<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Result<T> {
+    r.map(tonic::Response::into_inner)
+        .map_err(|s| anyhow::anyhow!(status_text(&s)))
 }
 
 /// A refusal as the user should see it: the status message carries the code.
@@ -112,24 +169,14 @@ pub async fn query(args: QueryArgs) -> Result<()> {
         delta: args.delta,
     };
     if args.dry_run {
-        let r = c
-            .query
-            .dry_run(req)
-            .await
-            .map_err(|s| anyhow::anyhow!(status_text(&s)))?
-            .into_inner();
+        let r = rpc(c.query.dry_run(req).await)?;
         match args.format {
             Format::Json => println!("{}", serde_json::to_string_pretty(&dry_run_json(&r))?),
             _ => print!("{}", render_dry_run(&r)),
         }
         return Ok(());
     }
-    let r = c
-        .query
-        .submit(req)
-        .await
-        .map_err(|s| anyhow::anyhow!(status_text(&s)))?
-        .into_inner();
+    let r = rpc(c.query.submit(req).await)?;
     match args.format {
         Format::Table => print!("{}", render_release(&r, None)),
         Format::Json => println!("{}", serde_json::to_string_pretty(&release_json(&r))?),
@@ -142,12 +189,7 @@ pub async fn catalog(args: CatalogArgs) -> Result<()> {
     let mut c = Client::from_conn(&args.conn).await?;
     match args.table {
         None => {
-            let r = c
-                .catalog
-                .list_datasets(pb::ListDatasetsRequest {})
-                .await
-                .map_err(|s| anyhow::anyhow!(status_text(&s)))?
-                .into_inner();
+            let r = rpc(c.catalog.list_datasets(pb::ListDatasetsRequest {}).await)?;
             for d in r.datasets {
                 println!(
                     "{} — {}\n  privacy unit: {}; sdc profile: {}; epsilon per query: default {}, max {}\n  tables: {}",
@@ -162,15 +204,13 @@ pub async fn catalog(args: CatalogArgs) -> Result<()> {
             }
         }
         Some(t) => {
-            let r = c
+            let r = rpc(c
                 .catalog
                 .describe_table(pb::DescribeTableRequest {
                     dataset: String::new(),
                     table: t,
                 })
-                .await
-                .map_err(|s| anyhow::anyhow!(status_text(&s)))?
-                .into_inner();
+                .await)?;
             println!(
                 "{}.{} — {} (at most {} rows per patient)",
                 r.dataset, r.table, r.description, r.max_rows_per_unit
@@ -200,17 +240,23 @@ pub async fn catalog(args: CatalogArgs) -> Result<()> {
 
 pub async fn budget(args: BudgetArgs) -> Result<()> {
     let mut c = Client::from_conn(&args.conn).await?;
-    let r = c
+    let r = rpc(c
         .query
         .budget(pb::BudgetRequest {
             project: args.project,
         })
-        .await
-        .map_err(|s| anyhow::anyhow!(status_text(&s)))?
-        .into_inner();
+        .await)?;
     println!(
-        "project {}: epsilon budget {}, spent {}, remaining {}",
-        r.project, r.epsilon_budget, r.epsilon_spent, r.epsilon_remaining
+        "project {} ({}, ends {}): epsilon budget {}, spent {}, remaining {}; delta budget {:e}, spent {:e}, remaining {:e}",
+        r.project,
+        r.status,
+        r.end_date,
+        r.epsilon_budget,
+        r.epsilon_spent,
+        r.epsilon_remaining,
+        r.delta_budget,
+        r.delta_spent,
+        r.delta_remaining
     );
     Ok(())
 }
@@ -284,6 +330,9 @@ pub fn render_release(r: &pb::QueryResponse, max_rows: Option<usize>) -> String 
         num(r.epsilon_remaining),
         r.release_id
     );
+    if r.repeated {
+        out += "(an identical earlier query: its stored release, returned at no cost)\n";
+    }
     out
 }
 
@@ -406,6 +455,9 @@ fn release_json(r: &pb::QueryResponse) -> serde_json::Value {
         "rows": rows,
         "epsilon_spent": r.epsilon_spent,
         "epsilon_remaining": r.epsilon_remaining,
+        "delta_spent": r.delta_spent,
+        "delta_remaining": r.delta_remaining,
+        "repeated": r.repeated,
         "confidence": r.confidence,
         "sdc_profile": r.sdc_profile,
         "notes": r.notes,

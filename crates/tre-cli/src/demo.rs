@@ -1,6 +1,8 @@
 //! `tre demo`: generate (or reuse) 100,000 synthetic patients, start the
-//! gateway in-process on a loopback port, create a project with a
-//! researcher, and ask real research questions through the gRPC client.
+//! gateway in-process on a loopback port, and play every role through the
+//! gRPC client: a researcher requests a project, a custodian approves it,
+//! the researcher asks real research questions, and an auditor lists,
+//! verifies and exports the log, then verifies the export offline.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,11 +11,13 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use tre_core::{Epsilon, ProjectId, Role, UserId};
+use tre_core::{ProjectId, Role, UserId};
+use tre_gateway::AppState;
 use tre_proto::v1 as pb;
 use tre_store::ProjectSeed;
 
-use crate::client::{Client, render_dry_run, render_release, status_text};
+use crate::client::{Client, render_dry_run, render_release, rpc, status_text};
+use crate::governance::{render_events, render_project, render_verify, verify_offline};
 use crate::setup::{self, GenerateArgs, ServeArgs};
 
 #[derive(Args)]
@@ -122,131 +126,102 @@ fn ensure_data(args: &DemoArgs, data: &Path, key_file: &Path) -> Result<()> {
     Ok(())
 }
 
+fn days_from_today(n: u64) -> Result<chrono::NaiveDate> {
+    tre_store::today()
+        .checked_add_days(chrono::Days::new(n))
+        .context("date out of range")
+}
+
 pub async fn run(args: DemoArgs) -> Result<()> {
     let started = Instant::now();
     let key_file = args.state.join("master.key");
     let data = args.state.join("data/nhs_epr");
     ensure_data(&args, &data, &key_file)?;
-    let serve_args = ServeArgs {
-        state: args.state.join("server"),
-        data: data.clone(),
-        policy: None,
-        sdc_dir: None,
-        key_file,
-        listen: args.listen,
-        projects: vec![],
-        project_epsilon: None,
-    };
-    let state = setup::open_state(&serve_args)?;
-    // A fresh project per scripted run, so the demo can be rerun; `demo`
-    // for --serve, whose ledger persists across restarts.
-    let project = if args.serve {
-        "demo".to_owned()
-    } else {
-        format!("demo-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S%.3f"))
-    };
-    if !args.serve && state.store.project(&ProjectId::new(&project)?).is_ok() {
-        anyhow::bail!("project {project} already exists; run the demo again");
-    }
-    let budget = if args.serve {
-        state.engine.policy().budget.project_epsilon
-    } else {
-        Epsilon::new(DEMO_BUDGET)?
-    };
-    state.store.seed_project(&ProjectSeed {
-        id: ProjectId::new(&project)?,
-        title: "Demo: NHS service use and outcomes".into(),
-        dataset: state.engine.policy().dataset.clone(),
-        budget,
-        members: vec![UserId::new("researcher")?],
-    })?;
-    let state = Arc::new(state);
-    let addr = if args.serve {
-        args.listen
-    } else {
-        "127.0.0.1:0".parse()?
-    };
-    let (bound, stop, handle) = tre_gateway::spawn(Arc::clone(&state), addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}"))?;
-
+    let serve_args = ServeArgs::local(args.state.join("server"), data, key_file, args.listen);
+    let state = Arc::new(setup::open_state(&serve_args)?);
     if args.serve {
-        let tokens = args.state.join("tokens");
-        std::fs::create_dir_all(&tokens)?;
-        for role in Role::ALL {
-            let token = state
-                .issuer
-                .issue(&UserId::new(role.as_str())?, role, 8 * 3600)?;
-            std::fs::write(tokens.join(format!("{role}.token")), token)?;
-        }
-        println!(
-            "tre gateway on http://{bound} · project `demo` · member `researcher` · budget epsilon {budget}"
-        );
-        println!(
-            "tokens (valid 8h) in {}/<role>.token for researcher, custodian, auditor, admin",
-            tokens.display()
-        );
-        println!(
-            "try:\n  tre query --server http://{bound} --token-file {}/researcher.token --project demo --dry-run \\\n    \"SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex\"",
-            tokens.display()
-        );
-        println!(
-            "  tre catalog --server http://{bound} --token-file {}/researcher.token --table admissions",
-            tokens.display()
-        );
-        println!("press Ctrl-C to stop");
-        tokio::signal::ctrl_c().await?;
-        let _ = stop.send(());
-        let _ = handle.await;
-        return Ok(());
+        return serve_forever(&args, state).await;
     }
+    let (bound, stop, handle) =
+        tre_gateway::spawn(Arc::clone(&state), "127.0.0.1:0".parse()?, None).await?;
+    let url = format!("http://{bound}");
+    let token = |user: &str, role: Role| -> Result<String> {
+        Ok(state.issuer.issue(&UserId::new(user)?, role, 3600)?)
+    };
+    let mut researcher = Client::connect(&url, &token("rhea", Role::Researcher)?).await?;
+    let mut custodian = Client::connect(&url, &token("cara", Role::Custodian)?).await?;
+    let mut auditor = Client::connect(&url, &token("aziz", Role::Auditor)?).await?;
+    // A fresh project per run, so the demo can be rerun on the same state.
+    let project = format!("demo-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S%.3f"));
+    println!("\ntre demo · gateway on {bound} · researcher rhea · custodian cara · auditor aziz\n");
 
-    let token = state
-        .issuer
-        .issue(&UserId::new("researcher")?, Role::Researcher, 3600)?;
-    let mut client = Client::connect(&format!("http://{bound}"), &token).await?;
+    println!("▶ researcher rhea requests project {project} (epsilon {DEMO_BUDGET}, 90 days)");
+    rpc(researcher
+        .projects
+        .request_project(pb::RequestProjectRequest {
+            id: project.clone(),
+            title: "NHS service use and outcomes".into(),
+            purpose: "How do admissions, diabetes control, COVID-19 treatment and waiting times vary across England?".into(),
+            datasets: vec![state.engine.policy().dataset.clone()],
+            epsilon: DEMO_BUDGET,
+            delta: 1e-6,
+            members: vec!["rhea".into()],
+            end_date: days_from_today(90)?.to_string(),
+        })
+        .await)?;
+    let ask = |sql: &str, eps: Option<f64>| pb::QueryRequest {
+        project: project.clone(),
+        sql: sql.into(),
+        epsilon: eps,
+        delta: None,
+    };
+    let early = researcher
+        .query
+        .submit(ask(QUESTIONS[0].1, Some(QUESTIONS[0].2)))
+        .await;
     println!(
-        "\ntre demo · gateway on {bound} · project {project} · researcher `researcher` · budget epsilon {budget}\n"
+        "  a query before approval: {}\n",
+        early
+            .err()
+            .map(|s| status_text(&s))
+            .unwrap_or_else(|| "UNEXPECTEDLY ACCEPTED".into())
     );
 
-    let (_, sql, eps) = QUESTIONS[0];
-    let dry = client
-        .query
-        .dry_run(pb::QueryRequest {
-            project: project.clone(),
-            sql: sql.into(),
+    println!("▶ custodian cara approves it, for 30 days rather than 90");
+    let approved = rpc(custodian
+        .projects
+        .approve_project(pb::ApproveProjectRequest {
+            id: project.clone(),
+            epsilon: None,
             delta: None,
-            epsilon: Some(eps),
+            end_date: days_from_today(30)?.to_string(),
+            reason: "public-interest purpose; aggregate outputs only".into(),
         })
-        .await
-        .map_err(|s| anyhow::anyhow!(status_text(&s)))?
-        .into_inner();
+        .await)?;
+    println!("{}", render_project(&approved));
+
+    let (_, sql, eps) = QUESTIONS[0];
+    let dry = rpc(researcher.query.dry_run(ask(sql, Some(eps))).await)?;
     println!(
         "▶ dry run of question 1 (costs nothing)\n{}",
         render_dry_run(&dry)
     );
-
-    for (i, (title_i, sql, eps)) in QUESTIONS.iter().enumerate() {
+    for (i, (title, sql, eps)) in QUESTIONS.iter().enumerate() {
         println!(
-            "▶ Q{}: {title_i}\n  {}\n",
+            "▶ Q{}: {title}\n  {}\n",
             i + 1,
             sql.split_whitespace().collect::<Vec<_>>().join(" ")
         );
         let t = Instant::now();
-        let r = client
-            .query
-            .submit(pb::QueryRequest {
-                project: project.clone(),
-                sql: (*sql).into(),
-                delta: None,
-                epsilon: Some(*eps),
-            })
-            .await
-            .map_err(|s| anyhow::anyhow!(status_text(&s)))?
-            .into_inner();
+        let r = rpc(researcher.query.submit(ask(sql, Some(*eps))).await)?;
         print!("{}", render_release(&r, Some(14)));
         println!("  ({:.2}s)\n", t.elapsed().as_secs_f64());
     }
+    let again = rpc(researcher.query.submit(ask(sql, Some(eps))).await)?;
+    println!(
+        "▶ Q1 asked again: its stored release {} comes back, epsilon spent {}\n",
+        again.release_id, again.epsilon_spent
+    );
 
     for (title, sql, eps) in [
         (
@@ -261,15 +236,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         ),
     ] {
         println!("▶ refusal: {title}");
-        let refused = client
-            .query
-            .submit(pb::QueryRequest {
-                project: project.clone(),
-                sql: sql.into(),
-                delta: None,
-                epsilon: eps,
-            })
-            .await;
+        let refused = researcher.query.submit(ask(sql, eps)).await;
         println!(
             "  {}\n",
             refused
@@ -278,25 +245,85 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 .unwrap_or_else(|| "UNEXPECTEDLY ACCEPTED".into())
         );
     }
-
-    let b = client
+    let b = rpc(researcher
         .query
         .budget(pb::BudgetRequest {
             project: project.clone(),
         })
-        .await
-        .map_err(|s| anyhow::anyhow!(status_text(&s)))?
-        .into_inner();
-    let events = state.store.audit_events()?.len();
-    let chain = match state.store.verify_chain()? {
-        None => "intact".to_owned(),
-        Some(seq) => format!("BROKEN at event {seq}"),
-    };
+        .await)?;
     println!(
-        "budget: spent {} of {}, {} left · audit log: {events} events, hash chain {chain}",
+        "budget: spent {} of {}, {} left\n",
         b.epsilon_spent, b.epsilon_budget, b.epsilon_remaining
     );
+
+    println!("▶ auditor aziz lists the project's events, verifies the log and exports it");
+    let events = rpc(auditor
+        .audit
+        .list_events(pb::ListEventsRequest {
+            project: project.clone(),
+            ..Default::default()
+        })
+        .await)?;
+    print!("{}", render_events(&events.events));
+    let verified = rpc(auditor.audit.verify_log(pb::VerifyLogRequest {}).await)?;
+    println!("  on the server: {}", render_verify(&verified));
+    let export = rpc(auditor.audit.export_log(pb::ExportLogRequest {}).await)?;
+    let file = args.state.join("audit-export.jsonl");
+    std::fs::write(&file, &export.jsonl)?;
+    let (offline, _) = verify_offline(&file, &export.public_key)?;
+    println!(
+        "  offline, from {} and the public key alone: {offline}",
+        file.display()
+    );
     println!("demo finished in {:.1}s", started.elapsed().as_secs_f64());
+    let _ = stop.send(());
+    let _ = handle.await;
+    Ok(())
+}
+
+/// `tre demo --serve`: an operator-seeded project `demo` and a token per
+/// role on disk, until Ctrl-C.
+async fn serve_forever(args: &DemoArgs, state: Arc<AppState>) -> Result<()> {
+    let budget = state.engine.policy().budget;
+    state.store.seed_project(&ProjectSeed {
+        id: ProjectId::new("demo")?,
+        title: "Demo: NHS service use and outcomes".into(),
+        dataset: state.engine.policy().dataset.clone(),
+        epsilon: budget.project_epsilon,
+        delta: budget.project_delta,
+        members: vec![UserId::new("researcher")?],
+        end_date: days_from_today(365)?,
+    })?;
+    let (bound, stop, handle) = tre_gateway::spawn(Arc::clone(&state), args.listen, None)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let tokens = args.state.join("tokens");
+    std::fs::create_dir_all(&tokens)?;
+    for role in Role::ALL {
+        let token = state
+            .issuer
+            .issue(&UserId::new(role.as_str())?, role, 8 * 3600)?;
+        std::fs::write(tokens.join(format!("{role}.token")), token)?;
+    }
+    println!(
+        "tre gateway on http://{bound} · project `demo` · member `researcher` · budget epsilon {}",
+        budget.project_epsilon
+    );
+    println!(
+        "tokens (valid 8h) in {}/<role>.token for researcher, custodian, auditor, admin; audit public key in {}",
+        tokens.display(),
+        args.state.join("server/audit.pub").display()
+    );
+    println!(
+        "try:\n  tre query --server http://{bound} --token-file {}/researcher.token --project demo --dry-run \\\n    \"SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex\"",
+        tokens.display()
+    );
+    println!(
+        "  tre audit verify --server http://{bound} --token-file {}/auditor.token",
+        tokens.display()
+    );
+    println!("press Ctrl-C to stop");
+    tokio::signal::ctrl_c().await?;
     let _ = stop.send(());
     let _ = handle.await;
     Ok(())

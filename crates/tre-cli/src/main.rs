@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod client;
 mod demo;
+mod governance;
 mod setup;
 
 #[derive(Parser)]
@@ -42,6 +43,16 @@ enum Command {
     Catalog(client::CatalogArgs),
     /// Show a project's privacy budget.
     Budget(client::BudgetArgs),
+    /// Request, review and govern projects.
+    Project {
+        #[command(subcommand)]
+        command: governance::ProjectCommand,
+    },
+    /// Read, verify and export the audit log.
+    Audit {
+        #[command(subcommand)]
+        command: governance::AuditCommand,
+    },
     /// Run the end-to-end demo (or, with --serve, leave it running).
     Demo(demo::DemoArgs),
     /// Benchmark the DP pipeline against plain DataFusion, and encrypted
@@ -68,6 +79,15 @@ enum TokenCommand {
         /// Lifetime, e.g. 30m, 8h, 7d.
         #[arg(long, default_value = "8h")]
         ttl: String,
+    },
+    /// Revoke a token by its id (printed when it was issued); needs an admin token.
+    Revoke {
+        #[command(flatten)]
+        conn: client::Conn,
+        #[arg(long)]
+        jti: String,
+        #[arg(long)]
+        reason: String,
     },
 }
 
@@ -98,10 +118,16 @@ fn main() -> Result<()> {
                         ttl,
                     },
             } => {
-                let token = setup::issue_token(&state, &user, &role, &ttl)?;
+                let (token, jti) = setup::issue_token(&state, &user, &role, &ttl)?;
+                eprintln!("token id (for `tre token revoke --jti`): {jti}");
                 println!("{token}");
                 Ok(())
             }
+            Command::Token {
+                command: TokenCommand::Revoke { conn, jti, reason },
+            } => governance::revoke_token(&conn, jti, reason).await,
+            Command::Project { command } => governance::project(command).await,
+            Command::Audit { command } => governance::audit(command).await,
             Command::Query(args) => client::query(args).await,
             Command::Catalog(args) => client::catalog(args).await,
             Command::Budget(args) => client::budget(args).await,

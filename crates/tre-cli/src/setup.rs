@@ -10,11 +10,11 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use tre_core::{Epsilon, ProjectId, Role, UserId};
-use tre_gateway::{AppState, Issuer};
+use tre_gateway::{AppState, AuditNotary, Issuer, Tls};
 use tre_policy::Policy;
 use tre_query::{Engine, Limits};
 use tre_sdc::Profile;
-use tre_store::{ProjectSeed, Store};
+use tre_store::{ProjectSeed, SqliteStore, Store};
 use tre_synth::Protection;
 use tre_vault::{MASTER_KEY_ENV, MasterKey};
 
@@ -145,6 +145,54 @@ pub struct ServeArgs {
     /// Budget for seeded projects (defaults to the policy's project_epsilon).
     #[arg(long)]
     pub project_epsilon: Option<f64>,
+    /// Days a seeded project stays open.
+    #[arg(long, default_value_t = 365)]
+    pub project_days: u64,
+    /// Server certificate (PEM). Without TLS the gateway serves loopback only.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) for client certificates: turns on mutual TLS.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Sign an audit checkpoint every N events (and always at shutdown).
+    #[arg(long, default_value_t = 100)]
+    pub checkpoint_every: u32,
+}
+
+impl ServeArgs {
+    /// Defaults for an in-process gateway over `data`, keeping state in `state`.
+    pub fn local(state: PathBuf, data: PathBuf, key_file: PathBuf, listen: SocketAddr) -> Self {
+        Self {
+            state,
+            data,
+            policy: None,
+            sdc_dir: None,
+            key_file,
+            listen,
+            projects: vec![],
+            project_epsilon: None,
+            project_days: 365,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            checkpoint_every: 100,
+        }
+    }
+
+    pub fn tls(&self) -> Result<Option<Tls>> {
+        let read =
+            |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+        Ok(match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(Tls {
+                cert_pem: read(cert)?,
+                key_pem: read(key)?,
+                client_ca_pem: self.tls_client_ca.as_ref().map(read).transpose()?,
+            }),
+            _ => None,
+        })
+    }
 }
 
 pub fn load_policy(path: Option<&Path>) -> Result<Policy> {
@@ -182,12 +230,23 @@ pub fn open_state(args: &ServeArgs) -> Result<AppState> {
     std::fs::create_dir_all(&args.state)
         .with_context(|| format!("cannot create {}", args.state.display()))?;
     let engine = Engine::open(policy, profile, &args.data, master, Limits::default())?;
-    let store = Store::open(&args.state.join("tre.db"))?;
+    let notary = Arc::new(AuditNotary::load_or_create(&args.state)?);
+    let store = SqliteStore::open(&args.state.join("tre.db"), notary, args.checkpoint_every)?;
+    let interrupted = store.recover_interrupted()?;
+    if interrupted > 0 {
+        eprintln!(
+            "recovered {interrupted} queries interrupted by the last shutdown: their charges stand and each is now in the audit log"
+        );
+    }
     let issuer = Issuer::load_or_create(&args.state)?;
-    let budget = match args.project_epsilon {
+    let budget = engine.policy().budget;
+    let epsilon = match args.project_epsilon {
         Some(e) => Epsilon::new(e)?,
-        None => engine.policy().budget.project_epsilon,
+        None => budget.project_epsilon,
     };
+    let end_date = tre_store::today()
+        .checked_add_days(chrono::Days::new(args.project_days))
+        .context("--project-days is too large")?;
     for spec in &args.projects {
         let (id, members) = spec
             .split_once('=')
@@ -196,31 +255,40 @@ pub fn open_state(args: &ServeArgs) -> Result<AppState> {
             id: ProjectId::new(id)?,
             title: id.to_owned(),
             dataset: engine.policy().dataset.clone(),
-            budget,
+            epsilon,
+            delta: budget.project_delta,
             members: members
                 .split(',')
                 .map(UserId::new)
                 .collect::<Result<_, _>>()?,
+            end_date,
         })?;
     }
     Ok(AppState {
         engine,
-        store,
+        store: Box::new(store),
         issuer,
     })
 }
 
 pub async fn serve(args: ServeArgs) -> Result<()> {
+    let tls = args.tls()?;
     let state = Arc::new(open_state(&args)?);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     eprintln!(
-        "tre gateway listening on {} (dataset {})",
+        "tre gateway listening on {} (dataset {}, {}); audit public key in {}",
         listener.local_addr()?,
-        state.engine.policy().dataset
+        state.engine.policy().dataset,
+        match &tls {
+            Some(t) if t.client_ca_pem.is_some() => "mutual TLS",
+            Some(_) => "TLS",
+            None => "plaintext, loopback only",
+        },
+        args.state.join("audit.pub").display()
     );
-    tre_gateway::serve(state, listener, async {
+    tre_gateway::serve(state, listener, tls, async {
         let _ = tokio::signal::ctrl_c().await;
     })
     .await?;
@@ -242,8 +310,10 @@ pub fn parse_ttl(ttl: &str) -> Result<Duration> {
     Ok(Duration::from_secs(secs))
 }
 
-pub fn issue_token(state: &Path, user: &str, role: &str, ttl: &str) -> Result<String> {
+/// A signed token and its id (for revocation).
+pub fn issue_token(state: &Path, user: &str, role: &str, ttl: &str) -> Result<(String, String)> {
     let issuer = Issuer::load_or_create(state)?;
     let role: Role = role.parse()?;
-    Ok(issuer.issue(&UserId::new(user)?, role, parse_ttl(ttl)?.as_secs())?)
+    let claims = Issuer::claims(&UserId::new(user)?, role, parse_ttl(ttl)?.as_secs())?;
+    Ok((issuer.sign(&claims)?, claims.jti))
 }

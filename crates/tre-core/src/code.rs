@@ -25,10 +25,25 @@ codes! {
     Unauthenticated = "TRE-A001",
     PermissionDenied = "TRE-A002",
     UnknownProject = "TRE-A003",
+    TokenExpired = "TRE-A004",
+    TokenRevoked = "TRE-A005",
+    /// A custodian deciding on a project they requested or belong to.
+    OwnProject = "TRE-A006",
+    /// The transport policy (mTLS) rejected the caller.
+    ClientCertificate = "TRE-A007",
+
+    // Project governance.
+    ProjectNotActive = "TRE-G001",
+    ProjectExpired = "TRE-G002",
+    InvalidTransition = "TRE-G003",
+    ProjectExists = "TRE-G004",
+    DatasetNotApproved = "TRE-G005",
+    InvalidProjectRequest = "TRE-G006",
 
     // Input validation of identifiers and parameters.
     InvalidIdentifier = "TRE-C001",
     InvalidEpsilon = "TRE-C002",
+    InvalidArgument = "TRE-C003",
 
     // The query compiler: user errors and policy refusals.
     SqlSyntax = "TRE-Q001",
@@ -61,6 +76,8 @@ codes! {
     BudgetExhausted = "TRE-B001",
     EpsilonAboveCap = "TRE-B002",
     DeltaAboveCap = "TRE-B003",
+    DeltaBudgetExhausted = "TRE-B004",
+    DatasetLifetimeExhausted = "TRE-B005",
 
     // Policy files.
     PolicyInvalid = "TRE-P001",

@@ -1,7 +1,11 @@
-//! Signed bearer tokens: JWT with EdDSA (Ed25519) via `jsonwebtoken`. The
-//! issuer key lives in the server's state directory (owner-only). Claims
-//! carry user, role, expiry and a token id, shaped so that an OpenID Connect
-//! provider can replace the local issuer later.
+//! Keys the server signs with, and signed bearer tokens.
+//!
+//! Tokens are JWTs with EdDSA (Ed25519) via `jsonwebtoken`. Claims carry
+//! user, role, expiry and a token id (`jti`, for revocation), shaped so that
+//! an OpenID Connect provider can replace the local issuer later. The audit
+//! log is signed by a separate key (`AuditNotary`), so that a leaked token
+//! key cannot forge history. Both keys live in the server's state directory,
+//! owner-only.
 
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -31,29 +35,56 @@ pub struct Issuer {
     decoding: DecodingKey,
 }
 
+/// Read an Ed25519 PKCS#8 key from `path`, creating it (0600) on first use.
+fn load_or_create_pkcs8(path: &Path) -> Result<Vec<u8>, GatewayError> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let doc = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
+                .map_err(|_| GatewayError::Setup("cannot generate an Ed25519 key".into()))?;
+            tre_vault::write_secret_file(path, doc.as_ref()).map_err(|e| {
+                GatewayError::Setup(format!("cannot write {}: {e}", path.display()))
+            })?;
+            Ok(doc.as_ref().to_vec())
+        }
+        Err(e) => Err(GatewayError::Setup(format!(
+            "cannot read {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// Signs audit events and checkpoints for the store.
+pub struct AuditNotary(Ed25519KeyPair);
+
+impl AuditNotary {
+    /// Load `state_dir/audit.pk8` (creating it on first use) and write its
+    /// public key, hex, to `state_dir/audit.pub` for offline verification.
+    pub fn load_or_create(state_dir: &Path) -> Result<Self, GatewayError> {
+        let pkcs8 = load_or_create_pkcs8(&state_dir.join("audit.pk8"))?;
+        let pair = Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|_| {
+            GatewayError::Setup("the audit key is not a valid Ed25519 PKCS#8 key".into())
+        })?;
+        let public = state_dir.join("audit.pub");
+        std::fs::write(&public, hex::encode(pair.public_key().as_ref()))
+            .map_err(|e| GatewayError::Setup(format!("cannot write {}: {e}", public.display())))?;
+        Ok(Self(pair))
+    }
+}
+
+impl tre_store::Notary for AuditNotary {
+    fn sign(&self, message: &[u8]) -> Vec<u8> {
+        self.0.sign(message).as_ref().to_vec()
+    }
+    fn public_key(&self) -> Vec<u8> {
+        self.0.public_key().as_ref().to_vec()
+    }
+}
+
 impl Issuer {
     /// Load `state_dir/issuer.pk8`, creating it (0600) on first use.
     pub fn load_or_create(state_dir: &Path) -> Result<Self, GatewayError> {
-        let path = state_dir.join("issuer.pk8");
-        let pkcs8 = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let doc = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| {
-                    GatewayError::Setup("cannot generate the token issuer key".into())
-                })?;
-                tre_vault::write_secret_file(&path, doc.as_ref()).map_err(|e| {
-                    GatewayError::Setup(format!("cannot write {}: {e}", path.display()))
-                })?;
-                doc.as_ref().to_vec()
-            }
-            Err(e) => {
-                return Err(GatewayError::Setup(format!(
-                    "cannot read {}: {e}",
-                    path.display()
-                )));
-            }
-        };
-        Self::from_pkcs8(&pkcs8)
+        Self::from_pkcs8(&load_or_create_pkcs8(&state_dir.join("issuer.pk8"))?)
     }
 
     pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self, GatewayError> {
@@ -66,42 +97,55 @@ impl Issuer {
         })
     }
 
-    pub fn issue(&self, user: &UserId, role: Role, ttl_secs: u64) -> Result<String, GatewayError> {
+    /// Claims for a new token: a fresh random `jti`, valid from now for
+    /// `ttl_secs`.
+    pub fn claims(user: &UserId, role: Role, ttl_secs: u64) -> Result<Claims, GatewayError> {
         let now = unix_now();
         let mut jti = [0u8; 16];
         ring::rand::SecureRandom::fill(&SystemRandom::new(), &mut jti)
             .map_err(|_| GatewayError::Setup("system random source failed".into()))?;
-        let claims = Claims {
+        Ok(Claims {
             sub: user.to_string(),
             role: role.as_str().to_owned(),
             iss: ISSUER.to_owned(),
             iat: now,
             exp: now.saturating_add(ttl_secs),
-            jti: jti.iter().map(|b| format!("{b:02x}")).collect(),
-        };
-        jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &self.encoding)
+            jti: hex::encode(jti),
+        })
+    }
+
+    pub fn issue(&self, user: &UserId, role: Role, ttl_secs: u64) -> Result<String, GatewayError> {
+        self.sign(&Self::claims(user, role, ttl_secs)?)
+    }
+
+    pub fn sign(&self, claims: &Claims) -> Result<String, GatewayError> {
+        jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), claims, &self.encoding)
             .map_err(|e| GatewayError::Setup(format!("cannot sign token: {e}")))
     }
 
-    pub fn verify(&self, token: &str) -> Result<Principal, GatewayError> {
+    /// Check signature, issuer and expiry; returns the caller and the token
+    /// id (revocation is checked against the store by the caller).
+    pub fn verify(&self, token: &str) -> Result<(Principal, String), GatewayError> {
         let mut v = Validation::new(Algorithm::EdDSA);
         v.set_issuer(&[ISSUER]);
+        v.set_required_spec_claims(&["exp", "iss", "sub"]);
         v.leeway = 0;
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &v).map_err(|e| {
-            GatewayError::Unauthenticated(match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
-                    "the token has expired; ask the operator for a new one".into()
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &self.decoding, &v).map_err(|e| {
+                match e.kind() {
+                    jsonwebtoken::errors::ErrorKind::ExpiredSignature => GatewayError::TokenExpired,
+                    _ => GatewayError::Unauthenticated(
+                        "the token is not valid; ask the operator for a new one".into(),
+                    ),
                 }
-                _ => "the token is not valid; ask the operator for a new one".into(),
-            })
-        })?;
+            })?;
         let user = UserId::new(data.claims.sub)
             .map_err(|_| GatewayError::Unauthenticated("the token names an invalid user".into()))?;
         let role =
             data.claims.role.parse::<Role>().map_err(|_| {
                 GatewayError::Unauthenticated("the token names an unknown role".into())
             })?;
-        Ok(Principal { user, role })
+        Ok((Principal { user, role }, data.claims.jti))
     }
 }
 

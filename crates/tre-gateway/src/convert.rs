@@ -1,8 +1,10 @@
 //! Domain → proto conversions, at the edge.
 
+use tre_core::{Delta, Epsilon};
 use tre_policy::{ColumnClass, Policy, TablePolicy};
 use tre_proto::v1 as pb;
 use tre_query::{Cell, Release, ReleaseColumn};
+use tre_store::{Project, StoredEvent};
 
 pub(crate) fn column(c: &ReleaseColumn) -> pb::Column {
     let kind = if c.kind == "group_key" {
@@ -29,7 +31,12 @@ fn status(s: &str) -> pb::SdcStatus {
     }
 }
 
-pub(crate) fn release(id: String, r: &Release, remaining: f64) -> pb::QueryResponse {
+pub(crate) fn release(
+    id: String,
+    r: &Release,
+    remaining: f64,
+    delta_remaining: f64,
+) -> pb::QueryResponse {
     pb::QueryResponse {
         release_id: id,
         columns: r.columns.iter().map(column).collect(),
@@ -63,6 +70,8 @@ pub(crate) fn release(id: String, r: &Release, remaining: f64) -> pb::QueryRespo
         epsilon_spent: r.epsilon,
         delta_spent: r.delta,
         epsilon_remaining: remaining,
+        delta_remaining,
+        repeated: false,
         confidence: r.confidence,
         sdc_profile: r.sdc_profile.clone(),
         notes: r.notes.clone(),
@@ -109,5 +118,80 @@ pub(crate) fn table(p: &Policy, t: &TablePolicy) -> pb::DescribeTableResponse {
                 }
             })
             .collect(),
+    }
+}
+
+fn date(d: Option<chrono::NaiveDate>) -> String {
+    d.map(|d| d.format("%Y-%m-%d").to_string())
+        .unwrap_or_default()
+}
+
+pub(crate) fn budget(p: &Project) -> pb::BudgetResponse {
+    pb::BudgetResponse {
+        project: p.id.to_string(),
+        epsilon_budget: p.budget(),
+        epsilon_spent: p.spent(),
+        epsilon_remaining: p.remaining(),
+        delta_budget: Delta::from_femtos(p.delta_budget_femtos),
+        delta_spent: Delta::from_femtos(p.delta_spent_femtos),
+        delta_remaining: p.delta_remaining(),
+        status: p.status.as_str().to_owned(),
+        end_date: date(p.end_date),
+    }
+}
+
+pub(crate) fn project(p: &Project) -> pb::ProjectInfo {
+    pb::ProjectInfo {
+        id: p.id.to_string(),
+        title: p.title.clone(),
+        purpose: p.purpose.clone(),
+        status: p.status.as_str().to_owned(),
+        datasets: p.datasets.clone(),
+        members: p.members.iter().map(ToString::to_string).collect(),
+        requested_by: p.requested_by.clone(),
+        requested_at: p.requested_at.clone(),
+        requested_epsilon: Epsilon::from_nanos(p.requested_epsilon_nanos),
+        requested_delta: Delta::from_femtos(p.requested_delta_femtos),
+        requested_end_date: date(Some(p.requested_end)),
+        epsilon_budget: p.budget(),
+        epsilon_spent: p.spent(),
+        delta_budget: Delta::from_femtos(p.delta_budget_femtos),
+        delta_spent: Delta::from_femtos(p.delta_spent_femtos),
+        end_date: date(p.end_date),
+        history: p
+            .history
+            .iter()
+            .map(|h| pb::ProjectHistoryEntry {
+                at: h.at.clone(),
+                actor: h.actor.clone(),
+                action: h.action.clone(),
+                reason: h.reason.clone(),
+                epsilon: Epsilon::from_nanos(h.epsilon_nanos),
+                delta: Delta::from_femtos(h.delta_femtos),
+            })
+            .collect(),
+    }
+}
+
+pub(crate) fn audit_event(e: &StoredEvent) -> pb::AuditEvent {
+    let v = &e.event;
+    pb::AuditEvent {
+        seq: e.seq,
+        at: v.at.clone(),
+        user: v.user.clone(),
+        role: v.role.clone(),
+        client: v.client.clone(),
+        project: v.project.clone(),
+        action: v.action.clone(),
+        sql: v.sql.clone(),
+        plan_hash: v.plan_hash.clone(),
+        epsilon: Epsilon::from_nanos(v.epsilon_nanos),
+        delta: Delta::from_femtos(v.delta_femtos),
+        outcome: v.outcome.clone(),
+        code: v.code.clone(),
+        release_id: v.release_id.clone(),
+        release_hash: v.release_hash.clone(),
+        detail: v.detail.clone(),
+        hash: e.hash.clone(),
     }
 }

@@ -9,10 +9,18 @@ use tre_store::StoreError;
 pub enum GatewayError {
     #[error("{code} {0}", code = Code::Unauthenticated)]
     Unauthenticated(String),
+    #[error("{code} the token has expired; ask the operator for a new one", code = Code::TokenExpired)]
+    TokenExpired,
+    #[error("{code} the token has been revoked; ask the operator for a new one", code = Code::TokenRevoked)]
+    TokenRevoked,
     #[error("{code} {0}", code = Code::PermissionDenied)]
     PermissionDenied(String),
+    #[error("{code} {0}", code = Code::OwnProject)]
+    OwnProject(String),
     #[error("{code} {0}", code = Code::UnknownTable)]
     NotFound(String),
+    #[error("{code} {0}", code = Code::InvalidArgument)]
+    BadRequest(String),
     #[error(transparent)]
     Core(#[from] tre_core::CoreError),
     #[error(transparent)]
@@ -27,8 +35,12 @@ impl GatewayError {
     pub fn code(&self) -> Code {
         match self {
             GatewayError::Unauthenticated(_) => Code::Unauthenticated,
+            GatewayError::TokenExpired => Code::TokenExpired,
+            GatewayError::TokenRevoked => Code::TokenRevoked,
             GatewayError::PermissionDenied(_) => Code::PermissionDenied,
+            GatewayError::OwnProject(_) => Code::OwnProject,
             GatewayError::NotFound(_) => Code::UnknownTable,
+            GatewayError::BadRequest(_) => Code::InvalidArgument,
             GatewayError::Core(e) => match e {
                 tre_core::CoreError::InvalidEpsilon { .. }
                 | tre_core::CoreError::InvalidDelta { .. } => Code::InvalidEpsilon,
@@ -37,12 +49,7 @@ impl GatewayError {
                 }
             },
             GatewayError::Query(q) => q.code(),
-            GatewayError::Store(s) => match s {
-                StoreError::UnknownProject(_) => Code::UnknownProject,
-                StoreError::BudgetExhausted { .. } => Code::BudgetExhausted,
-                StoreError::Sqlite(_) => Code::Storage,
-                StoreError::Poisoned => Code::Internal,
-            },
+            GatewayError::Store(s) => s.code(),
             GatewayError::Setup(_) => Code::Internal,
         }
     }
@@ -51,14 +58,26 @@ impl GatewayError {
     /// the stable code; internal details are replaced by a generic text.
     pub fn into_status(self) -> Status {
         let code = self.code();
-        if code == Code::Internal {
-            // For the operator; the researcher sees a generic message.
+        let internal = matches!(
+            self,
+            GatewayError::Query(
+                QueryError::Internal(_) | QueryError::Setup { .. } | QueryError::Vault(_),
+            ) | GatewayError::Store(
+                StoreError::Sqlite(_) | StoreError::Corrupt(_) | StoreError::Poisoned
+            ) | GatewayError::Setup(_)
+        );
+        if internal {
+            // For the operator; the caller sees a generic message.
             tracing::error!("internal error: {self}");
         }
         let grpc = match &self {
-            GatewayError::Unauthenticated(_) => GrpcCode::Unauthenticated,
-            GatewayError::PermissionDenied(_) => GrpcCode::PermissionDenied,
-            GatewayError::Core(_) => GrpcCode::InvalidArgument,
+            GatewayError::Unauthenticated(_)
+            | GatewayError::TokenExpired
+            | GatewayError::TokenRevoked => GrpcCode::Unauthenticated,
+            GatewayError::PermissionDenied(_) | GatewayError::OwnProject(_) => {
+                GrpcCode::PermissionDenied
+            }
+            GatewayError::Core(_) | GatewayError::BadRequest(_) => GrpcCode::InvalidArgument,
             GatewayError::NotFound(_) => GrpcCode::NotFound,
             GatewayError::Query(q) => match q {
                 QueryError::Refused { .. } => GrpcCode::InvalidArgument,
@@ -68,21 +87,27 @@ impl GatewayError {
                 }
             },
             GatewayError::Store(s) => match s {
-                StoreError::UnknownProject(_) => GrpcCode::PermissionDenied,
-                StoreError::BudgetExhausted { .. } => GrpcCode::ResourceExhausted,
-                StoreError::Sqlite(_) | StoreError::Poisoned => GrpcCode::Internal,
+                StoreError::UnknownProject(_) | StoreError::DatasetNotApproved { .. } => {
+                    GrpcCode::PermissionDenied
+                }
+                StoreError::ProjectExists(_) => GrpcCode::AlreadyExists,
+                StoreError::ProjectNotActive { .. }
+                | StoreError::ProjectExpired { .. }
+                | StoreError::InvalidTransition { .. } => GrpcCode::FailedPrecondition,
+                StoreError::InvalidRequest(_) => GrpcCode::InvalidArgument,
+                StoreError::BudgetExhausted { .. }
+                | StoreError::DeltaExhausted { .. }
+                | StoreError::LifetimeExhausted(_) => GrpcCode::ResourceExhausted,
+                StoreError::Sqlite(_) | StoreError::Corrupt(_) | StoreError::Poisoned => {
+                    GrpcCode::Internal
+                }
             },
             GatewayError::Setup(_) => GrpcCode::Internal,
         };
-        let message = match &self {
-            GatewayError::Query(
-                QueryError::Internal(_) | QueryError::Setup { .. } | QueryError::Vault(_),
-            )
-            | GatewayError::Store(StoreError::Sqlite(_) | StoreError::Poisoned)
-            | GatewayError::Setup(_) => {
-                format!("{code} internal error; the operator can find the details in the audit log")
-            }
-            _ => self.to_string(),
+        let message = if internal {
+            format!("{code} internal error; the operator can find the details in the audit log")
+        } else {
+            self.to_string()
         };
         let mut status = Status::new(grpc, message);
         if let Ok(v) = code.as_str().parse() {

@@ -1,7 +1,9 @@
-//! The gRPC gateway: authenticates every call (EdDSA-signed bearer tokens),
-//! authorises it, wires the query engine to the ledger (compile → reserve →
-//! execute → commit), writes one audit event per call, and converts between
-//! domain types and proto types. Errors become gRPC statuses in one
+//! The gRPC gateway: authenticates every call (EdDSA-signed bearer tokens,
+//! revocable by token id; optionally mutual TLS), authorises it through one
+//! matrix (`authz.rs`), wires the query engine to the ledger (compile →
+//! reserve → execute → commit), runs project governance and the auditor's
+//! read-only view of the log, writes one audit event per call, and converts
+//! between domain types and proto types. Errors become gRPC statuses in one
 //! exhaustive match (`error.rs`).
 //!
 //! This crate and tre-cli are the only ones that know tonic and the proto
@@ -12,46 +14,98 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tre_proto::v1::admin_service_server::AdminServiceServer;
+use tre_proto::v1::audit_service_server::AuditServiceServer;
 use tre_proto::v1::catalog_service_server::CatalogServiceServer;
+use tre_proto::v1::project_service_server::ProjectServiceServer;
 use tre_proto::v1::query_service_server::QueryServiceServer;
 use tre_query::Engine;
 use tre_store::Store;
 
+mod audit;
 mod auth;
+pub mod authz;
 mod convert;
 mod error;
+mod projects;
 mod service;
 
-pub use auth::{Claims, Issuer};
+pub use auth::{AuditNotary, Claims, Issuer};
 pub use error::GatewayError;
 
 /// What every handler shares.
 pub struct AppState {
     pub engine: Engine,
-    pub store: Store,
+    pub store: Box<dyn Store>,
     pub issuer: Issuer,
 }
 
-/// Serve on an already-bound listener until `shutdown` resolves. Binding
-/// first lets callers (tests, the demo) use port 0 and learn the address.
+/// TLS for the gateway: a server certificate and key (PEM) and, for mutual
+/// TLS, the CA whose certificates clients must present.
+#[derive(Clone)]
+pub struct Tls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl Tls {
+    fn config(&self) -> ServerTlsConfig {
+        let cfg =
+            ServerTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem));
+        match &self.client_ca_pem {
+            Some(ca) => cfg.client_ca_root(Certificate::from_pem(ca)),
+            None => cfg,
+        }
+    }
+}
+
+/// Serve on an already-bound listener until `shutdown` resolves, then sign
+/// an audit checkpoint. Binding first lets callers (tests, the demo) use
+/// port 0 and learn the address. Without TLS only loopback is served, so a
+/// token never crosses a network in the clear.
 pub async fn serve(
     state: Arc<AppState>,
     listener: TcpListener,
+    tls: Option<Tls>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), tonic::transport::Error> {
-    let svc = service::Services { state };
-    tonic::transport::Server::builder()
+) -> Result<(), GatewayError> {
+    let local = listener
+        .local_addr()
+        .map_err(|e| GatewayError::Setup(format!("cannot read the listening address: {e}")))?;
+    if tls.is_none() && !local.ip().is_loopback() {
+        return Err(GatewayError::Setup(format!(
+            "refusing to serve plaintext on {local}; give --tls-cert and --tls-key, or listen on 127.0.0.1"
+        )));
+    }
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        builder = builder
+            .tls_config(tls.config())
+            .map_err(|e| GatewayError::Setup(format!("bad TLS configuration: {e}")))?;
+    }
+    let svc = service::Services::new(Arc::clone(&state));
+    let served = builder
         .add_service(QueryServiceServer::new(svc.clone()))
-        .add_service(CatalogServiceServer::new(svc))
+        .add_service(CatalogServiceServer::new(svc.clone()))
+        .add_service(ProjectServiceServer::new(svc.clone()))
+        .add_service(AuditServiceServer::new(svc.clone()))
+        .add_service(AdminServiceServer::new(svc))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
+        .await;
+    // At shutdown the head of the log is signed, so an auditor can tell a
+    // log cut short after this point.
+    state.store.checkpoint()?;
+    served.map_err(|e| GatewayError::Setup(format!("gateway stopped: {e}")))
 }
 
 /// Bind `addr` and serve in a background task; returns the bound address
-/// and a handle that stops the server when dropped or sent to.
+/// and a handle that stops the server when sent to.
 pub async fn spawn(
     state: Arc<AppState>,
     addr: SocketAddr,
+    tls: Option<Tls>,
 ) -> std::io::Result<(
     SocketAddr,
     tokio::sync::oneshot::Sender<()>,
@@ -64,8 +118,8 @@ pub async fn spawn(
         let shutdown = async move {
             let _ = rx.await;
         };
-        if let Err(e) = serve(state, listener, shutdown).await {
-            tracing::error!("gateway stopped: {e}");
+        if let Err(e) = serve(state, listener, tls, shutdown).await {
+            tracing::error!("{e}");
         }
     });
     Ok((bound, tx, handle))

@@ -1,33 +1,100 @@
-//! The gRPC handlers. Each call authenticates, authorises, does its work and
-//! appends exactly one audit event, whatever the outcome.
+//! The gRPC handlers. Every call goes through `begin` (authenticate, then
+//! the authorisation matrix) and `finish` (exactly one audit event, then
+//! the one error mapping), whatever the outcome.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use tonic::{Request, Response, Status};
-use tre_core::{Epsilon, Principal, ProjectId, Role};
+use tre_core::{Principal, ProjectId};
 use tre_proto::v1 as pb;
 use tre_proto::v1::catalog_service_server::CatalogService;
 use tre_proto::v1::query_service_server::QueryService;
-use tre_query::Budget;
-use tre_query::QueryError;
-use tre_store::{AuditEvent, Project};
+use tre_query::{QueryError, Release};
+use tre_store::{AuditEvent, Charge, StoredRelease, chain};
 
+use crate::authz::{self, Rpc};
 use crate::{AppState, GatewayError, convert};
 
 #[derive(Clone)]
 pub(crate) struct Services {
     pub(crate) state: Arc<AppState>,
+    /// One lock per (project, plan hash): an identical query waits for the
+    /// one in flight and then gets its stored release instead of paying
+    /// twice.
+    repeats: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
-/// What the audit event records about a finished call.
-#[derive(Default)]
-struct Outcome {
-    epsilon: f64,
-    release_id: String,
-    detail: String,
+/// Who is calling, from where, and what.
+pub(crate) struct Call {
+    pub(crate) rpc: Rpc,
+    pub(crate) client: String,
+    pub(crate) who: Option<Principal>,
 }
+
+/// What the audit event records about a call beyond who and what.
+#[derive(Default)]
+pub(crate) struct Note {
+    pub(crate) project: String,
+    pub(crate) sql: String,
+    pub(crate) plan_hash: String,
+    pub(crate) epsilon_nanos: i64,
+    pub(crate) delta_femtos: i64,
+    pub(crate) release_id: String,
+    pub(crate) release_hash: String,
+    pub(crate) detail: String,
+    /// An open reservation: a failure must settle it with its event.
+    pub(crate) ledger_id: Option<i64>,
+    /// The event was already written with the release, atomically.
+    pub(crate) recorded: bool,
+}
+
+/// Run one handler body between `begin` and `finish`.
+macro_rules! handle {
+    ($self:ident, $request:ident, $rpc:expr, |$call:ident, $who:ident, $req:ident, $note:ident| $body:expr) => {{
+        let ($call, auth) = $self.begin(&$request, $rpc);
+        let $req = $request.into_inner();
+        let mut note = $crate::service::Note::default();
+        let result = {
+            let $note = &mut note;
+            match auth {
+                Ok($who) => $body.await,
+                Err(e) => Err(e),
+            }
+        };
+        $self.finish(&$call, note, result)
+    }};
+}
+pub(crate) use handle;
 
 impl Services {
+    pub(crate) fn new(state: Arc<AppState>) -> Self {
+        Self {
+            state,
+            repeats: Arc::default(),
+        }
+    }
+
+    pub(crate) fn begin<T>(
+        &self,
+        req: &Request<T>,
+        rpc: Rpc,
+    ) -> (Call, Result<Principal, GatewayError>) {
+        let mut client = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        if let Some(cert) = req.peer_certs().as_ref().and_then(|c| c.first().cloned()) {
+            let fp = chain::sha256_hex(cert.as_ref());
+            client.push_str(&format!(" mtls:{}", &fp[..16]));
+        }
+        let who = self.authenticate(req);
+        let call = Call {
+            rpc,
+            client,
+            who: who.as_ref().ok().cloned(),
+        };
+        let who = who.and_then(|p| authz::authorise(&p, rpc).map(|()| p));
+        (call, who)
+    }
+
     fn authenticate<T>(&self, req: &Request<T>) -> Result<Principal, GatewayError> {
         let header = req
             .metadata()
@@ -43,63 +110,36 @@ impl Services {
                 "the authorization header must be `Bearer <token>`".into(),
             )
         })?;
-        self.state.issuer.verify(token.trim())
+        let (who, jti) = self.state.issuer.verify(token.trim())?;
+        if self.state.store.is_revoked(&jti)? {
+            return Err(GatewayError::TokenRevoked);
+        }
+        Ok(who)
     }
 
-    /// The authorisation rule for project calls: a researcher who is a
-    /// member of the project, and the project is on this server's dataset.
-    fn authorise_project(&self, who: &Principal, project: &str) -> Result<Project, GatewayError> {
-        if who.role != Role::Researcher {
-            return Err(GatewayError::PermissionDenied(format!(
-                "role {} cannot query data; only researchers in an approved project can",
-                who.role
-            )));
-        }
-        let id = ProjectId::new(project)?;
-        let p = self.state.store.project(&id)?;
-        if !p.members.contains(&who.user) {
-            return Err(GatewayError::PermissionDenied(format!(
-                "you are not a member of project '{project}'; ask its custodian to add you"
-            )));
-        }
-        if p.dataset != self.state.engine.policy().dataset {
-            return Err(GatewayError::PermissionDenied(format!(
-                "project '{project}' is not approved for dataset '{}'",
-                self.state.engine.policy().dataset
-            )));
-        }
-        Ok(p)
-    }
-
-    fn budget(&self, req: &pb::QueryRequest) -> Result<Budget, GatewayError> {
-        Ok(self.state.engine.budget(req.epsilon, req.delta)?)
-    }
-
-    /// Append the call's audit event. If the log cannot be written the call
-    /// fails: nothing may happen without a record.
-    fn audit(
+    pub(crate) fn event(
         &self,
-        who: Option<&Principal>,
-        project: &str,
-        action: &str,
-        sql: &str,
-        result: &Result<(), &GatewayError>,
-        outcome: Outcome,
-    ) -> Result<(), Status> {
-        let mut e = AuditEvent::new(
-            who.map(|p| p.user.as_str()).unwrap_or("(unauthenticated)"),
-            who.map(|p| p.role),
-            project,
-            action,
-        );
-        e.sql = sql.to_owned();
-        e.epsilon_charged = outcome.epsilon;
-        e.release_id = outcome.release_id;
-        e.detail = outcome.detail;
-        match result {
-            Ok(()) => e.outcome = "allowed".into(),
-            Err(err) => {
-                e.outcome = if outcome.epsilon > 0.0 {
+        call: &Call,
+        note: &Note,
+        error: Option<&GatewayError>,
+    ) -> AuditEvent {
+        let (user, role) = match &call.who {
+            Some(p) => (p.user.as_str(), p.role.as_str()),
+            None => ("(unauthenticated)", ""),
+        };
+        let mut e = AuditEvent::new(user, role, &note.project, call.rpc.action());
+        e.client = call.client.clone();
+        e.sql = note.sql.clone();
+        e.plan_hash = note.plan_hash.clone();
+        e.epsilon_nanos = note.epsilon_nanos;
+        e.delta_femtos = note.delta_femtos;
+        e.release_id = note.release_id.clone();
+        e.release_hash = note.release_hash.clone();
+        e.detail = note.detail.clone();
+        match error {
+            None => e.outcome = "allowed".into(),
+            Some(err) => {
+                e.outcome = if note.ledger_id.is_some() {
                     "failed"
                 } else {
                     "refused"
@@ -111,65 +151,220 @@ impl Services {
                 }
             }
         }
-        self.state
-            .store
-            .append_audit(&e)
-            .map(|_| ())
-            .map_err(|err| GatewayError::from(err).into_status())
+        e
+    }
+
+    /// Append the call's audit event (unless the release already did) and
+    /// map the result. If the log cannot be written the call fails: nothing
+    /// may happen without a record.
+    pub(crate) fn finish<R>(
+        &self,
+        call: &Call,
+        note: Note,
+        result: Result<R, GatewayError>,
+    ) -> Result<Response<R>, Status> {
+        if !note.recorded {
+            let event = self.event(call, &note, result.as_ref().err());
+            let store = &self.state.store;
+            let written = match (note.ledger_id, &result) {
+                (Some(id), Err(_)) => store.fail_reservation(id, &event),
+                _ => store.append_audit(&event),
+            };
+            if let Err(e) = written {
+                return Err(GatewayError::from(e).into_status());
+            }
+        }
+        result.map(Response::new).map_err(GatewayError::into_status)
+    }
+
+    fn dataset(&self) -> &str {
+        &self.state.engine.policy().dataset
+    }
+
+    /// The project a researcher is querying: a member, active, unexpired,
+    /// approved for this dataset.
+    fn queryable_project(
+        &self,
+        who: &Principal,
+        project: &str,
+    ) -> Result<tre_store::Project, GatewayError> {
+        let p = self.state.store.project(&ProjectId::new(project)?)?;
+        authz::project_scope(who, &p, true)?;
+        p.check_queryable(self.dataset(), tre_store::today())?;
+        Ok(p)
+    }
+
+    /// The shared front of Submit and DryRun: the project, then the plan.
+    async fn compile(
+        &self,
+        who: &Principal,
+        req: &pb::QueryRequest,
+        note: &mut Note,
+    ) -> Result<(tre_store::Project, tre_query::PrivatePlan), GatewayError> {
+        note.project = req.project.clone();
+        note.sql = req.sql.clone();
+        let project = self.queryable_project(who, &req.project)?;
+        let budget = self.state.engine.budget(req.epsilon, req.delta)?;
+        let plan = self.state.engine.compile(&req.sql, budget).await?;
+        note.plan_hash = plan.plan_hash().to_owned();
+        Ok((project, plan))
     }
 
     async fn submit(
         &self,
+        call: &Call,
         who: &Principal,
         req: &pb::QueryRequest,
-        outcome: &mut Outcome,
+        note: &mut Note,
     ) -> Result<pb::QueryResponse, GatewayError> {
-        let project = self.authorise_project(who, &req.project)?;
-        let budget = self.budget(req)?;
-        let plan = self.state.engine.compile(&req.sql, budget).await?;
-        let (ledger_id, remaining) =
-            self.state
-                .store
-                .reserve(&project.id, plan.epsilon(), plan.plan_hash())?;
+        let (project, plan) = self.compile(who, req, note).await?;
+
+        let key = format!("{}\n{}", project.id, plan.plan_hash());
+        let lock = {
+            let mut locks = self
+                .repeats
+                .lock()
+                .map_err(|_| GatewayError::Setup("repeat lock poisoned".into()))?;
+            Arc::clone(locks.entry(key.clone()).or_default())
+        };
+        let _guard = lock.lock().await;
+        let reply = self.submit_once(call, who, &project, &plan, note).await;
+        if let Ok(mut locks) = self.repeats.lock() {
+            // Drop the entry once nobody else holds or waits for it.
+            if Arc::strong_count(&lock) <= 2 {
+                locks.remove(&key);
+            }
+        }
+        reply
+    }
+
+    async fn submit_once(
+        &self,
+        call: &Call,
+        who: &Principal,
+        project: &tre_store::Project,
+        plan: &tre_query::PrivatePlan,
+        note: &mut Note,
+    ) -> Result<pb::QueryResponse, GatewayError> {
+        let store = &self.state.store;
+        // Re-releasing the same noisy answer is post-processing: free.
+        if let Some(stored) = store.find_release(&project.id, plan.plan_hash())? {
+            let release: Release = serde_json::from_str(&stored.body)
+                .map_err(|e| GatewayError::Setup(format!("stored release unreadable: {e}")))?;
+            let now = store.project(&project.id)?;
+            note.release_id = stored.id.clone();
+            note.release_hash = stored.body_hash.clone();
+            note.detail = format!("repeat of release {}; no charge", stored.id);
+            let mut reply =
+                convert::release(stored.id, &release, now.remaining(), now.delta_remaining());
+            reply.repeated = true;
+            reply.epsilon_spent = 0.0;
+            reply.delta_spent = 0.0;
+            return Ok(reply);
+        }
+        let policy = self.state.engine.policy();
+        let reserved = store.reserve(&Charge {
+            project: &project.id,
+            dataset: &policy.dataset,
+            user: &who.user,
+            epsilon: plan.epsilon(),
+            delta: plan.delta(),
+            plan_hash: plan.plan_hash(),
+            today: tre_store::today(),
+            lifetime_epsilon: policy.budget.lifetime_epsilon,
+            lifetime_delta: policy.budget.lifetime_delta,
+        })?;
         // From here on the budget is spent, whatever happens.
-        outcome.epsilon = plan.epsilon().value();
-        let release = match self.state.engine.execute(&plan).await {
+        note.ledger_id = Some(reserved.ledger_id);
+        note.epsilon_nanos = plan.epsilon().as_nanos();
+        note.delta_femtos = plan.delta().as_femtos();
+        let release = match self.state.engine.execute(plan).await {
             Ok(r) => r,
             Err(e) => {
                 if let QueryError::Execution { detail } = &e {
-                    outcome.detail = detail.clone();
+                    note.detail = detail.clone();
                 }
                 return Err(e.into());
             }
         };
-        let release_id = uuid::Uuid::new_v4().to_string();
         let body =
             serde_json::to_string(&release).map_err(|e| GatewayError::Setup(e.to_string()))?;
-        let mut event = AuditEvent::new(
-            who.user.as_str(),
-            Some(who.role),
-            project.id.as_str(),
-            "query.submit",
-        );
-        event.sql = req.sql.clone();
-        event.outcome = "allowed".into();
-        event.epsilon_charged = plan.epsilon().value();
-        event.release_id = release_id.clone();
-        event.detail = format!("plan {} delta {}", plan.plan_hash(), plan.delta());
-        self.state
-            .store
-            .commit_release(&release_id, ledger_id, &body, &event)?;
-        outcome.release_id = release_id.clone();
-        Ok(convert::release(release_id, &release, remaining))
+        let stored = StoredRelease {
+            id: uuid::Uuid::new_v4().to_string(),
+            project: project.id.to_string(),
+            user: who.user.to_string(),
+            plan_hash: plan.plan_hash().to_owned(),
+            body_hash: chain::sha256_hex(body.as_bytes()),
+            body,
+            created_at: tre_store::now(),
+        };
+        note.release_id = stored.id.clone();
+        note.release_hash = stored.body_hash.clone();
+        let event = self.event(call, note, None);
+        store.commit_release(reserved.ledger_id, &stored, &event)?;
+        note.recorded = true;
+        Ok(convert::release(
+            stored.id,
+            &release,
+            reserved.epsilon_remaining,
+            reserved.delta_remaining,
+        ))
     }
-}
 
-/// The reason an authentication failed, without its code, so that each use
-/// can wrap it once.
-fn bare_reason(e: GatewayError) -> String {
-    match e {
-        GatewayError::Unauthenticated(reason) => reason,
-        other => other.to_string(),
+    async fn dry_run(
+        &self,
+        who: &Principal,
+        req: &pb::QueryRequest,
+        note: &mut Note,
+    ) -> Result<pb::DryRunResponse, GatewayError> {
+        let (project, plan) = self.compile(who, req, note).await?;
+        Ok(pb::DryRunResponse {
+            plan: plan.description().to_vec(),
+            columns: plan.columns().iter().map(convert::column).collect(),
+            epsilon: plan.epsilon().value(),
+            epsilon_remaining: project.remaining(),
+            cells: plan.cells().map(|c| c as u64),
+            plan_hash: plan.plan_hash().to_owned(),
+            delta: plan.delta().value(),
+            public_keys: plan.public_keys(),
+            selected_keys: plan.selected_keys(),
+        })
+    }
+
+    fn budget(
+        &self,
+        who: &Principal,
+        req: &pb::BudgetRequest,
+        note: &mut Note,
+    ) -> Result<pb::BudgetResponse, GatewayError> {
+        note.project = req.project.clone();
+        let p = self.state.store.project(&ProjectId::new(&req.project)?)?;
+        authz::project_scope(who, &p, false)?;
+        Ok(convert::budget(&p))
+    }
+
+    fn describe_table(
+        &self,
+        req: &pb::DescribeTableRequest,
+        note: &mut Note,
+    ) -> Result<pb::DescribeTableResponse, GatewayError> {
+        note.sql = req.table.clone();
+        let policy = self.state.engine.policy();
+        if !req.dataset.is_empty() && req.dataset != policy.dataset {
+            return Err(GatewayError::NotFound(format!(
+                "no dataset '{}'; list datasets first",
+                req.dataset
+            )));
+        }
+        policy
+            .table(&req.table)
+            .map(|t| convert::table(policy, t))
+            .ok_or_else(|| {
+                GatewayError::NotFound(format!(
+                    "no table '{}' in dataset '{}'",
+                    req.table, policy.dataset
+                ))
+            })
     }
 }
 
@@ -179,96 +374,25 @@ impl QueryService for Services {
         &self,
         request: Request<pb::QueryRequest>,
     ) -> Result<Response<pb::QueryResponse>, Status> {
-        let who = self.authenticate(&request).map_err(bare_reason);
-        let req = request.into_inner();
-        let mut outcome = Outcome::default();
-        let result = match &who {
-            Ok(p) => self.submit(p, &req, &mut outcome).await,
-            Err(_) => Err(GatewayError::Unauthenticated(String::new())),
-        };
-        match result {
-            // The release and its audit event were committed together.
-            Ok(resp) => Ok(Response::new(resp)),
-            Err(err) => {
-                let err = match (who.as_ref().err(), err) {
-                    (Some(reason), _) => GatewayError::Unauthenticated(reason.clone()),
-                    (None, e) => e,
-                };
-                self.audit(
-                    who.as_ref().ok(),
-                    &req.project,
-                    "query.submit",
-                    &req.sql,
-                    &Err(&err),
-                    outcome,
-                )?;
-                Err(err.into_status())
-            }
-        }
+        handle!(self, request, Rpc::Submit, |call, who, req, note| self
+            .submit(&call, &who, &req, note))
     }
 
     async fn dry_run(
         &self,
         request: Request<pb::QueryRequest>,
     ) -> Result<Response<pb::DryRunResponse>, Status> {
-        let who = self.authenticate(&request).map_err(bare_reason);
-        let req = request.into_inner();
-        let result = async {
-            let who = who
-                .as_ref()
-                .map_err(|reason| GatewayError::Unauthenticated(reason.clone()))?;
-            let project = self.authorise_project(who, &req.project)?;
-            let budget = self.budget(&req)?;
-            let plan = self.state.engine.compile(&req.sql, budget).await?;
-            Ok::<_, GatewayError>(pb::DryRunResponse {
-                plan: plan.description().to_vec(),
-                columns: plan.columns().iter().map(convert::column).collect(),
-                epsilon: plan.epsilon().value(),
-                epsilon_remaining: project.remaining(),
-                cells: plan.cells().map(|c| c as u64),
-                plan_hash: plan.plan_hash().to_owned(),
-                delta: plan.delta().value(),
-                public_keys: plan.public_keys(),
-                selected_keys: plan.selected_keys(),
-            })
-        }
-        .await;
-        self.audit(
-            who.as_ref().ok(),
-            &req.project,
-            "query.dry_run",
-            &req.sql,
-            &result.as_ref().map(|_| ()),
-            Outcome::default(),
-        )?;
-        result.map(Response::new).map_err(GatewayError::into_status)
+        handle!(self, request, Rpc::DryRun, |_call, who, req, note| self
+            .dry_run(&who, &req, note))
     }
 
     async fn budget(
         &self,
         request: Request<pb::BudgetRequest>,
     ) -> Result<Response<pb::BudgetResponse>, Status> {
-        let who = self.authenticate(&request).map_err(bare_reason);
-        let req = request.into_inner();
-        let result = who
-            .as_ref()
-            .map_err(|reason| GatewayError::Unauthenticated(reason.clone()))
-            .and_then(|who| self.authorise_project(who, &req.project))
-            .map(|p| pb::BudgetResponse {
-                project: p.id.to_string(),
-                epsilon_budget: Epsilon::from_nanos(p.budget_nanos),
-                epsilon_spent: p.spent(),
-                epsilon_remaining: p.remaining(),
-            });
-        self.audit(
-            who.as_ref().ok(),
-            &req.project,
-            "budget.show",
-            "",
-            &result.as_ref().map(|_| ()),
-            Outcome::default(),
-        )?;
-        result.map(Response::new).map_err(GatewayError::into_status)
+        handle!(self, request, Rpc::Budget, |_call, who, req, note| async {
+            self.budget(&who, &req, note)
+        })
     }
 }
 
@@ -278,59 +402,27 @@ impl CatalogService for Services {
         &self,
         request: Request<pb::ListDatasetsRequest>,
     ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
-        let who = self.authenticate(&request).map_err(bare_reason);
-        let result = who
-            .as_ref()
-            .map_err(|reason| GatewayError::Unauthenticated(reason.clone()))
-            .map(|_| pb::ListDatasetsResponse {
-                datasets: vec![convert::dataset(self.state.engine.policy())],
-            });
-        self.audit(
-            who.as_ref().ok(),
-            "",
-            "catalog.list",
-            "",
-            &result.as_ref().map(|_| ()),
-            Outcome::default(),
-        )?;
-        result.map(Response::new).map_err(GatewayError::into_status)
+        handle!(
+            self,
+            request,
+            Rpc::ListDatasets,
+            |_call, _who, _req, _note| async {
+                Ok(pb::ListDatasetsResponse {
+                    datasets: vec![convert::dataset(self.state.engine.policy())],
+                })
+            }
+        )
     }
 
     async fn describe_table(
         &self,
         request: Request<pb::DescribeTableRequest>,
     ) -> Result<Response<pb::DescribeTableResponse>, Status> {
-        let who = self.authenticate(&request).map_err(bare_reason);
-        let req = request.into_inner();
-        let policy = self.state.engine.policy();
-        let result = who
-            .as_ref()
-            .map_err(|reason| GatewayError::Unauthenticated(reason.clone()))
-            .and_then(|_| {
-                if !req.dataset.is_empty() && req.dataset != policy.dataset {
-                    return Err(GatewayError::NotFound(format!(
-                        "no dataset '{}'; list datasets first",
-                        req.dataset
-                    )));
-                }
-                policy
-                    .table(&req.table)
-                    .map(|t| convert::table(policy, t))
-                    .ok_or_else(|| {
-                        GatewayError::NotFound(format!(
-                            "no table '{}' in dataset '{}'",
-                            req.table, policy.dataset
-                        ))
-                    })
-            });
-        self.audit(
-            who.as_ref().ok(),
-            "",
-            "catalog.describe",
-            &req.table,
-            &result.as_ref().map(|_| ()),
-            Outcome::default(),
-        )?;
-        result.map(Response::new).map_err(GatewayError::into_status)
+        handle!(
+            self,
+            request,
+            Rpc::DescribeTable,
+            |_call, _who, req, note| async { self.describe_table(&req, note) }
+        )
     }
 }

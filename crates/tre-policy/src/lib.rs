@@ -60,6 +60,10 @@ pub struct BudgetPolicy {
     pub default_delta_per_query: Delta,
     pub max_delta_per_query: Delta,
     pub project_delta: Delta,
+    /// Lifetime caps for the dataset across all projects: the same patients
+    /// cannot be re-queried without bound by opening new projects.
+    pub lifetime_epsilon: Epsilon,
+    pub lifetime_delta: Delta,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -53,6 +53,9 @@ struct RawBudget {
     max_delta_per_query: f64,
     #[serde(default)]
     project_delta: f64,
+    lifetime_epsilon: f64,
+    #[serde(default)]
+    lifetime_delta: f64,
 }
 
 #[derive(Deserialize)]
@@ -132,7 +135,21 @@ impl RawPolicy {
             )?,
             max_delta_per_query: delta("budget.max_delta_per_query", b.max_delta_per_query)?,
             project_delta: delta("budget.project_delta", b.project_delta)?,
+            lifetime_epsilon: epsilon("budget.lifetime_epsilon", b.lifetime_epsilon)?,
+            lifetime_delta: delta("budget.lifetime_delta", b.lifetime_delta)?,
         };
+        if budget.project_epsilon > budget.lifetime_epsilon {
+            return Err(invalid(
+                "budget.project_epsilon",
+                "must not exceed budget.lifetime_epsilon, the cap across all projects",
+            ));
+        }
+        if budget.project_delta > budget.lifetime_delta {
+            return Err(invalid(
+                "budget.project_delta",
+                "must not exceed budget.lifetime_delta, the cap across all projects",
+            ));
+        }
         if budget.default_delta_per_query > budget.max_delta_per_query {
             return Err(invalid(
                 "budget.default_delta_per_query",

@@ -13,6 +13,7 @@ exclude_opted_out = "patients.opt_out"
 default_epsilon_per_query = 0.5
 max_epsilon_per_query = 1.0
 project_epsilon = 10.0
+lifetime_epsilon = 50.0
 
 [tables.patients]
 max_rows_per_unit = 1
@@ -97,6 +98,11 @@ fn invalid_policies_name_the_field() {
         (
             "project_epsilon = 10.0",
             "project_epsilon = -1.0",
+            "budget.project_epsilon",
+        ),
+        (
+            "lifetime_epsilon = 50.0",
+            "lifetime_epsilon = 5.0",
             "budget.project_epsilon",
         ),
         (

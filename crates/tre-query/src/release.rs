@@ -1,8 +1,8 @@
 //! What leaves the engine: noisy, disclosure-checked cells with intervals.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ReleaseColumn {
     pub name: String,
     /// "group_key" or the aggregate, e.g. "count", "avg".
@@ -17,7 +17,7 @@ pub struct ReleaseColumn {
     pub expected_half_width: Option<f64>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Cell {
     Key {
@@ -33,7 +33,7 @@ pub enum Cell {
     },
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Release {
     pub columns: Vec<ReleaseColumn>,
     pub rows: Vec<Vec<Cell>>,

@@ -1,388 +1,419 @@
-//! The durable control plane: projects and their members, the privacy-budget
-//! ledger, stored releases and the hash-chained audit log, in embedded
-//! SQLite (WAL, `synchronous=FULL`) with versioned migrations.
+//! The durable control plane: projects and their lifecycle, members and
+//! approved datasets, the (ε, δ) ledger per project and per dataset, stored
+//! releases, revoked tokens, and the signed, hash-chained audit log.
 //!
-//! The ledger is the source of truth for budgets: a reservation is one
-//! conditional UPDATE inside a transaction, so concurrent queries can never
-//! overspend. This crate must never depend on DataFusion, the query engine,
-//! keys or the network; it stores what it is given.
+//! `Store` is the storage trait the gateway programs against; `SqliteStore`
+//! is the embedded implementation (WAL, `synchronous=FULL`, versioned
+//! migrations). The ledger is the source of truth for budgets: a reservation
+//! is one IMMEDIATE transaction that checks the project's status, end date,
+//! approved datasets, project budget and the dataset's lifetime cap, so
+//! concurrent queries can never overspend.
+//!
+//! This crate must never depend on DataFusion, the query engine, tonic or
+//! the network. It holds no key material: audit signatures come from the
+//! `Notary` it is handed.
 
-use std::path::Path;
-use std::sync::Mutex;
-
-use ring::digest;
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use chrono::NaiveDate;
 use serde::Serialize;
-use tre_core::{Code, Epsilon, ProjectId, Role, UserId};
+use tre_core::{Code, Delta, Epsilon, ProjectId, UserId};
 
+pub mod chain;
 mod migrations;
+mod sqlite;
+
+pub use chain::{AuditEvent, Checkpoint, Entry, Notary, StoredEvent, Tamper, VerifyReport};
+pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{code} unknown project '{0}'; ask a custodian which projects you belong to", code = Code::UnknownProject)]
     UnknownProject(String),
+    #[error("{code} project '{0}' already exists; choose another id", code = Code::ProjectExists)]
+    ProjectExists(String),
+    #[error("{code} project '{project}' is {status}, not active; only an approved, active project can be queried", code = Code::ProjectNotActive)]
+    ProjectNotActive { project: String, status: String },
+    #[error("{code} project '{project}' ended on {end}; ask a custodian to extend it", code = Code::ProjectExpired)]
+    ProjectExpired { project: String, end: NaiveDate },
+    #[error("{code} project '{project}' is not approved for dataset '{dataset}'; request it from a custodian", code = Code::DatasetNotApproved)]
+    DatasetNotApproved { project: String, dataset: String },
+    #[error("{code} cannot {action} project '{project}' while it is {status}", code = Code::InvalidTransition)]
+    InvalidTransition {
+        project: String,
+        status: String,
+        action: &'static str,
+    },
+    #[error("{code} {0}", code = Code::InvalidProjectRequest)]
+    InvalidRequest(String),
     #[error("{code} privacy budget exhausted: this query costs epsilon {cost} but project '{project}' has {remaining} left; ask for less epsilon or ask a custodian for more budget", code = Code::BudgetExhausted)]
     BudgetExhausted {
         project: String,
         cost: f64,
         remaining: f64,
     },
+    #[error("{code} delta budget exhausted: this query costs delta {cost:e} but project '{project}' has {remaining:e} left; ask for less delta or ask a custodian for more", code = Code::DeltaBudgetExhausted)]
+    DeltaExhausted {
+        project: String,
+        cost: f64,
+        remaining: f64,
+    },
+    #[error("{code} the lifetime privacy budget of dataset '{0}' across all projects cannot pay for this query; a custodian must decide whether the dataset may be queried further", code = Code::DatasetLifetimeExhausted)]
+    LifetimeExhausted(String),
     #[error("{code} storage failure: {0}", code = Code::Storage)]
     Sqlite(#[from] rusqlite::Error),
+    #[error("{code} stored data is inconsistent: {0}", code = Code::Storage)]
+    Corrupt(String),
     #[error("{code} storage lock poisoned", code = Code::Internal)]
     Poisoned,
 }
 
-/// A project as seeded from configuration (governance comes later).
+impl StoreError {
+    pub fn code(&self) -> Code {
+        match self {
+            StoreError::UnknownProject(_) => Code::UnknownProject,
+            StoreError::ProjectExists(_) => Code::ProjectExists,
+            StoreError::ProjectNotActive { .. } => Code::ProjectNotActive,
+            StoreError::ProjectExpired { .. } => Code::ProjectExpired,
+            StoreError::DatasetNotApproved { .. } => Code::DatasetNotApproved,
+            StoreError::InvalidTransition { .. } => Code::InvalidTransition,
+            StoreError::InvalidRequest(_) => Code::InvalidProjectRequest,
+            StoreError::BudgetExhausted { .. } => Code::BudgetExhausted,
+            StoreError::DeltaExhausted { .. } => Code::DeltaBudgetExhausted,
+            StoreError::LifetimeExhausted(_) => Code::DatasetLifetimeExhausted,
+            StoreError::Sqlite(_) | StoreError::Corrupt(_) => Code::Storage,
+            StoreError::Poisoned => Code::Internal,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProjectStatus {
+    /// Asked for by a researcher; no budget yet.
+    Requested,
+    Active,
+    Rejected,
+    /// Paused by a custodian; can be resumed.
+    Suspended,
+    /// Ended by a custodian; final.
+    Revoked,
+}
+
+impl ProjectStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProjectStatus::Requested => "requested",
+            ProjectStatus::Active => "active",
+            ProjectStatus::Rejected => "rejected",
+            ProjectStatus::Suspended => "suspended",
+            ProjectStatus::Revoked => "revoked",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            ProjectStatus::Requested,
+            ProjectStatus::Active,
+            ProjectStatus::Rejected,
+            ProjectStatus::Suspended,
+            ProjectStatus::Revoked,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == s)
+    }
+}
+
+/// A researcher's application for a project.
+#[derive(Debug, Clone)]
+pub struct ProjectRequest {
+    pub id: ProjectId,
+    pub title: String,
+    /// Lay summary of what the project is for.
+    pub purpose: String,
+    pub datasets: Vec<String>,
+    pub epsilon: Epsilon,
+    pub delta: Delta,
+    pub members: Vec<UserId>,
+    /// Last day (inclusive) on which the project may query.
+    pub end_date: NaiveDate,
+    pub requested_by: UserId,
+}
+
+/// An operator bootstrap: an already-active project (recorded in the
+/// project's history and the audit log like any approval).
 #[derive(Debug, Clone)]
 pub struct ProjectSeed {
     pub id: ProjectId,
     pub title: String,
     pub dataset: String,
-    pub budget: Epsilon,
+    pub epsilon: Epsilon,
+    pub delta: Delta,
     pub members: Vec<UserId>,
+    pub end_date: NaiveDate,
+}
+
+/// What a custodian decides about a project.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Grant at most what was requested, until `end_date`.
+    Approve {
+        epsilon: Epsilon,
+        delta: Delta,
+        end_date: NaiveDate,
+    },
+    Reject,
+    Suspend,
+    Resume,
+    Revoke,
+    /// Add budget; zero δ adds none.
+    TopUp {
+        epsilon: Epsilon,
+        delta: Delta,
+    },
+}
+
+impl Decision {
+    pub fn action(&self) -> &'static str {
+        match self {
+            Decision::Approve { .. } => "approve",
+            Decision::Reject => "reject",
+            Decision::Suspend => "suspend",
+            Decision::Resume => "resume",
+            Decision::Revoke => "revoke",
+            Decision::TopUp { .. } => "top up",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HistoryEntry {
+    pub at: String,
+    pub actor: String,
+    pub action: String,
+    pub reason: String,
+    pub epsilon_nanos: i64,
+    pub delta_femtos: i64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Project {
     pub id: ProjectId,
     pub title: String,
-    pub dataset: String,
-    pub budget_nanos: i64,
-    pub spent_nanos: i64,
+    pub purpose: String,
+    pub status: ProjectStatus,
+    pub datasets: Vec<String>,
     pub members: Vec<UserId>,
+    pub requested_by: String,
+    pub requested_at: String,
+    pub requested_epsilon_nanos: i64,
+    pub requested_delta_femtos: i64,
+    pub requested_end: NaiveDate,
+    pub epsilon_budget_nanos: i64,
+    pub epsilon_spent_nanos: i64,
+    pub delta_budget_femtos: i64,
+    pub delta_spent_femtos: i64,
+    /// The approved end date (inclusive); none until approved.
+    pub end_date: Option<NaiveDate>,
+    pub history: Vec<HistoryEntry>,
 }
 
 impl Project {
-    pub fn remaining(&self) -> f64 {
-        Epsilon::from_nanos(self.budget_nanos - self.spent_nanos)
+    pub fn budget(&self) -> f64 {
+        Epsilon::from_nanos(self.epsilon_budget_nanos)
     }
     pub fn spent(&self) -> f64 {
-        Epsilon::from_nanos(self.spent_nanos)
+        Epsilon::from_nanos(self.epsilon_spent_nanos)
     }
-}
-
-/// One call, allowed or refused. Never holds an exact aggregate.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct AuditEvent {
-    pub at: String,
-    pub user: String,
-    pub role: String,
-    pub project: String,
-    pub action: String,
-    pub sql: String,
-    pub outcome: String,
-    pub code: String,
-    pub epsilon_charged: f64,
-    pub release_id: String,
-    /// Internal detail for auditors (e.g. the engine error behind a generic
-    /// TRE-E001). Never shown to the researcher.
-    pub detail: String,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct StoredEvent {
-    pub seq: i64,
-    pub event: AuditEvent,
-    pub prev_hash: String,
-    pub hash: String,
-}
-
-pub struct Store {
-    conn: Mutex<Connection>,
-}
-
-const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
-
-impl Store {
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let mut conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        migrations::apply(&mut conn)?;
-        Ok(Self {
-            conn: Mutex::new(conn),
-        })
+    pub fn remaining(&self) -> f64 {
+        Epsilon::from_nanos(self.epsilon_budget_nanos - self.epsilon_spent_nanos)
     }
-
-    fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>, StoreError> {
-        self.conn.lock().map_err(|_| StoreError::Poisoned)
+    pub fn delta_remaining(&self) -> f64 {
+        Delta::from_femtos(self.delta_budget_femtos - self.delta_spent_femtos)
     }
-
-    /// Create the project if it does not exist (keeping its ledger if it
-    /// does) and make its member list exactly `members`.
-    pub fn seed_project(&self, seed: &ProjectSeed) -> Result<(), StoreError> {
-        let mut conn = self.conn()?;
-        let tx = conn.transaction()?;
-        tx.execute(
-            "INSERT INTO projects(id, title, dataset, budget_nanos, spent_nanos, created_at)
-             VALUES (?1, ?2, ?3, ?4, 0, ?5)
-             ON CONFLICT(id) DO UPDATE SET title = excluded.title, dataset = excluded.dataset",
-            params![
-                seed.id.as_str(),
-                seed.title,
-                seed.dataset,
-                seed.budget.as_nanos(),
-                now()
-            ],
-        )?;
-        tx.execute(
-            "DELETE FROM project_members WHERE project_id = ?1",
-            [seed.id.as_str()],
-        )?;
-        for m in &seed.members {
-            tx.execute(
-                "INSERT INTO project_members(project_id, user_id) VALUES (?1, ?2)",
-                params![seed.id.as_str(), m.as_str()],
-            )?;
+    /// May this project run a query on `dataset` today? The ledger checks
+    /// this again inside the reservation, atomically.
+    pub fn check_queryable(&self, dataset: &str, today: NaiveDate) -> Result<(), StoreError> {
+        if self.status != ProjectStatus::Active {
+            return Err(StoreError::ProjectNotActive {
+                project: self.id.to_string(),
+                status: self.status.as_str().into(),
+            });
         }
-        tx.commit()?;
+        match self.end_date {
+            Some(end) if end >= today => {}
+            Some(end) => {
+                return Err(StoreError::ProjectExpired {
+                    project: self.id.to_string(),
+                    end,
+                });
+            }
+            None => {
+                return Err(StoreError::Corrupt(format!(
+                    "active project '{}' has no end date",
+                    self.id
+                )));
+            }
+        }
+        if !self.datasets.iter().any(|d| d == dataset) {
+            return Err(StoreError::DatasetNotApproved {
+                project: self.id.to_string(),
+                dataset: dataset.to_owned(),
+            });
+        }
         Ok(())
     }
 
-    pub fn project(&self, id: &ProjectId) -> Result<Project, StoreError> {
-        let conn = self.conn()?;
-        let row = conn
-            .query_row(
-                "SELECT title, dataset, budget_nanos, spent_nanos FROM projects WHERE id = ?1",
-                [id.as_str()],
-                |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                    ))
-                },
-            )
-            .optional()?
-            .ok_or_else(|| StoreError::UnknownProject(id.to_string()))?;
-        let mut stmt = conn.prepare(
-            "SELECT user_id FROM project_members WHERE project_id = ?1 ORDER BY user_id",
-        )?;
-        let members = stmt
-            .query_map([id.as_str()], |r| r.get::<_, String>(0))?
-            .filter_map(|r| r.ok().and_then(|u| UserId::new(u).ok()))
-            .collect();
-        Ok(Project {
-            id: id.clone(),
-            title: row.0,
-            dataset: row.1,
-            budget_nanos: row.2,
-            spent_nanos: row.3,
-            members,
-        })
+    /// Whoever asked for or works on the project; they may not decide on it.
+    pub fn involves(&self, user: &UserId) -> bool {
+        self.requested_by == user.as_str() || self.members.contains(user)
     }
+}
 
-    /// Charge `cost` to the project, atomically, or refuse without charging.
-    /// Returns the ledger entry id and the remaining budget.
-    pub fn reserve(
+/// A cost to reserve before touching data.
+#[derive(Debug, Clone)]
+pub struct Charge<'a> {
+    pub project: &'a ProjectId,
+    pub dataset: &'a str,
+    pub user: &'a UserId,
+    pub epsilon: Epsilon,
+    pub delta: Delta,
+    pub plan_hash: &'a str,
+    pub today: NaiveDate,
+    pub lifetime_epsilon: Epsilon,
+    pub lifetime_delta: Delta,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reserved {
+    pub ledger_id: i64,
+    pub epsilon_remaining: f64,
+    pub delta_remaining: f64,
+}
+
+/// A release as stored: the body exactly as released, and its hash.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredRelease {
+    pub id: String,
+    pub project: String,
+    pub user: String,
+    pub plan_hash: String,
+    pub body: String,
+    pub body_hash: String,
+    pub created_at: String,
+}
+
+/// Cumulative spend on a dataset across all projects.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct DatasetUsage {
+    pub epsilon_nanos: i64,
+    pub delta_femtos: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LedgerEntry {
+    pub id: i64,
+    pub project: String,
+    pub dataset: String,
+    pub user: String,
+    pub epsilon_nanos: i64,
+    pub delta_femtos: i64,
+    pub plan_hash: String,
+    /// reserved | released | failed | interrupted
+    pub status: String,
+    pub release_id: Option<String>,
+}
+
+/// Auditor's filter; every field narrows, `None` matches all.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub user: Option<String>,
+    pub project: Option<String>,
+    pub action: Option<String>,
+    pub outcome: Option<String>,
+    /// RFC 3339, inclusive.
+    pub since: Option<String>,
+    /// RFC 3339, exclusive.
+    pub until: Option<String>,
+    pub limit: Option<usize>,
+}
+
+/// The control plane, as the gateway sees it. Methods are synchronous and
+/// each one is atomic.
+pub trait Store: Send + Sync {
+    // Projects.
+    fn request_project(
+        &self,
+        req: &ProjectRequest,
+        today: NaiveDate,
+    ) -> Result<Project, StoreError>;
+    fn seed_project(&self, seed: &ProjectSeed) -> Result<Project, StoreError>;
+    fn project(&self, id: &ProjectId) -> Result<Project, StoreError>;
+    fn projects(&self) -> Result<Vec<Project>, StoreError>;
+    fn decide(
+        &self,
+        id: &ProjectId,
+        decision: &Decision,
+        by: &UserId,
+        reason: &str,
+    ) -> Result<Project, StoreError>;
+
+    // Budgets and releases.
+    fn reserve(&self, charge: &Charge<'_>) -> Result<Reserved, StoreError>;
+    /// Mark a reservation failed (the charge stands) and record why.
+    fn fail_reservation(&self, ledger_id: i64, event: &AuditEvent) -> Result<i64, StoreError>;
+    /// Store a release, settle its reservation and append its audit event,
+    /// in one transaction.
+    fn commit_release(
+        &self,
+        ledger_id: i64,
+        release: &StoredRelease,
+        event: &AuditEvent,
+    ) -> Result<i64, StoreError>;
+    /// The release of an earlier identical query (same project and plan
+    /// hash, which covers ε and δ).
+    fn find_release(
         &self,
         project: &ProjectId,
-        cost: Epsilon,
         plan_hash: &str,
-    ) -> Result<(i64, f64), StoreError> {
-        let mut conn = self.conn()?;
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let nanos = cost.as_nanos();
-        let updated = tx.execute(
-            "UPDATE projects SET spent_nanos = spent_nanos + ?2
-             WHERE id = ?1 AND spent_nanos + ?2 <= budget_nanos",
-            params![project.as_str(), nanos],
-        )?;
-        if updated == 0 {
-            let left: Option<i64> = tx
-                .query_row(
-                    "SELECT budget_nanos - spent_nanos FROM projects WHERE id = ?1",
-                    [project.as_str()],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            return Err(match left {
-                None => StoreError::UnknownProject(project.to_string()),
-                Some(left) => StoreError::BudgetExhausted {
-                    project: project.to_string(),
-                    cost: cost.value(),
-                    remaining: Epsilon::from_nanos(left),
-                },
-            });
-        }
-        tx.execute(
-            "INSERT INTO ledger(project_id, charged_nanos, plan_hash, at) VALUES (?1, ?2, ?3, ?4)",
-            params![project.as_str(), nanos, plan_hash, now()],
-        )?;
-        let id = tx.last_insert_rowid();
-        let left: i64 = tx.query_row(
-            "SELECT budget_nanos - spent_nanos FROM projects WHERE id = ?1",
-            [project.as_str()],
-            |r| r.get(0),
-        )?;
-        tx.commit()?;
-        Ok((id, Epsilon::from_nanos(left)))
-    }
+    ) -> Result<Option<StoredRelease>, StoreError>;
+    fn dataset_usage(&self, dataset: &str) -> Result<DatasetUsage, StoreError>;
+    fn ledger(&self, project: &ProjectId) -> Result<Vec<LedgerEntry>, StoreError>;
+    /// After a crash: settle reservations whose query never finished (the
+    /// charge stands) and record each in the audit log. Call once at start.
+    fn recover_interrupted(&self) -> Result<usize, StoreError>;
 
-    /// Store a release (its noisy, disclosure-checked cells as JSON) and its
-    /// audit event in one transaction.
-    pub fn commit_release(
-        &self,
-        release_id: &str,
-        ledger_id: i64,
-        release_json: &str,
-        event: &AuditEvent,
-    ) -> Result<i64, StoreError> {
-        let mut conn = self.conn()?;
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute(
-            "INSERT INTO releases(id, ledger_id, project_id, user_id, sql, body, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                release_id,
-                ledger_id,
-                event.project,
-                event.user,
-                event.sql,
-                release_json,
-                event.at
-            ],
-        )?;
-        let seq = append_event(&tx, event)?;
-        tx.commit()?;
-        Ok(seq)
-    }
+    // Tokens.
+    fn revoke_token(&self, jti: &str, by: &UserId, reason: &str) -> Result<(), StoreError>;
+    fn is_revoked(&self, jti: &str) -> Result<bool, StoreError>;
 
-    pub fn append_audit(&self, event: &AuditEvent) -> Result<i64, StoreError> {
-        let mut conn = self.conn()?;
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let seq = append_event(&tx, event)?;
-        tx.commit()?;
-        Ok(seq)
-    }
-
-    pub fn audit_events(&self) -> Result<Vec<StoredEvent>, StoreError> {
-        let conn = self.conn()?;
-        let mut stmt = conn.prepare(
-            "SELECT seq, at, user_id, role, project, action, sql, outcome, code, epsilon_nanos,
-                    release_id, detail, prev_hash, hash FROM audit ORDER BY seq",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok(StoredEvent {
-                seq: r.get(0)?,
-                event: AuditEvent {
-                    at: r.get(1)?,
-                    user: r.get(2)?,
-                    role: r.get(3)?,
-                    project: r.get(4)?,
-                    action: r.get(5)?,
-                    sql: r.get(6)?,
-                    outcome: r.get(7)?,
-                    code: r.get(8)?,
-                    epsilon_charged: Epsilon::from_nanos(r.get(9)?),
-                    release_id: r.get(10)?,
-                    detail: r.get(11)?,
-                },
-                prev_hash: r.get(12)?,
-                hash: r.get(13)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Sum of all ledger charges for a project (for consistency checks).
-    pub fn ledger_total(&self, project: &ProjectId) -> Result<f64, StoreError> {
-        let conn = self.conn()?;
-        let n: i64 = conn.query_row(
-            "SELECT COALESCE(SUM(charged_nanos), 0) FROM ledger WHERE project_id = ?1",
-            [project.as_str()],
-            |r| r.get(0),
-        )?;
-        Ok(Epsilon::from_nanos(n))
-    }
-
-    /// Recompute the hash chain; returns the first bad sequence number.
-    pub fn verify_chain(&self) -> Result<Option<i64>, StoreError> {
-        let mut prev = GENESIS.to_owned();
-        for e in self.audit_events()? {
-            if e.prev_hash != prev || event_hash(&prev, e.seq, &e.event) != e.hash {
-                return Ok(Some(e.seq));
-            }
-            prev = e.hash;
-        }
-        Ok(None)
-    }
-}
-
-fn append_event(tx: &rusqlite::Transaction<'_>, e: &AuditEvent) -> Result<i64, StoreError> {
-    let (last_seq, prev): (i64, String) = tx
-        .query_row(
-            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?
-        .unwrap_or((0, GENESIS.to_owned()));
-    let seq = last_seq + 1;
-    let hash = event_hash(&prev, seq, e);
-    tx.execute(
-        "INSERT INTO audit(seq, at, user_id, role, project, action, sql, outcome, code,
-                           epsilon_nanos, release_id, detail, prev_hash, hash)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-        params![
-            seq,
-            e.at,
-            e.user,
-            e.role,
-            e.project,
-            e.action,
-            e.sql,
-            e.outcome,
-            e.code,
-            charged_nanos(e.epsilon_charged),
-            e.release_id,
-            e.detail,
-            prev,
-            hash
-        ],
-    )?;
-    Ok(seq)
-}
-
-fn charged_nanos(eps: f64) -> i64 {
-    Epsilon::new(eps).map(Epsilon::as_nanos).unwrap_or(0)
-}
-
-/// Each event commits to its predecessor: h_i = SHA-256(h_{i-1} ‖ seq ‖ event).
-fn event_hash(prev: &str, seq: i64, e: &AuditEvent) -> String {
-    let mut normalised = e.clone();
-    normalised.epsilon_charged = Epsilon::from_nanos(charged_nanos(e.epsilon_charged));
-    let body = serde_json::to_string(&normalised).unwrap_or_default();
-    let mut buf = Vec::with_capacity(prev.len() + body.len() + 24);
-    buf.extend_from_slice(prev.as_bytes());
-    buf.extend_from_slice(&seq.to_be_bytes());
-    buf.extend_from_slice(body.as_bytes());
-    hex::encode(digest::digest(&digest::SHA256, &buf).as_ref())
+    // Audit.
+    fn append_audit(&self, event: &AuditEvent) -> Result<i64, StoreError>;
+    fn audit_events(&self, filter: &AuditFilter) -> Result<Vec<StoredEvent>, StoreError>;
+    /// Sign a checkpoint at the head of the log unless one exists.
+    fn checkpoint(&self) -> Result<Option<Checkpoint>, StoreError>;
+    /// Events and checkpoints in log order, as exported.
+    fn audit_entries(&self) -> Result<Vec<Entry>, StoreError>;
+    fn verify_audit(&self) -> Result<VerifyReport, StoreError>;
+    fn audit_public_key(&self) -> Vec<u8>;
 }
 
 pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
+pub fn today() -> NaiveDate {
+    chrono::Utc::now().date_naive()
+}
+
 impl AuditEvent {
     /// An event skeleton for `action` by `user` acting as `role`.
-    pub fn new(user: &str, role: Option<Role>, project: &str, action: &str) -> Self {
+    pub fn new(user: &str, role: &str, project: &str, action: &str) -> Self {
         Self {
             at: now(),
             user: user.to_owned(),
-            role: role.map(|r| r.as_str().to_owned()).unwrap_or_default(),
+            role: role.to_owned(),
             project: project.to_owned(),
             action: action.to_owned(),
-            sql: String::new(),
-            outcome: String::new(),
-            code: String::new(),
-            epsilon_charged: 0.0,
-            release_id: String::new(),
-            detail: String::new(),
+            ..Self::default()
         }
     }
 }

@@ -1,77 +1,476 @@
-use super::*;
+use std::sync::Arc;
 
-fn store() -> (tempfile::TempDir, Store) {
+use chrono::{Days, NaiveDate};
+use rand::{Rng, SeedableRng};
+use ring::signature::{Ed25519KeyPair, KeyPair};
+use rusqlite::Connection;
+use tre_core::{Code, Delta, Epsilon, ProjectId, UserId};
+
+use crate::chain::{self, Entry};
+use crate::*;
+
+struct TestNotary(Ed25519KeyPair);
+
+impl Notary for TestNotary {
+    fn sign(&self, message: &[u8]) -> Vec<u8> {
+        self.0.sign(message).as_ref().to_vec()
+    }
+    fn public_key(&self) -> Vec<u8> {
+        self.0.public_key().as_ref().to_vec()
+    }
+}
+
+fn notary(seed: u8) -> Arc<dyn Notary> {
+    Arc::new(TestNotary(
+        Ed25519KeyPair::from_seed_unchecked(&[seed; 32]).unwrap_or_else(|e| panic!("{e}")),
+    ))
+}
+
+fn open(dir: &tempfile::TempDir, every: u32) -> SqliteStore {
+    SqliteStore::open(&dir.path().join("tre.db"), notary(7), every)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn store() -> (tempfile::TempDir, SqliteStore) {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let s = Store::open(&dir.path().join("tre.db")).unwrap_or_else(|e| panic!("{e}"));
+    let s = open(&dir, 10);
     (dir, s)
 }
 
-fn seed(s: &Store, budget: f64) -> ProjectId {
-    let id = ProjectId::new("p1").unwrap_or_else(|e| panic!("{e}"));
-    s.seed_project(&ProjectSeed {
+fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
+    r.unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn pid(s: &str) -> ProjectId {
+    ok(ProjectId::new(s))
+}
+fn uid(s: &str) -> UserId {
+    ok(UserId::new(s))
+}
+fn eps(v: f64) -> Epsilon {
+    ok(Epsilon::new(v))
+}
+fn delta(v: f64) -> Delta {
+    ok(Delta::new(v))
+}
+fn in_days(n: u64) -> NaiveDate {
+    today()
+        .checked_add_days(Days::new(n))
+        .unwrap_or_else(|| unreachable!())
+}
+
+fn seed(s: &SqliteStore, id: &str, budget: f64, delta_budget: f64) -> ProjectId {
+    let id = pid(id);
+    ok(s.seed_project(&ProjectSeed {
         id: id.clone(),
         title: "t".into(),
         dataset: "nhs_epr".into(),
-        budget: Epsilon::new(budget).unwrap_or_else(|e| panic!("{e}")),
-        members: vec![UserId::new("alice").unwrap_or_else(|e| panic!("{e}"))],
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
+        epsilon: eps(budget),
+        delta: Delta::new(delta_budget).unwrap_or(Delta::ZERO),
+        members: vec![uid("alice")],
+        end_date: in_days(30),
+    }));
     id
 }
 
-fn eps(v: f64) -> Epsilon {
-    Epsilon::new(v).unwrap_or_else(|e| panic!("{e}"))
-}
-
-#[test]
-fn reservations_never_overspend() {
-    let (_d, s) = store();
-    let p = seed(&s, 1.0);
-    // (cost, expect ok)
-    for (cost, ok) in [
-        (0.4, true),
-        (0.4, true),
-        (0.3, false),
-        (0.2, true),
-        (0.1, false),
-    ] {
-        let r = s.reserve(&p, eps(cost), "h");
-        assert_eq!(r.is_ok(), ok, "cost {cost}: {r:?}");
-        if !ok {
-            assert!(matches!(r, Err(StoreError::BudgetExhausted { .. })));
-        }
+fn charge<'a>(p: &'a ProjectId, user: &'a UserId, e: f64, d: f64, lifetime: f64) -> Charge<'a> {
+    Charge {
+        project: p,
+        dataset: "nhs_epr",
+        user,
+        epsilon: eps(e),
+        delta: Delta::new(d).unwrap_or(Delta::ZERO),
+        plan_hash: "h",
+        today: today(),
+        lifetime_epsilon: eps(lifetime),
+        lifetime_delta: delta(1e-4),
     }
-    let proj = s.project(&p).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(proj.spent_nanos, 1_000_000_000);
-    assert_eq!(s.ledger_total(&p).ok(), Some(1.0));
 }
 
 #[test]
-fn reseeding_keeps_the_ledger() {
+fn reservations_never_overspend_epsilon_delta_or_the_dataset_lifetime() {
     let (_d, s) = store();
-    let p = seed(&s, 1.0);
-    s.reserve(&p, eps(0.5), "h")
-        .unwrap_or_else(|e| panic!("{e}"));
-    seed(&s, 1.0);
-    let proj = s.project(&p).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(proj.remaining(), 0.5);
-    assert_eq!(proj.members.len(), 1);
+    let a = seed(&s, "a", 1.0, 1e-6);
+    let b = seed(&s, "b", 1.0, 0.0);
+    let alice = uid("alice");
+    // (project, epsilon, delta, expected error code)
+    let cases: &[(&ProjectId, f64, f64, Option<Code>)] = &[
+        (&a, 0.4, 0.0, None),
+        (&a, 0.4, 6e-7, None),
+        (&a, 0.3, 0.0, Some(Code::BudgetExhausted)),
+        (&a, 0.1, 6e-7, Some(Code::DeltaBudgetExhausted)),
+        (&a, 0.2, 4e-7, None),
+        (&a, 0.1, 0.0, Some(Code::BudgetExhausted)),
+        // The dataset's lifetime cap is 1.5 across projects: a has spent 1.0.
+        (&b, 0.5, 0.0, None),
+        (&b, 0.1, 0.0, Some(Code::DatasetLifetimeExhausted)),
+    ];
+    for (p, e, d, want) in cases {
+        let r = s.reserve(&charge(p, &alice, *e, *d, 1.5));
+        assert_eq!(
+            r.as_ref().err().map(StoreError::code),
+            *want,
+            "{p} {e} {d}: {r:?}"
+        );
+    }
+    let pa = ok(s.project(&a));
+    assert_eq!(pa.epsilon_spent_nanos, 1_000_000_000);
+    assert_eq!(pa.delta_spent_femtos, 1_000_000_000);
+    let ledger_sum: i64 = ok(s.ledger(&a)).iter().map(|l| l.epsilon_nanos).sum();
+    assert_eq!(ledger_sum, pa.epsilon_spent_nanos);
+    assert_eq!(ok(s.dataset_usage("nhs_epr")).epsilon_nanos, 1_500_000_000);
 }
 
 #[test]
-fn audit_chain_detects_edits() {
+fn only_active_unexpired_projects_on_approved_datasets_can_spend() {
+    let (_d, s) = store();
+    let p = seed(&s, "p", 5.0, 0.0);
+    let alice = uid("alice");
+    let carol = uid("carol");
+    let mut c = charge(&p, &alice, 0.1, 0.0, 100.0);
+    c.dataset = "other";
+    assert_eq!(
+        s.reserve(&c).err().map(|e| e.code()),
+        Some(Code::DatasetNotApproved)
+    );
+    let mut c = charge(&p, &alice, 0.1, 0.0, 100.0);
+    c.today = in_days(31);
+    assert_eq!(
+        s.reserve(&c).err().map(|e| e.code()),
+        Some(Code::ProjectExpired)
+    );
+    ok(s.decide(&p, &Decision::Suspend, &carol, "ethics query"));
+    assert_eq!(
+        s.reserve(&charge(&p, &alice, 0.1, 0.0, 100.0))
+            .err()
+            .map(|e| e.code()),
+        Some(Code::ProjectNotActive)
+    );
+    ok(s.decide(&p, &Decision::Resume, &carol, "resolved"));
+    ok(s.reserve(&charge(&p, &alice, 0.1, 0.0, 100.0)));
+}
+
+#[test]
+fn project_lifecycle_follows_its_state_machine() {
+    let (_d, s) = store();
+    let carol = uid("carol");
+    let request = |id: &str| ProjectRequest {
+        id: pid(id),
+        title: "Waits and deprivation".into(),
+        purpose: "Do people in poorer areas wait longer for treatment?".into(),
+        datasets: vec!["nhs_epr".into()],
+        epsilon: eps(5.0),
+        delta: delta(1e-6),
+        members: vec![uid("alice"), uid("bob")],
+        end_date: in_days(90),
+        requested_by: uid("alice"),
+    };
+    let p = ok(s.request_project(&request("w1"), today()));
+    assert_eq!(p.status, ProjectStatus::Requested);
+    assert_eq!(p.epsilon_budget_nanos, 0);
+    assert_eq!(
+        s.request_project(&request("w1"), today())
+            .err()
+            .map(|e| e.code()),
+        Some(Code::ProjectExists)
+    );
+    let approve = |e: f64| Decision::Approve {
+        epsilon: eps(e),
+        delta: delta(1e-7),
+        end_date: in_days(60),
+    };
+    // (decision, expected status afterwards or error)
+    let steps: Vec<(Decision, Result<ProjectStatus, Code>)> = vec![
+        (Decision::Resume, Err(Code::InvalidTransition)),
+        (approve(6.0), Err(Code::InvalidProjectRequest)),
+        (approve(4.0), Ok(ProjectStatus::Active)),
+        (approve(4.0), Err(Code::InvalidTransition)),
+        (Decision::Suspend, Ok(ProjectStatus::Suspended)),
+        (
+            Decision::TopUp {
+                epsilon: eps(1.5),
+                delta: Delta::ZERO,
+            },
+            Ok(ProjectStatus::Suspended),
+        ),
+        (Decision::Resume, Ok(ProjectStatus::Active)),
+        (Decision::Reject, Err(Code::InvalidTransition)),
+        (Decision::Revoke, Ok(ProjectStatus::Revoked)),
+        (Decision::Resume, Err(Code::InvalidTransition)),
+        (
+            Decision::TopUp {
+                epsilon: eps(1.0),
+                delta: Delta::ZERO,
+            },
+            Err(Code::InvalidTransition),
+        ),
+    ];
+    for (d, want) in steps {
+        let got = s
+            .decide(&pid("w1"), &d, &carol, "because")
+            .map(|p| p.status);
+        assert_eq!(got.map_err(|e| e.code()), want, "{d:?}");
+    }
+    let p = ok(s.project(&pid("w1")));
+    assert_eq!(p.epsilon_budget_nanos, 5_500_000_000);
+    assert_eq!(p.end_date, Some(in_days(60)));
+    let actions: Vec<&str> = p.history.iter().map(|h| h.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        [
+            "request", "approve", "suspend", "top up", "resume", "revoke"
+        ]
+    );
+    ok(s.request_project(&request("w2"), today()));
+    ok(s.decide(&pid("w2"), &Decision::Reject, &carol, "no ethics approval"));
+    assert_eq!(ok(s.project(&pid("w2"))).status, ProjectStatus::Rejected);
+    let mut late = request("w3");
+    late.end_date = today().pred_opt().unwrap_or_else(|| unreachable!());
+    assert_eq!(
+        s.request_project(&late, today()).err().map(|e| e.code()),
+        Some(Code::InvalidProjectRequest)
+    );
+}
+
+#[test]
+fn interrupted_reservations_keep_their_charge_and_are_audited() {
     let (dir, s) = store();
-    for i in 0..5 {
-        let mut e = AuditEvent::new("alice", Some(Role::Researcher), "p1", "query.submit");
-        e.sql = format!("SELECT {i}");
-        s.append_audit(&e).unwrap_or_else(|e| panic!("{e}"));
-    }
-    assert_eq!(s.verify_chain().ok(), Some(None));
+    let p = seed(&s, "p", 5.0, 0.0);
+    let alice = uid("alice");
+    let r = ok(s.reserve(&charge(&p, &alice, 0.5, 0.0, 100.0)));
     drop(s);
-    let conn = Connection::open(dir.path().join("tre.db")).unwrap_or_else(|e| panic!("{e}"));
-    conn.execute("UPDATE audit SET sql = 'SELECT 42' WHERE seq = 3", [])
-        .unwrap_or_else(|e| panic!("{e}"));
-    drop(conn);
-    let s = Store::open(&dir.path().join("tre.db")).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(s.verify_chain().ok(), Some(Some(3)));
+    // As after kill -9: reopen and recover.
+    let s = open(&dir, 10);
+    assert_eq!(ok(s.recover_interrupted()), 1);
+    assert_eq!(ok(s.recover_interrupted()), 0);
+    let ledger = ok(s.ledger(&p));
+    assert_eq!(ledger.len(), 1);
+    assert_eq!(ledger[0].id, r.ledger_id);
+    assert_eq!(ledger[0].status, "interrupted");
+    assert_eq!(ok(s.project(&p)).epsilon_spent_nanos, 500_000_000);
+    let events = ok(s.audit_events(&AuditFilter {
+        outcome: Some("failed".into()),
+        ..AuditFilter::default()
+    }));
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].event.epsilon_nanos, 500_000_000);
+    assert!(ok(s.verify_audit()).is_intact());
+}
+
+fn event(i: usize) -> AuditEvent {
+    let mut e = AuditEvent::new(
+        ["alice", "bob", "carol"][i % 3],
+        "researcher",
+        "p1",
+        ["query.submit", "query.dry_run", "budget.show"][i % 3],
+    );
+    e.sql = format!("SELECT sex, COUNT(*) FROM patients WHERE year_of_birth > {i} GROUP BY sex");
+    e.outcome = if i.is_multiple_of(4) {
+        "refused"
+    } else {
+        "allowed"
+    }
+    .into();
+    e.epsilon_nanos = (i as i64) * 1_000_000;
+    e.client = "127.0.0.1:5000".into();
+    e
+}
+
+fn log_with(s: &SqliteStore, n: usize) {
+    for i in 0..n {
+        ok(s.append_audit(&event(i)));
+    }
+}
+
+#[test]
+fn audit_filter_and_checkpoints() {
+    let (_d, s) = store();
+    log_with(&s, 25);
+    let bob = ok(s.audit_events(&AuditFilter {
+        user: Some("bob".into()),
+        ..AuditFilter::default()
+    }));
+    assert_eq!(bob.len(), 8);
+    assert!(bob.iter().all(|e| e.event.user == "bob"));
+    let refused_submits = ok(s.audit_events(&AuditFilter {
+        action: Some("query.submit".into()),
+        outcome: Some("refused".into()),
+        ..AuditFilter::default()
+    }));
+    // i ≡ 0 (mod 3) and i ≡ 0 (mod 4): 0, 12, 24.
+    assert_eq!(refused_submits.len(), 3);
+    assert_eq!(
+        ok(s.audit_events(&AuditFilter {
+            since: Some("2000-01-01T00:00:00Z".into()),
+            until: Some("2001-01-01T00:00:00Z".into()),
+            ..AuditFilter::default()
+        }))
+        .len(),
+        0
+    );
+    let report = ok(s.verify_audit());
+    assert_eq!(report.checkpoints, 2);
+    assert_eq!(report.checkpointed_through, 20);
+    let cp = ok(s.checkpoint()).unwrap_or_else(|| unreachable!());
+    assert_eq!(cp.seq, 25);
+    let report = ok(s.verify_audit());
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!(report.checkpointed_through, 25);
+}
+
+/// Issue #4: random tampering of an exported log is always detected, at or
+/// before the first position that was changed.
+#[test]
+fn random_tampering_of_an_export_is_always_detected() {
+    let (_d, s) = store();
+    log_with(&s, 60);
+    ok(s.checkpoint());
+    let text = ok(chain::to_jsonl(&ok(s.audit_entries())));
+    let pk = s.audit_public_key();
+    let clean = chain::verify_jsonl(&text, &pk);
+    assert!(clean.is_intact(), "{clean:?}");
+    assert_eq!((clean.events, clean.checkpoints), (60, 6));
+    // The wrong public key verifies nothing.
+    assert!(!chain::verify_jsonl(&text, &notary(9).public_key()).is_intact());
+
+    let lines: Vec<&str> = text.lines().collect();
+    let event_lines: Vec<usize> = (0..lines.len())
+        .filter(|&i| lines[i].starts_with(r#"{"kind":"event""#))
+        .collect();
+    let forger = notary(9);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+    let mut tried = [0usize; 5];
+    for trial in 0..1_000 {
+        let mut t: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
+        let kind = trial % 5;
+        // The first changed line (0-based).
+        let first = match kind {
+            0 => {
+                // Change one byte to another printable byte.
+                let i = rng.random_range(0..t.len());
+                let mut bytes = t[i].clone().into_bytes();
+                let j = rng.random_range(0..bytes.len());
+                let mut b = rng.random_range(0x20u8..0x7f);
+                while b == bytes[j] {
+                    b = rng.random_range(0x20u8..0x7f);
+                }
+                bytes[j] = b;
+                t[i] = String::from_utf8(bytes).unwrap_or_else(|e| panic!("{e}"));
+                i
+            }
+            1 => {
+                let i = event_lines[rng.random_range(0..event_lines.len())];
+                t.remove(i);
+                i
+            }
+            2 => {
+                let i = event_lines[rng.random_range(0..event_lines.len())];
+                let mut j = event_lines[rng.random_range(0..event_lines.len())];
+                while j == i {
+                    j = event_lines[rng.random_range(0..event_lines.len())];
+                }
+                t.swap(i, j);
+                i.min(j)
+            }
+            3 | 4 => {
+                // Insert (3) or append (4) a well-formed event that chains
+                // correctly but is signed with someone else's key.
+                let at = if kind == 3 {
+                    event_lines[rng.random_range(0..event_lines.len())]
+                } else {
+                    t.len()
+                };
+                let (seq, prev) = lines[..at]
+                    .iter()
+                    .rev()
+                    .find_map(|l| match serde_json::from_str::<Entry>(l) {
+                        Ok(Entry::Event(e)) => Some((e.seq + 1, e.hash)),
+                        _ => None,
+                    })
+                    .unwrap_or((1, chain::GENESIS.to_owned()));
+                let mut ev = event(7);
+                ev.sql = "SELECT 'forged'".into();
+                let hash = chain::event_hash(&prev, seq, &ev);
+                let forged = Entry::Event(Box::new(StoredEvent {
+                    seq,
+                    prev_hash: prev,
+                    sig: hex::encode(forger.sign(&chain::event_message(&hash))),
+                    hash,
+                    event: ev,
+                }));
+                t.insert(at, ok(serde_json::to_string(&forged)));
+                at
+            }
+            _ => unreachable!(),
+        };
+        tried[kind] += 1;
+        let r = chain::verify_jsonl(&(t.join("\n") + "\n"), &pk);
+        let bad = r
+            .first_bad
+            .unwrap_or_else(|| panic!("trial {trial} (kind {kind}) at line {first} not detected"));
+        assert_eq!(
+            bad.position,
+            first + 1,
+            "trial {trial}: changed line {} but first bad is {bad:?}",
+            first + 1
+        );
+    }
+    assert_eq!(tried, [200; 5]);
+}
+
+/// Issue #4: tampering with the stored log itself (not an export).
+#[test]
+fn tampering_with_the_database_is_detected_at_its_position() {
+    let (dir, s) = store();
+    log_with(&s, 30);
+    ok(s.checkpoint());
+    drop(s);
+    let db = dir.path().join("tre.db");
+    // (SQL run against the stored log, first bad entry position)
+    // Positions count entries: events 1–10, checkpoint 10 at 11, ...
+    let cases = [
+        ("UPDATE audit SET sql = 'SELECT 1' WHERE seq = 5", 5),
+        ("UPDATE audit SET epsilon_nanos = 0 WHERE seq = 12", 13),
+        ("DELETE FROM audit WHERE seq = 7", 7),
+        // The checkpoint of event 30 now points past the end.
+        ("DELETE FROM audit WHERE seq = 30", 32),
+        (
+            "UPDATE audit SET seq = -4 WHERE seq = 4;
+             UPDATE audit SET seq = 4 WHERE seq = 3;
+             UPDATE audit SET seq = 3 WHERE seq = -4;",
+            3,
+        ),
+        ("UPDATE checkpoints SET at = '2020-01-01T00:00:00.000Z' WHERE seq = 20", 22),
+        (
+            "INSERT INTO audit SELECT 31, at, user_id, role, client, project, action, sql, plan_hash,
+                epsilon_nanos, delta_femtos, outcome, code, release_id, release_hash, detail,
+                hash, hash, sig FROM audit WHERE seq = 30",
+            34,
+        ),
+    ];
+    let pristine = ok(std::fs::read(&db));
+    for (sql, position) in cases {
+        ok(std::fs::write(&db, &pristine));
+        for ext in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(dir.path().join(format!("tre.db{ext}")));
+        }
+        let conn = ok(Connection::open(&db));
+        ok(conn.execute_batch(sql));
+        drop(conn);
+        let s = open(&dir, 10);
+        let report = ok(s.verify_audit());
+        let bad = report
+            .first_bad
+            .unwrap_or_else(|| panic!("not detected: {sql}"));
+        assert_eq!(bad.position, position, "{sql}: {bad:?}");
+    }
+}
+
+#[test]
+fn revoked_tokens_are_remembered() {
+    let (_d, s) = store();
+    assert!(!ok(s.is_revoked("abc")));
+    ok(s.revoke_token("abc", &uid("root"), "lost laptop"));
+    ok(s.revoke_token("abc", &uid("root"), "again"));
+    assert!(ok(s.is_revoked("abc")));
 }

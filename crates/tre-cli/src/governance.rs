@@ -1,0 +1,440 @@
+//! `tre project …`, `tre audit …` and `tre token revoke`: the custodian's,
+//! auditor's and admin's commands, over gRPC (offline for `audit verify
+//! --export`).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use tre_proto::v1 as pb;
+use tre_store::chain;
+
+use crate::client::{Client, Conn, rpc};
+
+#[derive(Subcommand)]
+pub enum ProjectCommand {
+    /// Ask for a project (researcher).
+    Request(RequestArgs),
+    /// Projects you may see: your own (researcher) or all (custodian, auditor).
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        /// requested | active | rejected | suspended | revoked
+        #[arg(long, default_value = "")]
+        status: String,
+    },
+    Show {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+    },
+    /// Approve a requested project, possibly with less budget or an earlier end (custodian).
+    Approve {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        #[arg(long)]
+        epsilon: Option<f64>,
+        #[arg(long)]
+        delta: Option<f64>,
+        /// YYYY-MM-DD; the requested end date by default.
+        #[arg(long, default_value = "")]
+        end_date: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Reject a requested project, with a reason (custodian).
+    Reject(DecideArgs),
+    /// Pause an active project (custodian).
+    Suspend(DecideArgs),
+    /// Reactivate a suspended project (custodian).
+    Resume(DecideArgs),
+    /// End a project for good (custodian).
+    Revoke(DecideArgs),
+    /// Add budget, with a reason (custodian).
+    Topup {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        #[arg(long)]
+        epsilon: f64,
+        #[arg(long, default_value_t = 0.0)]
+        delta: f64,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Args)]
+pub struct RequestArgs {
+    #[command(flatten)]
+    conn: Conn,
+    #[arg(long)]
+    id: String,
+    #[arg(long)]
+    title: String,
+    /// A lay summary of what the project is for.
+    #[arg(long)]
+    purpose: String,
+    #[arg(long = "dataset", default_value = "nhs_epr")]
+    datasets: Vec<String>,
+    #[arg(long)]
+    epsilon: f64,
+    #[arg(long, default_value_t = 0.0)]
+    delta: f64,
+    /// Repeatable; yourself when absent.
+    #[arg(long = "member")]
+    members: Vec<String>,
+    /// YYYY-MM-DD, the last day the project may query.
+    #[arg(long)]
+    end_date: String,
+}
+
+#[derive(Args)]
+pub struct DecideArgs {
+    #[command(flatten)]
+    conn: Conn,
+    id: String,
+    #[arg(long)]
+    reason: String,
+}
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// List events, filtered (auditor).
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, default_value = "")]
+        user: String,
+        #[arg(long, default_value = "")]
+        project: String,
+        #[arg(long, default_value = "")]
+        action: String,
+        /// allowed | refused | failed
+        #[arg(long, default_value = "")]
+        outcome: String,
+        /// RFC 3339, inclusive.
+        #[arg(long, default_value = "")]
+        since: String,
+        /// RFC 3339, exclusive.
+        #[arg(long, default_value = "")]
+        until: String,
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+    },
+    /// Verify the server's log, or (with --export) an exported file offline.
+    Verify(VerifyArgs),
+    /// Export the log with its signed checkpoints as JSON Lines (auditor).
+    Export {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    /// An exported log to verify offline, without the server.
+    #[arg(long, requires = "public_key")]
+    export: Option<PathBuf>,
+    /// The server's audit public key: hex, or a file holding it (state/audit.pub).
+    #[arg(long)]
+    public_key: Option<String>,
+    #[arg(long, default_value = "http://127.0.0.1:50051", env = "TRE_SERVER")]
+    server: String,
+    #[arg(long, env = "TRE_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+pub async fn project(cmd: ProjectCommand) -> Result<()> {
+    let info = match cmd {
+        ProjectCommand::Request(a) => {
+            let mut c = Client::from_conn(&a.conn).await?;
+            rpc(c
+                .projects
+                .request_project(pb::RequestProjectRequest {
+                    id: a.id,
+                    title: a.title,
+                    purpose: a.purpose,
+                    datasets: a.datasets,
+                    epsilon: a.epsilon,
+                    delta: a.delta,
+                    members: a.members,
+                    end_date: a.end_date,
+                })
+                .await)?
+        }
+        ProjectCommand::List { conn, status } => {
+            let mut c = Client::from_conn(&conn).await?;
+            let r = rpc(c
+                .projects
+                .list_projects(pb::ListProjectsRequest { status })
+                .await)?;
+            let mut t = Table::new();
+            t.load_preset(UTF8_FULL_CONDENSED)
+                .set_header(["project", "status", "title", "members", "epsilon", "ends"]);
+            for p in r.projects {
+                t.add_row([
+                    p.id,
+                    p.status,
+                    p.title,
+                    p.members.join(", "),
+                    format!("{} of {}", p.epsilon_spent, p.epsilon_budget),
+                    p.end_date,
+                ]);
+            }
+            println!("{t}");
+            return Ok(());
+        }
+        ProjectCommand::Show { conn, id } => {
+            let mut c = Client::from_conn(&conn).await?;
+            rpc(c.projects.get_project(pb::GetProjectRequest { id }).await)?
+        }
+        ProjectCommand::Approve {
+            conn,
+            id,
+            epsilon,
+            delta,
+            end_date,
+            reason,
+        } => {
+            let mut c = Client::from_conn(&conn).await?;
+            rpc(c
+                .projects
+                .approve_project(pb::ApproveProjectRequest {
+                    id,
+                    epsilon,
+                    delta,
+                    end_date,
+                    reason,
+                })
+                .await)?
+        }
+        ProjectCommand::Reject(a) => {
+            let mut c = Client::from_conn(&a.conn).await?;
+            rpc(c.projects.reject_project(decide(a.id, a.reason)).await)?
+        }
+        ProjectCommand::Suspend(a) => {
+            let mut c = Client::from_conn(&a.conn).await?;
+            rpc(c.projects.suspend_project(decide(a.id, a.reason)).await)?
+        }
+        ProjectCommand::Resume(a) => {
+            let mut c = Client::from_conn(&a.conn).await?;
+            rpc(c.projects.resume_project(decide(a.id, a.reason)).await)?
+        }
+        ProjectCommand::Revoke(a) => {
+            let mut c = Client::from_conn(&a.conn).await?;
+            rpc(c.projects.revoke_project(decide(a.id, a.reason)).await)?
+        }
+        ProjectCommand::Topup {
+            conn,
+            id,
+            epsilon,
+            delta,
+            reason,
+        } => {
+            let mut c = Client::from_conn(&conn).await?;
+            rpc(c
+                .projects
+                .top_up_project(pb::TopUpProjectRequest {
+                    id,
+                    epsilon,
+                    delta,
+                    reason,
+                })
+                .await)?
+        }
+    };
+    print!("{}", render_project(&info));
+    Ok(())
+}
+
+fn decide(id: String, reason: String) -> pb::DecideProjectRequest {
+    pb::DecideProjectRequest { id, reason }
+}
+
+pub fn render_project(p: &pb::ProjectInfo) -> String {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    let rows = [
+        ("project", p.id.clone()),
+        ("title", p.title.clone()),
+        ("purpose", p.purpose.clone()),
+        ("status", p.status.clone()),
+        ("datasets", p.datasets.join(", ")),
+        ("members", p.members.join(", ")),
+        (
+            "requested",
+            format!(
+                "by {} at {}: epsilon {}, delta {:e}, until {}",
+                p.requested_by,
+                p.requested_at,
+                p.requested_epsilon,
+                p.requested_delta,
+                p.requested_end_date
+            ),
+        ),
+        (
+            "epsilon",
+            format!("{} spent of {}", p.epsilon_spent, p.epsilon_budget),
+        ),
+        (
+            "delta",
+            format!("{:e} spent of {:e}", p.delta_spent, p.delta_budget),
+        ),
+        ("ends", p.end_date.clone()),
+    ];
+    for (k, v) in rows {
+        t.add_row([k.to_owned(), v]);
+    }
+    let mut out = format!("{t}\n");
+    for h in &p.history {
+        out += &format!("  {} {} {}: {}\n", h.at, h.actor, h.action, h.reason);
+    }
+    out
+}
+
+pub async fn audit(cmd: AuditCommand) -> Result<()> {
+    match cmd {
+        AuditCommand::List {
+            conn,
+            user,
+            project,
+            action,
+            outcome,
+            since,
+            until,
+            limit,
+        } => {
+            let mut c = Client::from_conn(&conn).await?;
+            let r = rpc(c
+                .audit
+                .list_events(pb::ListEventsRequest {
+                    user,
+                    project,
+                    action,
+                    outcome,
+                    since,
+                    until,
+                    limit,
+                })
+                .await)?;
+            print!("{}", render_events(&r.events));
+        }
+        AuditCommand::Verify(a) => {
+            let (report_line, intact) = match (&a.export, &a.public_key) {
+                (Some(file), Some(key)) => verify_offline(file, key)?,
+                (Some(_), None) => bail!("--export needs --public-key"),
+                (None, _) => {
+                    let token_file = a
+                        .token_file
+                        .clone()
+                        .context("give --token-file (an auditor's), or --export FILE --public-key K to verify offline")?;
+                    let conn = Conn {
+                        server: a.server.clone(),
+                        token_file,
+                        ca_cert: None,
+                        client_cert: None,
+                        client_key: None,
+                    };
+                    let mut c = Client::from_conn(&conn).await?;
+                    let r = rpc(c.audit.verify_log(pb::VerifyLogRequest {}).await)?;
+                    (render_verify(&r), r.intact)
+                }
+            };
+            println!("{report_line}");
+            if !intact {
+                bail!("the audit log does not verify");
+            }
+        }
+        AuditCommand::Export { conn, out } => {
+            let mut c = Client::from_conn(&conn).await?;
+            let r = rpc(c.audit.export_log(pb::ExportLogRequest {}).await)?;
+            std::fs::write(&out, &r.jsonl)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            println!(
+                "wrote {} entries to {}; audit public key {}",
+                r.jsonl.lines().count(),
+                out.display(),
+                r.public_key
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Verify an exported log with only the public key: no server involved.
+pub fn verify_offline(file: &std::path::Path, key: &str) -> Result<(String, bool)> {
+    let key_hex = match std::fs::read_to_string(key) {
+        Ok(text) => text.trim().to_owned(),
+        Err(_) => key.trim().to_owned(),
+    };
+    let public_key = hex::decode(&key_hex)
+        .ok()
+        .filter(|k| k.len() == 32)
+        .context("--public-key must be 64 hex digits (an Ed25519 key) or a file holding them")?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let r = chain::verify_jsonl(&text, &public_key);
+    let line = match &r.first_bad {
+        None => format!(
+            "intact: {} events, {} signed checkpoints, signed through event {}",
+            r.events, r.checkpoints, r.checkpointed_through
+        ),
+        Some(t) => format!(
+            "TAMPERED at line {}{}: {}",
+            t.position,
+            t.seq.map(|s| format!(" (event {s})")).unwrap_or_default(),
+            t.reason
+        ),
+    };
+    Ok((line, r.is_intact()))
+}
+
+pub fn render_verify(r: &pb::VerifyLogResponse) -> String {
+    match r.first_bad_position {
+        None => format!(
+            "intact: {} events, {} signed checkpoints, signed through event {}",
+            r.events, r.checkpoints, r.checkpointed_through
+        ),
+        Some(p) => format!("TAMPERED at entry {p}: {}", r.reason),
+    }
+}
+
+pub fn render_events(events: &[pb::AuditEvent]) -> String {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header([
+        "seq", "at", "user", "role", "action", "project", "outcome", "code", "epsilon", "client",
+    ]);
+    for e in events {
+        t.add_row([
+            e.seq.to_string(),
+            e.at.clone(),
+            e.user.clone(),
+            e.role.clone(),
+            e.action.clone(),
+            e.project.clone(),
+            e.outcome.clone(),
+            e.code.clone(),
+            e.epsilon.to_string(),
+            e.client.clone(),
+        ]);
+    }
+    format!("{t}\n")
+}
+
+pub async fn revoke_token(conn: &Conn, jti: String, reason: String) -> Result<()> {
+    let mut c = Client::from_conn(conn).await?;
+    rpc(c
+        .admin
+        .revoke_token(pb::RevokeTokenRequest {
+            jti: jti.clone(),
+            reason,
+        })
+        .await)?;
+    println!("revoked token {jti}");
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! AuditService (read, verify, export; never write) and AdminService.
+
+use tonic::{Request, Response, Status};
+use tre_core::Principal;
+use tre_proto::v1 as pb;
+use tre_proto::v1::admin_service_server::AdminService;
+use tre_proto::v1::audit_service_server::AuditService;
+use tre_store::{AuditFilter, chain};
+
+use crate::authz::Rpc;
+use crate::service::{Note, Services, handle};
+use crate::{GatewayError, convert};
+
+fn text(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+impl Services {
+    fn list_events(
+        &self,
+        req: pb::ListEventsRequest,
+    ) -> Result<pb::ListEventsResponse, GatewayError> {
+        for t in [&req.since, &req.until] {
+            if !t.is_empty() && chrono::DateTime::parse_from_rfc3339(t).is_err() {
+                return Err(GatewayError::BadRequest(format!(
+                    "'{t}' is not an RFC 3339 time; write e.g. 2026-11-24T09:00:00Z"
+                )));
+            }
+        }
+        let filter = AuditFilter {
+            user: text(req.user),
+            project: text(req.project),
+            action: text(req.action),
+            outcome: text(req.outcome),
+            since: text(req.since),
+            until: text(req.until),
+            limit: (req.limit > 0).then_some(req.limit as usize),
+        };
+        let events = self.state.store.audit_events(&filter)?;
+        Ok(pb::ListEventsResponse {
+            events: events.iter().map(convert::audit_event).collect(),
+        })
+    }
+
+    fn verify_log(&self) -> Result<pb::VerifyLogResponse, GatewayError> {
+        let r = self.state.store.verify_audit()?;
+        Ok(pb::VerifyLogResponse {
+            intact: r.is_intact(),
+            events: r.events as u64,
+            checkpoints: r.checkpoints as u64,
+            checkpointed_through: r.checkpointed_through,
+            first_bad_position: r.first_bad.as_ref().map(|t| t.position as u64),
+            reason: r.first_bad.map(|t| t.reason).unwrap_or_default(),
+            public_key: hex::encode(self.state.store.audit_public_key()),
+        })
+    }
+
+    fn export_log(&self) -> Result<pb::ExportLogResponse, GatewayError> {
+        // Sign the head first so the export ends on a checkpoint and a cut
+        // tail shows.
+        self.state.store.checkpoint()?;
+        let entries = self.state.store.audit_entries()?;
+        Ok(pb::ExportLogResponse {
+            jsonl: chain::to_jsonl(&entries)
+                .map_err(|e| GatewayError::Setup(format!("cannot serialise the log: {e}")))?,
+            public_key: hex::encode(self.state.store.audit_public_key()),
+        })
+    }
+
+    fn revoke_token(
+        &self,
+        who: &Principal,
+        req: &pb::RevokeTokenRequest,
+        note: &mut Note,
+    ) -> Result<pb::RevokeTokenResponse, GatewayError> {
+        if req.jti.is_empty() || req.jti.len() > 128 || req.reason.trim().is_empty() {
+            return Err(GatewayError::BadRequest(
+                "give the token id (its jti claim) and a reason".into(),
+            ));
+        }
+        note.detail = format!("revoked token {}: {}", req.jti, req.reason);
+        self.state
+            .store
+            .revoke_token(&req.jti, &who.user, &req.reason)?;
+        Ok(pb::RevokeTokenResponse {})
+    }
+}
+
+#[tonic::async_trait]
+impl AuditService for Services {
+    async fn list_events(
+        &self,
+        request: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<pb::ListEventsResponse>, Status> {
+        handle!(
+            self,
+            request,
+            Rpc::ListEvents,
+            |_call, _who, req, _note| async { self.list_events(req) }
+        )
+    }
+
+    async fn verify_log(
+        &self,
+        request: Request<pb::VerifyLogRequest>,
+    ) -> Result<Response<pb::VerifyLogResponse>, Status> {
+        handle!(
+            self,
+            request,
+            Rpc::VerifyLog,
+            |_call, _who, _req, _note| async { self.verify_log() }
+        )
+    }
+
+    async fn export_log(
+        &self,
+        request: Request<pb::ExportLogRequest>,
+    ) -> Result<Response<pb::ExportLogResponse>, Status> {
+        handle!(
+            self,
+            request,
+            Rpc::ExportLog,
+            |_call, _who, _req, _note| async { self.export_log() }
+        )
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for Services {
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        handle!(
+            self,
+            request,
+            Rpc::RevokeToken,
+            |_call, who, req, note| async { self.revoke_token(&who, &req, note) }
+        )
+    }
+}

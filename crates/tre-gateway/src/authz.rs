@@ -1,0 +1,141 @@
+//! The authorisation matrix: which role may call which RPC, plus the two
+//! rules that depend on the project. Every handler goes through here; no
+//! other code decides who may do what.
+
+use tre_core::{Principal, Role, UserId};
+use tre_store::Project;
+
+use crate::GatewayError;
+
+/// Every RPC the gateway serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rpc {
+    Submit,
+    DryRun,
+    Budget,
+    ListDatasets,
+    DescribeTable,
+    RequestProject,
+    ListProjects,
+    GetProject,
+    ApproveProject,
+    RejectProject,
+    SuspendProject,
+    ResumeProject,
+    RevokeProject,
+    TopUpProject,
+    ListEvents,
+    VerifyLog,
+    ExportLog,
+    RevokeToken,
+}
+
+impl Rpc {
+    pub const ALL: [Rpc; 18] = [
+        Rpc::Submit,
+        Rpc::DryRun,
+        Rpc::Budget,
+        Rpc::ListDatasets,
+        Rpc::DescribeTable,
+        Rpc::RequestProject,
+        Rpc::ListProjects,
+        Rpc::GetProject,
+        Rpc::ApproveProject,
+        Rpc::RejectProject,
+        Rpc::SuspendProject,
+        Rpc::ResumeProject,
+        Rpc::RevokeProject,
+        Rpc::TopUpProject,
+        Rpc::ListEvents,
+        Rpc::VerifyLog,
+        Rpc::ExportLog,
+        Rpc::RevokeToken,
+    ];
+
+    /// The matrix: (audit action, roles allowed). Custodians cannot query
+    /// data; auditors only read; admins manage identity, not projects or
+    /// data. An exhaustive match, so a new RPC cannot be added without a row.
+    fn row(self) -> (&'static str, &'static [Role]) {
+        use Role::{Admin as A, Auditor as U, Custodian as C, Researcher as R};
+        match self {
+            Rpc::Submit => ("query.submit", &[R]),
+            Rpc::DryRun => ("query.dry_run", &[R]),
+            Rpc::Budget => ("budget.show", &[R, C, U]),
+            Rpc::ListDatasets => ("catalog.list", &[R, C, U, A]),
+            Rpc::DescribeTable => ("catalog.describe", &[R, C, U, A]),
+            Rpc::RequestProject => ("project.request", &[R]),
+            Rpc::ListProjects => ("project.list", &[R, C, U]),
+            Rpc::GetProject => ("project.show", &[R, C, U]),
+            Rpc::ApproveProject => ("project.approve", &[C]),
+            Rpc::RejectProject => ("project.reject", &[C]),
+            Rpc::SuspendProject => ("project.suspend", &[C]),
+            Rpc::ResumeProject => ("project.resume", &[C]),
+            Rpc::RevokeProject => ("project.revoke", &[C]),
+            Rpc::TopUpProject => ("project.topup", &[C]),
+            Rpc::ListEvents => ("audit.list", &[U]),
+            Rpc::VerifyLog => ("audit.verify", &[U]),
+            Rpc::ExportLog => ("audit.export", &[U]),
+            Rpc::RevokeToken => ("token.revoke", &[A]),
+        }
+    }
+
+    /// The audit log's name for this call.
+    pub fn action(self) -> &'static str {
+        self.row().0
+    }
+
+    pub fn allows(self, role: Role) -> bool {
+        self.row().1.contains(&role)
+    }
+}
+
+/// May this caller make this call at all?
+pub fn authorise(who: &Principal, rpc: Rpc) -> Result<(), GatewayError> {
+    if rpc.allows(who.role) {
+        Ok(())
+    } else {
+        Err(GatewayError::PermissionDenied(format!(
+            "role {} may not call {}; {}",
+            who.role,
+            rpc.action(),
+            match who.role {
+                Role::Custodian => "custodians govern projects but cannot query data",
+                Role::Auditor => "auditors only read the audit log, catalog and projects",
+                Role::Admin => "admins manage identity, not projects, data or the log",
+                Role::Researcher => "this needs a custodian, auditor or admin",
+            }
+        )))
+    }
+}
+
+/// Researchers see and spend only their own projects; custodians and
+/// auditors see all. `spend` additionally requires membership (a requester
+/// who is not a member cannot query).
+pub fn project_scope(who: &Principal, p: &Project, spend: bool) -> Result<(), GatewayError> {
+    let ok = match who.role {
+        Role::Researcher if spend => p.members.contains(&who.user),
+        Role::Researcher => p.involves(&who.user),
+        Role::Custodian | Role::Auditor => !spend,
+        Role::Admin => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(GatewayError::PermissionDenied(format!(
+            "you are not a member of project '{}'; ask its custodian to add you",
+            p.id
+        )))
+    }
+}
+
+/// Nobody decides on a project they requested or belong to.
+pub fn not_own_project(who: &UserId, p: &Project) -> Result<(), GatewayError> {
+    if p.involves(who) {
+        Err(GatewayError::OwnProject(format!(
+            "you requested or belong to project '{}', so another custodian must decide on it",
+            p.id
+        )))
+    } else {
+        Ok(())
+    }
+}

@@ -1,0 +1,946 @@
+//! Governance end to end (issue #4): the authorisation matrix, the project
+//! lifecycle, concurrency of the ledger, the auditor's view of a signed log,
+//! a kill -9 crash, and (mutual) TLS.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tre_core::{Code, ProjectId, Role, UserId};
+use tre_e2e::{Server, authed, fixture, open_state, start, start_in};
+use tre_gateway::authz::Rpc;
+use tre_gateway::{Issuer, Tls};
+use tre_proto::v1 as pb;
+use tre_proto::v1::admin_service_client::AdminServiceClient;
+use tre_proto::v1::audit_service_client::AuditServiceClient;
+use tre_proto::v1::catalog_service_client::CatalogServiceClient;
+use tre_proto::v1::project_service_client::ProjectServiceClient;
+use tre_proto::v1::query_service_client::QueryServiceClient;
+use tre_store::{AuditFilter, Decision, ProjectRequest, chain};
+
+fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
+    r.unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn code_of(s: &tonic::Status) -> String {
+    s.message()
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+fn days(n: i64) -> chrono::NaiveDate {
+    tre_store::today() + chrono::Duration::days(n)
+}
+
+fn pid(s: &str) -> ProjectId {
+    ok(ProjectId::new(s))
+}
+
+/// A project requested by alice (a member with bob), put in `status` by a
+/// custodian outside the test's view.
+fn project_in(server: &Server, id: &str, status: &str) {
+    let store = &server.state.store;
+    ok(store.request_project(
+        &ProjectRequest {
+            id: pid(id),
+            title: format!("project {id}"),
+            purpose: "matrix fixture".into(),
+            datasets: vec!["nhs_epr".into()],
+            epsilon: ok(tre_core::Epsilon::new(5.0)),
+            delta: tre_core::Delta::ZERO,
+            members: vec![ok(UserId::new("alice")), ok(UserId::new("bob"))],
+            end_date: days(30),
+            requested_by: ok(UserId::new("alice")),
+        },
+        tre_store::today(),
+    ));
+    let setup = ok(UserId::new("setup"));
+    let approve = Decision::Approve {
+        epsilon: ok(tre_core::Epsilon::new(5.0)),
+        delta: tre_core::Delta::ZERO,
+        end_date: days(30),
+    };
+    let steps: &[Decision] = match status {
+        "requested" => &[],
+        "active" => std::slice::from_ref(&approve),
+        "suspended" => &[approve.clone(), Decision::Suspend],
+        other => panic!("{other}"),
+    };
+    for d in steps {
+        ok(store.decide(&pid(id), d, &setup, "fixture"));
+    }
+}
+
+/// Call `rpc` with `token` (empty: none) and a request that succeeds when
+/// the caller is allowed. `tag` makes ids unique per call.
+async fn call(ch: &Channel, rpc: Rpc, token: &str, tag: &str) -> Result<(), tonic::Status> {
+    let q = || QueryServiceClient::new(ch.clone());
+    let c = || CatalogServiceClient::new(ch.clone());
+    let p = || ProjectServiceClient::new(ch.clone());
+    let a = || AuditServiceClient::new(ch.clone());
+    let decide = |id: &str| pb::DecideProjectRequest {
+        id: id.to_owned(),
+        reason: "matrix".into(),
+    };
+    let sql = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex";
+    let query = pb::QueryRequest {
+        project: "p1".into(),
+        sql: sql.into(),
+        epsilon: Some(0.1),
+        delta: None,
+    };
+    let m = |what: &str| format!("m-{what}-{tag}");
+    match rpc {
+        Rpc::Submit => q().submit(authed(query, token)).await.map(drop),
+        Rpc::DryRun => q().dry_run(authed(query, token)).await.map(drop),
+        Rpc::Budget => q()
+            .budget(authed(
+                pb::BudgetRequest {
+                    project: "p1".into(),
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        Rpc::ListDatasets => c()
+            .list_datasets(authed(pb::ListDatasetsRequest {}, token))
+            .await
+            .map(drop),
+        Rpc::DescribeTable => c()
+            .describe_table(authed(
+                pb::DescribeTableRequest {
+                    dataset: String::new(),
+                    table: "patients".into(),
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        Rpc::RequestProject => p()
+            .request_project(authed(
+                pb::RequestProjectRequest {
+                    id: format!("r-{tag}"),
+                    title: "Deprivation and diabetes control".into(),
+                    purpose: "Is HbA1c worse in more deprived areas?".into(),
+                    datasets: vec!["nhs_epr".into()],
+                    epsilon: 2.0,
+                    delta: 0.0,
+                    members: vec![],
+                    end_date: days(60).to_string(),
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        Rpc::ListProjects => p()
+            .list_projects(authed(pb::ListProjectsRequest::default(), token))
+            .await
+            .map(drop),
+        Rpc::GetProject => p()
+            .get_project(authed(pb::GetProjectRequest { id: "p1".into() }, token))
+            .await
+            .map(drop),
+        Rpc::ApproveProject => p()
+            .approve_project(authed(
+                pb::ApproveProjectRequest {
+                    id: m("approve"),
+                    epsilon: Some(1.0),
+                    delta: None,
+                    end_date: String::new(),
+                    reason: String::new(),
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        Rpc::RejectProject => p()
+            .reject_project(authed(decide(&m("reject")), token))
+            .await
+            .map(drop),
+        Rpc::SuspendProject => p()
+            .suspend_project(authed(decide(&m("suspend")), token))
+            .await
+            .map(drop),
+        Rpc::ResumeProject => p()
+            .resume_project(authed(decide(&m("resume")), token))
+            .await
+            .map(drop),
+        Rpc::RevokeProject => p()
+            .revoke_project(authed(decide(&m("revoke")), token))
+            .await
+            .map(drop),
+        Rpc::TopUpProject => p()
+            .top_up_project(authed(
+                pb::TopUpProjectRequest {
+                    id: m("topup"),
+                    epsilon: 1.0,
+                    delta: 0.0,
+                    reason: "matrix".into(),
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        Rpc::ListEvents => a()
+            .list_events(authed(pb::ListEventsRequest::default(), token))
+            .await
+            .map(drop),
+        Rpc::VerifyLog => a()
+            .verify_log(authed(pb::VerifyLogRequest {}, token))
+            .await
+            .map(drop),
+        Rpc::ExportLog => a()
+            .export_log(authed(pb::ExportLogRequest {}, token))
+            .await
+            .map(drop),
+        Rpc::RevokeToken => AdminServiceClient::new(ch.clone())
+            .revoke_token(authed(
+                pb::RevokeTokenRequest {
+                    jti: format!("unused-{tag}"),
+                    reason: "matrix".into(),
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+    }
+}
+
+/// Issue #4: every RPC called as every role, and with no, an expired, a
+/// forged and a revoked token. The expected grid is written out here, apart
+/// from the server's matrix, so that a change to either shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorisation_matrix() {
+    let server = start(&[("p1", &["alice"], 10.0)]).await;
+    //                                      researcher custodian auditor admin
+    let expected: &[(Rpc, [bool; 4])] = &[
+        (Rpc::Submit, [true, false, false, false]),
+        (Rpc::DryRun, [true, false, false, false]),
+        (Rpc::Budget, [true, true, true, false]),
+        (Rpc::ListDatasets, [true, true, true, true]),
+        (Rpc::DescribeTable, [true, true, true, true]),
+        (Rpc::RequestProject, [true, false, false, false]),
+        (Rpc::ListProjects, [true, true, true, false]),
+        (Rpc::GetProject, [true, true, true, false]),
+        (Rpc::ApproveProject, [false, true, false, false]),
+        (Rpc::RejectProject, [false, true, false, false]),
+        (Rpc::SuspendProject, [false, true, false, false]),
+        (Rpc::ResumeProject, [false, true, false, false]),
+        (Rpc::RevokeProject, [false, true, false, false]),
+        (Rpc::TopUpProject, [false, true, false, false]),
+        (Rpc::ListEvents, [false, false, true, false]),
+        (Rpc::VerifyLog, [false, false, true, false]),
+        (Rpc::ExportLog, [false, false, true, false]),
+        (Rpc::RevokeToken, [false, false, false, true]),
+    ];
+    assert_eq!(expected.len(), Rpc::ALL.len());
+
+    let issuer = &server.state.issuer;
+    let alice = ok(UserId::new("alice"));
+    let mut expired = ok(Issuer::claims(&alice, Role::Researcher, 3600));
+    expired.iat -= 7200;
+    expired.exp -= 7200;
+    let expired = ok(issuer.sign(&expired));
+    let other_key = ok(tempfile::tempdir());
+    let forged =
+        ok(ok(Issuer::load_or_create(other_key.path())).issue(&alice, Role::Researcher, 3600));
+    let revoked_claims = ok(Issuer::claims(&alice, Role::Researcher, 3600));
+    let revoked = ok(issuer.sign(&revoked_claims));
+    ok(server
+        .state
+        .store
+        .revoke_token(&revoked_claims.jti, &ok(UserId::new("root")), "test"));
+
+    // (who, token, refusal when not allowed)
+    type Refusal = Option<(Code, tonic::Code)>;
+    let identities: Vec<(&str, String, Refusal)> = vec![
+        ("researcher", server.token("alice", Role::Researcher), None),
+        ("custodian", server.token("carol", Role::Custodian), None),
+        ("auditor", server.token("audrey", Role::Auditor), None),
+        ("admin", server.token("root", Role::Admin), None),
+        (
+            "no token",
+            String::new(),
+            Some((Code::Unauthenticated, tonic::Code::Unauthenticated)),
+        ),
+        (
+            "expired",
+            expired,
+            Some((Code::TokenExpired, tonic::Code::Unauthenticated)),
+        ),
+        (
+            "forged",
+            forged,
+            Some((Code::Unauthenticated, tonic::Code::Unauthenticated)),
+        ),
+        (
+            "revoked",
+            revoked,
+            Some((Code::TokenRevoked, tonic::Code::Unauthenticated)),
+        ),
+    ];
+    for i in 0..identities.len() {
+        let tag = format!("{i}");
+        for (what, status) in [
+            ("approve", "requested"),
+            ("reject", "requested"),
+            ("suspend", "active"),
+            ("resume", "suspended"),
+            ("revoke", "active"),
+            ("topup", "active"),
+        ] {
+            project_in(&server, &format!("m-{what}-{tag}"), status);
+        }
+    }
+
+    let ch = server.channel().await;
+    let mut cells = 0;
+    for (rpc, allowed) in expected {
+        for (i, (who, token, unauthenticated)) in identities.iter().enumerate() {
+            let before = server.audit_len();
+            let got = call(&ch, *rpc, token, &i.to_string()).await;
+            let want_ok = i < 4 && allowed[i];
+            match (&got, unauthenticated) {
+                (Ok(()), None) if want_ok => {}
+                (Err(s), None) if !want_ok => assert_eq!(
+                    (code_of(s), s.code()),
+                    (
+                        Code::PermissionDenied.as_str().to_owned(),
+                        tonic::Code::PermissionDenied
+                    ),
+                    "{rpc:?} as {who}: {}",
+                    s.message()
+                ),
+                (Err(s), Some((code, grpc))) => assert_eq!(
+                    (code_of(s), s.code()),
+                    (code.as_str().to_owned(), *grpc),
+                    "{rpc:?} with {who}: {}",
+                    s.message()
+                ),
+                other => panic!("{rpc:?} as {who}: expected allowed={want_ok}, got {other:?}"),
+            }
+            assert_eq!(
+                server.audit_len(),
+                before + 1,
+                "{rpc:?} as {who}: one audit event"
+            );
+            cells += 1;
+        }
+    }
+    assert_eq!(cells, 18 * 8);
+    // Every refusal was logged with its code and role.
+    let refused = ok(server.state.store.audit_events(&AuditFilter {
+        outcome: Some("refused".into()),
+        ..AuditFilter::default()
+    }));
+    let allowed: usize = expected
+        .iter()
+        .map(|(_, a)| a.iter().filter(|x| **x).count())
+        .sum();
+    assert_eq!(refused.len(), 18 * 8 - allowed);
+    assert!(refused.iter().all(|e| e.event.code.starts_with("TRE-A00")));
+}
+
+/// Issue #4: request → approve → query → suspend/resume → top up → revoke,
+/// with self-approval refused and end dates enforced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn project_lifecycle_over_grpc() {
+    let server = start(&[]).await;
+    let ch = server.channel().await;
+    let mut p = ProjectServiceClient::new(ch.clone());
+    let mut q = QueryServiceClient::new(ch.clone());
+    let alice = server.token("alice", Role::Researcher);
+    let bob_custodian = server.token("bob", Role::Custodian);
+    let carol = server.token("carol", Role::Custodian);
+    let sql = |n: usize| {
+        format!("SELECT sex, COUNT(*) AS n FROM patients WHERE year_of_birth > {n} GROUP BY sex")
+    };
+    let ask = |n: usize| pb::QueryRequest {
+        project: "waits".into(),
+        sql: sql(1900 + n),
+        epsilon: Some(0.5),
+        delta: None,
+    };
+    let info = ok(p
+        .request_project(authed(
+            pb::RequestProjectRequest {
+                id: "waits".into(),
+                title: "Waiting times and deprivation".into(),
+                purpose: "Do people in poorer areas wait longer?".into(),
+                datasets: vec!["nhs_epr".into()],
+                epsilon: 3.0,
+                delta: 1e-6,
+                members: vec!["alice".into(), "bob".into()],
+                end_date: days(90).to_string(),
+            },
+            &alice,
+        ))
+        .await)
+    .into_inner();
+    assert_eq!(
+        (info.status.as_str(), info.requested_by.as_str()),
+        ("requested", "alice")
+    );
+
+    let refused = |r: Result<tonic::Response<pb::QueryResponse>, tonic::Status>| {
+        code_of(&r.expect_err("refused"))
+    };
+    assert_eq!(refused(q.submit(authed(ask(0), &alice)).await), "TRE-G001");
+    // bob is a member: as a custodian he still may not approve.
+    let approve = |eps: f64| pb::ApproveProjectRequest {
+        id: "waits".into(),
+        epsilon: Some(eps),
+        delta: None,
+        end_date: days(30).to_string(),
+        reason: "fine".into(),
+    };
+    let s = p
+        .approve_project(authed(approve(3.0), &bob_custodian))
+        .await
+        .expect_err("own project");
+    assert_eq!(
+        (code_of(&s), s.code()),
+        ("TRE-A006".into(), tonic::Code::PermissionDenied)
+    );
+    let s = p
+        .approve_project(authed(approve(4.0), &carol))
+        .await
+        .expect_err("more than requested");
+    assert_eq!(code_of(&s), "TRE-G006");
+    let info = ok(p.approve_project(authed(approve(1.0), &carol)).await).into_inner();
+    assert_eq!(
+        (
+            info.status.as_str(),
+            info.epsilon_budget,
+            info.end_date.as_str()
+        ),
+        ("active", 1.0, days(30).to_string().as_str())
+    );
+
+    let r = ok(q.submit(authed(ask(1), &alice)).await).into_inner();
+    assert!((r.epsilon_remaining - 0.5).abs() < 1e-9);
+    let decide = |reason: &str| pb::DecideProjectRequest {
+        id: "waits".into(),
+        reason: reason.into(),
+    };
+    let s = p
+        .suspend_project(authed(decide(""), &carol))
+        .await
+        .expect_err("no reason");
+    assert_eq!(code_of(&s), "TRE-C003");
+    ok(p.suspend_project(authed(decide("ethics review"), &carol))
+        .await);
+    assert_eq!(refused(q.submit(authed(ask(2), &alice)).await), "TRE-G001");
+    ok(p.resume_project(authed(decide("review passed"), &carol))
+        .await);
+    ok(q.submit(authed(ask(3), &alice)).await);
+    assert_eq!(refused(q.submit(authed(ask(4), &alice)).await), "TRE-B001");
+    let info = ok(p
+        .top_up_project(authed(
+            pb::TopUpProjectRequest {
+                id: "waits".into(),
+                epsilon: 0.5,
+                delta: 0.0,
+                reason: "second wave of analysis approved by the board".into(),
+            },
+            &carol,
+        ))
+        .await)
+    .into_inner();
+    assert_eq!(info.epsilon_budget, 1.5);
+    ok(q.submit(authed(ask(5), &alice)).await);
+
+    // End dates: move the approved end into the past behind the server's back.
+    let db = rusqlite::Connection::open(server.state_dir.path().join("tre.db"));
+    ok(ok(db).execute(
+        "UPDATE projects SET end_date = ?1 WHERE id = 'waits'",
+        [days(-1).to_string()],
+    ));
+    assert_eq!(refused(q.submit(authed(ask(6), &alice)).await), "TRE-G002");
+
+    ok(p.revoke_project(authed(decide("project closed"), &carol))
+        .await);
+    let s = p
+        .resume_project(authed(decide("oops"), &carol))
+        .await
+        .expect_err("final");
+    assert_eq!(code_of(&s), "TRE-G003");
+    let info = ok(p
+        .get_project(authed(pb::GetProjectRequest { id: "waits".into() }, &alice))
+        .await)
+    .into_inner();
+    let actions: Vec<&str> = info.history.iter().map(|h| h.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        [
+            "request", "approve", "suspend", "resume", "top up", "revoke"
+        ]
+    );
+    assert_eq!(
+        info.history[4].reason,
+        "second wave of analysis approved by the board"
+    );
+    // Researchers only see projects they are involved in.
+    let dave = server.token("dave", Role::Researcher);
+    let s = p
+        .get_project(authed(pb::GetProjectRequest { id: "waits".into() }, &dave))
+        .await
+        .expect_err("not involved");
+    assert_eq!(code_of(&s), "TRE-A002");
+    let listed = ok(p
+        .list_projects(authed(pb::ListProjectsRequest::default(), &dave))
+        .await)
+    .into_inner();
+    assert!(listed.projects.is_empty());
+}
+
+/// Issue #4: 240 concurrent queries at a project that can afford 40 of
+/// them. The sum charged never exceeds the budget and every charge matches
+/// one release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_queries_never_overspend() {
+    const N: usize = 240;
+    const EPS: f64 = 0.05;
+    let server = start(&[("p1", &["alice"], 2.0)]).await;
+    let ch = server.channel().await;
+    let token = server.token("alice", Role::Researcher);
+    let mut tasks = Vec::with_capacity(N);
+    for i in 0..N {
+        let mut q = QueryServiceClient::new(ch.clone());
+        let token = token.clone();
+        tasks.push(tokio::spawn(async move {
+            q.submit(authed(
+                pb::QueryRequest {
+                    project: "p1".into(),
+                    sql: format!(
+                        "SELECT sex, COUNT(*) AS n FROM patients WHERE year_of_birth >= {} GROUP BY sex",
+                        1900 + i
+                    ),
+                    epsilon: Some(EPS),
+                    delta: None,
+                },
+                &token,
+            ))
+            .await
+        }));
+    }
+    let mut released = HashSet::new();
+    let mut refusals: HashMap<String, usize> = HashMap::new();
+    for t in tasks {
+        match ok(t.await) {
+            Ok(r) => {
+                assert!(released.insert(r.into_inner().release_id));
+            }
+            Err(s) => *refusals.entry(code_of(&s)).or_default() += 1,
+        }
+    }
+    eprintln!(
+        "concurrency: {N} queries, {} released, refused {refusals:?}",
+        released.len()
+    );
+    assert_eq!(released.len(), 40);
+    assert_eq!(refusals, HashMap::from([("TRE-B001".to_owned(), N - 40)]));
+    let store = &server.state.store;
+    let ledger = ok(store.ledger(&pid("p1")));
+    let charged: i64 = ledger.iter().map(|l| l.epsilon_nanos).sum();
+    let project = ok(store.project(&pid("p1")));
+    assert_eq!(charged, project.epsilon_spent_nanos);
+    assert!(charged <= project.epsilon_budget_nanos);
+    let from_ledger: HashSet<String> = ledger
+        .iter()
+        .map(|l| {
+            assert_eq!(l.status, "released");
+            l.release_id.clone().unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(from_ledger, released, "every charge matches one release");
+    assert_eq!(
+        ok(store.audit_events(&AuditFilter {
+            action: Some("query.submit".into()),
+            ..AuditFilter::default()
+        }))
+        .len(),
+        N
+    );
+    assert!(ok(store.verify_audit()).is_intact());
+}
+
+/// Issue #4: the auditor lists and filters, verifies, and exports a log that
+/// verifies offline with the public key alone; the server signs a
+/// checkpoint at shutdown; tampering with the stored log is detected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auditor_verifies_and_exports_a_signed_log() {
+    let mut server = start(&[("p1", &["alice"], 10.0)]).await;
+    let ch = server.channel().await;
+    let mut q = QueryServiceClient::new(ch.clone());
+    let mut a = AuditServiceClient::new(ch.clone());
+    let alice = server.token("alice", Role::Researcher);
+    let auditor = server.token("audrey", Role::Auditor);
+    for i in 0..12 {
+        let r = q
+            .submit(authed(
+                pb::QueryRequest {
+                    project: "p1".into(),
+                    sql: if i % 3 == 0 {
+                        "SELECT person_id FROM patients".into()
+                    } else {
+                        format!("SELECT sex, COUNT(*) AS n FROM patients WHERE year_of_birth > {} GROUP BY sex", 1900 + i)
+                    },
+                    epsilon: Some(0.1),
+                    delta: None,
+                },
+                &alice,
+            ))
+            .await;
+        assert_eq!(r.is_ok(), i % 3 != 0);
+    }
+    let all = ok(a
+        .list_events(authed(pb::ListEventsRequest::default(), &auditor))
+        .await)
+    .into_inner()
+    .events;
+    let filtered = ok(a
+        .list_events(authed(
+            pb::ListEventsRequest {
+                user: "alice".into(),
+                action: "query.submit".into(),
+                outcome: "refused".into(),
+                ..Default::default()
+            },
+            &auditor,
+        ))
+        .await)
+    .into_inner()
+    .events;
+    assert_eq!(filtered.len(), 4);
+    assert!(
+        filtered
+            .iter()
+            .all(|e| e.code == "TRE-Q010" && e.epsilon == 0.0)
+    );
+    let released: Vec<_> = all.iter().filter(|e| !e.release_id.is_empty()).collect();
+    assert_eq!(released.len(), 8);
+    for e in &released {
+        assert_eq!(
+            (e.role.as_str(), e.plan_hash.len(), e.release_hash.len()),
+            ("researcher", 64, 64)
+        );
+        assert!(e.client.starts_with("127.0.0.1:"), "{}", e.client);
+        assert!((e.epsilon - 0.1).abs() < 1e-12);
+    }
+    let none = ok(a
+        .list_events(authed(
+            pb::ListEventsRequest {
+                until: "2000-01-01T00:00:00Z".into(),
+                ..Default::default()
+            },
+            &auditor,
+        ))
+        .await)
+    .into_inner()
+    .events;
+    assert!(none.is_empty());
+
+    let v = ok(a
+        .verify_log(authed(pb::VerifyLogRequest {}, &auditor))
+        .await)
+    .into_inner();
+    assert!(v.intact, "{v:?}");
+    assert_eq!(v.checkpointed_through, 10);
+    let export = ok(a
+        .export_log(authed(pb::ExportLogRequest {}, &auditor))
+        .await)
+    .into_inner();
+    let key = ok(hex::decode(&export.public_key));
+    let public_file = ok(std::fs::read_to_string(
+        server.state_dir.path().join("audit.pub"),
+    ));
+    assert_eq!(public_file.trim(), export.public_key);
+    let offline = chain::verify_jsonl(&export.jsonl, &key);
+    assert!(offline.is_intact(), "{offline:?}");
+    // The export ends on a checkpoint signed at export time.
+    assert_eq!(offline.checkpointed_through as usize, offline.events);
+    let edited = export
+        .jsonl
+        .replacen("SELECT person_id", "SELECT sex_at_birth", 1);
+    assert!(!chain::verify_jsonl(&edited, &key).is_intact());
+
+    // Shutdown signs the head; then tamper with the database behind its back.
+    server.shutdown().await;
+    let db = server.state_dir.path().join("tre.db");
+    let head: i64 = ok(ok(rusqlite::Connection::open(&db)).query_row(
+        "SELECT MAX(seq) FROM checkpoints",
+        [],
+        |r| r.get(0),
+    ));
+    let events: i64 =
+        ok(ok(rusqlite::Connection::open(&db))
+            .query_row("SELECT MAX(seq) FROM audit", [], |r| r.get(0)));
+    assert_eq!(
+        head, events,
+        "a checkpoint at shutdown covers the last event"
+    );
+    let conn = ok(rusqlite::Connection::open(&db));
+    ok(conn.execute(
+        "UPDATE audit SET epsilon_nanos = 0 WHERE release_id != '' AND seq = (SELECT MIN(seq) FROM audit WHERE release_id != '')",
+        [],
+    ));
+    drop(conn);
+    let reopened = open_state(server.state_dir.path(), &fixture().data, &[]);
+    let report = ok(reopened.store.verify_audit());
+    let bad = report
+        .first_bad
+        .unwrap_or_else(|| panic!("edit not detected"));
+    assert!(bad.reason.contains("hash"), "{bad:?}");
+}
+
+/// The server process for `crash_recovery_keeps_every_charge`, which runs
+/// this test binary again with TRE_CRASH_CHILD set. On its own it does
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_child() {
+    let Ok(dir) = std::env::var("TRE_CRASH_CHILD") else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let data = std::path::PathBuf::from(std::env::var("TRE_CRASH_DATA").unwrap_or_default());
+    let state = Arc::new(open_state(&dir, &data, &[("p1", &["alice"], 50.0)]));
+    let (addr, _stop, _handle) =
+        ok(tre_gateway::spawn(state, ok("127.0.0.1:0".parse()), None).await);
+    ok(std::fs::write(
+        dir.join("url.tmp"),
+        format!("http://{addr}"),
+    ));
+    ok(std::fs::rename(dir.join("url.tmp"), dir.join("url")));
+    // Serve until killed.
+    tokio::time::sleep(Duration::from_secs(600)).await;
+}
+
+/// Issue #4: kill -9 the server while queries are in flight and restart it.
+/// Every release has its charge and audit event, no charge is lost, every
+/// charge is audited, and the chain verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_recovery_keeps_every_charge() {
+    let dir = ok(tempfile::tempdir());
+    // The child serves this process's fixture.
+    let data = &fixture().data;
+    let mut child = ok(std::process::Command::new(ok(std::env::current_exe()))
+        .args(["governance::crash_child", "--exact", "--nocapture"])
+        .env("TRE_CRASH_CHILD", dir.path())
+        .env("TRE_CRASH_DATA", data)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn());
+    let url_file = dir.path().join("url");
+    let mut waited = 0;
+    while !url_file.exists() {
+        assert!(waited < 1200, "the child server did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += 1;
+    }
+    let url = ok(std::fs::read_to_string(&url_file));
+    // Tokens signed with the child's issuer key (same state directory).
+    let issuer = ok(Issuer::load_or_create(dir.path()));
+    let token = ok(issuer.issue(&ok(UserId::new("alice")), Role::Researcher, 3600));
+    let ch = ok(ok(Channel::from_shared(url)).connect().await);
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    for i in 0..60 {
+        let mut q = QueryServiceClient::new(ch.clone());
+        let token = token.clone();
+        let done = done_tx.clone();
+        tokio::spawn(async move {
+            let r = q
+                .submit(authed(
+                    pb::QueryRequest {
+                        project: "p1".into(),
+                        sql: format!("SELECT a.admission_month, COUNT(*) AS n FROM admissions a JOIN patients p ON a.person_id = p.person_id WHERE p.year_of_birth >= {} GROUP BY a.admission_month", 1900 + i),
+                        epsilon: Some(0.1),
+                        delta: None,
+                    },
+                    &token,
+                ))
+                .await;
+            let _ = done.send(r.ok().map(|r| r.into_inner().release_id));
+        });
+    }
+    drop(done_tx);
+    // Kill once a few releases are out and the rest are in flight.
+    let mut client_saw = HashSet::new();
+    while client_saw.len() < 5 {
+        match done_rx.recv().await {
+            Some(Some(id)) => {
+                client_saw.insert(id);
+            }
+            Some(None) => {}
+            None => break,
+        }
+    }
+    ok(child.kill()); // SIGKILL
+    ok(child.wait());
+    while let Some(r) = done_rx.recv().await {
+        if let Some(id) = r {
+            client_saw.insert(id);
+        }
+    }
+
+    // Restart on the same state directory.
+    let state = Arc::new(open_state(dir.path(), data, &[]));
+    let store = &state.store;
+    let ledger = ok(store.ledger(&pid("p1")));
+    let project = ok(store.project(&pid("p1")));
+    let charged: i64 = ledger.iter().map(|l| l.epsilon_nanos).sum();
+    assert_eq!(charged, project.epsilon_spent_nanos, "no charge lost");
+    assert_eq!(ok(store.dataset_usage("nhs_epr")).epsilon_nanos, charged);
+    let events = ok(store.audit_events(&AuditFilter {
+        action: Some("query.submit".into()),
+        ..AuditFilter::default()
+    }));
+    let audited_releases: HashSet<&str> = events
+        .iter()
+        .map(|e| e.event.release_id.as_str())
+        .filter(|r| !r.is_empty())
+        .collect();
+    let mut interrupted = 0;
+    for l in &ledger {
+        match (l.status.as_str(), &l.release_id) {
+            ("released", Some(id)) => assert!(audited_releases.contains(id.as_str())),
+            ("interrupted", None) => {
+                interrupted += 1;
+                let marker = format!("ledger entry {}:", l.id);
+                assert!(
+                    events.iter().any(|e| e.event.detail.starts_with(&marker)
+                        && e.event.epsilon_nanos == l.epsilon_nanos),
+                    "interrupted charge {} is audited",
+                    l.id
+                );
+            }
+            other => panic!("ledger entry {} in state {other:?}", l.id),
+        }
+    }
+    let stored: HashSet<String> = ledger.iter().filter_map(|l| l.release_id.clone()).collect();
+    assert!(
+        client_saw.is_subset(&stored),
+        "every release a client saw is stored"
+    );
+    assert!(ok(store.verify_audit()).is_intact());
+    eprintln!(
+        "crash: {} releases seen by clients, {} stored, {} charges interrupted and kept",
+        client_saw.len(),
+        stored.len(),
+        interrupted
+    );
+    // And it serves again.
+    let (addr, _stop, _h) =
+        ok(tre_gateway::spawn(Arc::clone(&state), ok("127.0.0.1:0".parse()), None).await);
+    let ch = ok(ok(Channel::from_shared(format!("http://{addr}")))
+        .connect()
+        .await);
+    let b = ok(QueryServiceClient::new(ch)
+        .budget(authed(
+            pb::BudgetRequest {
+                project: "p1".into(),
+            },
+            &token,
+        ))
+        .await)
+    .into_inner();
+    assert_eq!(
+        tre_core::Epsilon::new(b.epsilon_spent)
+            .map(|e| e.as_nanos())
+            .ok(),
+        Some(charged)
+    );
+}
+
+fn pki() -> (String, String, String, String, String) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer as CaIssuer,
+        KeyPair,
+    };
+    let ca_key = ok(KeyPair::generate());
+    let mut ca = ok(CertificateParams::new(Vec::<String>::new()));
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ok(ca.self_signed(&ca_key));
+    let ca_issuer = CaIssuer::new(ca, ca_key);
+    let leaf = |names: Vec<String>, purpose| {
+        let key = ok(KeyPair::generate());
+        let mut params = ok(CertificateParams::new(names));
+        params.extended_key_usages = vec![purpose];
+        let cert = ok(params.signed_by(&key, &ca_issuer));
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf(
+        vec!["localhost".into(), "127.0.0.1".into()],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let (client_cert, client_key) = leaf(vec!["alice".into()], ExtendedKeyUsagePurpose::ClientAuth);
+    (
+        ca_cert.pem(),
+        server_cert,
+        server_key,
+        client_cert,
+        client_key,
+    )
+}
+
+/// Issue #4: TLS with client certificates. A client with a certificate from
+/// the configured CA gets through (and the audit log records its
+/// fingerprint); without one, or over plaintext, it does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls() {
+    let (ca, server_cert, server_key, client_cert, client_key) = pki();
+    let server = start_in(
+        ok(tempfile::tempdir()),
+        &fixture().data,
+        &[],
+        Some(Tls {
+            cert_pem: server_cert.into_bytes(),
+            key_pem: server_key.into_bytes(),
+            client_ca_pem: Some(ca.clone().into_bytes()),
+        }),
+    )
+    .await;
+    let token = server.token("alice", Role::Researcher);
+    let connect = |identity: bool| {
+        let url = server.url.clone();
+        let (ca, client_cert, client_key) = (ca.clone(), client_cert.clone(), client_key.clone());
+        let token = token.clone();
+        async move {
+            let mut tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name("localhost");
+            if identity {
+                tls = tls.identity(Identity::from_pem(client_cert, client_key));
+            }
+            let ch = Channel::from_shared(url).map_err(|e| e.to_string())?;
+            let ch = ch.tls_config(tls).map_err(|e| e.to_string())?;
+            let ch = ch.connect().await.map_err(|e| e.to_string())?;
+            CatalogServiceClient::new(ch)
+                .list_datasets(authed(pb::ListDatasetsRequest {}, &token))
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        }
+    };
+    assert_eq!(connect(true).await, Ok(()));
+    assert!(connect(false).await.is_err(), "no client certificate");
+    let plain = Channel::from_shared(server.url.replace("https://", "http://"));
+    let plain = match ok(plain).connect().await {
+        Ok(ch) => CatalogServiceClient::new(ch)
+            .list_datasets(authed(pb::ListDatasetsRequest {}, &token))
+            .await
+            .is_ok(),
+        Err(_) => false,
+    };
+    assert!(!plain, "plaintext to a TLS port");
+    let events = ok(server.state.store.audit_events(&AuditFilter::default()));
+    assert_eq!(events.len(), 1);
+    assert!(
+        events[0].event.client.contains(" mtls:"),
+        "{}",
+        events[0].event.client
+    );
+}
