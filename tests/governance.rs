@@ -342,6 +342,11 @@ async fn authorisation_matrix() {
         .sum();
     assert_eq!(refused.len(), 18 * 8 - allowed);
     assert!(refused.iter().all(|e| e.event.code.starts_with("TRE-A00")));
+    // A refused call still records what it was about.
+    for e in refused.iter().filter(|e| e.event.action == "query.submit") {
+        assert_eq!(e.event.project, "p1");
+        assert!(e.event.sql.starts_with("SELECT sex"), "{:?}", e.event);
+    }
 }
 
 /// Issue #4: request → approve → query → suspend/resume → top up → revoke,
@@ -650,10 +655,15 @@ async fn auditor_verifies_and_exports_a_signed_log() {
     .into_inner();
     assert!(v.intact, "{v:?}");
     assert_eq!(v.checkpointed_through, 10);
-    let export = ok(a
+    let mut stream = ok(a
         .export_log(authed(pb::ExportLogRequest {}, &auditor))
         .await)
     .into_inner();
+    let mut export = pb::ExportLogResponse::default();
+    while let Some(chunk) = ok(stream.message().await) {
+        export.jsonl.push_str(&chunk.jsonl);
+        export.public_key = chunk.public_key;
+    }
     let key = ok(hex::decode(&export.public_key));
     let public_file = ok(std::fs::read_to_string(
         server.state_dir.path().join("audit.pub"),

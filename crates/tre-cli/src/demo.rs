@@ -17,7 +17,7 @@ use tre_proto::v1 as pb;
 use tre_store::ProjectSeed;
 
 use crate::client::{Client, render_dry_run, render_release, rpc, status_text};
-use crate::governance::{render_events, render_project, render_verify, verify_offline};
+use crate::governance::{export, render_events, render_project, render_verify, verify_offline};
 use crate::setup::{self, GenerateArgs, ServeArgs};
 
 #[derive(Args)]
@@ -267,10 +267,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     print!("{}", render_events(&events.events));
     let verified = rpc(auditor.audit.verify_log(pb::VerifyLogRequest {}).await)?;
     println!("  on the server: {}", render_verify(&verified));
-    let export = rpc(auditor.audit.export_log(pb::ExportLogRequest {}).await)?;
+    let (jsonl, public_key) = export(&mut auditor).await?;
     let file = args.state.join("audit-export.jsonl");
-    std::fs::write(&file, &export.jsonl)?;
-    let (offline, _) = verify_offline(&file, &export.public_key)?;
+    std::fs::write(&file, &jsonl)?;
+    let (offline, _) = verify_offline(&file, &public_key)?;
     println!(
         "  offline, from {} and the public key alone: {offline}",
         file.display()

@@ -352,18 +352,32 @@ pub async fn audit(cmd: AuditCommand) -> Result<()> {
         }
         AuditCommand::Export { conn, out } => {
             let mut c = Client::from_conn(&conn).await?;
-            let r = rpc(c.audit.export_log(pb::ExportLogRequest {}).await)?;
-            std::fs::write(&out, &r.jsonl)
+            let (jsonl, public_key) = export(&mut c).await?;
+            std::fs::write(&out, &jsonl)
                 .with_context(|| format!("cannot write {}", out.display()))?;
             println!(
-                "wrote {} entries to {}; audit public key {}",
-                r.jsonl.lines().count(),
+                "wrote {} entries to {}; audit public key {public_key}",
+                jsonl.lines().count(),
                 out.display(),
-                r.public_key
             );
         }
     }
     Ok(())
+}
+
+/// The whole exported log (JSON Lines) and the audit public key (hex).
+pub async fn export(c: &mut Client) -> Result<(String, String)> {
+    let mut stream = rpc(c.audit.export_log(pb::ExportLogRequest {}).await)?;
+    let (mut jsonl, mut public_key) = (String::new(), String::new());
+    while let Some(chunk) = stream
+        .message()
+        .await
+        .map_err(|s| anyhow::anyhow!(crate::client::status_text(&s)))?
+    {
+        jsonl.push_str(&chunk.jsonl);
+        public_key = chunk.public_key;
+    }
+    Ok((jsonl, public_key))
 }
 
 /// Verify an exported log with only the public key: no server involved.

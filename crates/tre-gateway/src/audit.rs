@@ -11,6 +11,15 @@ use crate::authz::Rpc;
 use crate::service::{Note, Services, handle};
 use crate::{GatewayError, convert};
 
+const DEFAULT_LIMIT: usize = 1_000;
+const MAX_LIMIT: usize = 10_000;
+/// Lines per export chunk, well under gRPC's default 4 MB message limit.
+const EXPORT_CHUNK_LINES: usize = 1_000;
+
+pub(crate) type ExportStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<pb::ExportLogResponse, Status>> + Send>,
+>;
+
 fn text(s: String) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
@@ -34,7 +43,10 @@ impl Services {
             outcome: text(req.outcome),
             since: text(req.since),
             until: text(req.until),
-            limit: (req.limit > 0).then_some(req.limit as usize),
+            limit: Some(match req.limit {
+                0 => DEFAULT_LIMIT,
+                n => (n as usize).min(MAX_LIMIT),
+            }),
         };
         let events = self.state.store.audit_events(&filter)?;
         Ok(pb::ListEventsResponse {
@@ -55,16 +67,24 @@ impl Services {
         })
     }
 
-    fn export_log(&self) -> Result<pb::ExportLogResponse, GatewayError> {
+    fn export_log(&self) -> Result<ExportStream, GatewayError> {
         // Sign the head first so the export ends on a checkpoint and a cut
         // tail shows.
         self.state.store.checkpoint()?;
         let entries = self.state.store.audit_entries()?;
-        Ok(pb::ExportLogResponse {
-            jsonl: chain::to_jsonl(&entries)
-                .map_err(|e| GatewayError::Setup(format!("cannot serialise the log: {e}")))?,
-            public_key: hex::encode(self.state.store.audit_public_key()),
-        })
+        let public_key = hex::encode(self.state.store.audit_public_key());
+        let chunks = entries
+            .chunks(EXPORT_CHUNK_LINES)
+            .map(|c| {
+                chain::to_jsonl(c)
+                    .map(|jsonl| pb::ExportLogResponse {
+                        jsonl,
+                        public_key: public_key.clone(),
+                    })
+                    .map_err(|e| GatewayError::Setup(format!("cannot serialise the log: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Box::pin(tokio_stream::iter(chunks.into_iter().map(Ok))))
     }
 
     fn revoke_token(
@@ -112,10 +132,12 @@ impl AuditService for Services {
         )
     }
 
+    type ExportLogStream = ExportStream;
+
     async fn export_log(
         &self,
         request: Request<pb::ExportLogRequest>,
-    ) -> Result<Response<pb::ExportLogResponse>, Status> {
+    ) -> Result<Response<ExportStream>, Status> {
         handle!(
             self,
             request,

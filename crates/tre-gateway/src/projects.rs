@@ -35,7 +35,6 @@ impl Services {
         req: pb::RequestProjectRequest,
         note: &mut Note,
     ) -> Result<pb::ProjectInfo, GatewayError> {
-        note.project = req.id.clone();
         let served = &self.state.engine.policy().dataset;
         if let Some(unknown) = req.datasets.iter().find(|d| *d != served) {
             return Err(GatewayError::BadRequest(format!(
@@ -100,13 +99,7 @@ impl Services {
         Ok(pb::ListProjectsResponse { projects })
     }
 
-    fn get_project(
-        &self,
-        who: &Principal,
-        id: &str,
-        note: &mut Note,
-    ) -> Result<pb::ProjectInfo, GatewayError> {
-        note.project = id.to_owned();
+    fn get_project(&self, who: &Principal, id: &str) -> Result<pb::ProjectInfo, GatewayError> {
         let p = self.state.store.project(&ProjectId::new(id)?)?;
         authz::project_scope(who, &p, false)?;
         Ok(convert::project(&p))
@@ -121,7 +114,6 @@ impl Services {
         note: &mut Note,
         decision: impl FnOnce(&Project) -> Result<Decision, GatewayError>,
     ) -> Result<pb::ProjectInfo, GatewayError> {
-        note.project = id.to_owned();
         let id = ProjectId::new(id)?;
         let p = self.state.store.project(&id)?;
         authz::not_own_project(&who.user, &p)?;
@@ -191,7 +183,7 @@ impl ProjectService for Services {
             self,
             request,
             Rpc::GetProject,
-            |_call, who, req, note| async { self.get_project(&who, &req.id, note) }
+            |_call, who, req, _note| async { self.get_project(&who, &req.id) }
         )
     }
 

@@ -26,6 +26,7 @@ pub(crate) struct Services {
 }
 
 /// Who is calling, from where, and what.
+#[derive(Clone)]
 pub(crate) struct Call {
     pub(crate) rpc: Rpc,
     pub(crate) client: String,
@@ -49,12 +50,82 @@ pub(crate) struct Note {
     pub(crate) recorded: bool,
 }
 
+/// What a request is about, for its audit event.
+pub(crate) trait Target {
+    fn project(&self) -> &str {
+        ""
+    }
+    /// The SQL, or for catalog calls the table asked about.
+    fn sql(&self) -> &str {
+        ""
+    }
+}
+
+impl Target for pb::QueryRequest {
+    fn project(&self) -> &str {
+        &self.project
+    }
+    fn sql(&self) -> &str {
+        &self.sql
+    }
+}
+impl Target for pb::BudgetRequest {
+    fn project(&self) -> &str {
+        &self.project
+    }
+}
+impl Target for pb::DescribeTableRequest {
+    fn sql(&self) -> &str {
+        &self.table
+    }
+}
+impl Target for pb::RequestProjectRequest {
+    fn project(&self) -> &str {
+        &self.id
+    }
+}
+impl Target for pb::GetProjectRequest {
+    fn project(&self) -> &str {
+        &self.id
+    }
+}
+impl Target for pb::ApproveProjectRequest {
+    fn project(&self) -> &str {
+        &self.id
+    }
+}
+impl Target for pb::DecideProjectRequest {
+    fn project(&self) -> &str {
+        &self.id
+    }
+}
+impl Target for pb::TopUpProjectRequest {
+    fn project(&self) -> &str {
+        &self.id
+    }
+}
+impl Target for pb::ListEventsRequest {
+    fn project(&self) -> &str {
+        &self.project
+    }
+}
+impl Target for pb::ListDatasetsRequest {}
+impl Target for pb::ListProjectsRequest {}
+impl Target for pb::VerifyLogRequest {}
+impl Target for pb::ExportLogRequest {}
+impl Target for pb::RevokeTokenRequest {}
+
 /// Run one handler body between `begin` and `finish`.
 macro_rules! handle {
     ($self:ident, $request:ident, $rpc:expr, |$call:ident, $who:ident, $req:ident, $note:ident| $body:expr) => {{
         let ($call, auth) = $self.begin(&$request, $rpc);
         let $req = $request.into_inner();
-        let mut note = $crate::service::Note::default();
+        // What the call was about is logged even when it is refused.
+        let mut note = $crate::service::Note {
+            project: $crate::service::Target::project(&$req).to_owned(),
+            sql: $crate::service::Target::sql(&$req).to_owned(),
+            ..Default::default()
+        };
         let result = {
             let $note = &mut note;
             match auth {
@@ -201,8 +272,6 @@ impl Services {
         req: &pb::QueryRequest,
         note: &mut Note,
     ) -> Result<(tre_store::Project, tre_query::PrivatePlan), GatewayError> {
-        note.project = req.project.clone();
-        note.sql = req.sql.clone();
         let project = self.queryable_project(who, &req.project)?;
         let budget = self.state.engine.budget(req.epsilon, req.delta)?;
         let plan = self.state.engine.compile(&req.sql, budget).await?;
@@ -218,7 +287,42 @@ impl Services {
         note: &mut Note,
     ) -> Result<pb::QueryResponse, GatewayError> {
         let (project, plan) = self.compile(who, req, note).await?;
+        // Everything from the reservation on runs in its own task, so a
+        // client that hangs up cannot leave a charge without its release or
+        // its audit event.
+        let this = self.clone();
+        let (call, who) = (call.clone(), who.clone());
+        let mut owned = std::mem::take(note);
+        let task = tokio::spawn(async move {
+            let reply = this
+                .submit_locked(&call, &who, &project, &plan, &mut owned)
+                .await;
+            if let (Err(e), Some(id), false) = (&reply, owned.ledger_id, owned.recorded) {
+                let event = this.event(&call, &owned, Some(e));
+                match this.state.store.fail_reservation(id, &event) {
+                    Ok(_) => owned.recorded = true,
+                    Err(err) => tracing::error!("cannot settle reservation {id}: {err}"),
+                }
+            }
+            (reply, owned)
+        });
+        let (reply, owned) = task
+            .await
+            .map_err(|e| GatewayError::Setup(format!("query task failed: {e}")))?;
+        *note = owned;
+        reply
+    }
 
+    /// One query per (project, plan hash) at a time: an identical query
+    /// waits and then gets the stored release.
+    async fn submit_locked(
+        &self,
+        call: &Call,
+        who: &Principal,
+        project: &tre_store::Project,
+        plan: &tre_query::PrivatePlan,
+        note: &mut Note,
+    ) -> Result<pb::QueryResponse, GatewayError> {
         let key = format!("{}\n{}", project.id, plan.plan_hash());
         let lock = {
             let mut locks = self
@@ -228,7 +332,7 @@ impl Services {
             Arc::clone(locks.entry(key.clone()).or_default())
         };
         let _guard = lock.lock().await;
-        let reply = self.submit_once(call, who, &project, &plan, note).await;
+        let reply = self.submit_once(call, who, project, plan, note).await;
         if let Ok(mut locks) = self.repeats.lock() {
             // Drop the entry once nobody else holds or waits for it.
             if Arc::strong_count(&lock) <= 2 {
@@ -335,9 +439,7 @@ impl Services {
         &self,
         who: &Principal,
         req: &pb::BudgetRequest,
-        note: &mut Note,
     ) -> Result<pb::BudgetResponse, GatewayError> {
-        note.project = req.project.clone();
         let p = self.state.store.project(&ProjectId::new(&req.project)?)?;
         authz::project_scope(who, &p, false)?;
         Ok(convert::budget(&p))
@@ -346,9 +448,7 @@ impl Services {
     fn describe_table(
         &self,
         req: &pb::DescribeTableRequest,
-        note: &mut Note,
     ) -> Result<pb::DescribeTableResponse, GatewayError> {
-        note.sql = req.table.clone();
         let policy = self.state.engine.policy();
         if !req.dataset.is_empty() && req.dataset != policy.dataset {
             return Err(GatewayError::NotFound(format!(
@@ -390,8 +490,8 @@ impl QueryService for Services {
         &self,
         request: Request<pb::BudgetRequest>,
     ) -> Result<Response<pb::BudgetResponse>, Status> {
-        handle!(self, request, Rpc::Budget, |_call, who, req, note| async {
-            self.budget(&who, &req, note)
+        handle!(self, request, Rpc::Budget, |_call, who, req, _note| async {
+            self.budget(&who, &req)
         })
     }
 }
@@ -422,7 +522,7 @@ impl CatalogService for Services {
             self,
             request,
             Rpc::DescribeTable,
-            |_call, _who, req, note| async { self.describe_table(&req, note) }
+            |_call, _who, req, _note| async { self.describe_table(&req) }
         )
     }
 }

@@ -466,6 +466,91 @@ fn tampering_with_the_database_is_detected_at_its_position() {
     }
 }
 
+/// Issue #4: random tampering of the stored log (change a field, drop an
+/// event, swap two, append a forged one) is always detected.
+#[test]
+fn random_tampering_of_the_database_is_always_detected() {
+    let (dir, s) = store();
+    log_with(&s, 40);
+    ok(s.checkpoint());
+    let last = ok(s.audit_events(&AuditFilter::default()))
+        .pop()
+        .unwrap_or_else(|| unreachable!());
+    drop(s);
+    let db = dir.path().join("tre.db");
+    let pristine = ok(std::fs::read(&db));
+    let columns = [
+        "at",
+        "user_id",
+        "role",
+        "client",
+        "project",
+        "action",
+        "sql",
+        "plan_hash",
+        "outcome",
+        "code",
+        "release_id",
+        "release_hash",
+        "detail",
+        "prev_hash",
+        "hash",
+        "sig",
+    ];
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(44);
+    for trial in 0..200 {
+        ok(std::fs::write(&db, &pristine));
+        for ext in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(dir.path().join(format!("tre.db{ext}")));
+        }
+        let conn = ok(Connection::open(&db));
+        let seq = rng.random_range(1..=40);
+        let sql = match trial % 4 {
+            0 => {
+                let col = columns[rng.random_range(0..columns.len())];
+                // Change the last character of the field (or add one if empty).
+                format!(
+                    "UPDATE audit SET {col} = CASE WHEN {col} = '' THEN 'x'
+                       ELSE substr({col}, 1, length({col}) - 1) ||
+                            CASE WHEN substr({col}, -1) = 'a' THEN 'b' ELSE 'a' END END
+                     WHERE seq = {seq}"
+                )
+            }
+            1 => format!("DELETE FROM audit WHERE seq = {seq}"),
+            2 => {
+                let other = if seq == 40 { 1 } else { seq + 1 };
+                format!(
+                    "UPDATE audit SET seq = -1 WHERE seq = {seq};
+                     UPDATE audit SET seq = {seq} WHERE seq = {other};
+                     UPDATE audit SET seq = {other} WHERE seq = -1;"
+                )
+            }
+            _ => {
+                // A forged event chained correctly after the last one, with
+                // a copied signature.
+                let prev = &last.hash;
+                let mut forged = last.event.clone();
+                forged.sql = "SELECT 'forged'".into();
+                let hash = chain::event_hash(prev, 41, &forged);
+                format!(
+                    "INSERT INTO audit SELECT 41, at, user_id, role, client, project, action,
+                        'SELECT ''forged''', plan_hash, epsilon_nanos, delta_femtos, outcome, code,
+                        release_id, release_hash, detail, '{prev}', '{hash}', sig
+                     FROM audit WHERE seq = 40"
+                )
+            }
+        };
+        ok(conn.execute_batch(&sql));
+        drop(conn);
+        let s = open(&dir, 10);
+        let report = ok(s.verify_audit());
+        assert!(
+            report.first_bad.is_some(),
+            "trial {trial} not detected: {sql}"
+        );
+    }
+}
+
 #[test]
 fn revoked_tokens_are_remembered() {
     let (_d, s) = store();
