@@ -61,59 +61,42 @@ pub(crate) trait Target {
     }
 }
 
-impl Target for pb::QueryRequest {
-    fn project(&self) -> &str {
-        &self.project
-    }
-    fn sql(&self) -> &str {
-        &self.sql
-    }
+/// `impl Target` from the request's field names.
+macro_rules! target {
+    ($t:ty) => {
+        impl Target for $t {}
+    };
+    ($t:ty, project = $p:ident $(, sql = $q:ident)?) => {
+        impl Target for $t {
+            fn project(&self) -> &str {
+                &self.$p
+            }
+            $(fn sql(&self) -> &str {
+                &self.$q
+            })?
+        }
+    };
 }
-impl Target for pb::BudgetRequest {
-    fn project(&self) -> &str {
-        &self.project
-    }
-}
+
+target!(pb::QueryRequest, project = project, sql = sql);
+target!(pb::BudgetRequest, project = project);
+target!(pb::RequestProjectRequest, project = id);
+target!(pb::GetProjectRequest, project = id);
+target!(pb::ApproveProjectRequest, project = id);
+target!(pb::DecideProjectRequest, project = id);
+target!(pb::TopUpProjectRequest, project = id);
+target!(pb::ListEventsRequest, project = project);
+target!(pb::ListDatasetsRequest);
+target!(pb::ListProjectsRequest);
+target!(pb::VerifyLogRequest);
+target!(pb::ExportLogRequest);
+target!(pb::RevokeTokenRequest);
+
 impl Target for pb::DescribeTableRequest {
     fn sql(&self) -> &str {
         &self.table
     }
 }
-impl Target for pb::RequestProjectRequest {
-    fn project(&self) -> &str {
-        &self.id
-    }
-}
-impl Target for pb::GetProjectRequest {
-    fn project(&self) -> &str {
-        &self.id
-    }
-}
-impl Target for pb::ApproveProjectRequest {
-    fn project(&self) -> &str {
-        &self.id
-    }
-}
-impl Target for pb::DecideProjectRequest {
-    fn project(&self) -> &str {
-        &self.id
-    }
-}
-impl Target for pb::TopUpProjectRequest {
-    fn project(&self) -> &str {
-        &self.id
-    }
-}
-impl Target for pb::ListEventsRequest {
-    fn project(&self) -> &str {
-        &self.project
-    }
-}
-impl Target for pb::ListDatasetsRequest {}
-impl Target for pb::ListProjectsRequest {}
-impl Target for pb::VerifyLogRequest {}
-impl Target for pb::ExportLogRequest {}
-impl Target for pb::RevokeTokenRequest {}
 
 /// Run one handler body between `begin` and `finish`.
 macro_rules! handle {
