@@ -321,9 +321,10 @@ pub fn render_release(r: &pb::QueryResponse, max_rows: Option<usize>) -> String 
         );
     }
     out += &format!(
-        "{} rows · sdc {}: {} cells rounded, {} suppressed · epsilon spent {} · remaining {} · release {}\n",
+        "{} rows · sdc {} ({}): {} cells rounded, {} suppressed · epsilon spent {} · remaining {} · release {}\n",
         r.rows.len(),
         r.sdc_profile,
+        r.sdc_outcome,
         rounded,
         suppressed,
         r.epsilon_spent,
@@ -460,6 +461,7 @@ fn release_json(r: &pb::QueryResponse) -> serde_json::Value {
         "repeated": r.repeated,
         "confidence": r.confidence,
         "sdc_profile": r.sdc_profile,
+        "sdc_outcome": r.sdc_outcome,
         "notes": r.notes,
     })
 }

@@ -138,7 +138,21 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let data = args.state.join("data/nhs_epr");
     ensure_data(&args, &data, &key_file)?;
     let serve_args = ServeArgs::local(args.state.join("server"), data, key_file, args.listen);
-    let state = Arc::new(setup::open_state(&serve_args)?);
+    let state = match setup::open_state(&serve_args) {
+        Err(e) if e.to_string().contains(tre_store::PRE_GOVERNANCE) => {
+            // The demo's state is disposable; keep the old log aside
+            // rather than refuse to run.
+            let aside = args.state.join(format!(
+                "server.schema1-{}",
+                chrono::Utc::now().format("%Y%m%d%H%M%S")
+            ));
+            std::fs::rename(&serve_args.state, &aside)?;
+            eprintln!("moved demo state from an older tre to {}", aside.display());
+            setup::open_state(&serve_args)?
+        }
+        other => other?,
+    };
+    let state = Arc::new(state);
     if args.serve {
         return serve_forever(&args, state).await;
     }

@@ -37,6 +37,14 @@ const DEFAULT_PROFILES: &[(&str, &str)] = &[
         "all_of_us",
         include_str!("../../../policies/sdc/all_of_us.toml"),
     ),
+    (
+        "acro_default",
+        include_str!("../../../policies/sdc/acro_default.toml"),
+    ),
+    (
+        "opensafely_midpoint6",
+        include_str!("../../../policies/sdc/opensafely_midpoint6.toml"),
+    ),
 ];
 
 #[derive(Args, Clone)]

@@ -74,6 +74,7 @@ pub(crate) fn release(
         repeated: false,
         confidence: r.confidence,
         sdc_profile: r.sdc_profile.clone(),
+        sdc_outcome: r.sdc_outcome.clone(),
         notes: r.notes.clone(),
     }
 }

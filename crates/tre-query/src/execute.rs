@@ -367,6 +367,13 @@ pub(crate) async fn execute(
     }
 
     let rows = post_process(ctx, plan, &cells, &agg_cells).await?;
+    let outcome = tre_sdc::ReleaseOutcome::of(rows.iter().flatten().filter_map(|c| match c {
+        Cell::Value { status, .. } if status == tre_sdc::Status::Suppressed.as_str() => {
+            Some(tre_sdc::Status::Suppressed)
+        }
+        Cell::Value { .. } => Some(tre_sdc::Status::Released),
+        Cell::Key { .. } => None,
+    }));
 
     let mut notes = vec![format!(
         "each patient contributes at most {} row(s); counts and sums carry discrete Laplace noise; intervals are {}%",
@@ -397,6 +404,7 @@ pub(crate) async fn execute(
             s.mechanism.threshold()
         ));
     }
+    notes.extend(profile.notes());
     Ok(Release {
         columns: plan.columns(),
         rows,
@@ -404,6 +412,7 @@ pub(crate) async fn execute(
         delta: plan.delta().value(),
         confidence: CONFIDENCE,
         sdc_profile: profile.name.clone(),
+        sdc_outcome: outcome.as_str().to_owned(),
         notes,
     })
 }

@@ -41,5 +41,7 @@ pub struct Release {
     pub delta: f64,
     pub confidence: f64,
     pub sdc_profile: String,
+    /// pass | review | fail (ACRO style): no suppression, some, or all.
+    pub sdc_outcome: String,
     pub notes: Vec<String>,
 }

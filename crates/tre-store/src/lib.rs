@@ -22,6 +22,7 @@ mod migrations;
 mod sqlite;
 
 pub use chain::{AuditEvent, Checkpoint, Entry, Notary, StoredEvent, Tamper, VerifyReport};
+pub use migrations::PRE_GOVERNANCE;
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]

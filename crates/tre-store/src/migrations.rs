@@ -163,7 +163,7 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 /// Why a state directory cannot be opened by this version.
-pub(crate) const PRE_GOVERNANCE: &str = "this state directory holds an audit log written before signed audit events (schema 1); its events cannot be re-signed, so move the directory away and start a new one";
+pub const PRE_GOVERNANCE: &str = "this state directory holds an audit log written before signed audit events (schema 1); its events cannot be re-signed, so move the directory away and start a new one";
 
 pub(crate) fn apply(conn: &mut Connection) -> Result<(), crate::StoreError> {
     let tx = conn.transaction()?;
