@@ -17,6 +17,7 @@ use tre_proto::v1::audit_service_client::AuditServiceClient;
 use tre_proto::v1::catalog_service_client::CatalogServiceClient;
 use tre_proto::v1::project_service_client::ProjectServiceClient;
 use tre_proto::v1::query_service_client::QueryServiceClient;
+use tre_proto::v1::release_service_client::ReleaseServiceClient;
 use tre_store::{AuditFilter, Decision, ProjectRequest, chain};
 
 fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
@@ -74,6 +75,51 @@ fn project_in(server: &Server, id: &str, status: &str) {
     }
 }
 
+/// A held release `id` in `project`, charged like a real one.
+fn held_release(server: &Server, project: &str, id: &str) {
+    let store = &server.state.store;
+    let alice = ok(UserId::new("alice"));
+    let p = pid(project);
+    let reserved = ok(store.reserve(&tre_store::Charge {
+        project: &p,
+        dataset: "nhs_epr",
+        user: &alice,
+        epsilon: ok(tre_core::Epsilon::new(0.001)),
+        delta: tre_core::Delta::ZERO,
+        plan_hash: id,
+        today: tre_store::today(),
+        lifetime_epsilon: ok(tre_core::Epsilon::new(100.0)),
+        lifetime_delta: tre_core::Delta::ZERO,
+    }));
+    let mut event = tre_store::AuditEvent::new("alice", "researcher", project, "query.submit");
+    event.release_id = id.to_owned();
+    ok(store.commit_release(
+        reserved.ledger_id,
+        &tre_store::StoredRelease {
+            id: id.to_owned(),
+            project: project.to_owned(),
+            user: "alice".into(),
+            plan_hash: id.to_owned(),
+            body: "{}".into(),
+            body_hash: chain::sha256_hex(b"{}"),
+            created_at: tre_store::now(),
+            status: tre_store::ReleaseStatus::Held,
+            hold_reason: "fixture".into(),
+            manifest: String::new(),
+            reviews: vec![],
+        },
+        &event,
+    ));
+}
+
+/// Give a stored release a short id, for readable requests.
+fn rename_release(server: &Server, from: &str, to: &str) {
+    let conn = ok(rusqlite::Connection::open(
+        server.state_dir.path().join("tre.db"),
+    ));
+    ok(conn.execute("UPDATE releases SET id = ?2 WHERE id = ?1", [from, to]));
+}
+
 /// Call `rpc` with `token` (empty: none) and a request that succeeds when
 /// the caller is allowed. `tag` makes ids unique per call.
 async fn call(ch: &Channel, rpc: Rpc, token: &str, tag: &str) -> Result<(), tonic::Status> {
@@ -93,6 +139,12 @@ async fn call(ch: &Channel, rpc: Rpc, token: &str, tag: &str) -> Result<(), toni
         delta: None,
     };
     let m = |what: &str| format!("m-{what}-{tag}");
+    let h = |what: &str| format!("h-{what}-{tag}");
+    let r = || ReleaseServiceClient::new(ch.clone());
+    let review = |id: &str| pb::ReviewReleaseRequest {
+        id: id.to_owned(),
+        reason: "matrix".into(),
+    };
     match rpc {
         Rpc::Submit => q().submit(authed(query, token)).await.map(drop),
         Rpc::DryRun => q().dry_run(authed(query, token)).await.map(drop),
@@ -196,6 +248,30 @@ async fn call(ch: &Channel, rpc: Rpc, token: &str, tag: &str) -> Result<(), toni
             .export_log(authed(pb::ExportLogRequest {}, token))
             .await
             .map(drop),
+        Rpc::GetRelease => r()
+            .get_release(authed(pb::GetReleaseRequest { id: "r0".into() }, token))
+            .await
+            .map(drop),
+        Rpc::ListReleases => r()
+            .list_releases(authed(pb::ListReleasesRequest::default(), token))
+            .await
+            .map(drop),
+        Rpc::ApproveRelease => r()
+            .approve_release(authed(review(&h("approve")), token))
+            .await
+            .map(drop),
+        Rpc::RejectRelease => r()
+            .reject_release(authed(review(&h("reject")), token))
+            .await
+            .map(drop),
+        Rpc::RequestChanges => r()
+            .request_changes(authed(review(&h("changes")), token))
+            .await
+            .map(drop),
+        Rpc::WithdrawRelease => r()
+            .withdraw_release(authed(review(&h("withdraw")), token))
+            .await
+            .map(drop),
         Rpc::RevokeToken => AdminServiceClient::new(ch.clone())
             .revoke_token(authed(
                 pb::RevokeTokenRequest {
@@ -235,6 +311,12 @@ async fn authorisation_matrix() {
         (Rpc::VerifyLog, [false, false, true, false]),
         (Rpc::ExportLog, [false, false, true, false]),
         (Rpc::RevokeToken, [false, false, false, true]),
+        (Rpc::GetRelease, [true, true, false, false]),
+        (Rpc::ListReleases, [true, true, false, false]),
+        (Rpc::ApproveRelease, [false, true, false, false]),
+        (Rpc::RejectRelease, [false, true, false, false]),
+        (Rpc::RequestChanges, [false, true, false, false]),
+        (Rpc::WithdrawRelease, [true, false, false, false]),
     ];
     assert_eq!(expected.len(), Rpc::ALL.len());
 
@@ -282,8 +364,27 @@ async fn authorisation_matrix() {
             Some((Code::TokenRevoked, tonic::Code::Unauthenticated)),
         ),
     ];
+    // A released release r0 and, per identity, held releases to decide on.
+    let ch = server.channel().await;
+    let r0 = ok(QueryServiceClient::new(ch.clone())
+        .submit(authed(
+            pb::QueryRequest {
+                project: "p1".into(),
+                sql: "SELECT age_band, COUNT(*) AS n FROM patients GROUP BY age_band".into(),
+                epsilon: Some(0.1),
+                delta: None,
+            },
+            &server.token("alice", Role::Researcher),
+        ))
+        .await)
+    .into_inner();
+    assert_eq!(r0.status, "released");
+    rename_release(&server, &r0.release_id, "r0");
     for i in 0..identities.len() {
         let tag = format!("{i}");
+        for what in ["approve", "reject", "changes", "withdraw"] {
+            held_release(&server, "p1", &format!("h-{what}-{tag}"));
+        }
         for (what, status) in [
             ("approve", "requested"),
             ("reject", "requested"),
@@ -296,7 +397,6 @@ async fn authorisation_matrix() {
         }
     }
 
-    let ch = server.channel().await;
     let mut cells = 0;
     for (rpc, allowed) in expected {
         for (i, (who, token, unauthenticated)) in identities.iter().enumerate() {
@@ -330,7 +430,7 @@ async fn authorisation_matrix() {
             cells += 1;
         }
     }
-    assert_eq!(cells, 18 * 8);
+    assert_eq!(cells, 24 * 8);
     // Every refusal was logged with its code and role.
     let refused = ok(server.state.store.audit_events(&AuditFilter {
         outcome: Some("refused".into()),
@@ -340,7 +440,7 @@ async fn authorisation_matrix() {
         .iter()
         .map(|(_, a)| a.iter().filter(|x| **x).count())
         .sum();
-    assert_eq!(refused.len(), 18 * 8 - allowed);
+    assert_eq!(refused.len(), 24 * 8 - allowed);
     assert!(refused.iter().all(|e| e.event.code.starts_with("TRE-A00")));
     // A refused call still records what it was about.
     for e in refused.iter().filter(|e| e.event.action == "query.submit") {
@@ -953,4 +1053,178 @@ async fn mutual_tls() {
         "{}",
         events[0].event.client
     );
+}
+
+/// Issue #5: a release with a suppressed cell is held: invisible to the
+/// researcher until a custodian who is not on the project approves it; its
+/// signed manifest then verifies offline, and fails on any change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn airlock_holds_flagged_releases_until_a_custodian_approves() {
+    let server = start(&[("p1", &["alice"], 10.0)]).await;
+    let ch = server.channel().await;
+    let mut q = QueryServiceClient::new(ch.clone());
+    let mut r = ReleaseServiceClient::new(ch.clone());
+    let alice = server.token("alice", Role::Researcher);
+    let alice_custodian = server.token("alice", Role::Custodian);
+    let carol = server.token("carol", Role::Custodian);
+    let ask = |sql: &str| pb::QueryRequest {
+        project: "p1".into(),
+        sql: sql.into(),
+        epsilon: Some(0.5),
+        delta: None,
+    };
+    // Young patients by age band and sex: most cells are small.
+    let small = "SELECT age_band, sex, COUNT(*) AS n FROM patients WHERE year_of_birth > 2010 GROUP BY age_band, sex";
+    let held = ok(q.submit(authed(ask(small), &alice)).await).into_inner();
+    assert_eq!(held.status, "held");
+    assert!(held.rows.is_empty() && held.hold_reason.contains("suppressed"));
+    assert!(
+        held.notes[0].starts_with("awaiting review"),
+        "{:?}",
+        held.notes
+    );
+    assert!(
+        (held.epsilon_spent - 0.5).abs() < 1e-12,
+        "the query ran, so it is charged"
+    );
+    let id = held.release_id.clone();
+    let reader = r.clone();
+    let get = |token: &str| {
+        let mut r = reader.clone();
+        let token = token.to_owned();
+        let id = id.clone();
+        async move {
+            r.get_release(authed(pb::GetReleaseRequest { id }, &token))
+                .await
+                .map(|x| x.into_inner())
+        }
+    };
+    // The researcher sees only that it waits; a repeat is no way round it.
+    let mine = ok(get(&alice).await);
+    let mine_release = mine.release.unwrap_or_default();
+    assert!(
+        mine_release.rows.is_empty() && mine.table_json.is_empty() && mine.manifest_json.is_empty()
+    );
+    let again = ok(q.submit(authed(ask(small), &alice)).await).into_inner();
+    assert!(again.repeated && again.rows.is_empty() && again.status == "held");
+    // The reviewing custodian sees the table.
+    let theirs = ok(get(&carol).await);
+    assert!(!theirs.release.unwrap_or_default().rows.is_empty());
+    let queue = ok(r
+        .list_releases(authed(
+            pb::ListReleasesRequest {
+                project: String::new(),
+                status: "held".into(),
+            },
+            &carol,
+        ))
+        .await)
+    .into_inner();
+    assert_eq!(queue.releases.len(), 1);
+    assert_eq!(queue.releases[0].sql, small);
+
+    let review = |reason: &str| pb::ReviewReleaseRequest {
+        id: id.clone(),
+        reason: reason.into(),
+    };
+    let s = r
+        .approve_release(authed(review(""), &alice))
+        .await
+        .expect_err("researchers do not review");
+    assert_eq!(code_of(&s), "TRE-A002");
+    let s = r
+        .approve_release(authed(review(""), &alice_custodian))
+        .await
+        .expect_err("a member does not review her own project");
+    assert_eq!(code_of(&s), "TRE-A006");
+    let s = r
+        .reject_release(authed(review(""), &carol))
+        .await
+        .expect_err("no reason");
+    assert_eq!(code_of(&s), "TRE-C003");
+    let done = ok(r
+        .approve_release(authed(review("suppression pattern is safe"), &carol))
+        .await)
+    .into_inner();
+    assert_eq!(done.status, "released");
+    let s = r
+        .approve_release(authed(review("again"), &carol))
+        .await
+        .expect_err("already decided");
+    assert_eq!(code_of(&s), "TRE-R002");
+
+    // Now the researcher sees it, with a manifest that verifies offline.
+    let released = ok(get(&alice).await);
+    assert!(!released.release.unwrap_or_default().rows.is_empty());
+    let manifest: tre_store::manifest::SignedManifest =
+        ok(serde_json::from_str(&released.manifest_json));
+    let key = ok(hex::decode(&released.public_key));
+    assert_eq!(
+        manifest.verify(released.table_json.as_bytes(), &key),
+        Ok(())
+    );
+    let m = &manifest.manifest;
+    assert_eq!(
+        (m.sql.as_str(), m.epsilon_nanos, m.sdc_profile.as_str()),
+        (small, 500_000_000, "nhs_sde")
+    );
+    assert_eq!(m.policy_sha256, server.state.engine.policy().source_hash);
+    assert_eq!(
+        m.dataset_snapshot_sha256,
+        server.state.engine.snapshot_hash()
+    );
+    assert!(m.cells.suppressed > 0 && m.sdc_outcome == "review");
+    let tampered_table = released.table_json.replacen("\"value\":", "\"value\":1", 1);
+    assert!(manifest.verify(tampered_table.as_bytes(), &key).is_err());
+
+    // Every step is in the audit log.
+    let events = ok(server.state.store.audit_events(&AuditFilter::default()));
+    let actions: Vec<&str> = events
+        .iter()
+        .filter(|e| e.event.release_id == id)
+        .map(|e| e.event.action.as_str())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "query.submit",
+            "release.show",
+            "query.submit",
+            "release.show",
+            "release.approve",
+            "release.approve",
+            "release.reject",
+            "release.approve",
+            "release.approve",
+            "release.show"
+        ]
+    );
+
+    // Reject, request changes and withdraw end a held release for good.
+    for (i, step) in ["reject", "changes", "withdraw"].into_iter().enumerate() {
+        let sql = format!(
+            "SELECT age_band, sex, COUNT(*) AS n FROM patients WHERE year_of_birth > {} GROUP BY age_band, sex",
+            2011 + i
+        );
+        let h = ok(q.submit(authed(ask(&sql), &alice)).await).into_inner();
+        assert_eq!(h.status, "held");
+        let req = pb::ReviewReleaseRequest {
+            id: h.release_id.clone(),
+            reason: "not this one".into(),
+        };
+        let out = match step {
+            "reject" => ok(r.reject_release(authed(req, &carol)).await),
+            "changes" => ok(r.request_changes(authed(req, &carol)).await),
+            _ => ok(r.withdraw_release(authed(req, &alice)).await),
+        }
+        .into_inner();
+        let want = ["rejected", "changes_requested", "withdrawn"][i];
+        assert_eq!(out.status, want);
+        let seen = ok(r
+            .get_release(authed(pb::GetReleaseRequest { id: h.release_id }, &alice))
+            .await)
+        .into_inner();
+        let seen = seen.release.unwrap_or_default();
+        assert!(seen.rows.is_empty() && seen.status == want);
+    }
 }

@@ -124,9 +124,14 @@ pub fn open_state(
     // Not `fixture().master`: a child server process must not generate data.
     let master = Arc::new(MasterKey::from_bytes(&MASTER).unwrap_or_else(|e| panic!("{e}")));
     let engine = engine_on(data, master).unwrap_or_else(|e| panic!("{e}"));
-    let notary = Arc::new(AuditNotary::load_or_create(state_dir).unwrap_or_else(|e| panic!("{e}")));
-    let store = SqliteStore::open(&state_dir.join("tre.db"), notary, CHECKPOINT_EVERY)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let notary: Arc<dyn tre_store::Notary> =
+        Arc::new(AuditNotary::load_or_create(state_dir).unwrap_or_else(|e| panic!("{e}")));
+    let store = SqliteStore::open(
+        &state_dir.join("tre.db"),
+        Arc::clone(&notary),
+        CHECKPOINT_EVERY,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     store
         .recover_interrupted()
         .unwrap_or_else(|e| panic!("{e}"));
@@ -153,6 +158,7 @@ pub fn open_state(
         engine,
         store: Box::new(store),
         issuer,
+        notary,
     }
 }
 

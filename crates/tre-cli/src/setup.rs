@@ -238,8 +238,12 @@ pub fn open_state(args: &ServeArgs) -> Result<AppState> {
     std::fs::create_dir_all(&args.state)
         .with_context(|| format!("cannot create {}", args.state.display()))?;
     let engine = Engine::open(policy, profile, &args.data, master, Limits::default())?;
-    let notary = Arc::new(AuditNotary::load_or_create(&args.state)?);
-    let store = SqliteStore::open(&args.state.join("tre.db"), notary, args.checkpoint_every)?;
+    let notary: Arc<dyn tre_store::Notary> = Arc::new(AuditNotary::load_or_create(&args.state)?);
+    let store = SqliteStore::open(
+        &args.state.join("tre.db"),
+        Arc::clone(&notary),
+        args.checkpoint_every,
+    )?;
     let interrupted = store.recover_interrupted()?;
     if interrupted > 0 {
         eprintln!(
@@ -276,6 +280,7 @@ pub fn open_state(args: &ServeArgs) -> Result<AppState> {
         engine,
         store: Box::new(store),
         issuer,
+        notary,
     })
 }
 

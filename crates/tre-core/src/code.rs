@@ -40,6 +40,12 @@ codes! {
     DatasetNotApproved = "TRE-G005",
     InvalidProjectRequest = "TRE-G006",
 
+    // The airlock.
+    UnknownRelease = "TRE-R001",
+    ReleaseNotHeld = "TRE-R002",
+    /// The release exists but is waiting for review (or was not approved).
+    ReleaseNotAvailable = "TRE-R003",
+
     // Input validation of identifiers and parameters.
     InvalidIdentifier = "TRE-C001",
     InvalidEpsilon = "TRE-C002",

@@ -28,10 +28,16 @@ pub enum Rpc {
     VerifyLog,
     ExportLog,
     RevokeToken,
+    GetRelease,
+    ListReleases,
+    ApproveRelease,
+    RejectRelease,
+    RequestChanges,
+    WithdrawRelease,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 18] = [
+    pub const ALL: [Rpc; 24] = [
         Rpc::Submit,
         Rpc::DryRun,
         Rpc::Budget,
@@ -50,6 +56,12 @@ impl Rpc {
         Rpc::VerifyLog,
         Rpc::ExportLog,
         Rpc::RevokeToken,
+        Rpc::GetRelease,
+        Rpc::ListReleases,
+        Rpc::ApproveRelease,
+        Rpc::RejectRelease,
+        Rpc::RequestChanges,
+        Rpc::WithdrawRelease,
     ];
 
     /// The matrix: (audit action, roles allowed). Custodians cannot query
@@ -76,6 +88,12 @@ impl Rpc {
             Rpc::VerifyLog => ("audit.verify", &[U]),
             Rpc::ExportLog => ("audit.export", &[U]),
             Rpc::RevokeToken => ("token.revoke", &[A]),
+            Rpc::GetRelease => ("release.show", &[R, C]),
+            Rpc::ListReleases => ("release.list", &[R, C]),
+            Rpc::ApproveRelease => ("release.approve", &[C]),
+            Rpc::RejectRelease => ("release.reject", &[C]),
+            Rpc::RequestChanges => ("release.request_changes", &[C]),
+            Rpc::WithdrawRelease => ("release.withdraw", &[R]),
         }
     }
 

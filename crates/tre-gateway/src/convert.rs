@@ -4,7 +4,7 @@ use tre_core::{Delta, Epsilon};
 use tre_policy::{ColumnClass, Policy, TablePolicy};
 use tre_proto::v1 as pb;
 use tre_query::{Cell, Release, ReleaseColumn};
-use tre_store::{Project, StoredEvent};
+use tre_store::{Project, ReleaseReview, ReleaseStatus, StoredEvent, StoredRelease};
 
 pub(crate) fn column(c: &ReleaseColumn) -> pb::Column {
     let kind = if c.kind == "group_key" {
@@ -72,6 +72,8 @@ pub(crate) fn release(
         epsilon_remaining: remaining,
         delta_remaining,
         repeated: false,
+        status: ReleaseStatus::Released.as_str().to_owned(),
+        hold_reason: String::new(),
         confidence: r.confidence,
         sdc_profile: r.sdc_profile.clone(),
         sdc_outcome: r.sdc_outcome.clone(),
@@ -194,5 +196,45 @@ pub(crate) fn audit_event(e: &StoredEvent) -> pb::AuditEvent {
         release_hash: v.release_hash.clone(),
         detail: v.detail.clone(),
         hash: e.hash.clone(),
+    }
+}
+
+/// Mark a reply with where its release stands; only a released table keeps
+/// its rows.
+pub(crate) fn set_status(reply: &mut pb::QueryResponse, status: ReleaseStatus, reason: &str) {
+    reply.status = status.as_str().to_owned();
+    reply.hold_reason = reason.to_owned();
+    if status != ReleaseStatus::Released {
+        reply.rows.clear();
+        reply.notes = vec![match status {
+            ReleaseStatus::Held => format!("awaiting review by a custodian: {reason}"),
+            other => format!("not released: {}", other.as_str()),
+        }];
+    }
+}
+
+pub(crate) fn reviews(r: &[ReleaseReview]) -> Vec<pb::ReleaseReview> {
+    r.iter()
+        .map(|r| pb::ReleaseReview {
+            reviewer: r.reviewer.clone(),
+            decision: r.decision.clone(),
+            reason: r.reason.clone(),
+            at: r.at.clone(),
+        })
+        .collect()
+}
+
+pub(crate) fn release_summary(r: &StoredRelease) -> pb::ReleaseSummary {
+    pb::ReleaseSummary {
+        id: r.id.clone(),
+        project: r.project.clone(),
+        user: r.user.clone(),
+        status: r.status.as_str().to_owned(),
+        hold_reason: r.hold_reason.clone(),
+        created_at: r.created_at.clone(),
+        sql: serde_json::from_str::<tre_store::manifest::SignedManifest>(&r.manifest)
+            .map(|m| m.manifest.sql)
+            .unwrap_or_default(),
+        reviews: reviews(&r.reviews),
     }
 }

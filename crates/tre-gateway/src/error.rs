@@ -91,6 +91,8 @@ impl GatewayError {
                     GrpcCode::PermissionDenied
                 }
                 StoreError::ProjectExists(_) => GrpcCode::AlreadyExists,
+                StoreError::UnknownRelease(_) => GrpcCode::NotFound,
+                StoreError::ReleaseNotHeld { .. } => GrpcCode::FailedPrecondition,
                 StoreError::ProjectNotActive { .. }
                 | StoreError::ProjectExpired { .. }
                 | StoreError::InvalidTransition { .. } => GrpcCode::FailedPrecondition,

@@ -20,6 +20,7 @@ use tre_proto::v1::audit_service_server::AuditServiceServer;
 use tre_proto::v1::catalog_service_server::CatalogServiceServer;
 use tre_proto::v1::project_service_server::ProjectServiceServer;
 use tre_proto::v1::query_service_server::QueryServiceServer;
+use tre_proto::v1::release_service_server::ReleaseServiceServer;
 use tre_query::Engine;
 use tre_store::Store;
 
@@ -29,6 +30,7 @@ pub mod authz;
 mod convert;
 mod error;
 mod projects;
+mod releases;
 mod service;
 
 pub use auth::{AuditNotary, Claims, Issuer};
@@ -39,6 +41,8 @@ pub struct AppState {
     pub engine: Engine,
     pub store: Box<dyn Store>,
     pub issuer: Issuer,
+    /// Signs release manifests (the same key as the audit log).
+    pub notary: Arc<dyn tre_store::Notary>,
 }
 
 /// TLS for the gateway: a server certificate and key (PEM) and, for mutual
@@ -91,6 +95,7 @@ pub async fn serve(
         .add_service(CatalogServiceServer::new(svc.clone()))
         .add_service(ProjectServiceServer::new(svc.clone()))
         .add_service(AuditServiceServer::new(svc.clone()))
+        .add_service(ReleaseServiceServer::new(svc.clone()))
         .add_service(AdminServiceServer::new(svc))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;

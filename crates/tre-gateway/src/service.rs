@@ -11,7 +11,8 @@ use tre_proto::v1 as pb;
 use tre_proto::v1::catalog_service_server::CatalogService;
 use tre_proto::v1::query_service_server::QueryService;
 use tre_query::{QueryError, Release};
-use tre_store::{AuditEvent, Charge, StoredRelease, chain};
+use tre_store::manifest::{CellCounts, Manifest, ManifestColumn};
+use tre_store::{AuditEvent, Charge, ReleaseStatus, StoredRelease, chain};
 
 use crate::authz::{self, Rpc};
 use crate::{AppState, GatewayError, convert};
@@ -59,6 +60,9 @@ pub(crate) trait Target {
     fn sql(&self) -> &str {
         ""
     }
+    fn release_id(&self) -> &str {
+        ""
+    }
 }
 
 /// `impl Target` from the request's field names.
@@ -91,6 +95,18 @@ target!(pb::ListProjectsRequest);
 target!(pb::VerifyLogRequest);
 target!(pb::ExportLogRequest);
 target!(pb::RevokeTokenRequest);
+target!(pb::ListReleasesRequest, project = project);
+
+impl Target for pb::GetReleaseRequest {
+    fn release_id(&self) -> &str {
+        &self.id
+    }
+}
+impl Target for pb::ReviewReleaseRequest {
+    fn release_id(&self) -> &str {
+        &self.id
+    }
+}
 
 impl Target for pb::DescribeTableRequest {
     fn sql(&self) -> &str {
@@ -107,6 +123,7 @@ macro_rules! handle {
         let mut note = $crate::service::Note {
             project: $crate::service::Target::project(&$req).to_owned(),
             sql: $crate::service::Target::sql(&$req).to_owned(),
+            release_id: $crate::service::Target::release_id(&$req).to_owned(),
             ..Default::default()
         };
         let result = {
@@ -341,9 +358,18 @@ impl Services {
             let now = store.project(&project.id)?;
             note.release_id = stored.id.clone();
             note.release_hash = stored.body_hash.clone();
-            note.detail = format!("repeat of release {}; no charge", stored.id);
-            let mut reply =
-                convert::release(stored.id, &release, now.remaining(), now.delta_remaining());
+            note.detail = format!(
+                "repeat of release {} ({}); no charge",
+                stored.id,
+                stored.status.as_str()
+            );
+            let mut reply = convert::release(
+                stored.id.clone(),
+                &release,
+                now.remaining(),
+                now.delta_remaining(),
+            );
+            convert::set_status(&mut reply, stored.status, &stored.hold_reason);
             reply.repeated = true;
             reply.epsilon_spent = 0.0;
             reply.delta_spent = 0.0;
@@ -376,26 +402,96 @@ impl Services {
         };
         let body =
             serde_json::to_string(&release).map_err(|e| GatewayError::Setup(e.to_string()))?;
+        let id = uuid::Uuid::new_v4().to_string();
+        let created_at = tre_store::now();
+        let body_hash = chain::sha256_hex(body.as_bytes());
+        let cells = cell_counts(&release);
+        let manifest = self.manifest(&Signed {
+            id: &id,
+            who,
+            project,
+            plan,
+            release: &release,
+            cells,
+            created_at: &created_at,
+            table_sha256: &body_hash,
+        })?;
+        let hold = policy.review.hold_reason(
+            (cells.released + cells.rounded + cells.suppressed) as usize,
+            cells.suppressed > 0,
+        );
         let stored = StoredRelease {
-            id: uuid::Uuid::new_v4().to_string(),
+            id,
             project: project.id.to_string(),
             user: who.user.to_string(),
             plan_hash: plan.plan_hash().to_owned(),
-            body_hash: chain::sha256_hex(body.as_bytes()),
+            body_hash,
             body,
-            created_at: tre_store::now(),
+            created_at,
+            status: if hold.is_some() {
+                ReleaseStatus::Held
+            } else {
+                ReleaseStatus::Released
+            },
+            hold_reason: hold.unwrap_or_default(),
+            manifest,
+            reviews: vec![],
         };
         note.release_id = stored.id.clone();
         note.release_hash = stored.body_hash.clone();
+        if stored.status == ReleaseStatus::Held {
+            note.detail = format!("held for review: {}", stored.hold_reason);
+        }
         let event = self.event(call, note, None);
         store.commit_release(reserved.ledger_id, &stored, &event)?;
         note.recorded = true;
-        Ok(convert::release(
-            stored.id,
+        let mut reply = convert::release(
+            stored.id.clone(),
             &release,
             reserved.epsilon_remaining,
             reserved.delta_remaining,
-        ))
+        );
+        convert::set_status(&mut reply, stored.status, &stored.hold_reason);
+        Ok(reply)
+    }
+
+    /// The signed manifest of a release, as JSON.
+    fn manifest(&self, s: &Signed<'_>) -> Result<String, GatewayError> {
+        let engine = &self.state.engine;
+        let signed = Manifest {
+            format: tre_store::manifest::FORMAT.to_owned(),
+            release_id: s.id.to_owned(),
+            project: s.project.id.to_string(),
+            user: s.who.user.to_string(),
+            created_at: s.created_at.to_owned(),
+            sql: s.plan.sql().to_owned(),
+            plan_hash: s.plan.plan_hash().to_owned(),
+            dataset: engine.policy().dataset.clone(),
+            policy_sha256: engine.policy().source_hash.clone(),
+            sdc_profile: engine.profile().name.clone(),
+            sdc_profile_sha256: engine.profile().hash.clone(),
+            dataset_snapshot_sha256: engine.snapshot_hash().to_owned(),
+            epsilon_nanos: s.plan.epsilon().as_nanos(),
+            delta_femtos: s.plan.delta().as_femtos(),
+            columns: s
+                .release
+                .columns
+                .iter()
+                .map(|c| ManifestColumn {
+                    name: c.name.clone(),
+                    kind: c.kind.clone(),
+                    mechanism: c.mechanism.clone(),
+                    noise_scale: c.noise_scale,
+                })
+                .collect(),
+            cells: s.cells,
+            sdc_outcome: s.release.sdc_outcome.clone(),
+            engine_version: concat!("tre ", env!("CARGO_PKG_VERSION")).to_owned(),
+            table_sha256: s.table_sha256.to_owned(),
+        }
+        .sign(&*self.state.notary)
+        .map_err(GatewayError::Setup)?;
+        serde_json::to_string(&signed).map_err(|e| GatewayError::Setup(e.to_string()))
     }
 
     async fn dry_run(
@@ -449,6 +545,21 @@ impl Services {
                 ))
             })
     }
+}
+
+/// Value cells of a release by disclosure status.
+fn cell_counts(release: &Release) -> CellCounts {
+    let mut c = CellCounts::default();
+    for cell in release.rows.iter().flatten() {
+        if let tre_query::Cell::Value { status, .. } = cell {
+            match status.as_str() {
+                "suppressed" => c.suppressed += 1,
+                "rounded" => c.rounded += 1,
+                _ => c.released += 1,
+            }
+        }
+    }
+    c
 }
 
 #[tonic::async_trait]
@@ -508,4 +619,16 @@ impl CatalogService for Services {
             |_call, _who, req, _note| async { self.describe_table(&req) }
         )
     }
+}
+
+/// What a release manifest is made from.
+struct Signed<'a> {
+    id: &'a str,
+    who: &'a Principal,
+    project: &'a tre_store::Project,
+    plan: &'a tre_query::PrivatePlan,
+    release: &'a Release,
+    cells: CellCounts,
+    created_at: &'a str,
+    table_sha256: &'a str,
 }

@@ -26,6 +26,10 @@ pub struct PolicyError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     pub dataset: String,
+    /// SHA-256 of the policy text as loaded: its version, for manifests.
+    pub source_hash: String,
+    /// When a release must wait for a custodian (the airlock).
+    pub review: ReviewPolicy,
     pub description: String,
     pub privacy_unit: String,
     pub sdc_profile: String,
@@ -40,6 +44,44 @@ pub struct Policy {
     pub reference_tables: Vec<String>,
     pub budget: BudgetPolicy,
     pub tables: BTreeMap<String, TablePolicy>,
+}
+
+/// Which releases are held for human review before the researcher sees
+/// them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReviewMode {
+    None,
+    /// Releases with a suppressed cell, or more than `max_cells` cells.
+    Flagged,
+    Always,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReviewPolicy {
+    pub mode: ReviewMode,
+    pub max_cells: Option<u64>,
+    /// Independent custodians who must approve (1 or 2).
+    pub approvals: u8,
+}
+
+impl ReviewPolicy {
+    /// Must a release with `cells` cells, `flagged` if any was suppressed,
+    /// wait for review? Returns why, if so.
+    pub fn hold_reason(&self, cells: usize, flagged: bool) -> Option<String> {
+        let too_big = self.max_cells.is_some_and(|m| cells as u64 > m);
+        match self.mode {
+            ReviewMode::None => None,
+            ReviewMode::Always => Some("every release of this dataset is reviewed".into()),
+            ReviewMode::Flagged if flagged => {
+                Some("a cell was suppressed by disclosure control".into())
+            }
+            ReviewMode::Flagged if too_big => Some(format!(
+                "the release has {cells} cells, more than {}",
+                self.max_cells.unwrap_or_default()
+            )),
+            ReviewMode::Flagged => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,11 +165,14 @@ impl Policy {
             field: toml_error_field(&e),
             message: e.message().to_owned(),
         })?;
-        raw.validate().map_err(|(field, message)| PolicyError {
+        let mut policy = raw.validate().map_err(|(field, message)| PolicyError {
             source_name: source_name.to_owned(),
             field,
             message,
-        })
+        })?;
+        policy.source_hash =
+            hex::encode(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()));
+        Ok(policy)
     }
 
     pub fn table(&self, name: &str) -> Option<&TablePolicy> {

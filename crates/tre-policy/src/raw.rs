@@ -7,8 +7,8 @@ use serde::Deserialize;
 use tre_core::{Delta, Epsilon};
 
 use crate::{
-    BudgetPolicy, ColumnClass, ColumnPolicy, ColumnRef, DomainValue, Policy, TablePolicy,
-    parse_date,
+    BudgetPolicy, ColumnClass, ColumnPolicy, ColumnRef, DomainValue, Policy, ReviewMode,
+    ReviewPolicy, TablePolicy, parse_date,
 };
 
 type Invalid = (String, String);
@@ -19,7 +19,38 @@ pub(crate) struct RawPolicy {
     dataset: RawDataset,
     budget: RawBudget,
     #[serde(default)]
+    review: RawReview,
+    #[serde(default)]
     tables: toml::map::Map<String, toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReview {
+    #[serde(default = "default_review_mode")]
+    mode: String,
+    #[serde(default)]
+    max_cells: Option<i64>,
+    #[serde(default = "default_approvals")]
+    approvals: i64,
+}
+
+impl Default for RawReview {
+    fn default() -> Self {
+        Self {
+            mode: default_review_mode(),
+            max_cells: None,
+            approvals: default_approvals(),
+        }
+    }
+}
+
+fn default_review_mode() -> String {
+    "none".into()
+}
+
+fn default_approvals() -> i64 {
+    1
 }
 
 #[derive(Deserialize)]
@@ -242,8 +273,43 @@ impl RawPolicy {
             }
         };
 
+        let r = self.review;
+        let review = ReviewPolicy {
+            mode: match r.mode.as_str() {
+                "none" => ReviewMode::None,
+                "flagged" => ReviewMode::Flagged,
+                "always" => ReviewMode::Always,
+                _ => {
+                    return Err(invalid(
+                        "review.mode",
+                        "use \"none\", \"flagged\" (suppressed cells or more than max_cells) or \"always\"",
+                    ));
+                }
+            },
+            max_cells: r
+                .max_cells
+                .map(|n| {
+                    u64::try_from(n)
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| invalid("review.max_cells", "must be a positive integer"))
+                })
+                .transpose()?,
+            approvals: match r.approvals {
+                1 => 1,
+                2 => 2,
+                _ => {
+                    return Err(invalid(
+                        "review.approvals",
+                        "must be 1 or 2 independent custodians",
+                    ));
+                }
+            },
+        };
         Ok(Policy {
             dataset: d.name,
+            source_hash: String::new(),
+            review,
             description: d.description,
             privacy_unit: d.privacy_unit,
             sdc_profile: d.sdc_profile,

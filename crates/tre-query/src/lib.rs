@@ -112,10 +112,37 @@ fn within_cap<T: PartialOrd + std::fmt::Display>(
     Ok(())
 }
 
+fn snapshot_hash<'a>(
+    data_dir: &Path,
+    tables: impl Iterator<Item = &'a String>,
+) -> Result<String, QueryError> {
+    use std::io::Read;
+    let mut all = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 20];
+    for t in tables {
+        let path = data_dir.join(format!("{t}.parquet"));
+        let unreadable = |e: std::io::Error| QueryError::Setup {
+            code: Code::ExtractUnreadable,
+            message: format!("cannot read {}: {e}", path.display()),
+        };
+        let mut f = std::fs::File::open(&path).map_err(unreadable)?;
+        all.update(t.as_bytes());
+        loop {
+            let n = f.read(&mut buf).map_err(unreadable)?;
+            if n == 0 {
+                break;
+            }
+            all.update(&buf[..n]);
+        }
+    }
+    Ok(hex::encode(all.finish().as_ref()))
+}
+
 /// A dataset opened for private querying.
 pub struct Engine {
     policy: Arc<Policy>,
     profile: Arc<Profile>,
+    snapshot: String,
     sandbox: sandbox::Sandbox,
     limits: Limits,
     reference: reference::RefTables,
@@ -145,9 +172,11 @@ impl Engine {
         let reference = reference::load(&policy.reference_tables)?;
         let sandbox =
             sandbox::Sandbox::open(&policy, data_dir, master, &limits, reference.clone())?;
+        let snapshot = snapshot_hash(data_dir, policy.tables.keys())?;
         Ok(Self {
             policy,
             profile: Arc::new(profile),
+            snapshot,
             sandbox,
             limits,
             reference,
@@ -156,6 +185,12 @@ impl Engine {
 
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    /// SHA-256 over the extracts as served (each table's name and bytes, in
+    /// name order): which data a release came from, for its manifest.
+    pub fn snapshot_hash(&self) -> &str {
+        &self.snapshot
     }
 
     pub fn profile(&self) -> &Profile {

@@ -18,6 +18,7 @@ use serde::Serialize;
 use tre_core::{Code, Delta, Epsilon, ProjectId, UserId};
 
 pub mod chain;
+pub mod manifest;
 mod migrations;
 mod sqlite;
 
@@ -45,6 +46,10 @@ pub enum StoreError {
     },
     #[error("{code} {0}", code = Code::InvalidProjectRequest)]
     InvalidRequest(String),
+    #[error("{code} no release '{0}'; check the id", code = Code::UnknownRelease)]
+    UnknownRelease(String),
+    #[error("{code} release '{id}' is {status}, not held for review", code = Code::ReleaseNotHeld)]
+    ReleaseNotHeld { id: String, status: &'static str },
     #[error("{code} privacy budget exhausted: this query costs epsilon {cost} but project '{project}' has {remaining} left; ask for less epsilon or ask a custodian for more budget", code = Code::BudgetExhausted)]
     BudgetExhausted {
         project: String,
@@ -77,6 +82,8 @@ impl StoreError {
             StoreError::DatasetNotApproved { .. } => Code::DatasetNotApproved,
             StoreError::InvalidTransition { .. } => Code::InvalidTransition,
             StoreError::InvalidRequest(_) => Code::InvalidProjectRequest,
+            StoreError::UnknownRelease(_) => Code::UnknownRelease,
+            StoreError::ReleaseNotHeld { .. } => Code::ReleaseNotHeld,
             StoreError::BudgetExhausted { .. } => Code::BudgetExhausted,
             StoreError::DeltaExhausted { .. } => Code::DeltaBudgetExhausted,
             StoreError::LifetimeExhausted(_) => Code::DatasetLifetimeExhausted,
@@ -290,7 +297,72 @@ pub struct Reserved {
     pub delta_remaining: f64,
 }
 
-/// A release as stored: the body exactly as released, and its hash.
+/// Where a release stands in the airlock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseStatus {
+    Released,
+    /// Waiting for custodians; invisible to the researcher.
+    Held,
+    Rejected,
+    Withdrawn,
+    ChangesRequested,
+}
+
+impl ReleaseStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReleaseStatus::Released => "released",
+            ReleaseStatus::Held => "held",
+            ReleaseStatus::Rejected => "rejected",
+            ReleaseStatus::Withdrawn => "withdrawn",
+            ReleaseStatus::ChangesRequested => "changes_requested",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            ReleaseStatus::Released,
+            ReleaseStatus::Held,
+            ReleaseStatus::Rejected,
+            ReleaseStatus::Withdrawn,
+            ReleaseStatus::ChangesRequested,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
+}
+
+/// A step in a held release's review.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReviewAction {
+    Approve,
+    Reject,
+    RequestChanges,
+    /// By the researcher.
+    Withdraw,
+}
+
+impl ReviewAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReviewAction::Approve => "approve",
+            ReviewAction::Reject => "reject",
+            ReviewAction::RequestChanges => "request changes",
+            ReviewAction::Withdraw => "withdraw",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReleaseReview {
+    pub reviewer: String,
+    pub decision: String,
+    pub reason: String,
+    pub at: String,
+}
+
+/// A release as stored: the body exactly as released, its hash, where it
+/// stands in the airlock and its signed manifest.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredRelease {
     pub id: String,
@@ -300,6 +372,11 @@ pub struct StoredRelease {
     pub body: String,
     pub body_hash: String,
     pub created_at: String,
+    pub status: ReleaseStatus,
+    pub hold_reason: String,
+    /// `manifest::SignedManifest` as JSON.
+    pub manifest: String,
+    pub reviews: Vec<ReleaseReview>,
 }
 
 /// Cumulative spend on a dataset across all projects.
@@ -377,6 +454,23 @@ pub trait Store: Send + Sync {
         plan_hash: &str,
     ) -> Result<Option<StoredRelease>, StoreError>;
     fn dataset_usage(&self, dataset: &str) -> Result<DatasetUsage, StoreError>;
+    fn release(&self, id: &str) -> Result<Option<StoredRelease>, StoreError>;
+    /// Releases of one project (or all), optionally with one status, oldest first.
+    fn releases(
+        &self,
+        project: Option<&str>,
+        status: Option<ReleaseStatus>,
+    ) -> Result<Vec<StoredRelease>, StoreError>;
+    /// One step of the airlock on a held release. An approval releases it
+    /// once `required` distinct custodians have approved.
+    fn review_release(
+        &self,
+        id: &str,
+        action: ReviewAction,
+        by: &UserId,
+        reason: &str,
+        required: u8,
+    ) -> Result<StoredRelease, StoreError>;
     fn ledger(&self, project: &ProjectId) -> Result<Vec<LedgerEntry>, StoreError>;
     /// After a crash: settle reservations whose query never finished (the
     /// charge stands) and record each in the audit log. Call once at start.

@@ -160,6 +160,21 @@ const MIGRATIONS: &[&str] = &[
         at TEXT NOT NULL,
         sig TEXT NOT NULL
      );",
+    // 3: the airlock and signed manifests. A release is released or held
+    // for review; custodians' decisions on held releases are kept.
+    "ALTER TABLE releases ADD COLUMN status TEXT NOT NULL DEFAULT 'released'
+        CHECK (status IN ('released', 'held', 'rejected', 'withdrawn', 'changes_requested'));
+     ALTER TABLE releases ADD COLUMN hold_reason TEXT NOT NULL DEFAULT '';
+     ALTER TABLE releases ADD COLUMN manifest TEXT NOT NULL DEFAULT '';
+     CREATE INDEX releases_by_status ON releases(status);
+     CREATE TABLE release_reviews (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        release_id TEXT NOT NULL REFERENCES releases(id),
+        reviewer TEXT NOT NULL,
+        decision TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        at TEXT NOT NULL
+     );",
 ];
 
 /// Why a state directory cannot be opened by this version.

@@ -10,8 +10,9 @@ use tre_core::{Delta, Epsilon, ProjectId, UserId};
 use crate::chain::{self, GENESIS};
 use crate::{
     AuditEvent, AuditFilter, Charge, Checkpoint, DatasetUsage, Decision, Entry, HistoryEntry,
-    LedgerEntry, Notary, Project, ProjectRequest, ProjectSeed, ProjectStatus, Reserved, StoreError,
-    StoredEvent, StoredRelease, VerifyReport, migrations, now,
+    LedgerEntry, Notary, Project, ProjectRequest, ProjectSeed, ProjectStatus, ReleaseReview,
+    ReleaseStatus, Reserved, ReviewAction, StoreError, StoredEvent, StoredRelease, VerifyReport,
+    migrations, now,
 };
 
 pub struct SqliteStore {
@@ -627,8 +628,8 @@ impl crate::Store for SqliteStore {
         }
         tx.execute(
             "INSERT INTO releases(id, ledger_id, project_id, user_id, plan_hash, body, body_hash,
-                                  created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                                  created_at, status, hold_reason, manifest)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 r.id,
                 ledger_id,
@@ -637,7 +638,10 @@ impl crate::Store for SqliteStore {
                 r.plan_hash,
                 r.body,
                 r.body_hash,
-                r.created_at
+                r.created_at,
+                r.status.as_str(),
+                r.hold_reason,
+                r.manifest
             ],
         )?;
         let seq = self.append(&tx, event)?;
@@ -651,25 +655,84 @@ impl crate::Store for SqliteStore {
         plan_hash: &str,
     ) -> Result<Option<StoredRelease>, StoreError> {
         let conn = self.conn()?;
-        Ok(conn
-            .query_row(
-                "SELECT id, project_id, user_id, plan_hash, body, body_hash, created_at
-                 FROM releases WHERE project_id = ?1 AND plan_hash = ?2
-                 ORDER BY created_at LIMIT 1",
-                params![project.as_str(), plan_hash],
-                |r| {
-                    Ok(StoredRelease {
-                        id: r.get(0)?,
-                        project: r.get(1)?,
-                        user: r.get(2)?,
-                        plan_hash: r.get(3)?,
-                        body: r.get(4)?,
-                        body_hash: r.get(5)?,
-                        created_at: r.get(6)?,
-                    })
-                },
-            )
-            .optional()?)
+        Ok(load_releases(
+            &conn,
+            "WHERE project_id = ?1 AND plan_hash = ?2 ORDER BY created_at LIMIT 1",
+            &[&project.as_str(), &plan_hash],
+        )?
+        .pop())
+    }
+
+    fn release(&self, id: &str) -> Result<Option<StoredRelease>, StoreError> {
+        let conn = self.conn()?;
+        Ok(load_releases(&conn, "WHERE id = ?1", &[&id])?.pop())
+    }
+
+    fn releases(
+        &self,
+        project: Option<&str>,
+        status: Option<ReleaseStatus>,
+    ) -> Result<Vec<StoredRelease>, StoreError> {
+        let conn = self.conn()?;
+        load_releases(
+            &conn,
+            "WHERE (?1 IS NULL OR project_id = ?1) AND (?2 IS NULL OR status = ?2)
+             ORDER BY created_at, id",
+            &[&project, &status.map(ReleaseStatus::as_str)],
+        )
+    }
+
+    fn review_release(
+        &self,
+        id: &str,
+        action: ReviewAction,
+        by: &UserId,
+        reason: &str,
+        required: u8,
+    ) -> Result<StoredRelease, StoreError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let r = load_releases(&tx, "WHERE id = ?1", &[&id])?
+            .pop()
+            .ok_or_else(|| StoreError::UnknownRelease(id.to_owned()))?;
+        if r.status != ReleaseStatus::Held {
+            return Err(StoreError::ReleaseNotHeld {
+                id: id.to_owned(),
+                status: r.status.as_str(),
+            });
+        }
+        tx.execute(
+            "INSERT INTO release_reviews(release_id, reviewer, decision, reason, at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![id, by.as_str(), action.as_str(), reason, now()],
+        )?;
+        let status = match action {
+            ReviewAction::Approve => {
+                let approvers: i64 = tx.query_row(
+                    "SELECT COUNT(DISTINCT reviewer) FROM release_reviews
+                     WHERE release_id = ?1 AND decision = 'approve'",
+                    [id],
+                    |r| r.get(0),
+                )?;
+                if approvers >= i64::from(required.max(1)) {
+                    ReleaseStatus::Released
+                } else {
+                    ReleaseStatus::Held
+                }
+            }
+            ReviewAction::Reject => ReleaseStatus::Rejected,
+            ReviewAction::RequestChanges => ReleaseStatus::ChangesRequested,
+            ReviewAction::Withdraw => ReleaseStatus::Withdrawn,
+        };
+        tx.execute(
+            "UPDATE releases SET status = ?2 WHERE id = ?1",
+            params![id, status.as_str()],
+        )?;
+        let r = load_releases(&tx, "WHERE id = ?1", &[&id])?
+            .pop()
+            .ok_or_else(|| StoreError::UnknownRelease(id.to_owned()))?;
+        tx.commit()?;
+        Ok(r)
     }
 
     fn dataset_usage(&self, dataset: &str) -> Result<DatasetUsage, StoreError> {
@@ -851,6 +914,59 @@ impl crate::Store for SqliteStore {
     fn audit_public_key(&self) -> Vec<u8> {
         self.notary.public_key()
     }
+}
+
+/// Releases matching `clause` (parameters `params`), with their reviews.
+fn load_releases(
+    conn: &Connection,
+    clause: &str,
+    params: &[&dyn rusqlite::ToSql],
+) -> Result<Vec<StoredRelease>, StoreError> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT id, project_id, user_id, plan_hash, body, body_hash, created_at, status,
+                hold_reason, manifest FROM releases {clause}"
+    ))?;
+    let rows: Vec<(StoredRelease, String)> = stmt
+        .query_map(params, |r| {
+            Ok((
+                StoredRelease {
+                    id: r.get(0)?,
+                    project: r.get(1)?,
+                    user: r.get(2)?,
+                    plan_hash: r.get(3)?,
+                    body: r.get(4)?,
+                    body_hash: r.get(5)?,
+                    created_at: r.get(6)?,
+                    status: ReleaseStatus::Released,
+                    hold_reason: r.get(8)?,
+                    manifest: r.get(9)?,
+                    reviews: vec![],
+                },
+                r.get::<_, String>(7)?,
+            ))
+        })?
+        .collect::<Result<_, _>>()?;
+    let mut reviews = conn.prepare(
+        "SELECT reviewer, decision, reason, at FROM release_reviews WHERE release_id = ?1
+         ORDER BY id",
+    )?;
+    rows.into_iter()
+        .map(|(mut r, status)| {
+            r.status = ReleaseStatus::parse(&status)
+                .ok_or_else(|| StoreError::Corrupt(format!("bad release status '{status}'")))?;
+            r.reviews = reviews
+                .query_map([&r.id], |x| {
+                    Ok(ReleaseReview {
+                        reviewer: x.get(0)?,
+                        decision: x.get(1)?,
+                        reason: x.get(2)?,
+                        at: x.get(3)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            Ok(r)
+        })
+        .collect()
 }
 
 fn usage(tx: &Transaction<'_>, dataset: &str) -> Result<DatasetUsage, StoreError> {

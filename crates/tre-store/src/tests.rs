@@ -559,3 +559,191 @@ fn revoked_tokens_are_remembered() {
     ok(s.revoke_token("abc", &uid("root"), "again"));
     assert!(ok(s.is_revoked("abc")));
 }
+
+fn held(s: &SqliteStore, p: &ProjectId, id: &str) {
+    let alice = uid("alice");
+    let r = ok(s.reserve(&charge(p, &alice, 0.1, 0.0, 100.0)));
+    ok(s.commit_release(
+        r.ledger_id,
+        &StoredRelease {
+            id: id.into(),
+            project: p.to_string(),
+            user: "alice".into(),
+            plan_hash: id.into(),
+            body: "{}".into(),
+            body_hash: chain::sha256_hex(b"{}"),
+            created_at: now(),
+            status: ReleaseStatus::Held,
+            hold_reason: "a cell was suppressed".into(),
+            manifest: String::new(),
+            reviews: vec![],
+        },
+        &AuditEvent::new("alice", "researcher", p.as_str(), "query.submit"),
+    ));
+}
+
+/// Issue #5: the airlock. Two approvals must come from two custodians;
+/// only a held release can be decided on.
+#[test]
+fn held_releases_need_distinct_approvals() {
+    let (_d, s) = store();
+    let p = seed(&s, "p", 5.0, 0.0);
+    let (carol, dan) = (uid("carol"), uid("dan"));
+    for id in ["a", "b", "c", "d"] {
+        held(&s, &p, id);
+    }
+    // (release, action, by, required approvals, status afterwards or error)
+    type Step<'a> = (
+        &'a str,
+        ReviewAction,
+        &'a UserId,
+        u8,
+        Result<ReleaseStatus, Code>,
+    );
+    let steps: &[Step] = &[
+        (
+            "a",
+            ReviewAction::Approve,
+            &carol,
+            2,
+            Ok(ReleaseStatus::Held),
+        ),
+        (
+            "a",
+            ReviewAction::Approve,
+            &carol,
+            2,
+            Ok(ReleaseStatus::Held),
+        ),
+        (
+            "a",
+            ReviewAction::Approve,
+            &dan,
+            2,
+            Ok(ReleaseStatus::Released),
+        ),
+        (
+            "a",
+            ReviewAction::Reject,
+            &dan,
+            2,
+            Err(Code::ReleaseNotHeld),
+        ),
+        (
+            "b",
+            ReviewAction::Approve,
+            &carol,
+            1,
+            Ok(ReleaseStatus::Released),
+        ),
+        (
+            "c",
+            ReviewAction::RequestChanges,
+            &carol,
+            1,
+            Ok(ReleaseStatus::ChangesRequested),
+        ),
+        (
+            "c",
+            ReviewAction::Approve,
+            &dan,
+            1,
+            Err(Code::ReleaseNotHeld),
+        ),
+        (
+            "d",
+            ReviewAction::Withdraw,
+            &carol,
+            1,
+            Ok(ReleaseStatus::Withdrawn),
+        ),
+        (
+            "zz",
+            ReviewAction::Approve,
+            &carol,
+            1,
+            Err(Code::UnknownRelease),
+        ),
+    ];
+    for (id, action, by, required, want) in steps {
+        let got = s.review_release(id, *action, by, "because", *required);
+        assert_eq!(
+            got.map(|r| r.status).map_err(|e| e.code()),
+            *want,
+            "{id} {action:?}"
+        );
+    }
+    let a = ok(s.release("a")).unwrap_or_else(|| unreachable!());
+    assert_eq!(a.reviews.len(), 3);
+    assert_eq!(
+        ok(s.releases(Some("p"), Some(ReleaseStatus::Released))).len(),
+        2
+    );
+    assert_eq!(ok(s.releases(None, Some(ReleaseStatus::Held))).len(), 0);
+}
+
+/// Issue #5: a signed manifest verifies against its table and fails on any
+/// change to the table, the epsilon or the SQL.
+#[test]
+fn manifests_fail_on_any_change() {
+    use crate::manifest::{CellCounts, FORMAT, Manifest, SignedManifest};
+    let table = br#"{"rows":[[{"type":"key","value":"F"},{"type":"value","value":1510.0}]]}"#;
+    let signed = ok(Manifest {
+        format: FORMAT.into(),
+        release_id: "r1".into(),
+        project: "p".into(),
+        user: "alice".into(),
+        created_at: now(),
+        sql: "SELECT sex, COUNT(*) FROM patients GROUP BY sex".into(),
+        plan_hash: "ab".repeat(32),
+        dataset: "nhs_epr".into(),
+        policy_sha256: "cd".repeat(32),
+        sdc_profile: "nhs_sde".into(),
+        sdc_profile_sha256: "ef".repeat(32),
+        dataset_snapshot_sha256: "01".repeat(32),
+        epsilon_nanos: 500_000_000,
+        delta_femtos: 0,
+        columns: vec![],
+        cells: CellCounts {
+            released: 0,
+            rounded: 2,
+            suppressed: 0,
+        },
+        sdc_outcome: "pass".into(),
+        engine_version: "tre 0.1.0".into(),
+        table_sha256: chain::sha256_hex(table),
+    }
+    .sign(&*notary(7)));
+    let pk = notary(7).public_key();
+    assert_eq!(signed.verify(table, &pk), Ok(()));
+    let json = ok(serde_json::to_string(&signed));
+    // (what changed, manifest JSON, table)
+    let changed_table = String::from_utf8_lossy(table).replace("1510.0", "1515.0");
+    let cases: Vec<(&str, String, Vec<u8>)> = vec![
+        ("a cell", json.clone(), changed_table.into_bytes()),
+        (
+            "the epsilon",
+            json.replace("\"epsilon_nanos\":500000000", "\"epsilon_nanos\":50000000"),
+            table.to_vec(),
+        ),
+        (
+            "the SQL",
+            json.replace("GROUP BY sex", "GROUP BY sex, region"),
+            table.to_vec(),
+        ),
+        (
+            "the outcome",
+            json.replace("\"sdc_outcome\":\"pass\"", "\"sdc_outcome\":\"fail\""),
+            table.to_vec(),
+        ),
+    ];
+    for (what, m, t) in cases {
+        assert!(m != json || t != table, "{what}: no change made");
+        let m: SignedManifest = ok(serde_json::from_str(&m));
+        assert!(m.verify(&t, &pk).is_err(), "{what}");
+    }
+    assert!(
+        signed.verify(table, &notary(9).public_key()).is_err(),
+        "another key"
+    );
+}

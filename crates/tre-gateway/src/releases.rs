@@ -1,0 +1,194 @@
+//! ReleaseService: the airlock (custodians review held releases, the
+//! researcher may withdraw one) and signed release manifests.
+
+use tonic::{Request, Response, Status};
+use tre_core::{Principal, ProjectId, Role};
+use tre_proto::v1 as pb;
+use tre_proto::v1::release_service_server::ReleaseService;
+use tre_query::Release;
+use tre_store::{ReleaseStatus, ReviewAction, StoredRelease};
+
+use crate::authz::{self, Rpc};
+use crate::service::{Services, handle};
+use crate::{GatewayError, convert};
+
+impl Services {
+    fn stored_release(
+        &self,
+        id: &str,
+    ) -> Result<(StoredRelease, tre_store::Project), GatewayError> {
+        let r = self
+            .state
+            .store
+            .release(id)?
+            .ok_or_else(|| tre_store::StoreError::UnknownRelease(id.to_owned()))?;
+        let p = self.state.store.project(&ProjectId::new(&r.project)?)?;
+        Ok((r, p))
+    }
+
+    fn get_release(
+        &self,
+        who: &Principal,
+        id: &str,
+    ) -> Result<pb::GetReleaseResponse, GatewayError> {
+        let (r, p) = self.stored_release(id)?;
+        authz::project_scope(who, &p, false)?;
+        let body: Release = serde_json::from_str(&r.body)
+            .map_err(|e| GatewayError::Setup(format!("stored release unreadable: {e}")))?;
+        let mut reply = convert::release(r.id.clone(), &body, p.remaining(), p.delta_remaining());
+        // A custodian sees a held table in order to review it; a researcher
+        // sees it only once released.
+        let visible = r.status == ReleaseStatus::Released || who.role == Role::Custodian;
+        convert::set_status(&mut reply, r.status, &r.hold_reason);
+        if visible {
+            reply.rows = body_rows(&body);
+        }
+        Ok(pb::GetReleaseResponse {
+            release: Some(reply),
+            manifest_json: if visible {
+                r.manifest.clone()
+            } else {
+                String::new()
+            },
+            table_json: if visible {
+                r.body.clone()
+            } else {
+                String::new()
+            },
+            public_key: hex::encode(self.state.store.audit_public_key()),
+            reviews: convert::reviews(&r.reviews),
+        })
+    }
+
+    fn list_releases(
+        &self,
+        who: &Principal,
+        req: &pb::ListReleasesRequest,
+    ) -> Result<pb::ListReleasesResponse, GatewayError> {
+        let status = match req.status.as_str() {
+            "" => None,
+            s => Some(ReleaseStatus::parse(s).ok_or_else(|| {
+                GatewayError::BadRequest(format!(
+                    "unknown status '{s}'; use released, held, rejected, withdrawn or changes_requested"
+                ))
+            })?),
+        };
+        let project = (!req.project.is_empty()).then_some(req.project.as_str());
+        let mut out = Vec::new();
+        for r in self.state.store.releases(project, status)? {
+            let p = self.state.store.project(&ProjectId::new(&r.project)?)?;
+            if authz::project_scope(who, &p, false).is_ok() {
+                out.push(convert::release_summary(&r));
+            }
+        }
+        Ok(pb::ListReleasesResponse { releases: out })
+    }
+
+    /// One airlock step. Custodians decide only on projects they are not
+    /// involved in; only a member may withdraw.
+    fn review(
+        &self,
+        who: &Principal,
+        req: &pb::ReviewReleaseRequest,
+        action: ReviewAction,
+    ) -> Result<pb::ReleaseSummary, GatewayError> {
+        let (_, p) = self.stored_release(&req.id)?;
+        if action == ReviewAction::Withdraw {
+            authz::project_scope(who, &p, true)?;
+        } else {
+            authz::not_own_project(&who.user, &p)?;
+        }
+        if action != ReviewAction::Approve && req.reason.trim().is_empty() {
+            return Err(GatewayError::BadRequest(
+                "give a reason; the researcher sees it and it is recorded in the audit log".into(),
+            ));
+        }
+        let required = self.state.engine.policy().review.approvals;
+        let r =
+            self.state
+                .store
+                .review_release(&req.id, action, &who.user, &req.reason, required)?;
+        Ok(convert::release_summary(&r))
+    }
+}
+
+fn body_rows(body: &Release) -> Vec<pb::Row> {
+    convert::release(String::new(), body, 0.0, 0.0).rows
+}
+
+#[tonic::async_trait]
+impl ReleaseService for Services {
+    async fn get_release(
+        &self,
+        request: Request<pb::GetReleaseRequest>,
+    ) -> Result<Response<pb::GetReleaseResponse>, Status> {
+        handle!(
+            self,
+            request,
+            Rpc::GetRelease,
+            |_call, who, req, _note| async { self.get_release(&who, &req.id) }
+        )
+    }
+
+    async fn list_releases(
+        &self,
+        request: Request<pb::ListReleasesRequest>,
+    ) -> Result<Response<pb::ListReleasesResponse>, Status> {
+        handle!(
+            self,
+            request,
+            Rpc::ListReleases,
+            |_call, who, req, _note| async { self.list_releases(&who, &req) }
+        )
+    }
+
+    async fn approve_release(
+        &self,
+        request: Request<pb::ReviewReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseSummary>, Status> {
+        handle!(
+            self,
+            request,
+            Rpc::ApproveRelease,
+            |_call, who, req, _note| async { self.review(&who, &req, ReviewAction::Approve) }
+        )
+    }
+
+    async fn reject_release(
+        &self,
+        request: Request<pb::ReviewReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseSummary>, Status> {
+        handle!(
+            self,
+            request,
+            Rpc::RejectRelease,
+            |_call, who, req, _note| async { self.review(&who, &req, ReviewAction::Reject) }
+        )
+    }
+
+    async fn request_changes(
+        &self,
+        request: Request<pb::ReviewReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseSummary>, Status> {
+        handle!(
+            self,
+            request,
+            Rpc::RequestChanges,
+            |_call, who, req, _note| async {
+                self.review(&who, &req, ReviewAction::RequestChanges)
+            }
+        )
+    }
+
+    async fn withdraw_release(
+        &self,
+        request: Request<pb::ReviewReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseSummary>, Status> {
+        handle!(
+            self,
+            request,
+            Rpc::WithdrawRelease,
+            |_call, who, req, _note| async { self.review(&who, &req, ReviewAction::Withdraw) }
+        )
+    }
+}
