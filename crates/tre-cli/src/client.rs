@@ -14,6 +14,7 @@ use tre_proto::v1::audit_service_client::AuditServiceClient;
 use tre_proto::v1::catalog_service_client::CatalogServiceClient;
 use tre_proto::v1::project_service_client::ProjectServiceClient;
 use tre_proto::v1::query_service_client::QueryServiceClient;
+use tre_proto::v1::release_service_client::ReleaseServiceClient;
 
 #[derive(Clone, Copy, ValueEnum, Default)]
 pub enum Format {
@@ -86,6 +87,7 @@ pub struct Client {
     pub projects: ProjectServiceClient<Authed>,
     pub audit: AuditServiceClient<Authed>,
     pub admin: AdminServiceClient<Authed>,
+    pub releases: ReleaseServiceClient<Authed>,
 }
 
 /// PEM files for a TLS connection.
@@ -129,7 +131,8 @@ impl Client {
             catalog: CatalogServiceClient::with_interceptor(channel.clone(), auth()),
             projects: ProjectServiceClient::with_interceptor(channel.clone(), auth()),
             audit: AuditServiceClient::with_interceptor(channel.clone(), auth()),
-            admin: AdminServiceClient::with_interceptor(channel, auth()),
+            admin: AdminServiceClient::with_interceptor(channel.clone(), auth()),
+            releases: ReleaseServiceClient::with_interceptor(channel, auth()),
         })
     }
 

@@ -17,7 +17,10 @@ use tre_proto::v1 as pb;
 use tre_store::ProjectSeed;
 
 use crate::client::{Client, render_dry_run, render_release, rpc, status_text};
-use crate::governance::{export, render_events, render_project, render_verify, verify_offline};
+use crate::governance::{
+    export, export_release, render_events, render_project, render_verify, verify_offline,
+    verify_release,
+};
 use crate::setup::{self, GenerateArgs, ServeArgs};
 
 #[derive(Args)]
@@ -220,6 +223,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         "▶ dry run of question 1 (costs nothing)\n{}",
         render_dry_run(&dry)
     );
+    let mut held = Vec::new();
     for (i, (title, sql, eps)) in QUESTIONS.iter().enumerate() {
         println!(
             "▶ Q{}: {title}\n  {}\n",
@@ -228,8 +232,54 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         );
         let t = Instant::now();
         let r = rpc(researcher.query.submit(ask(sql, Some(*eps))).await)?;
-        print!("{}", render_release(&r, Some(14)));
+        if r.status == "held" {
+            println!(
+                "  held in the airlock ({}); rhea sees only: {}",
+                r.hold_reason,
+                r.notes.join("; ")
+            );
+            held.push((i + 1, r.release_id.clone()));
+        } else {
+            print!("{}", render_release(&r, Some(14)));
+        }
         println!("  ({:.2}s)\n", t.elapsed().as_secs_f64());
+    }
+
+    println!("▶ custodian cara reviews the airlock queue");
+    let queue = rpc(custodian
+        .releases
+        .list_releases(pb::ListReleasesRequest {
+            project: project.clone(),
+            status: "held".into(),
+        })
+        .await)?;
+    println!("  {} release(s) held", queue.releases.len());
+    for (q, id) in &held {
+        let decided = rpc(custodian
+            .releases
+            .approve_release(pb::ReviewReleaseRequest {
+                id: id.clone(),
+                reason: "small cells are suppressed consistently; safe to release".into(),
+            })
+            .await)?;
+        println!("  Q{q}: {} → {}", decided.id, decided.status);
+    }
+    if let Some((q, id)) = held.first() {
+        let got = rpc(researcher
+            .releases
+            .get_release(pb::GetReleaseRequest { id: id.clone() })
+            .await)?;
+        if let Some(r) = &got.release {
+            println!("\n▶ rhea fetches Q{q}, now released");
+            print!("{}", render_release(r, Some(8)));
+        }
+        let dir = args.state.join(format!("release-{id}"));
+        export_release(&got, &dir)?;
+        println!(
+            "  exported to {}; offline: {}\n",
+            dir.display(),
+            verify_release(&dir, &got.public_key)?
+        );
     }
     let again = rpc(researcher.query.submit(ask(sql, Some(eps))).await)?;
     println!(

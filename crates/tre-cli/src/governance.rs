@@ -382,14 +382,7 @@ pub async fn export(c: &mut Client) -> Result<(String, String)> {
 
 /// Verify an exported log with only the public key: no server involved.
 pub fn verify_offline(file: &std::path::Path, key: &str) -> Result<(String, bool)> {
-    let key_hex = match std::fs::read_to_string(key) {
-        Ok(text) => text.trim().to_owned(),
-        Err(_) => key.trim().to_owned(),
-    };
-    let public_key = hex::decode(&key_hex)
-        .ok()
-        .filter(|k| k.len() == 32)
-        .context("--public-key must be 64 hex digits (an Ed25519 key) or a file holding them")?;
+    let public_key = public_key(key)?;
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let r = chain::verify_jsonl(&text, &public_key);
@@ -451,4 +444,239 @@ pub async fn revoke_token(conn: &Conn, jti: String, reason: String) -> Result<()
         .await)?;
     println!("revoked token {jti}");
     Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum ReviewCommand {
+    /// Releases waiting for review (custodian).
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// A held release's table, to review it (custodian).
+    Show {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+    },
+    /// Approve a held release (custodian, not on the project).
+    Approve(ReviewArgs),
+    /// Reject a held release, with a reason.
+    Reject(ReviewArgs),
+    /// Send a held release back, asking for changes, with a reason.
+    Changes(ReviewArgs),
+}
+
+#[derive(Args)]
+pub struct ReviewArgs {
+    #[command(flatten)]
+    conn: Conn,
+    id: String,
+    #[arg(long, default_value = "")]
+    reason: String,
+}
+
+#[derive(Subcommand)]
+pub enum ReleaseCommand {
+    /// Your projects' releases and where each stands.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, default_value = "")]
+        project: String,
+        /// released | held | rejected | withdrawn | changes_requested
+        #[arg(long, default_value = "")]
+        status: String,
+    },
+    Show {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+    },
+    /// Take back a held release (researcher).
+    Withdraw(ReviewArgs),
+    /// Write a released table and its signed manifest to a directory.
+    Export {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Check an exported release offline: signature and table hash.
+    Verify {
+        /// Directory written by `tre release export`.
+        dir: PathBuf,
+        /// The server's public key: hex, or a file holding it (state/audit.pub).
+        #[arg(long)]
+        public_key: String,
+    },
+}
+
+fn summary_table(releases: &[pb::ReleaseSummary]) -> String {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED)
+        .set_header(["release", "project", "user", "status", "why held", "sql"]);
+    for r in releases {
+        t.add_row([
+            r.id.clone(),
+            r.project.clone(),
+            r.user.clone(),
+            r.status.clone(),
+            r.hold_reason.clone(),
+            r.sql.clone(),
+        ]);
+    }
+    format!("{t}\n")
+}
+
+fn review_req(a: ReviewArgs) -> (Conn, pb::ReviewReleaseRequest) {
+    (
+        a.conn,
+        pb::ReviewReleaseRequest {
+            id: a.id,
+            reason: a.reason,
+        },
+    )
+}
+
+async fn show_release(conn: &Conn, id: String) -> Result<pb::GetReleaseResponse> {
+    let mut c = Client::from_conn(conn).await?;
+    rpc(c.releases.get_release(pb::GetReleaseRequest { id }).await)
+}
+
+fn print_release(r: &pb::GetReleaseResponse) {
+    if let Some(rel) = &r.release {
+        print!("{}", crate::client::render_release(rel, None));
+        for n in &rel.notes {
+            println!("  {n}");
+        }
+    }
+    for v in &r.reviews {
+        println!("  {} {} {}: {}", v.at, v.reviewer, v.decision, v.reason);
+    }
+}
+
+pub async fn review(cmd: ReviewCommand) -> Result<()> {
+    let summary = match cmd {
+        ReviewCommand::List { conn } => {
+            let mut c = Client::from_conn(&conn).await?;
+            let r = rpc(c
+                .releases
+                .list_releases(pb::ListReleasesRequest {
+                    project: String::new(),
+                    status: "held".into(),
+                })
+                .await)?;
+            print!("{}", summary_table(&r.releases));
+            return Ok(());
+        }
+        ReviewCommand::Show { conn, id } => {
+            print_release(&show_release(&conn, id).await?);
+            return Ok(());
+        }
+        ReviewCommand::Approve(a) => {
+            let (conn, req) = review_req(a);
+            let mut c = Client::from_conn(&conn).await?;
+            rpc(c.releases.approve_release(req).await)?
+        }
+        ReviewCommand::Reject(a) => {
+            let (conn, req) = review_req(a);
+            let mut c = Client::from_conn(&conn).await?;
+            rpc(c.releases.reject_release(req).await)?
+        }
+        ReviewCommand::Changes(a) => {
+            let (conn, req) = review_req(a);
+            let mut c = Client::from_conn(&conn).await?;
+            rpc(c.releases.request_changes(req).await)?
+        }
+    };
+    print!("{}", summary_table(&[summary]));
+    Ok(())
+}
+
+pub async fn release(cmd: ReleaseCommand) -> Result<()> {
+    match cmd {
+        ReleaseCommand::List {
+            conn,
+            project,
+            status,
+        } => {
+            let mut c = Client::from_conn(&conn).await?;
+            let r = rpc(c
+                .releases
+                .list_releases(pb::ListReleasesRequest { project, status })
+                .await)?;
+            print!("{}", summary_table(&r.releases));
+        }
+        ReleaseCommand::Show { conn, id } => print_release(&show_release(&conn, id).await?),
+        ReleaseCommand::Withdraw(a) => {
+            let (conn, req) = review_req(a);
+            let mut c = Client::from_conn(&conn).await?;
+            let r = rpc(c.releases.withdraw_release(req).await)?;
+            print!("{}", summary_table(&[r]));
+        }
+        ReleaseCommand::Export { conn, id, out } => {
+            let r = show_release(&conn, id.clone()).await?;
+            if r.manifest_json.is_empty() {
+                bail!("release {id} is not released yet, so there is nothing to export");
+            }
+            export_release(&r, &out)?;
+            println!(
+                "wrote {0}/release.json, {0}/manifest.json and {0}/public_key.hex",
+                out.display()
+            );
+        }
+        ReleaseCommand::Verify { dir, public_key } => {
+            let line = verify_release(&dir, &public_key)?;
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
+
+/// The files `tre release verify` checks.
+pub fn export_release(r: &pb::GetReleaseResponse, out: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    std::fs::write(out.join("release.json"), &r.table_json)?;
+    std::fs::write(out.join("manifest.json"), &r.manifest_json)?;
+    std::fs::write(out.join("public_key.hex"), &r.public_key)?;
+    Ok(())
+}
+
+/// Verify an exported release with the public key alone.
+pub fn verify_release(dir: &std::path::Path, key: &str) -> Result<String> {
+    let public_key = public_key(key)?;
+    let table = std::fs::read(dir.join("release.json"))
+        .with_context(|| format!("cannot read {}/release.json", dir.display()))?;
+    let manifest = std::fs::read_to_string(dir.join("manifest.json"))
+        .with_context(|| format!("cannot read {}/manifest.json", dir.display()))?;
+    let signed: tre_store::manifest::SignedManifest =
+        serde_json::from_str(&manifest).context("manifest.json is not a release manifest")?;
+    signed
+        .verify(&table, &public_key)
+        .map_err(|e| anyhow::anyhow!("release does NOT verify: {e}"))?;
+    let m = &signed.manifest;
+    Ok(format!(
+        "release {} verifies: project {}, epsilon {}, profile {} ({}), {} cells rounded, {} suppressed, signed by the server",
+        m.release_id,
+        m.project,
+        tre_core::Epsilon::from_nanos(m.epsilon_nanos),
+        m.sdc_profile,
+        m.sdc_outcome,
+        m.cells.rounded,
+        m.cells.suppressed
+    ))
+}
+
+/// A public key given as hex or as a file holding hex.
+fn public_key(key: &str) -> Result<Vec<u8>> {
+    let key_hex = match std::fs::read_to_string(key) {
+        Ok(text) => text.trim().to_owned(),
+        Err(_) => key.trim().to_owned(),
+    };
+    hex::decode(&key_hex)
+        .ok()
+        .filter(|k| k.len() == 32)
+        .context("--public-key must be 64 hex digits (an Ed25519 key) or a file holding them")
 }

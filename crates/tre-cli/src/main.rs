@@ -48,6 +48,16 @@ enum Command {
         #[command(subcommand)]
         command: governance::ProjectCommand,
     },
+    /// Review held releases (custodians).
+    Review {
+        #[command(subcommand)]
+        command: governance::ReviewCommand,
+    },
+    /// List, show, withdraw, export and verify releases.
+    Release {
+        #[command(subcommand)]
+        command: governance::ReleaseCommand,
+    },
     /// Read, verify and export the audit log.
     Audit {
         #[command(subcommand)]
@@ -128,6 +138,8 @@ fn main() -> Result<()> {
             } => governance::revoke_token(&conn, jti, reason).await,
             Command::Project { command } => governance::project(command).await,
             Command::Audit { command } => governance::audit(command).await,
+            Command::Review { command } => governance::review(command).await,
+            Command::Release { command } => governance::release(command).await,
             Command::Query(args) => client::query(args).await,
             Command::Catalog(args) => client::catalog(args).await,
             Command::Budget(args) => client::budget(args).await,
