@@ -96,6 +96,7 @@ async fn accepted_query_intervals_cover_the_exact_answer() {
                     sql,
                     epsilon: Some(0.2),
                     delta: None,
+                    totals: false,
                 },
                 &token,
             ))
@@ -280,6 +281,7 @@ async fn refusals_return_their_code_and_cost_nothing() {
                     sql: (*sql).into(),
                     epsilon: *eps,
                     delta: None,
+                    totals: false,
                 },
                 &alice,
             ))
@@ -345,6 +347,7 @@ async fn refusals_return_their_code_and_cost_nothing() {
                     sql: ok_sql.into(),
                     epsilon: None,
                     delta: None,
+                    totals: false,
                 },
                 token,
             ))
@@ -380,6 +383,7 @@ async fn budget_exhaustion_is_refused() {
         sql: sql.into(),
         epsilon: Some(eps),
         delta: None,
+        totals: false,
     };
     let r = q
         .submit(authed(submit(0.6), &t))
@@ -493,6 +497,7 @@ async fn failure_after_touching_data_is_charged_and_generic() {
                 sql: sql.into(),
                 epsilon: Some(0.5),
                 delta: None,
+                totals: false,
             },
             &t,
         ))
@@ -543,6 +548,7 @@ async fn dry_run_describes_and_costs_nothing() {
                 sql: sql.into(),
                 epsilon: Some(0.9),
                 delta: None,
+                totals: false,
             },
             &t,
         ))

@@ -137,6 +137,7 @@ async fn call(ch: &Channel, rpc: Rpc, token: &str, tag: &str) -> Result<(), toni
         sql: sql.into(),
         epsilon: Some(0.1),
         delta: None,
+        totals: false,
     };
     let m = |what: &str| format!("m-{what}-{tag}");
     let h = |what: &str| format!("h-{what}-{tag}");
@@ -373,6 +374,7 @@ async fn authorisation_matrix() {
                 sql: "SELECT age_band, COUNT(*) AS n FROM patients GROUP BY age_band".into(),
                 epsilon: Some(0.1),
                 delta: None,
+                totals: false,
             },
             &server.token("alice", Role::Researcher),
         ))
@@ -468,6 +470,7 @@ async fn project_lifecycle_over_grpc() {
         sql: sql(1900 + n),
         epsilon: Some(0.5),
         delta: None,
+        totals: false,
     };
     let info = ok(p
         .request_project(authed(
@@ -626,6 +629,7 @@ async fn concurrent_queries_never_overspend() {
                     ),
                     epsilon: Some(EPS),
                     delta: None,
+                    totals: false,
                 },
                 &token,
             ))
@@ -696,6 +700,7 @@ async fn auditor_verifies_and_exports_a_signed_log() {
                     },
                     epsilon: Some(0.1),
                     delta: None,
+                    totals: false,
                 },
                 &alice,
             ))
@@ -869,6 +874,7 @@ async fn crash_recovery_keeps_every_charge() {
                         sql: format!("SELECT a.admission_month, COUNT(*) AS n FROM admissions a JOIN patients p ON a.person_id = p.person_id WHERE p.year_of_birth >= {} GROUP BY a.admission_month", 1900 + i),
                         epsilon: Some(0.1),
                         delta: None,
+                        totals: false,
                     },
                     &token,
                 ))
@@ -1072,6 +1078,7 @@ async fn airlock_holds_flagged_releases_until_a_custodian_approves() {
         sql: sql.into(),
         epsilon: Some(0.5),
         delta: None,
+        totals: false,
     };
     // Young patients by age band and sex: most cells are small.
     let small = "SELECT age_band, sex, COUNT(*) AS n FROM patients WHERE year_of_birth > 2010 GROUP BY age_band, sex";
@@ -1226,5 +1233,117 @@ async fn airlock_holds_flagged_releases_until_a_custodian_approves() {
         .into_inner();
         let seen = seen.release.unwrap_or_default();
         assert!(seen.rows.is_empty() && seen.status == want);
+    }
+}
+
+/// Issue #5: a release with totals carries row, column and grand totals,
+/// and no suppressed cell can be worked out from the cells and totals shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn totals_keep_suppressed_cells_unsolvable() {
+    let server = start(&[("p1", &["alice"], 10.0)]).await;
+    let ch = server.channel().await;
+    let mut q = QueryServiceClient::new(ch.clone());
+    let mut r = ReleaseServiceClient::new(ch.clone());
+    let alice = server.token("alice", Role::Researcher);
+    let carol = server.token("carol", Role::Custodian);
+    let ask = |sql: &str, totals: bool| pb::QueryRequest {
+        project: "p1".into(),
+        sql: sql.into(),
+        epsilon: Some(1.0),
+        delta: None,
+        totals,
+    };
+    // Refused shapes cost nothing.
+    for sql in [
+        "SELECT age_band, AVG(year_of_birth) AS y FROM patients GROUP BY age_band",
+        "SELECT age_band, COUNT(*) AS n FROM patients GROUP BY age_band ORDER BY n DESC",
+        "SELECT COUNT(*) AS n, age_band FROM patients GROUP BY age_band",
+    ] {
+        let s = q
+            .dry_run(authed(ask(sql, true), &alice))
+            .await
+            .expect_err(sql);
+        assert_eq!(code_of(&s), "TRE-Q028", "{sql}: {}", s.message());
+    }
+    let sql = "SELECT age_band, sex, COUNT(*) AS n FROM patients WHERE year_of_birth > 1995 GROUP BY age_band, sex";
+    let with = ok(q.dry_run(authed(ask(sql, true), &alice)).await).into_inner();
+    let without = ok(q.dry_run(authed(ask(sql, false), &alice)).await).into_inner();
+    assert_ne!(
+        with.plan_hash, without.plan_hash,
+        "totals are part of the plan"
+    );
+
+    let held = ok(q.submit(authed(ask(sql, true), &alice)).await).into_inner();
+    // Small cells: the release is held; the custodian sees the table.
+    assert_eq!(held.status, "held");
+    let got = ok(r
+        .get_release(authed(
+            pb::GetReleaseRequest {
+                id: held.release_id,
+            },
+            &carol,
+        ))
+        .await)
+    .into_inner()
+    .release
+    .unwrap_or_default();
+    // 5 age bands x 2 sexes, 5 row totals, 2 column totals, 1 grand total.
+    assert_eq!(got.rows.len(), 18);
+    let key = |row: &pb::Row, i: usize| match &row.cells[i].content {
+        Some(pb::cell::Content::Key(k)) => k.clone(),
+        other => panic!("{other:?}"),
+    };
+    let value = |row: &pb::Row| match &row.cells[2].content {
+        Some(pb::cell::Content::Value(v)) => v.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        (key(&got.rows[10], 1), key(&got.rows[15], 0)),
+        ("Total".into(), "Total".into())
+    );
+    assert_eq!(
+        (key(&got.rows[17], 0), key(&got.rows[17], 1)),
+        ("Total".into(), "Total".into())
+    );
+    // Same layout as secondary::two_way: cells row by row, row totals,
+    // column totals, grand total.
+    let (_, lines) = tre_sdc::secondary::two_way(5, 2);
+    let suppressed: Vec<bool> = got
+        .rows
+        .iter()
+        .map(|row| value(row).value.is_none())
+        .collect();
+    assert!(
+        suppressed.iter().any(|s| *s),
+        "the test needs suppressed cells"
+    );
+    assert!(
+        tre_sdc::secondary::exposed(&suppressed, &lines).is_empty(),
+        "a suppressed cell is fixed by what is shown: {suppressed:?}"
+    );
+    assert!(
+        got.rows
+            .iter()
+            .any(|row| value(row).reason.starts_with("secondary suppression"))
+            || suppressed.iter().filter(|s| **s).count() >= 2
+    );
+    // Shown totals agree with their shown cells up to rounding and noise.
+    for (t, l) in lines.iter().enumerate().take(7) {
+        let (Some(total), true) = (
+            value(&got.rows[l.total]).value,
+            l.members.iter().all(|m| !suppressed[*m]),
+        ) else {
+            continue;
+        };
+        let sum: f64 = l
+            .members
+            .iter()
+            .filter_map(|m| value(&got.rows[*m]).value)
+            .sum();
+        let slack = 2.5 * (l.members.len() as f64 + 1.0);
+        assert!(
+            (total - sum).abs() <= slack,
+            "line {t}: total {total}, cells {sum}"
+        );
     }
 }

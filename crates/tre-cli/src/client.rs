@@ -55,6 +55,9 @@ pub struct QueryArgs {
     pub delta: Option<f64>,
     #[arg(long)]
     pub dry_run: bool,
+    /// Add row, column and grand totals (one or two public keys, COUNT columns).
+    #[arg(long)]
+    pub totals: bool,
     #[arg(long, value_enum, default_value_t)]
     pub format: Format,
     pub sql: String,
@@ -170,6 +173,7 @@ pub async fn query(args: QueryArgs) -> Result<()> {
         sql: args.sql,
         epsilon: args.epsilon,
         delta: args.delta,
+        totals: args.totals,
     };
     if args.dry_run {
         let r = rpc(c.query.dry_run(req).await)?;

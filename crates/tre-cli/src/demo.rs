@@ -191,6 +191,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         sql: sql.into(),
         epsilon: eps,
         delta: None,
+        totals: false,
     };
     let early = researcher
         .query

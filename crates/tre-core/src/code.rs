@@ -77,6 +77,7 @@ codes! {
     SubqueryNotAllowed = "TRE-Q025",
     PrivacyUnitLost = "TRE-Q026",
     IdentifierInExpression = "TRE-Q027",
+    TotalsShape = "TRE-Q028",
 
     // Budget.
     BudgetExhausted = "TRE-B001",

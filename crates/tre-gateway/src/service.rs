@@ -275,6 +275,11 @@ impl Services {
         let project = self.queryable_project(who, &req.project)?;
         let budget = self.state.engine.budget(req.epsilon, req.delta)?;
         let plan = self.state.engine.compile(&req.sql, budget).await?;
+        let plan = if req.totals {
+            plan.with_totals()?
+        } else {
+            plan
+        };
         note.plan_hash = plan.plan_hash().to_owned();
         Ok((project, plan))
     }

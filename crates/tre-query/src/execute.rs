@@ -366,7 +366,19 @@ pub(crate) async fn execute(
         agg_cells.push(row);
     }
 
-    let rows = post_process(ctx, plan, &cells, &agg_cells).await?;
+    let rows = if plan.totals {
+        let scales: Vec<f64> = plan
+            .aggs
+            .iter()
+            .map(|a| match a.kind {
+                OutputKind::Count { m } => Ok(lap(m)?.scale()),
+                _ => Err(QueryError::Internal("totals over a non-count".into())),
+            })
+            .collect::<Result<_, _>>()?;
+        with_totals(plan, agg_cells, &noisy, &scales, profile)?
+    } else {
+        post_process(ctx, plan, &cells, &agg_cells).await?
+    };
     let outcome = tre_sdc::ReleaseOutcome::of(rows.iter().flatten().filter_map(|c| match c {
         Cell::Value { status, .. } if status == tre_sdc::Status::Suppressed.as_str() => {
             Some(tre_sdc::Status::Suppressed)
@@ -403,6 +415,9 @@ pub(crate) async fn execute(
             selected.len(),
             s.mechanism.threshold()
         ));
+    }
+    if plan.totals {
+        notes.push("totals are sums of the noisy cells, rounded on their own, so a total may differ from the sum of its rounded cells; their intervals use the normal approximation; cells marked secondary suppression are hidden so that no suppressed cell can be worked out from the cells and totals shown".into());
     }
     notes.extend(profile.notes());
     Ok(Release {
@@ -589,6 +604,120 @@ fn relation_f64(v: &ScalarValue) -> Option<f64> {
         ScalarValue::Float64(Some(f)) => Some(f),
         _ => None,
     }
+}
+
+/// The release rows followed by total rows ("Total" in the summed key),
+/// per count column: primary suppression from the profile on cells and
+/// totals alike, then secondary suppression until no suppressed cell can be
+/// solved from what is shown.
+fn with_totals(
+    plan: &PrivatePlan,
+    mut rows: Vec<Vec<Cell>>,
+    noisy: &[Vec<f64>],
+    scales: &[f64],
+    profile: &Profile,
+) -> Result<Vec<Vec<Cell>>, QueryError> {
+    use tre_sdc::secondary;
+    let n_keys = plan.keys.len();
+    let domain_len = |i: usize| plan.keys[i].domain.as_ref().map_or(0, Vec::len);
+    let (r, c) = if n_keys == 1 {
+        (1, domain_len(0))
+    } else {
+        (domain_len(0), domain_len(1))
+    };
+    let n_cells = r * c;
+    if rows.len() != n_cells {
+        return Err(QueryError::Internal(
+            "totals: cells do not fill the table".into(),
+        ));
+    }
+    let (n, lines) = if n_keys == 1 {
+        secondary::one_way(n_cells)
+    } else {
+        secondary::two_way(r, c)
+    };
+    // Which cells each total sums: its line's members are cells or totals.
+    let mut members_of: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for l in &lines {
+        let mut cells = Vec::new();
+        for m in &l.members {
+            if *m < n_cells {
+                cells.push(*m);
+            } else {
+                cells.extend(members_of[*m].iter().copied());
+            }
+        }
+        members_of[l.total] = cells;
+    }
+    let key = |v: Option<&ScalarValue>| Cell::Key {
+        value: v.map_or_else(|| "Total".to_owned(), ToString::to_string),
+    };
+    let domain = |i: usize| plan.keys[i].domain.clone().unwrap_or_default();
+    let mut total_rows: Vec<Vec<Cell>> = (n_cells..n)
+        .map(|t| {
+            if n_keys == 1 {
+                vec![key(None)]
+            } else if t < n_cells + r {
+                vec![key(domain(0).get(t - n_cells)), key(None)]
+            } else if t < n_cells + r + c {
+                vec![key(None), key(domain(1).get(t - n_cells - r))]
+            } else {
+                vec![key(None), key(None)]
+            }
+        })
+        .collect();
+    let z = 1.959_963_985; // two-sided 95% normal quantile
+    for (j, a) in plan.aggs.iter().enumerate() {
+        let OutputKind::Count { m } = a.kind else {
+            return Err(QueryError::Internal("totals over a non-count".into()));
+        };
+        let col = n_keys + j;
+        let mut values: Vec<f64> = noisy[m].iter().map(|v| v.max(0.0)).collect();
+        let mut suppressed: Vec<bool> = rows
+            .iter()
+            .map(|row| matches!(&row[col], Cell::Value { value: None, .. }))
+            .collect();
+        // Variance of the discrete Laplace noise per cell.
+        let q = (-1.0 / scales[j]).exp();
+        let var = 2.0 * q / (1.0 - q).powi(2);
+        let mut total_cells = Vec::new();
+        for members in &members_of[n_cells..] {
+            let sum: f64 = members.iter().map(|i| noisy[m][*i]).sum();
+            let out = profile.count_cell(sum as i64);
+            values.push(sum.max(0.0));
+            suppressed.push(out.status == tre_sdc::Status::Suppressed);
+            let hw = z * (members.len() as f64 * var).sqrt() + profile.rounding_slack();
+            total_cells.push((out, hw));
+        }
+        let added = secondary::protect(&values, &mut suppressed, &lines);
+        let why = format!(
+            "secondary suppression: otherwise a suppressed cell could be worked out from this line's other cells and total ({})",
+            profile.name
+        );
+        for i in added.iter().copied().filter(|i| *i < n_cells) {
+            rows[i][col] = value_cell(None, None, tre_sdc::Status::Suppressed, why.clone());
+        }
+        for (k, (out, hw)) in total_cells.into_iter().enumerate() {
+            let cell = if added.contains(&(n_cells + k)) || out.value.is_none() {
+                let reason = if out.value.is_none() {
+                    out.reason
+                } else {
+                    why.clone()
+                };
+                value_cell(None, None, tre_sdc::Status::Suppressed, reason)
+            } else {
+                value_cell(
+                    out.value,
+                    out.value.map(|v| ((v - hw).max(0.0), v + hw)),
+                    out.status,
+                    out.reason,
+                )
+            };
+            total_rows[k].push(cell);
+        }
+    }
+    rows.extend(total_rows);
+    Ok(rows)
 }
 
 fn value_cell(

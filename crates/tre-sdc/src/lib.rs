@@ -12,6 +12,8 @@
 use serde::Deserialize;
 use tre_core::Code;
 
+pub mod secondary;
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 #[error("{source_name}: {code} sdc profile: {message}", code = Code::PolicyInvalid)]
 pub struct SdcError {

@@ -118,6 +118,11 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(digest::digest(&digest::SHA256, bytes).as_ref())
 }
 
+/// Decode hex written exactly as `hex::encode` writes it.
+pub fn canonical_hex(s: &str) -> Option<Vec<u8>> {
+    hex::decode(s).ok().filter(|b| hex::encode(b) == s)
+}
+
 pub fn event_message(hash: &str) -> Vec<u8> {
     format!("tre-audit-event/v1\n{hash}").into_bytes()
 }
@@ -127,7 +132,9 @@ pub fn checkpoint_message(seq: i64, hash: &str, at: &str) -> Vec<u8> {
 }
 
 fn signed(public_key: &[u8], message: &[u8], sig_hex: &str) -> bool {
-    let Ok(sig) = hex::decode(sig_hex) else {
+    // Only the canonical (lowercase) spelling counts: a log is tampered
+    // with if any byte of it changes, even where the meaning would not.
+    let Some(sig) = canonical_hex(sig_hex) else {
         return false;
     };
     UnparsedPublicKey::new(&ED25519, public_key)

@@ -86,7 +86,8 @@ impl SignedManifest {
                 self.manifest.format
             ));
         }
-        let sig = hex::decode(&self.signature).map_err(|_| "the signature is not hex")?;
+        let sig = crate::chain::canonical_hex(&self.signature)
+            .ok_or("the signature is not lowercase hex: it was changed")?;
         UnparsedPublicKey::new(&ED25519, public_key)
             .verify(&message(&self.manifest)?, &sig)
             .map_err(|_| "the manifest's signature does not verify: it was changed or not signed by this server")?;

@@ -330,6 +330,29 @@ fn random_tampering_of_an_export_is_always_detected() {
     let clean = chain::verify_jsonl(&text, &pk);
     assert!(clean.is_intact(), "{clean:?}");
     assert_eq!((clean.events, clean.checkpoints), (60, 6));
+    // Regression (issue #4): upper-casing a hex letter of a signature keeps
+    // its bytes but changes the file; it must be caught.
+    let first_event = text.lines().next().unwrap_or_default();
+    let sig_at = first_event
+        .find("\"sig\":\"")
+        .unwrap_or_else(|| unreachable!())
+        + 7;
+    let letter = first_event[sig_at..]
+        .find(|c: char| c.is_ascii_lowercase())
+        .unwrap_or_else(|| unreachable!())
+        + sig_at;
+    let mut upper = first_event.to_owned();
+    upper.replace_range(
+        letter..=letter,
+        &first_event[letter..=letter].to_uppercase(),
+    );
+    let recased = text.replacen(first_event, &upper, 1);
+    assert_eq!(
+        chain::verify_jsonl(&recased, &s.audit_public_key())
+            .first_bad
+            .map(|t| t.position),
+        Some(1)
+    );
     // The wrong public key verifies nothing.
     assert!(!chain::verify_jsonl(&text, &notary(9).public_key()).is_intact());
 

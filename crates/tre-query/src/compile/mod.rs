@@ -312,9 +312,68 @@ pub struct PrivatePlan {
     pub(crate) columns: Vec<FinalColumn>,
     pub(crate) description: Vec<String>,
     pub(crate) k_total: u64,
+    /// Release row, column and grand totals of the count columns.
+    pub(crate) totals: bool,
 }
 
+/// Tables with totals stay small enough for secondary suppression.
+const MAX_CELLS_WITH_TOTALS: usize = 400;
+
 impl PrivatePlan {
+    /// Ask for totals: a grand total for one key; row, column and grand
+    /// totals for two. They are sums of the noisy cells (post-processing)
+    /// and get secondary suppression, so no suppressed cell can be solved
+    /// from the cells and totals shown. Only plain tables qualify: one or
+    /// two public keys, COUNT columns, no HAVING, ORDER BY or LIMIT.
+    pub fn with_totals(mut self) -> Result<Self, QueryError> {
+        let refuse_totals = |why: &str| {
+            refuse(
+                Code::TotalsShape,
+                format!("totals need {why}; drop the totals option or simplify the query"),
+            )
+        };
+        if !(1..=2).contains(&self.keys.len()) || self.keys.iter().any(|k| k.domain.is_none()) {
+            return Err(refuse_totals("one or two group keys with public domains"));
+        }
+        if self
+            .aggs
+            .iter()
+            .any(|a| !matches!(a.kind, OutputKind::Count { .. }))
+        {
+            return Err(refuse_totals("COUNT columns only"));
+        }
+        let pass_through = self.columns.len() == self.keys.len() + self.aggs.len()
+            && self
+                .columns
+                .iter()
+                .enumerate()
+                .all(|(i, c)| c.source == Some(i));
+        fn plain(p: &LogicalPlan) -> bool {
+            match p {
+                LogicalPlan::Aggregate(_) => true,
+                LogicalPlan::Projection(p) => plain(&p.input),
+                LogicalPlan::SubqueryAlias(a) => plain(&a.input),
+                _ => false,
+            }
+        }
+        if !pass_through || !plain(&self.post) {
+            return Err(refuse_totals(
+                "the keys, then the counts, in SELECT, and no HAVING, ORDER BY or LIMIT",
+            ));
+        }
+        if self.cells().is_none_or(|c| c > MAX_CELLS_WITH_TOTALS) {
+            return Err(refuse_totals(&format!(
+                "at most {MAX_CELLS_WITH_TOTALS} cells"
+            )));
+        }
+        self.totals = true;
+        self.plan_hash = hex_digest(format!("{}\ntotals", self.plan_hash).as_bytes());
+        self.description.push(
+            "totals: sums of the noisy cells, rounded and checked like cells; secondary suppression hides further cells so that no suppressed cell can be worked out from the cells and totals shown".into(),
+        );
+        Ok(self)
+    }
+
     pub fn sql(&self) -> &str {
         &self.sql
     }
@@ -770,6 +829,7 @@ pub(crate) async fn compile(
         columns,
         description: Vec::new(),
         k_total,
+        totals: false,
     };
     verify(&plan, analyzer.private_scans.len(), budget)?;
     plan.description = describe(&plan, policy, &analyzer, budget);
