@@ -1347,3 +1347,104 @@ async fn totals_keep_suppressed_cells_unsolvable() {
         );
     }
 }
+
+/// Issue #5: a profile that opts in to rules on exact values (ACRO's
+/// defaults) suppresses every cell with fewer than 10 distinct patients, on
+/// exact counts, and the release and its note say the rules ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exact_rules_run_where_the_profile_opts_in() {
+    let f = fixture();
+    let policy = ok(tre_policy::Policy::from_toml(
+        "acro.toml",
+        &tre_e2e::POLICY.replace(
+            "sdc_profile = \"nhs_sde\"",
+            "sdc_profile = \"acro_default\"",
+        ),
+    ));
+    let profile = ok(tre_sdc::Profile::from_toml(
+        "acro_default.toml",
+        include_str!("../policies/sdc/acro_default.toml"),
+    ));
+    let engine = ok(tre_query::Engine::open(
+        policy,
+        profile,
+        &f.data,
+        Arc::clone(&f.master),
+        tre_query::Limits::default(),
+    ));
+    let sql = "SELECT age_band, sex, COUNT(*) AS n, SUM(year_of_birth) AS s FROM patients WHERE year_of_birth > 2012 GROUP BY age_band, sex";
+    let plan = ok(engine
+        .compile(sql, ok(engine.budget(Some(2.0), None)))
+        .await);
+    let release = ok(engine.execute(&plan).await);
+    assert!(release.exact_rules_applied);
+    assert!(
+        release.notes.iter().any(|n| n.starts_with(
+            "rules on exact values ran (minimum 10 patients, 2-0.9 dominance, p-ratio 0.1)"
+        )),
+        "{:?}",
+        release.notes
+    );
+    // The exact distinct patients per cell, from the plaintext copy.
+    let ctx = datafusion::prelude::SessionContext::new();
+    ok(ctx
+        .register_parquet(
+            "patients",
+            f.plaintext
+                .join("patients.parquet")
+                .to_string_lossy()
+                .as_ref(),
+            Default::default(),
+        )
+        .await);
+    let batches = ok(ok(ctx
+        .sql("SELECT age_band, sex, COUNT(*) AS n FROM patients WHERE year_of_birth > 2012 AND NOT research_opt_out GROUP BY age_band, sex")
+        .await)
+    .collect()
+    .await);
+    let mut exact: HashMap<(String, String), i64> = HashMap::new();
+    for b in &batches {
+        let text = |c: usize, r: usize| {
+            ok(datafusion::arrow::util::display::array_value_to_string(
+                b.column(c),
+                r,
+            ))
+        };
+        for r in 0..b.num_rows() {
+            let n = ok(text(2, r).parse::<i64>());
+            exact.insert((text(0, r), text(1, r)), n);
+        }
+    }
+    let (mut small, mut large) = (0, 0);
+    for row in &release.rows {
+        let key = |i: usize| match &row[i] {
+            tre_query::Cell::Key { value } => value.clone(),
+            other => panic!("{other:?}"),
+        };
+        let n = exact.get(&(key(0), key(1))).copied().unwrap_or(0);
+        for (i, cell) in row.iter().enumerate().skip(2) {
+            let tre_query::Cell::Value { value, reason, .. } = cell else {
+                panic!("{cell:?}");
+            };
+            if n < 10 {
+                small += 1;
+                // Every small cell is hidden; the sum, which no threshold
+                // on noisy counts covers, by the exact rule.
+                assert!(value.is_none(), "{n} patients: {cell:?}");
+                if i == 3 {
+                    assert!(reason.starts_with("minimum patients (exact)"), "{cell:?}");
+                }
+            } else {
+                large += 1;
+                assert!(
+                    !reason.contains("minimum patients"),
+                    "{n} patients: {cell:?}"
+                );
+            }
+        }
+    }
+    assert!(
+        small > 0 && large > 0,
+        "the query must have small and large cells: {small} {large}"
+    );
+}

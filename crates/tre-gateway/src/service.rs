@@ -491,6 +491,7 @@ impl Services {
                 .collect(),
             cells: s.cells,
             sdc_outcome: s.release.sdc_outcome.clone(),
+            exact_rules_applied: s.release.exact_rules_applied,
             engine_version: concat!("tre ", env!("CARGO_PKG_VERSION")).to_owned(),
             table_sha256: s.table_sha256.to_owned(),
         }

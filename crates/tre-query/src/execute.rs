@@ -366,6 +366,11 @@ pub(crate) async fn execute(
         agg_cells.push(row);
     }
 
+    let exact_suppressed = if profile.exact_rules {
+        exact_rules(ctx, plan, profile, &cells, &mut agg_cells).await?
+    } else {
+        0
+    };
     let rows = if plan.totals {
         let scales: Vec<f64> = plan
             .aggs
@@ -416,6 +421,12 @@ pub(crate) async fn execute(
             s.mechanism.threshold()
         ));
     }
+    if profile.exact_rules {
+        notes.push(format!(
+            "rules on exact values ran ({}): {exact_suppressed} cell(s) suppressed; which cells they suppress depends on exact data, which the differential-privacy guarantee does not cover",
+            profile.exact_rule_names().join(", ")
+        ));
+    }
     if plan.totals {
         notes.push("totals are sums of the noisy cells, rounded on their own, so a total may differ from the sum of its rounded cells; their intervals use the normal approximation; cells marked secondary suppression are hidden so that no suppressed cell can be worked out from the cells and totals shown".into());
     }
@@ -428,6 +439,7 @@ pub(crate) async fn execute(
         confidence: CONFIDENCE,
         sdc_profile: profile.name.clone(),
         sdc_outcome: outcome.as_str().to_owned(),
+        exact_rules_applied: profile.exact_rules,
         notes,
     })
 }
@@ -604,6 +616,88 @@ fn relation_f64(v: &ScalarValue) -> Option<f64> {
         ScalarValue::Float64(Some(f)) => Some(f),
         _ => None,
     }
+}
+
+/// The profile's rules on exact values, opted into per profile: minimum
+/// distinct patients per cell, and n-k dominance and the p-ratio rule on
+/// SUM cells, from each patient's exact contribution. Returns how many
+/// cells they suppressed.
+async fn exact_rules(
+    ctx: &SessionContext,
+    plan: &PrivatePlan,
+    profile: &Profile,
+    cells: &[Key],
+    rows: &mut [Vec<Cell>],
+) -> Result<usize, QueryError> {
+    let (LogicalPlan::Aggregate(main), Some(unit)) = (&plan.main, &plan.unit) else {
+        return Err(QueryError::Internal(
+            "rules on exact values need the privacy unit in the aggregated relation".into(),
+        ));
+    };
+    // Per cell and patient: each Laplace measurement's contribution.
+    let mut groups = main.group_expr.clone();
+    groups.push(Expr::Column(unit.clone()).alias("__unit"));
+    let facts = LogicalPlanBuilder::from(Arc::clone(&main.input))
+        .aggregate(groups, main.aggr_expr.clone())
+        .and_then(|b| b.build())
+        .map_err(|e| QueryError::Internal(format!("building exact-rule facts: {e}")))?;
+    let n_keys = plan.keys.len();
+    let mut per_cell: HashMap<Key, Vec<Vec<i64>>> = HashMap::new();
+    for b in collect(ctx, &facts).await? {
+        for r in 0..b.num_rows() {
+            let values = (n_keys + 1..b.num_columns())
+                .map(|c| read_i64(b.column(c), r))
+                .collect::<Result<Vec<_>, _>>()?;
+            per_cell
+                .entry(key_of(&b, n_keys, r)?)
+                .or_default()
+                .push(values);
+        }
+    }
+    // Laplace measurements are the main aggregate's columns, in order.
+    let laplace_col = |m: usize| {
+        plan.measurements[..m]
+            .iter()
+            .filter(|x| matches!(x.mechanism, Mechanism::Laplace(_)))
+            .count()
+    };
+    let mut suppressed = 0;
+    for (ci, key) in cells.iter().enumerate() {
+        let patients = per_cell.get(key).map_or(&[][..], Vec::as_slice);
+        let sums: Vec<(usize, Vec<f64>)> = plan
+            .aggs
+            .iter()
+            .enumerate()
+            .filter_map(|(j, a)| match a.kind {
+                OutputKind::Sum { m } => {
+                    let l = laplace_col(m);
+                    Some((
+                        j,
+                        patients
+                            .iter()
+                            .filter_map(|p| p.get(l))
+                            .map(|v| *v as f64)
+                            .collect(),
+                    ))
+                }
+                _ => None,
+            })
+            .collect();
+        let reasons = profile.exact_cell_rules(patients.len(), &sums);
+        for (target, reason) in reasons {
+            for j in 0..plan.aggs.len() {
+                if target.is_some_and(|t| t != j) {
+                    continue;
+                }
+                let cell = &mut rows[ci][n_keys + j];
+                if matches!(cell, Cell::Value { value: Some(_), .. }) {
+                    suppressed += 1;
+                    *cell = value_cell(None, None, tre_sdc::Status::Suppressed, reason.clone());
+                }
+            }
+        }
+    }
+    Ok(suppressed)
 }
 
 /// The release rows followed by total rows ("Total" in the summed key),

@@ -43,5 +43,9 @@ pub struct Release {
     pub sdc_profile: String,
     /// pass | review | fail (ACRO style): no suppression, some, or all.
     pub sdc_outcome: String,
+    /// Whether the profile's rules on exact values (minimum patients,
+    /// dominance, p-ratio) ran on this release.
+    #[serde(default)]
+    pub exact_rules_applied: bool,
     pub notes: Vec<String>,
 }

@@ -5,9 +5,10 @@
 //! strictest combination of several profiles, rule by rule.
 //!
 //! Rules here read noisy values only, so applying them is post-processing
-//! and keeps the differential-privacy guarantee. This crate must never see
-//! an exact aggregate, and never depends on DataFusion, storage or the
-//! network.
+//! and keeps the differential-privacy guarantee. The one exception is
+//! `exact_cell_rules`, which only a profile with `exact_rules = true`
+//! reaches and whose use every release reports. This crate never depends
+//! on DataFusion, storage or the network.
 
 use serde::Deserialize;
 use tre_core::Code;
@@ -153,15 +154,7 @@ impl Profile {
         if raw.p_ratio.is_some_and(|p| !(p > 0.0 && p < 1.0)) {
             return Err(err("field `p_ratio` must be between 0 and 1".into()));
         }
-        if raw.exact_rules {
-            // Running a rule on exact values needs the engine to compute
-            // per-cell contributions; until it does, opting in must fail
-            // loudly rather than silently not apply.
-            return Err(err(
-                "`exact_rules = true` is not supported by this engine yet; set it to false (dominance and p-ratio are then reported as not applied)"
-                    .into(),
-            ));
-        }
+
         let rounding = match (raw.round_base, raw.midpoint6) {
             (Some(_), true) => {
                 return Err(err(
@@ -224,6 +217,78 @@ impl Profile {
             p.exact_rules |= q.exact_rules;
         }
         Some(p)
+    }
+
+    /// Rules on one cell's exact facts: its distinct patients and, per SUM
+    /// column, each patient's contribution. Returns which column each rule
+    /// suppresses (`None`: the whole row) and why. Callers run this only
+    /// when `exact_rules` is set.
+    pub fn exact_cell_rules(
+        &self,
+        patients: usize,
+        sums: &[(usize, Vec<f64>)],
+    ) -> Vec<(Option<usize>, String)> {
+        let mut out = Vec::new();
+        if (patients as u64) < u64::from(self.min_patients) {
+            out.push((
+                None,
+                format!(
+                    "minimum patients (exact): fewer than {} distinct patients ({})",
+                    self.min_patients, self.name
+                ),
+            ));
+        }
+        for (col, contributions) in sums {
+            let mut c: Vec<f64> = contributions.iter().map(|v| v.abs()).collect();
+            c.sort_by(|a, b| b.total_cmp(a));
+            let total: f64 = c.iter().sum();
+            if total <= 0.0 {
+                continue;
+            }
+            if let Some(d) = self.dominance
+                && c.iter().take(d.n as usize).sum::<f64>() > d.k * total
+            {
+                out.push((
+                    Some(*col),
+                    format!(
+                        "dominance (exact): the {} largest contributors make up more than {}% of the sum ({})",
+                        d.n,
+                        d.k * 100.0,
+                        self.name
+                    ),
+                ));
+                continue;
+            }
+            if let Some(p) = self.p_ratio {
+                let (c1, c2) = (
+                    c.first().copied().unwrap_or(0.0),
+                    c.get(1).copied().unwrap_or(0.0),
+                );
+                if total - c1 - c2 < p * c1 {
+                    out.push((
+                        Some(*col),
+                        format!(
+                            "p-ratio (exact): the other contributors add up to less than {}% of the largest ({})",
+                            p * 100.0,
+                            self.name
+                        ),
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// The rules on exact values this profile declares.
+    pub fn exact_rule_names(&self) -> Vec<String> {
+        let mut rules = vec![format!("minimum {} patients", self.min_patients)];
+        if let Some(d) = self.dominance {
+            rules.push(format!("{}-{} dominance", d.n, d.k));
+        }
+        if let Some(p) = self.p_ratio {
+            rules.push(format!("p-ratio {p}"));
+        }
+        rules
     }
 
     /// What the release should say about rules that did not run.
@@ -520,18 +585,90 @@ mod tests {
     }
 
     #[test]
-    fn exact_rules_are_declared_and_reported_as_not_applied() {
+    fn exact_rules_run_only_where_a_profile_opts_in() {
         let acro = shipped("acro_default");
+        assert!(acro.exact_rules);
         assert_eq!(acro.dominance, Some(Dominance { n: 2, k: 0.9 }));
         assert_eq!(acro.p_ratio, Some(0.1));
-        let notes = acro.notes().join("\n");
+        assert_eq!(
+            acro.exact_rule_names(),
+            ["minimum 10 patients", "2-0.9 dominance", "p-ratio 0.1"]
+        );
+        assert!(!acro.notes().join("").contains("not applied"));
+        let declared = profile(
+            "name = \"x\"\nsuppress_below = 10\ndominance_n = 2\ndominance_k = 0.9\np_ratio = 0.1",
+        );
+        assert!(!declared.exact_rules);
+        let notes = declared.notes().join("\n");
         assert!(
             notes.contains("2-0.9 dominance and p-ratio 0.1 not applied"),
             "{notes}"
         );
-        assert!(!shipped("nhs_sde").notes().join("").contains("not applied"));
-        let opt_in = "name = \"x\"\nsuppress_below = 10\ndominance_n = 2\ndominance_k = 0.9\nexact_rules = true";
-        assert!(Profile::from_toml("x.toml", opt_in).is_err());
+        for name in [
+            "nhs_sde",
+            "opensafely",
+            "opensafely_midpoint6",
+            "ukllc",
+            "all_of_us",
+        ] {
+            assert!(!shipped(name).exact_rules, "{name}");
+        }
+    }
+
+    /// ACRO's worked logic: n-k dominance (n = 2, k = 0.9) and the p-ratio
+    /// (p = 0.1) on each contributor's share of a sum.
+    #[test]
+    fn exact_cell_rules_follow_acro() {
+        let acro = shipped("acro_default");
+        // (patients, contributions to one SUM column, expected rule or none)
+        let many = vec![10.0; 12];
+        let cases: &[(usize, Vec<f64>, Option<&str>)] = &[
+            (12, many.clone(), None),
+            (9, many.clone(), Some("minimum patients")),
+            // Two contributors hold 95% > 90%.
+            (
+                12,
+                [vec![50.0, 45.0], vec![0.5; 10]].concat(),
+                Some("dominance"),
+            ),
+            // Top two hold 80%: dominance passes; the rest (20) is more
+            // than 10% of the largest (50): p-ratio passes.
+            (12, [vec![50.0, 30.0], vec![2.0; 10]].concat(), None),
+            // Signs do not hide a contributor.
+            (
+                12,
+                [vec![-50.0, 45.0], vec![0.5; 10]].concat(),
+                Some("dominance"),
+            ),
+        ];
+        for (patients, c, want) in cases {
+            let got = acro.exact_cell_rules(*patients, &[(3, c.clone())]);
+            match want {
+                None => assert!(got.is_empty(), "{c:?}: {got:?}"),
+                Some(rule) => {
+                    assert_eq!(got.len(), 1, "{c:?}: {got:?}");
+                    assert!(got[0].1.starts_with(rule), "{c:?}: {got:?}");
+                    let target = if *rule == "minimum patients" {
+                        None
+                    } else {
+                        Some(3)
+                    };
+                    assert_eq!(got[0].0, target);
+                }
+            }
+        }
+        // With n = 2 and k = 0.9, failing the 0.1 p-ratio implies failing
+        // dominance (the top two then hold more than 1/1.1 of the sum), so
+        // the p-ratio is seen alone in a profile without dominance: the
+        // rest (5) is less than 10% of the largest (60).
+        let p_only =
+            profile("name = \"p\"\nsuppress_below = 10\np_ratio = 0.1\nexact_rules = true");
+        let c = [vec![60.0, 26.0], vec![0.5; 10]].concat();
+        let got = p_only.exact_cell_rules(12, &[(3, c)]);
+        assert_eq!(got.len(), 1);
+        assert!(got[0].1.starts_with("p-ratio (exact)"), "{got:?}");
+        let c = [vec![60.0, 26.0], vec![1.0; 10]].concat();
+        assert!(p_only.exact_cell_rules(12, &[(3, c)]).is_empty());
     }
 
     #[test]

@@ -48,6 +48,9 @@ pub struct Manifest {
     pub cells: CellCounts,
     /// pass | review | fail
     pub sdc_outcome: String,
+    /// Whether rules on exact values (minimum patients, dominance, p-ratio)
+    /// ran: their decisions depend on exact data.
+    pub exact_rules_applied: bool,
     pub engine_version: String,
     /// SHA-256 of the released table file (`release.json`).
     pub table_sha256: String,

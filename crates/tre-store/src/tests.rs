@@ -733,6 +733,7 @@ fn manifests_fail_on_any_change() {
             suppressed: 0,
         },
         sdc_outcome: "pass".into(),
+        exact_rules_applied: false,
         engine_version: "tre 0.1.0".into(),
         table_sha256: chain::sha256_hex(table),
     }

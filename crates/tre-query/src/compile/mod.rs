@@ -314,6 +314,9 @@ pub struct PrivatePlan {
     pub(crate) k_total: u64,
     /// Release row, column and grand totals of the count columns.
     pub(crate) totals: bool,
+    /// The privacy unit in the aggregated relation, for rules on exact
+    /// per-patient contributions (opt-in per profile).
+    pub(crate) unit: Option<Column>,
 }
 
 /// Tables with totals stay small enough for secondary suppression.
@@ -830,6 +833,7 @@ pub(crate) async fn compile(
         description: Vec::new(),
         k_total,
         totals: false,
+        unit: unit_col.clone(),
     };
     verify(&plan, analyzer.private_scans.len(), budget)?;
     plan.description = describe(&plan, policy, &analyzer, budget);
