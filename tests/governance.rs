@@ -1181,6 +1181,16 @@ async fn airlock_holds_flagged_releases_until_a_custodian_approves() {
         server.state.engine.snapshot_hash()
     );
     assert!(m.cells.suppressed > 0 && m.sdc_outcome == "review");
+    let outcomes = m.cell_outcomes.len() as u64;
+    assert_eq!(
+        outcomes,
+        m.cells.released + m.cells.rounded + m.cells.suppressed
+    );
+    assert!(
+        m.cell_outcomes
+            .iter()
+            .any(|o| o.starts_with("suppressed: threshold"))
+    );
     let tampered_table = released.table_json.replacen("\"value\":", "\"value\":1", 1);
     assert!(manifest.verify(tampered_table.as_bytes(), &key).is_err());
 
@@ -1447,4 +1457,64 @@ async fn exact_rules_run_where_the_profile_opts_in() {
         small > 0 && large > 0,
         "the query must have small and large cells: {small} {large}"
     );
+}
+
+/// Issue #5: with `mode = "always"` and two approvals, every release waits
+/// for two different custodians, neither of them on the project.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_custodians_must_approve_when_the_policy_says_so() {
+    let policy = tre_e2e::POLICY.replace(
+        "mode = \"flagged\"\nmax_cells = 2000\napprovals = 1",
+        "mode = \"always\"\nmax_cells = 2000\napprovals = 2",
+    );
+    assert_ne!(
+        policy,
+        tre_e2e::POLICY,
+        "the shipped [review] section changed"
+    );
+    let server = tre_e2e::start_with_policy(&policy, &[("p1", &["alice"], 10.0)]).await;
+    let ch = server.channel().await;
+    let mut q = QueryServiceClient::new(ch.clone());
+    let mut r = ReleaseServiceClient::new(ch.clone());
+    let alice = server.token("alice", Role::Researcher);
+    let held = ok(q
+        .submit(authed(
+            pb::QueryRequest {
+                project: "p1".into(),
+                sql: "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex".into(),
+                epsilon: Some(0.5),
+                delta: None,
+                totals: false,
+            },
+            &alice,
+        ))
+        .await)
+    .into_inner();
+    assert_eq!(
+        held.status, "held",
+        "always reviewed, even with nothing suppressed"
+    );
+    assert!(held.hold_reason.contains("every release"));
+    let review = || pb::ReviewReleaseRequest {
+        id: held.release_id.clone(),
+        reason: "checked".into(),
+    };
+    let carol = server.token("carol", Role::Custodian);
+    let dan = server.token("dan", Role::Custodian);
+    // (reviewer, status afterwards)
+    for (who, want) in [(&carol, "held"), (&carol, "held"), (&dan, "released")] {
+        let s = ok(r.approve_release(authed(review(), who)).await).into_inner();
+        assert_eq!(s.status, want);
+    }
+    let got = ok(r
+        .get_release(authed(
+            pb::GetReleaseRequest {
+                id: held.release_id.clone(),
+            },
+            &alice,
+        ))
+        .await)
+    .into_inner();
+    assert_eq!(got.reviews.len(), 3);
+    assert_eq!(got.release.unwrap_or_default().rows.len(), 2);
 }

@@ -121,9 +121,22 @@ pub fn open_state(
     data: &std::path::Path,
     projects: &[(&str, &[&str], f64)],
 ) -> AppState {
+    open_state_with(state_dir, data, projects, policy())
+}
+
+/// `open_state` under another policy (same SDC profile).
+pub fn open_state_with(
+    state_dir: &std::path::Path,
+    data: &std::path::Path,
+    projects: &[(&str, &[&str], f64)],
+    policy: Policy,
+) -> AppState {
     // Not `fixture().master`: a child server process must not generate data.
     let master = Arc::new(MasterKey::from_bytes(&MASTER).unwrap_or_else(|e| panic!("{e}")));
-    let engine = engine_on(data, master).unwrap_or_else(|e| panic!("{e}"));
+    let profile =
+        Profile::from_toml("policies/sdc/nhs_sde.toml", NHS_SDE).unwrap_or_else(|e| panic!("{e}"));
+    let engine = Engine::open(policy, profile, data, master, Limits::default())
+        .unwrap_or_else(|e| panic!("{e}"));
     let notary: Arc<dyn tre_store::Notary> =
         Arc::new(AuditNotary::load_or_create(state_dir).unwrap_or_else(|e| panic!("{e}")));
     let store = SqliteStore::open(
@@ -169,7 +182,21 @@ pub async fn start_in(
     projects: &[(&str, &[&str], f64)],
     tls: Option<Tls>,
 ) -> Server {
-    let state = Arc::new(open_state(state_dir.path(), data, projects));
+    let state = open_state(state_dir.path(), data, projects);
+    serve_state(state_dir, state, tls).await
+}
+
+/// Start a gateway under the policy text `policy_toml`.
+pub async fn start_with_policy(policy_toml: &str, projects: &[(&str, &[&str], f64)]) -> Server {
+    let state_dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let policy =
+        Policy::from_toml("test-policy.toml", policy_toml).unwrap_or_else(|e| panic!("{e}"));
+    let state = open_state_with(state_dir.path(), &fixture().data, projects, policy);
+    serve_state(state_dir, state, None).await
+}
+
+async fn serve_state(state_dir: TempDir, state: AppState, tls: Option<Tls>) -> Server {
+    let state = Arc::new(state);
     let (addr, stop, handle) = tre_gateway::spawn(
         Arc::clone(&state),
         "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),

@@ -490,6 +490,21 @@ impl Services {
                 })
                 .collect(),
             cells: s.cells,
+            cell_outcomes: s
+                .release
+                .rows
+                .iter()
+                .flatten()
+                .filter_map(|c| match c {
+                    tre_query::Cell::Value { status, reason, .. } if reason.is_empty() => {
+                        Some(status.clone())
+                    }
+                    tre_query::Cell::Value { status, reason, .. } => {
+                        Some(format!("{status}: {reason}"))
+                    }
+                    tre_query::Cell::Key { .. } => None,
+                })
+                .collect(),
             sdc_outcome: s.release.sdc_outcome.clone(),
             exact_rules_applied: s.release.exact_rules_applied,
             engine_version: concat!("tre ", env!("CARGO_PKG_VERSION")).to_owned(),

@@ -46,6 +46,9 @@ pub struct Manifest {
     pub delta_femtos: i64,
     pub columns: Vec<ManifestColumn>,
     pub cells: CellCounts,
+    /// Each value cell's disclosure outcome, row by row: released, rounded
+    /// or suppressed, with the rule's reason after a colon.
+    pub cell_outcomes: Vec<String>,
     /// pass | review | fail
     pub sdc_outcome: String,
     /// Whether rules on exact values (minimum patients, dominance, p-ratio)

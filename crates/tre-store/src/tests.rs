@@ -732,6 +732,7 @@ fn manifests_fail_on_any_change() {
             rounded: 2,
             suppressed: 0,
         },
+        cell_outcomes: vec!["rounded: rounded to base 5 (nhs_sde)".into(); 2],
         sdc_outcome: "pass".into(),
         exact_rules_applied: false,
         engine_version: "tre 0.1.0".into(),
