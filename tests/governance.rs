@@ -1114,9 +1114,12 @@ async fn airlock_holds_flagged_releases_until_a_custodian_approves() {
     );
     let again = ok(q.submit(authed(ask(small), &alice)).await).into_inner();
     assert!(again.repeated && again.rows.is_empty() && again.status == "held");
-    // The reviewing custodian sees the table.
+    // The reviewing custodian sees the table; a custodian on the project
+    // does not get round the airlock.
     let theirs = ok(get(&carol).await);
     assert!(!theirs.release.unwrap_or_default().rows.is_empty());
+    let own = ok(get(&alice_custodian).await);
+    assert!(own.release.unwrap_or_default().rows.is_empty() && own.table_json.is_empty());
     let queue = ok(r
         .list_releases(authed(
             pb::ListReleasesRequest {
@@ -1207,6 +1210,7 @@ async fn airlock_holds_flagged_releases_until_a_custodian_approves() {
             "query.submit",
             "release.show",
             "query.submit",
+            "release.show",
             "release.show",
             "release.approve",
             "release.approve",

@@ -36,9 +36,10 @@ impl Services {
         let body: Release = serde_json::from_str(&r.body)
             .map_err(|e| GatewayError::Setup(format!("stored release unreadable: {e}")))?;
         let mut reply = convert::release(r.id.clone(), &body, p.remaining(), p.delta_remaining());
-        // A custodian sees a held table in order to review it; a researcher
-        // sees it only once released.
-        let visible = r.status == ReleaseStatus::Released || who.role == Role::Custodian;
+        // A custodian who may review it sees a held table; everyone else,
+        // a custodian on the project included, only once released.
+        let reviewer = who.role == Role::Custodian && !p.involves(&who.user);
+        let visible = r.status == ReleaseStatus::Released || reviewer;
         convert::set_status(&mut reply, r.status, &r.hold_reason);
         if visible {
             reply.rows = body_rows(&body);
