@@ -71,7 +71,8 @@ fn project_in(server: &Server, id: &str, status: &str) {
         other => panic!("{other}"),
     };
     for d in steps {
-        ok(store.decide(&pid(id), d, &setup, "fixture"));
+        let event = tre_store::AuditEvent::new("setup", "custodian", id, "project.fixture");
+        ok(store.decide(&pid(id), d, &setup, "fixture", &event));
     }
 }
 

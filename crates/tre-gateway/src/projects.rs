@@ -9,7 +9,7 @@ use tre_proto::v1::project_service_server::ProjectService;
 use tre_store::{Decision, Project, ProjectRequest, ProjectStatus};
 
 use crate::authz::{self, Rpc};
-use crate::service::{Note, Services, handle};
+use crate::service::{Call, Note, Services, handle};
 use crate::{GatewayError, convert};
 
 fn date(field: &str, s: &str) -> Result<NaiveDate, GatewayError> {
@@ -105,9 +105,11 @@ impl Services {
         Ok(convert::project(&p))
     }
 
-    /// Every custodian decision: the caller must not be involved.
+    /// Every custodian decision: the caller must not be involved. The
+    /// decision and its audit event commit together.
     fn decide(
         &self,
+        call: &Call,
         who: &Principal,
         id: &str,
         reason: &str,
@@ -129,7 +131,12 @@ impl Services {
             }
             d => format!("{}: {reason}", d.action()),
         };
-        let p = self.state.store.decide(&id, &decision, &who.user, reason)?;
+        let event = self.event(call, note, None);
+        let p = self
+            .state
+            .store
+            .decide(&id, &decision, &who.user, reason, &event)?;
+        note.recorded = true;
         Ok(convert::project(&p))
     }
 }
@@ -142,9 +149,9 @@ impl Services {
         rpc: Rpc,
         decision: Decision,
     ) -> Result<Response<pb::ProjectInfo>, Status> {
-        handle!(self, request, rpc, |_call, who, req, note| async {
+        handle!(self, request, rpc, |call, who, req, note| async {
             let why = reason(&req.reason)?;
-            self.decide(&who, &req.id, why, note, |_| Ok(decision))
+            self.decide(&call, &who, &req.id, why, note, |_| Ok(decision))
         })
     }
 }
@@ -195,8 +202,8 @@ impl ProjectService for Services {
             self,
             request,
             Rpc::ApproveProject,
-            |_call, who, req, note| async {
-                self.decide(&who, &req.id, &req.reason, note, |p| {
+            |call, who, req, note| async {
+                self.decide(&call, &who, &req.id, &req.reason, note, |p| {
                     Ok(Decision::Approve {
                         epsilon: match req.epsilon {
                             Some(e) => Epsilon::new(e)?,
@@ -257,9 +264,9 @@ impl ProjectService for Services {
             self,
             request,
             Rpc::TopUpProject,
-            |_call, who, req, note| async {
+            |call, who, req, note| async {
                 let why = reason(&req.reason)?;
-                self.decide(&who, &req.id, why, note, |_| {
+                self.decide(&call, &who, &req.id, why, note, |_| {
                     Ok(Decision::TopUp {
                         epsilon: Epsilon::new(req.epsilon)?,
                         delta: Delta::new(req.delta)?,

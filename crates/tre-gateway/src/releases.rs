@@ -9,7 +9,7 @@ use tre_query::Release;
 use tre_store::{ReleaseStatus, ReviewAction, StoredRelease};
 
 use crate::authz::{self, Rpc};
-use crate::service::{Services, handle};
+use crate::service::{Call, Note, Services, handle};
 use crate::{GatewayError, convert};
 
 impl Services {
@@ -89,11 +89,14 @@ impl Services {
     /// involved in; only a member may withdraw.
     fn review(
         &self,
+        call: &Call,
         who: &Principal,
         req: &pb::ReviewReleaseRequest,
         action: ReviewAction,
+        note: &mut Note,
     ) -> Result<pb::ReleaseSummary, GatewayError> {
         let (_, p) = self.stored_release(&req.id)?;
+        note.project = p.id.to_string();
         if action == ReviewAction::Withdraw {
             authz::project_scope(who, &p, true)?;
         } else {
@@ -105,10 +108,17 @@ impl Services {
             ));
         }
         let required = self.state.engine.policy().review.approvals;
-        let r =
-            self.state
-                .store
-                .review_release(&req.id, action, &who.user, &req.reason, required)?;
+        // The decision and its audit event commit together.
+        let event = self.event(call, note, None);
+        let r = self.state.store.review_release(
+            &req.id,
+            action,
+            &who.user,
+            &req.reason,
+            required,
+            &event,
+        )?;
+        note.recorded = true;
         Ok(convert::release_summary(&r))
     }
 }
@@ -151,7 +161,9 @@ impl ReleaseService for Services {
             self,
             request,
             Rpc::ApproveRelease,
-            |_call, who, req, _note| async { self.review(&who, &req, ReviewAction::Approve) }
+            |call, who, req, note| async {
+                self.review(&call, &who, &req, ReviewAction::Approve, note)
+            }
         )
     }
 
@@ -163,7 +175,9 @@ impl ReleaseService for Services {
             self,
             request,
             Rpc::RejectRelease,
-            |_call, who, req, _note| async { self.review(&who, &req, ReviewAction::Reject) }
+            |call, who, req, note| async {
+                self.review(&call, &who, &req, ReviewAction::Reject, note)
+            }
         )
     }
 
@@ -175,8 +189,8 @@ impl ReleaseService for Services {
             self,
             request,
             Rpc::RequestChanges,
-            |_call, who, req, _note| async {
-                self.review(&who, &req, ReviewAction::RequestChanges)
+            |call, who, req, note| async {
+                self.review(&call, &who, &req, ReviewAction::RequestChanges, note)
             }
         )
     }
@@ -189,7 +203,9 @@ impl ReleaseService for Services {
             self,
             request,
             Rpc::WithdrawRelease,
-            |_call, who, req, _note| async { self.review(&who, &req, ReviewAction::Withdraw) }
+            |call, who, req, note| async {
+                self.review(&call, &who, &req, ReviewAction::Withdraw, note)
+            }
         )
     }
 }

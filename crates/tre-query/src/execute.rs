@@ -80,7 +80,23 @@ pub(crate) struct Exact {
     pub(crate) selection: Option<HashMap<Key, i64>>,
 }
 
+#[cfg(feature = "soundness-testing")]
 pub(crate) async fn exact(ctx: &SessionContext, plan: &PrivatePlan) -> Result<Exact, QueryError> {
+    exact_with(ctx, plan, None).await
+}
+
+/// Each cell's patients and, per patient, each Laplace measurement's
+/// contribution (for rules on exact values).
+type PerPatient = HashMap<Key, Vec<Vec<i64>>>;
+
+/// The exact aggregates. With `per_patient`, the Laplace measurements are
+/// summed from it rather than computed by a second scan, so the rules on
+/// exact values judge the very rows that were released.
+async fn exact_with(
+    ctx: &SessionContext,
+    plan: &PrivatePlan,
+    per_patient: Option<&PerPatient>,
+) -> Result<Exact, QueryError> {
     let n_keys = plan.keys.len();
     let mut selection = None;
     if let Some(s) = &plan.selection {
@@ -97,13 +113,30 @@ pub(crate) async fn exact(ctx: &SessionContext, plan: &PrivatePlan) -> Result<Ex
         selection = Some(counts);
     }
     let mut laplace = HashMap::new();
-    for b in collect(ctx, &plan.main).await? {
-        for r in 0..b.num_rows() {
-            let key = key_of(&b, n_keys, r)?;
-            let values = (n_keys..b.num_columns())
-                .map(|c| read_i64(b.column(c), r))
-                .collect::<Result<Vec<_>, _>>()?;
-            laplace.insert(key, values);
+    match per_patient {
+        Some(cells) => {
+            for (key, patients) in cells {
+                let mut sums = vec![0i64; patients.first().map_or(0, Vec::len)];
+                for p in patients {
+                    for (s, v) in sums.iter_mut().zip(p) {
+                        *s = s.checked_add(*v).ok_or_else(|| {
+                            QueryError::Internal("an exact sum overflowed i64".into())
+                        })?;
+                    }
+                }
+                laplace.insert(key.clone(), sums);
+            }
+        }
+        None => {
+            for b in collect(ctx, &plan.main).await? {
+                for r in 0..b.num_rows() {
+                    let key = key_of(&b, n_keys, r)?;
+                    let values = (n_keys..b.num_columns())
+                        .map(|c| read_i64(b.column(c), r))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    laplace.insert(key, values);
+                }
+            }
         }
     }
     let mut histograms = Vec::new();
@@ -136,7 +169,12 @@ pub(crate) async fn execute(
     plan: &PrivatePlan,
     profile: &Profile,
 ) -> Result<Release, QueryError> {
-    let exact = exact(ctx, plan).await?;
+    let per_patient = if profile.exact_rules {
+        Some(per_patient(ctx, plan).await?)
+    } else {
+        None
+    };
+    let exact = exact_with(ctx, plan, per_patient.as_ref()).await?;
     let dp = |e: tre_dp::DpError| QueryError::Internal(e.to_string());
 
     // Which values each key takes: public domains, or the selected keys.
@@ -366,10 +404,9 @@ pub(crate) async fn execute(
         agg_cells.push(row);
     }
 
-    let exact_suppressed = if profile.exact_rules {
-        exact_rules(ctx, plan, profile, &cells, &mut agg_cells).await?
-    } else {
-        0
+    let exact_suppressed = match &per_patient {
+        Some(facts) => exact_rules(plan, profile, facts, &cells, &mut agg_cells),
+        None => 0,
     };
     let rows = if plan.totals {
         let scales: Vec<f64> = plan
@@ -618,23 +655,14 @@ fn relation_f64(v: &ScalarValue) -> Option<f64> {
     }
 }
 
-/// The profile's rules on exact values, opted into per profile: minimum
-/// distinct patients per cell, and n-k dominance and the p-ratio rule on
-/// SUM cells, from each patient's exact contribution. Returns how many
-/// cells they suppressed.
-async fn exact_rules(
-    ctx: &SessionContext,
-    plan: &PrivatePlan,
-    profile: &Profile,
-    cells: &[Key],
-    rows: &mut [Vec<Cell>],
-) -> Result<usize, QueryError> {
+/// Per cell and patient, each Laplace measurement's exact contribution: one
+/// scan of the bounded input grouped by the keys and the privacy unit.
+async fn per_patient(ctx: &SessionContext, plan: &PrivatePlan) -> Result<PerPatient, QueryError> {
     let (LogicalPlan::Aggregate(main), Some(unit)) = (&plan.main, &plan.unit) else {
         return Err(QueryError::Internal(
             "rules on exact values need the privacy unit in the aggregated relation".into(),
         ));
     };
-    // Per cell and patient: each Laplace measurement's contribution.
     let mut groups = main.group_expr.clone();
     groups.push(Expr::Column(unit.clone()).alias("__unit"));
     let facts = LogicalPlanBuilder::from(Arc::clone(&main.input))
@@ -642,18 +670,31 @@ async fn exact_rules(
         .and_then(|b| b.build())
         .map_err(|e| QueryError::Internal(format!("building exact-rule facts: {e}")))?;
     let n_keys = plan.keys.len();
-    let mut per_cell: HashMap<Key, Vec<Vec<i64>>> = HashMap::new();
+    let mut per_cell: PerPatient = HashMap::new();
     for b in collect(ctx, &facts).await? {
         for r in 0..b.num_rows() {
+            let key = key_of(&b, n_keys, r)?;
             let values = (n_keys + 1..b.num_columns())
                 .map(|c| read_i64(b.column(c), r))
                 .collect::<Result<Vec<_>, _>>()?;
-            per_cell
-                .entry(key_of(&b, n_keys, r)?)
-                .or_default()
-                .push(values);
+            per_cell.entry(key).or_default().push(values);
         }
     }
+    Ok(per_cell)
+}
+
+/// The profile's rules on exact values, opted into per profile: minimum
+/// distinct patients per cell, and n-k dominance and the p-ratio rule on
+/// SUM cells, from each patient's exact contribution. Returns how many
+/// cells they suppressed.
+fn exact_rules(
+    plan: &PrivatePlan,
+    profile: &Profile,
+    per_cell: &PerPatient,
+    cells: &[Key],
+    rows: &mut [Vec<Cell>],
+) -> usize {
+    let n_keys = plan.keys.len();
     // Laplace measurements are the main aggregate's columns, in order.
     let laplace_col = |m: usize| {
         plan.measurements[..m]
@@ -697,7 +738,7 @@ async fn exact_rules(
             }
         }
     }
-    Ok(suppressed)
+    suppressed
 }
 
 /// The release rows followed by total rows ("Total" in the summed key),

@@ -426,12 +426,14 @@ pub trait Store: Send + Sync {
     fn seed_project(&self, seed: &ProjectSeed) -> Result<Project, StoreError>;
     fn project(&self, id: &ProjectId) -> Result<Project, StoreError>;
     fn projects(&self) -> Result<Vec<Project>, StoreError>;
+    /// A custodian's decision, with its audit event, in one transaction.
     fn decide(
         &self,
         id: &ProjectId,
         decision: &Decision,
         by: &UserId,
         reason: &str,
+        event: &AuditEvent,
     ) -> Result<Project, StoreError>;
 
     // Budgets and releases.
@@ -461,8 +463,9 @@ pub trait Store: Send + Sync {
         project: Option<&str>,
         status: Option<ReleaseStatus>,
     ) -> Result<Vec<StoredRelease>, StoreError>;
-    /// One step of the airlock on a held release. An approval releases it
-    /// once `required` distinct custodians have approved.
+    /// One step of the airlock on a held release, with its audit event, in
+    /// one transaction. An approval releases it once `required` distinct
+    /// custodians have approved.
     fn review_release(
         &self,
         id: &str,
@@ -470,6 +473,7 @@ pub trait Store: Send + Sync {
         by: &UserId,
         reason: &str,
         required: u8,
+        event: &AuditEvent,
     ) -> Result<StoredRelease, StoreError>;
     fn ledger(&self, project: &ProjectId) -> Result<Vec<LedgerEntry>, StoreError>;
     /// After a crash: settle reservations whose query never finished (the

@@ -455,6 +455,7 @@ impl crate::Store for SqliteStore {
         decision: &Decision,
         by: &UserId,
         reason: &str,
+        event: &AuditEvent,
     ) -> Result<Project, StoreError> {
         use ProjectStatus::*;
         let mut conn = self.conn()?;
@@ -529,6 +530,7 @@ impl crate::Store for SqliteStore {
         };
         history(&tx, id, by.as_str(), decision.action(), reason, eps, delta)?;
         let p = Self::load_project(&tx, id)?;
+        self.append(&tx, event)?;
         tx.commit()?;
         Ok(p)
     }
@@ -689,6 +691,7 @@ impl crate::Store for SqliteStore {
         by: &UserId,
         reason: &str,
         required: u8,
+        event: &AuditEvent,
     ) -> Result<StoredRelease, StoreError> {
         let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -731,6 +734,7 @@ impl crate::Store for SqliteStore {
         let r = load_releases(&tx, "WHERE id = ?1", &[&id])?
             .pop()
             .ok_or_else(|| StoreError::UnknownRelease(id.to_owned()))?;
+        self.append(&tx, event)?;
         tx.commit()?;
         Ok(r)
     }

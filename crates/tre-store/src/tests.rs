@@ -37,6 +37,11 @@ fn store() -> (tempfile::TempDir, SqliteStore) {
     (dir, s)
 }
 
+/// An audit event for decisions made in these tests.
+fn ev() -> AuditEvent {
+    AuditEvent::new("carol", "custodian", "p", "test.decision")
+}
+
 fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
     r.unwrap_or_else(|e| panic!("{e}"))
 }
@@ -139,14 +144,14 @@ fn only_active_unexpired_projects_on_approved_datasets_can_spend() {
         s.reserve(&c).err().map(|e| e.code()),
         Some(Code::ProjectExpired)
     );
-    ok(s.decide(&p, &Decision::Suspend, &carol, "ethics query"));
+    ok(s.decide(&p, &Decision::Suspend, &carol, "ethics query", &ev()));
     assert_eq!(
         s.reserve(&charge(&p, &alice, 0.1, 0.0, 100.0))
             .err()
             .map(|e| e.code()),
         Some(Code::ProjectNotActive)
     );
-    ok(s.decide(&p, &Decision::Resume, &carol, "resolved"));
+    ok(s.decide(&p, &Decision::Resume, &carol, "resolved", &ev()));
     ok(s.reserve(&charge(&p, &alice, 0.1, 0.0, 100.0)));
 }
 
@@ -207,10 +212,16 @@ fn project_lifecycle_follows_its_state_machine() {
     ];
     for (d, want) in steps {
         let got = s
-            .decide(&pid("w1"), &d, &carol, "because")
+            .decide(&pid("w1"), &d, &carol, "because", &ev())
             .map(|p| p.status);
         assert_eq!(got.map_err(|e| e.code()), want, "{d:?}");
     }
+    // Each decision commits with its audit event; a refused one leaves none.
+    let decided = ok(s.audit_events(&AuditFilter {
+        action: Some("test.decision".into()),
+        ..AuditFilter::default()
+    }));
+    assert_eq!(decided.len(), 5);
     let p = ok(s.project(&pid("w1")));
     assert_eq!(p.epsilon_budget_nanos, 5_500_000_000);
     assert_eq!(p.end_date, Some(in_days(60)));
@@ -222,7 +233,13 @@ fn project_lifecycle_follows_its_state_machine() {
         ]
     );
     ok(s.request_project(&request("w2"), today()));
-    ok(s.decide(&pid("w2"), &Decision::Reject, &carol, "no ethics approval"));
+    ok(s.decide(
+        &pid("w2"),
+        &Decision::Reject,
+        &carol,
+        "no ethics approval",
+        &ev(),
+    ));
     assert_eq!(ok(s.project(&pid("w2"))).status, ProjectStatus::Rejected);
     let mut late = request("w3");
     late.end_date = today().pred_opt().unwrap_or_else(|| unreachable!());
@@ -689,7 +706,7 @@ fn held_releases_need_distinct_approvals() {
         ),
     ];
     for (id, action, by, required, want) in steps {
-        let got = s.review_release(id, *action, by, "because", *required);
+        let got = s.review_release(id, *action, by, "because", *required, &ev());
         assert_eq!(
             got.map(|r| r.status).map_err(|e| e.code()),
             *want,
