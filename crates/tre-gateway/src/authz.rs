@@ -146,6 +146,12 @@ pub fn project_scope(who: &Principal, p: &Project, spend: bool) -> Result<(), Ga
     }
 }
 
+/// May this caller read a held release's table? Only a custodian who could
+/// decide on it: not the project's own people, whatever their role.
+pub fn may_review(who: &Principal, p: &Project) -> bool {
+    who.role == Role::Custodian && !p.involves(&who.user)
+}
+
 /// Nobody decides on a project they requested or belong to.
 pub fn not_own_project(who: &UserId, p: &Project) -> Result<(), GatewayError> {
     if p.involves(who) {

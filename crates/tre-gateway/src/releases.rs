@@ -2,7 +2,7 @@
 //! researcher may withdraw one) and signed release manifests.
 
 use tonic::{Request, Response, Status};
-use tre_core::{Principal, ProjectId, Role};
+use tre_core::{Principal, ProjectId};
 use tre_proto::v1 as pb;
 use tre_proto::v1::release_service_server::ReleaseService;
 use tre_query::Release;
@@ -38,8 +38,7 @@ impl Services {
         let mut reply = convert::release(r.id.clone(), &body, p.remaining(), p.delta_remaining());
         // A custodian who may review it sees a held table; everyone else,
         // a custodian on the project included, only once released.
-        let reviewer = who.role == Role::Custodian && !p.involves(&who.user);
-        let visible = r.status == ReleaseStatus::Released || reviewer;
+        let visible = r.status == ReleaseStatus::Released || authz::may_review(who, &p);
         convert::set_status(&mut reply, r.status, &r.hold_reason);
         if visible {
             reply.rows = body_rows(&body);

@@ -47,7 +47,7 @@ pub(crate) struct Note {
     pub(crate) detail: String,
     /// An open reservation: a failure must settle it with its event.
     pub(crate) ledger_id: Option<i64>,
-    /// The event was already written with the release, atomically.
+    /// The event was already written, atomically with the change it records.
     pub(crate) recorded: bool,
 }
 
