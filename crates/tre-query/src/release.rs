@@ -42,6 +42,7 @@ pub struct Release {
     pub confidence: f64,
     pub sdc_profile: String,
     /// pass | review | fail (ACRO style): no suppression, some, or all.
+    #[serde(default)]
     pub sdc_outcome: String,
     /// Whether the profile's rules on exact values (minimum patients,
     /// dominance, p-ratio) ran on this release.
