@@ -387,9 +387,10 @@ pub fn verify_offline(file: &std::path::Path, key: &str) -> Result<(String, bool
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let r = chain::verify_jsonl(&text, &public_key);
     let line = match &r.first_bad {
-        None => format!(
-            "intact: {} events, {} signed checkpoints, signed through event {}",
-            r.events, r.checkpoints, r.checkpointed_through
+        None => intact(
+            r.events as u64,
+            r.checkpoints as u64,
+            r.checkpointed_through,
         ),
         Some(t) => format!(
             "TAMPERED at line {}{}: {}",
@@ -401,12 +402,16 @@ pub fn verify_offline(file: &std::path::Path, key: &str) -> Result<(String, bool
     Ok((line, r.is_intact()))
 }
 
+/// The line for a log that verifies, on the server or offline.
+fn intact(events: u64, checkpoints: u64, through: i64) -> String {
+    format!(
+        "intact: {events} events, {checkpoints} signed checkpoints, signed through event {through}"
+    )
+}
+
 pub fn render_verify(r: &pb::VerifyLogResponse) -> String {
     match r.first_bad_position {
-        None => format!(
-            "intact: {} events, {} signed checkpoints, signed through event {}",
-            r.events, r.checkpoints, r.checkpointed_through
-        ),
+        None => intact(r.events, r.checkpoints, r.checkpointed_through),
         Some(p) => format!("TAMPERED at entry {p}: {}", r.reason),
     }
 }

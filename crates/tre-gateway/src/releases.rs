@@ -39,9 +39,10 @@ impl Services {
         // A custodian who may review it sees a held table; everyone else,
         // a custodian on the project included, only once released.
         let visible = r.status == ReleaseStatus::Released || authz::may_review(who, &p);
+        let rows = std::mem::take(&mut reply.rows);
         convert::set_status(&mut reply, r.status, &r.hold_reason);
         if visible {
-            reply.rows = body_rows(&body);
+            reply.rows = rows;
         }
         Ok(pb::GetReleaseResponse {
             release: Some(reply),
@@ -122,8 +123,18 @@ impl Services {
     }
 }
 
-fn body_rows(body: &Release) -> Vec<pb::Row> {
-    convert::release(String::new(), body, 0.0, 0.0).rows
+impl Services {
+    /// Approve, reject, request changes or withdraw: one airlock step.
+    async fn reviewed(
+        &self,
+        request: Request<pb::ReviewReleaseRequest>,
+        rpc: Rpc,
+        action: ReviewAction,
+    ) -> Result<Response<pb::ReleaseSummary>, Status> {
+        handle!(self, request, rpc, |call, who, req, note| async {
+            self.review(&call, &who, &req, action, note)
+        })
+    }
 }
 
 #[tonic::async_trait]
@@ -156,55 +167,31 @@ impl ReleaseService for Services {
         &self,
         request: Request<pb::ReviewReleaseRequest>,
     ) -> Result<Response<pb::ReleaseSummary>, Status> {
-        handle!(
-            self,
-            request,
-            Rpc::ApproveRelease,
-            |call, who, req, note| async {
-                self.review(&call, &who, &req, ReviewAction::Approve, note)
-            }
-        )
+        self.reviewed(request, Rpc::ApproveRelease, ReviewAction::Approve)
+            .await
     }
 
     async fn reject_release(
         &self,
         request: Request<pb::ReviewReleaseRequest>,
     ) -> Result<Response<pb::ReleaseSummary>, Status> {
-        handle!(
-            self,
-            request,
-            Rpc::RejectRelease,
-            |call, who, req, note| async {
-                self.review(&call, &who, &req, ReviewAction::Reject, note)
-            }
-        )
+        self.reviewed(request, Rpc::RejectRelease, ReviewAction::Reject)
+            .await
     }
 
     async fn request_changes(
         &self,
         request: Request<pb::ReviewReleaseRequest>,
     ) -> Result<Response<pb::ReleaseSummary>, Status> {
-        handle!(
-            self,
-            request,
-            Rpc::RequestChanges,
-            |call, who, req, note| async {
-                self.review(&call, &who, &req, ReviewAction::RequestChanges, note)
-            }
-        )
+        self.reviewed(request, Rpc::RequestChanges, ReviewAction::RequestChanges)
+            .await
     }
 
     async fn withdraw_release(
         &self,
         request: Request<pb::ReviewReleaseRequest>,
     ) -> Result<Response<pb::ReleaseSummary>, Status> {
-        handle!(
-            self,
-            request,
-            Rpc::WithdrawRelease,
-            |call, who, req, note| async {
-                self.review(&call, &who, &req, ReviewAction::Withdraw, note)
-            }
-        )
+        self.reviewed(request, Rpc::WithdrawRelease, ReviewAction::Withdraw)
+            .await
     }
 }

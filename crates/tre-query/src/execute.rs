@@ -695,33 +695,31 @@ fn exact_rules(
     rows: &mut [Vec<Cell>],
 ) -> usize {
     let n_keys = plan.keys.len();
-    // Laplace measurements are the main aggregate's columns, in order.
-    let laplace_col = |m: usize| {
-        plan.measurements[..m]
-            .iter()
-            .filter(|x| matches!(x.mechanism, Mechanism::Laplace(_)))
-            .count()
-    };
+    // Each SUM output and its measurement's column among the Laplace
+    // measurements (the main aggregate's columns, in order).
+    let sum_cols: Vec<(usize, usize)> = plan
+        .aggs
+        .iter()
+        .enumerate()
+        .filter_map(|(j, a)| match a.kind {
+            OutputKind::Sum { m } => Some((
+                j,
+                plan.measurements[..m]
+                    .iter()
+                    .filter(|x| matches!(x.mechanism, Mechanism::Laplace(_)))
+                    .count(),
+            )),
+            _ => None,
+        })
+        .collect();
     let mut suppressed = 0;
     for (ci, key) in cells.iter().enumerate() {
         let patients = per_cell.get(key).map_or(&[][..], Vec::as_slice);
-        let sums: Vec<(usize, Vec<f64>)> = plan
-            .aggs
+        let sums: Vec<(usize, Vec<f64>)> = sum_cols
             .iter()
-            .enumerate()
-            .filter_map(|(j, a)| match a.kind {
-                OutputKind::Sum { m } => {
-                    let l = laplace_col(m);
-                    Some((
-                        j,
-                        patients
-                            .iter()
-                            .filter_map(|p| p.get(l))
-                            .map(|v| *v as f64)
-                            .collect(),
-                    ))
-                }
-                _ => None,
+            .map(|&(j, l)| {
+                let c = patients.iter().filter_map(|p| p.get(l)).map(|v| *v as f64);
+                (j, c.collect())
             })
             .collect();
         let reasons = profile.exact_cell_rules(patients.len(), &sums);
