@@ -13,6 +13,7 @@ use std::sync::Arc;
 use datafusion::arrow::array::AsArray;
 use serde::Deserialize;
 use tre_e2e::{engine_with, fixture};
+use tre_query::soundness::ExactRelease;
 use tre_query::{Budget, Engine, Measure, PrivatePlan};
 
 #[derive(Deserialize)]
@@ -122,7 +123,7 @@ async fn conformance_corpus() {
 }
 
 /// The 20 patients with the most rows across all tables.
-async fn heaviest_patients(engine: &Engine) -> Vec<String> {
+pub(crate) async fn heaviest_patients(engine: &Engine) -> Vec<String> {
     let ctx = engine.sandbox_context();
     let batches = ctx
         .sql(
@@ -168,6 +169,84 @@ fn l1(a: &HashMap<String, Vec<i64>>, b: &HashMap<String, Vec<i64>>, col: usize) 
         .sum()
 }
 
+/// What breaks between the exact aggregates of `sql` on the dataset
+/// (`full`) and on the dataset without `patient`: a Laplace measure that
+/// moves by more than its L1 sensitivity over all cells, a quantile
+/// histogram that changes by more than the rows per patient, or a key
+/// selection that touches more than `max_groups_per_unit` keys or moves one
+/// by more than 1. Each with its class, and a run that fails is a failure.
+pub(crate) async fn neighbour_failures(
+    engine: &Engine,
+    sql: &str,
+    budget: Budget,
+    plan: &PrivatePlan,
+    full: &ExactRelease,
+    patient: &str,
+) -> Vec<(&'static str, String)> {
+    let mut failures = Vec::new();
+    let without = match engine.exact(sql, budget, &[patient.to_owned()]).await {
+        Ok(w) => w,
+        Err(e) => {
+            return vec![(
+                "execution error",
+                format!("{sql} (without {patient}): {e:?}"),
+            )];
+        }
+    };
+    let laplace: Vec<(Measure, i64)> = plan
+        .measures()
+        .into_iter()
+        .filter(|(m, _, _)| !matches!(m, Measure::Quantile { .. }))
+        .map(|(m, s, _)| (m, s))
+        .collect();
+    for (col, (m, s)) in laplace.iter().enumerate() {
+        let d = l1(&full.laplace, &without.laplace, col);
+        if d > *s {
+            failures.push((
+                "sensitivity exceeded",
+                format!("{sql}: {m:?} changed by {d} > sensitivity {s}"),
+            ));
+        }
+    }
+    let k = plan.max_rows_per_unit();
+    for (h, hw) in full.histograms.iter().zip(&without.histograms) {
+        let mut rows = 0u64;
+        for key in union_keys(h, hw) {
+            let mut counts: HashMap<i64, i64> = HashMap::new();
+            for (b, n) in h.get(key).into_iter().flatten() {
+                *counts.entry(*b).or_default() += *n as i64;
+            }
+            for (b, n) in hw.get(key).into_iter().flatten() {
+                *counts.entry(*b).or_default() -= *n as i64;
+            }
+            rows += counts.values().map(|v| v.unsigned_abs()).sum::<u64>();
+        }
+        if rows > k {
+            failures.push((
+                "sensitivity exceeded",
+                format!("{sql}: quantile rows changed {rows} > {k}"),
+            ));
+        }
+    }
+    if let Some((_, _, g)) = plan.key_selection() {
+        let diffs: Vec<i64> = union_keys(&full.selection, &without.selection)
+            .iter()
+            .map(|key| {
+                full.selection.get(*key).copied().unwrap_or(0)
+                    - without.selection.get(*key).copied().unwrap_or(0)
+            })
+            .collect();
+        let touched = diffs.iter().filter(|d| **d != 0).count() as u64;
+        if touched > u64::from(g) || diffs.iter().any(|d| d.abs() > 1) {
+            failures.push((
+                "sensitivity exceeded",
+                format!("{sql}: key selection changed {touched} keys > {g}"),
+            ));
+        }
+    }
+    failures
+}
+
 /// For every accepted case: the exact pre-noise aggregates on the dataset
 /// and on the dataset without each of the 20 patients with the most rows
 /// never differ by more than the sensitivity the compiler declared (L1 over
@@ -186,59 +265,13 @@ async fn sensitivity_is_sound() {
         let Ok((plan, budget)) = compile(&engine, &c).await else {
             continue;
         };
-        let measures = plan.measures();
-        let laplace: Vec<(Measure, i64)> = measures
-            .iter()
-            .filter(|(m, _, _)| !matches!(m, Measure::Quantile { .. }))
-            .map(|(m, s, _)| (m.clone(), *s))
-            .collect();
-        let k = plan.max_rows_per_unit();
         let full = engine
             .exact(&c.sql, budget, &[])
             .await
             .unwrap_or_else(|e| panic!("{}: {e}", c.sql));
         for p in &heavy {
-            let without = engine
-                .exact(&c.sql, budget, std::slice::from_ref(p))
-                .await
-                .unwrap_or_else(|e| panic!("{}: {e}", c.sql));
-            for (col, (m, s)) in laplace.iter().enumerate() {
-                let d = l1(&full.laplace, &without.laplace, col);
-                if d > *s {
-                    failures.push(format!("{}: {m:?} changed by {d} > sensitivity {s}", c.sql));
-                }
-            }
-            for (h, hw) in full.histograms.iter().zip(&without.histograms) {
-                let mut rows = 0u64;
-                for key in union_keys(h, hw) {
-                    let mut counts: HashMap<i64, i64> = HashMap::new();
-                    for (b, n) in h.get(key).into_iter().flatten() {
-                        *counts.entry(*b).or_default() += *n as i64;
-                    }
-                    for (b, n) in hw.get(key).into_iter().flatten() {
-                        *counts.entry(*b).or_default() -= *n as i64;
-                    }
-                    rows += counts.values().map(|v| v.unsigned_abs()).sum::<u64>();
-                }
-                if rows > k {
-                    failures.push(format!("{}: quantile rows changed {rows} > {k}", c.sql));
-                }
-            }
-            if let Some((_, _, g)) = plan.key_selection() {
-                let diffs: Vec<i64> = union_keys(&full.selection, &without.selection)
-                    .iter()
-                    .map(|key| {
-                        full.selection.get(*key).copied().unwrap_or(0)
-                            - without.selection.get(*key).copied().unwrap_or(0)
-                    })
-                    .collect();
-                let touched = diffs.iter().filter(|d| **d != 0).count() as u64;
-                if touched > u64::from(g) || diffs.iter().any(|d| d.abs() > 1) {
-                    failures.push(format!(
-                        "{}: key selection changed {touched} keys > {g}",
-                        c.sql
-                    ));
-                }
+            for (_, f) in neighbour_failures(&engine, &c.sql, budget, &plan, &full, p).await {
+                failures.push(f);
             }
         }
         checked += 1;

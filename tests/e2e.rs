@@ -9,8 +9,13 @@ use tre_core::{Code, Role};
 use tre_e2e::{authed, fixture, start};
 use tre_proto::v1 as pb;
 
+mod audit;
 mod corpus;
+mod fuzz;
 mod governance;
+mod soundness;
+mod timing;
+mod totality;
 
 const PROJECT: &str = "p1";
 
@@ -467,6 +472,9 @@ async fn budget_exhaustion_is_refused() {
 
 /// A query that fails after touching data is still charged, and the
 /// researcher sees only a generic message; the detail goes to the audit log.
+/// It is an incident (issue #10): the project is suspended, with its own
+/// audit event, until a custodian resumes it, so a failure path that ever
+/// depended on data could leak at most once per project.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failure_after_touching_data_is_charged_and_generic() {
     let f = fixture();
@@ -523,15 +531,58 @@ async fn failure_after_touching_data_is_charged_and_generic() {
         .store
         .audit_events(&tre_store::AuditFilter::default())
         .unwrap_or_else(|e| panic!("{e}"));
-    let last = events
-        .last()
-        .map(|e| &e.event)
-        .unwrap_or_else(|| panic!("no audit event"));
+    let [.., failed, suspended] = events.as_slice() else {
+        panic!("two audit events expected: {events:?}");
+    };
+    let (failed, suspended) = (&failed.event, &suspended.event);
     assert_eq!(
-        (last.outcome.as_str(), last.code.as_str()),
+        (failed.outcome.as_str(), failed.code.as_str()),
         ("failed", "TRE-E001")
     );
-    assert!(!last.detail.is_empty() && last.epsilon_nanos == 500_000_000);
+    assert!(!failed.detail.is_empty() && failed.epsilon_nanos == 500_000_000);
+    assert_eq!(
+        (
+            suspended.user.as_str(),
+            suspended.action.as_str(),
+            suspended.project.as_str()
+        ),
+        (tre_store::INCIDENT_ACTOR, "project.suspend", PROJECT)
+    );
+    assert!(
+        suspended.detail.starts_with("incident:"),
+        "{}",
+        suspended.detail
+    );
+    // Suspended: the next query is refused before it runs, at no cost.
+    let again = q
+        .submit(authed(
+            pb::QueryRequest {
+                project: PROJECT.into(),
+                sql: "SELECT COUNT(*) FROM patients".into(),
+                epsilon: Some(0.5),
+                delta: None,
+                totals: false,
+            },
+            &t,
+        ))
+        .await
+        .expect_err("suspended");
+    assert_eq!(code_of(&again), Code::ProjectNotActive.as_str());
+    assert!((server.spent(PROJECT) - 0.5).abs() < 1e-9);
+    // The history says who suspended it and why.
+    let p = server
+        .state
+        .store
+        .project(&tre_core::ProjectId::new(PROJECT).unwrap_or_else(|e| panic!("{e}")))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.status, tre_store::ProjectStatus::Suspended);
+    assert!(
+        p.history
+            .iter()
+            .any(|h| h.actor == tre_store::INCIDENT_ACTOR && h.action == "suspend"),
+        "{:?}",
+        p.history
+    );
 }
 
 /// A dry run describes the plan and its cost without spending anything.

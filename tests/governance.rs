@@ -6,6 +6,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use datafusion::arrow::array::AsArray;
+
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tre_core::{Code, ProjectId, Role, UserId};
 use tre_e2e::{Server, authed, fixture, open_state, start, start_in};
@@ -108,6 +110,7 @@ fn held_release(server: &Server, project: &str, id: &str) {
             hold_reason: "fixture".into(),
             manifest: String::new(),
             reviews: vec![],
+            review_notes: vec![],
         },
         &event,
     ));
@@ -970,6 +973,20 @@ async fn crash_recovery_keeps_every_charge() {
             .ok(),
         Some(charged)
     );
+    // An interrupted query is an incident (issue #10): the project waits
+    // for a custodian, and the suspension is in the log.
+    if interrupted > 0 {
+        assert_eq!(b.status, "suspended");
+        let suspensions = ok(store.audit_events(&AuditFilter {
+            action: Some("project.suspend".into()),
+            ..AuditFilter::default()
+        }));
+        assert!(
+            suspensions
+                .iter()
+                .any(|e| e.event.user == tre_store::INCIDENT_ACTOR && e.event.project == "p1")
+        );
+    }
 }
 
 fn pki() -> (String, String, String, String, String) {
@@ -1363,44 +1380,26 @@ async fn totals_keep_suppressed_cells_unsolvable() {
     }
 }
 
-/// Issue #5: a profile that opts in to rules on exact values (ACRO's
-/// defaults) suppresses every cell with fewer than 10 distinct patients, on
-/// exact counts, and the release and its note say the rules ran.
+/// Issue #10, finding 5: rules on exact values never decide anything the
+/// researcher sees. Under `acro_default`, which opts in to them, a query
+/// over fewer than 10 patients and one over many are both held, with the
+/// same reason and notes and no rows; only a custodian who may review a
+/// release sees what the exact rules found, and approving releases the
+/// table as the noisy rules left it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exact_rules_run_where_the_profile_opts_in() {
+async fn exact_rules_never_decide_what_the_researcher_sees() {
     let f = fixture();
-    let policy = ok(tre_policy::Policy::from_toml(
-        "acro.toml",
+    let server = tre_e2e::start_with_profile(
         &tre_e2e::POLICY.replace(
             "sdc_profile = \"nhs_sde\"",
             "sdc_profile = \"acro_default\"",
         ),
-    ));
-    let profile = ok(tre_sdc::Profile::from_toml(
-        "acro_default.toml",
         include_str!("../policies/sdc/acro_default.toml"),
-    ));
-    let engine = ok(tre_query::Engine::open(
-        policy,
-        profile,
-        &f.data,
-        Arc::clone(&f.master),
-        tre_query::Limits::default(),
-    ));
-    let sql = "SELECT age_band, sex, COUNT(*) AS n, SUM(year_of_birth) AS s FROM patients WHERE year_of_birth > 2012 GROUP BY age_band, sex";
-    let plan = ok(engine
-        .compile(sql, ok(engine.budget(Some(2.0), None)))
-        .await);
-    let release = ok(engine.execute(&plan).await);
-    assert!(release.exact_rules_applied);
-    assert!(
-        release.notes.iter().any(|n| n.starts_with(
-            "rules on exact values ran (minimum 10 patients, 2-0.9 dominance, p-ratio 0.1)"
-        )),
-        "{:?}",
-        release.notes
-    );
-    // The exact distinct patients per cell, from the plaintext copy.
+        &[("p1", &["alice"], 20.0)],
+    )
+    .await;
+    // Exact patient counts, from the plaintext copy, to pick a small and a
+    // large group.
     let ctx = datafusion::prelude::SessionContext::new();
     ok(ctx
         .register_parquet(
@@ -1412,56 +1411,103 @@ async fn exact_rules_run_where_the_profile_opts_in() {
             Default::default(),
         )
         .await);
-    let batches = ok(ok(ctx
-        .sql("SELECT age_band, sex, COUNT(*) AS n FROM patients WHERE year_of_birth > 2012 AND NOT research_opt_out GROUP BY age_band, sex")
-        .await)
-    .collect()
-    .await);
-    let mut exact: HashMap<(String, String), i64> = HashMap::new();
-    for b in &batches {
-        let text = |c: usize, r: usize| {
-            ok(datafusion::arrow::util::display::array_value_to_string(
-                b.column(c),
-                r,
-            ))
-        };
-        for r in 0..b.num_rows() {
-            let n = ok(text(2, r).parse::<i64>());
-            exact.insert((text(0, r), text(1, r)), n);
+    let exact = |pred: String| {
+        let ctx = ctx.clone();
+        async move {
+            let b = ok(ok(ctx
+                .sql(&format!(
+                    "SELECT COUNT(*) FROM patients WHERE NOT research_opt_out AND {pred}"
+                ))
+                .await)
+            .collect()
+            .await);
+            b[0].column(0)
+                .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+                .value(0)
+        }
+    };
+    let mut few = None;
+    for year in 1930..2024 {
+        let pred = format!("year_of_birth = {year} AND region = 'London'");
+        if (1..10).contains(&exact(pred.clone()).await) {
+            few = Some(pred);
+            break;
         }
     }
-    let (mut small, mut large) = (0, 0);
-    for row in &release.rows {
-        let key = |i: usize| match &row[i] {
-            tre_query::Cell::Key { value } => value.clone(),
-            other => panic!("{other:?}"),
-        };
-        let n = exact.get(&(key(0), key(1))).copied().unwrap_or(0);
-        for (i, cell) in row.iter().enumerate().skip(2) {
-            let tre_query::Cell::Value { value, reason, .. } = cell else {
-                panic!("{cell:?}");
-            };
-            if n < 10 {
-                small += 1;
-                // Every small cell is hidden; the sum, which no threshold
-                // on noisy counts covers, by the exact rule.
-                assert!(value.is_none(), "{n} patients: {cell:?}");
-                if i == 3 {
-                    assert!(reason.starts_with("minimum patients (exact)"), "{cell:?}");
-                }
-            } else {
-                large += 1;
-                assert!(
-                    !reason.contains("minimum patients"),
-                    "{n} patients: {cell:?}"
-                );
-            }
-        }
+    let few = few.unwrap_or_else(|| panic!("no small group in the fixture"));
+    let many = "year_of_birth < 1990".to_owned();
+    assert!(exact(many.clone()).await >= 10);
+
+    let ch = server.channel().await;
+    let mut q = QueryServiceClient::new(ch.clone());
+    let mut r = ReleaseServiceClient::new(ch);
+    let alice = server.token("alice", Role::Researcher);
+    let carol = server.token("carol", Role::Custodian);
+    let mut replies = Vec::new();
+    for pred in [&few, &many] {
+        let sql =
+            format!("SELECT SUM(CASE WHEN TRUE THEN 1 ELSE 0 END) AS n FROM patients WHERE {pred}");
+        let reply = ok(q
+            .submit(authed(
+                pb::QueryRequest {
+                    project: "p1".into(),
+                    sql,
+                    epsilon: Some(1.0),
+                    delta: None,
+                    totals: false,
+                },
+                &alice,
+            ))
+            .await)
+        .into_inner();
+        replies.push(reply);
+    }
+    // Identical to the researcher, whatever the exact counts.
+    for reply in &replies {
+        assert_eq!(reply.status, "held");
+        assert!(reply.rows.is_empty());
+        assert_eq!(reply.hold_reason, replies[0].hold_reason);
+        assert_eq!(reply.notes, replies[0].notes);
     }
     assert!(
-        small > 0 && large > 0,
-        "the query must have small and large cells: {small} {large}"
+        replies[0].hold_reason.contains("checks exact values"),
+        "{}",
+        replies[0].hold_reason
     );
+    let notes_for = |token: &str, id: &str| {
+        let mut r = r.clone();
+        let req = authed(pb::GetReleaseRequest { id: id.into() }, token);
+        async move { ok(r.get_release(req).await).into_inner().review_notes }
+    };
+    let (small, large) = (&replies[0].release_id, &replies[1].release_id);
+    assert!(
+        notes_for(&alice, small).await.is_empty(),
+        "researchers never see them"
+    );
+    let found = notes_for(&carol, small).await;
+    assert!(
+        found.iter().any(|n| n.contains("minimum patients")),
+        "the reviewer sees the exact finding: {found:?}"
+    );
+    assert!(
+        notes_for(&carol, large).await.is_empty(),
+        "no finding on a large group"
+    );
+    // Approved, the table is as the rules on noisy values left it.
+    ok(r.approve_release(authed(
+        pb::ReviewReleaseRequest {
+            id: large.clone(),
+            reason: "reviewed".into(),
+        },
+        &carol,
+    ))
+    .await);
+    let released = ok(r
+        .get_release(authed(pb::GetReleaseRequest { id: large.clone() }, &alice))
+        .await)
+    .into_inner();
+    let rows = released.release.map(|x| x.rows).unwrap_or_default();
+    assert_eq!(rows.len(), 1);
 }
 
 /// Issue #5: with `mode = "always"` and two approvals, every release waits

@@ -67,6 +67,59 @@ pub fn fixture() -> &'static Fixture {
     })
 }
 
+/// The batches of one encrypted extract, `dir/<table>.parquet`.
+pub fn read_extract(
+    dir: &std::path::Path,
+    table: &str,
+    master: &Arc<MasterKey>,
+) -> Vec<datafusion::arrow::array::RecordBatch> {
+    use datafusion::parquet::arrow::arrow_reader::{
+        ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+    };
+    let dataset = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let file =
+        std::fs::File::open(dir.join(format!("{table}.parquet"))).unwrap_or_else(|e| panic!("{e}"));
+    let options = ArrowReaderOptions::new().with_file_decryption_properties(
+        master
+            .file_decryption(&tre_synth::file_id(dataset, table))
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    ParquetRecordBatchReaderBuilder::try_new_with_options(file, options)
+        .and_then(|b| b.build())
+        .unwrap_or_else(|e| panic!("{e}"))
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Write `batches` as the encrypted extract `dir/<table>.parquet`, as the
+/// generator would.
+pub fn write_extract(
+    dir: &std::path::Path,
+    table: &str,
+    master: &MasterKey,
+    batches: &[datafusion::arrow::array::RecordBatch],
+) {
+    use datafusion::parquet::arrow::ArrowWriter;
+    use datafusion::parquet::file::properties::WriterProperties;
+    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{e}"));
+    let dataset = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let props = WriterProperties::builder()
+        .with_file_encryption_properties(
+            master
+                .file_encryption(&tre_synth::file_id(dataset, table))
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
+        .build();
+    let file = std::fs::File::create(dir.join(format!("{table}.parquet")))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut w = ArrowWriter::try_new(file, tre_synth::schema(table), Some(props))
+        .unwrap_or_else(|e| panic!("{e}"));
+    for b in batches {
+        w.write(b).unwrap_or_else(|e| panic!("{e}"));
+    }
+    w.close().unwrap_or_else(|e| panic!("{e}"));
+}
+
 pub fn policy() -> Policy {
     Policy::from_toml("policies/nhs_epr.toml", POLICY).unwrap_or_else(|e| panic!("{e}"))
 }
@@ -131,10 +184,21 @@ pub fn open_state_with(
     projects: &[(&str, &[&str], f64)],
     policy: Policy,
 ) -> AppState {
-    // Not `fixture().master`: a child server process must not generate data.
-    let master = Arc::new(MasterKey::from_bytes(&MASTER).unwrap_or_else(|e| panic!("{e}")));
     let profile =
         Profile::from_toml("policies/sdc/nhs_sde.toml", NHS_SDE).unwrap_or_else(|e| panic!("{e}"));
+    open_state_profiled(state_dir, data, projects, policy, profile)
+}
+
+/// `open_state` under another policy and disclosure profile.
+pub fn open_state_profiled(
+    state_dir: &std::path::Path,
+    data: &std::path::Path,
+    projects: &[(&str, &[&str], f64)],
+    policy: Policy,
+    profile: Profile,
+) -> AppState {
+    // Not `fixture().master`: a child server process must not generate data.
+    let master = Arc::new(MasterKey::from_bytes(&MASTER).unwrap_or_else(|e| panic!("{e}")));
     let engine = Engine::open(policy, profile, data, master, Limits::default())
         .unwrap_or_else(|e| panic!("{e}"));
     let notary: Arc<dyn tre_store::Notary> =
@@ -188,10 +252,22 @@ pub async fn start_in(
 
 /// Start a gateway under the policy text `policy_toml`.
 pub async fn start_with_policy(policy_toml: &str, projects: &[(&str, &[&str], f64)]) -> Server {
+    start_with_profile(policy_toml, NHS_SDE, projects).await
+}
+
+/// Start a gateway under the policy text `policy_toml` and the disclosure
+/// profile text `profile_toml`.
+pub async fn start_with_profile(
+    policy_toml: &str,
+    profile_toml: &str,
+    projects: &[(&str, &[&str], f64)],
+) -> Server {
     let state_dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let policy =
         Policy::from_toml("test-policy.toml", policy_toml).unwrap_or_else(|e| panic!("{e}"));
-    let state = open_state_with(state_dir.path(), &fixture().data, projects, policy);
+    let profile =
+        Profile::from_toml("test-profile.toml", profile_toml).unwrap_or_else(|e| panic!("{e}"));
+    let state = open_state_profiled(state_dir.path(), &fixture().data, projects, policy, profile);
     serve_state(state_dir, state, None).await
 }
 

@@ -199,15 +199,20 @@ pub async fn catalog(args: CatalogArgs) -> Result<()> {
             let r = rpc(c.catalog.list_datasets(pb::ListDatasetsRequest {}).await)?;
             for d in r.datasets {
                 println!(
-                    "{} — {}\n  privacy unit: {}; sdc profile: {}; epsilon per query: default {}, max {}\n  tables: {}",
+                    "{} — {}\n  privacy unit: {}; sdc profile: {}; epsilon per query: min {}, default {}, max {}\n  tables: {}",
                     d.name,
                     d.description,
                     d.privacy_unit,
                     d.sdc_profile,
+                    d.min_epsilon_per_query,
                     d.default_epsilon_per_query,
                     d.max_epsilon_per_query,
                     d.tables.join(", ")
                 );
+                println!("  functions (each cannot fail on any value):");
+                for f in &d.functions {
+                    println!("    {}", f.arguments);
+                }
             }
         }
         Some(t) => {

@@ -560,6 +560,12 @@ fn print_release(r: &pb::GetReleaseResponse) {
     for v in &r.reviews {
         println!("  {} {} {}: {}", v.at, v.reviewer, v.decision, v.reason);
     }
+    if !r.review_notes.is_empty() {
+        println!("checks on exact values (for the reviewing custodian only):");
+        for n in &r.review_notes {
+            println!("  {n}");
+        }
+    }
 }
 
 pub async fn review(cmd: ReviewCommand) -> Result<()> {

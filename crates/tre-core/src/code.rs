@@ -78,6 +78,11 @@ codes! {
     PrivacyUnitLost = "TRE-Q026",
     IdentifierInExpression = "TRE-Q027",
     TotalsShape = "TRE-Q028",
+    /// The expressions could cost more work per row (or per patient) than
+    /// the bound that keeps run time from depending on one patient.
+    TooMuchWork = "TRE-Q029",
+    /// The same group key twice.
+    DuplicateGroupKey = "TRE-Q030",
 
     // Budget.
     BudgetExhausted = "TRE-B001",
@@ -85,6 +90,8 @@ codes! {
     DeltaAboveCap = "TRE-B003",
     DeltaBudgetExhausted = "TRE-B004",
     DatasetLifetimeExhausted = "TRE-B005",
+    /// Below the policy's per-query floor: probing must cost something.
+    EpsilonBelowFloor = "TRE-B006",
 
     // Policy files.
     PolicyInvalid = "TRE-P001",

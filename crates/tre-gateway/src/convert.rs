@@ -90,6 +90,15 @@ pub(crate) fn dataset(p: &Policy) -> pb::Dataset {
         sdc_profile: p.sdc_profile.clone(),
         default_epsilon_per_query: p.budget.default_epsilon_per_query.value(),
         max_epsilon_per_query: p.budget.max_epsilon_per_query.value(),
+        min_epsilon_per_query: p.budget.min_epsilon_per_query.value(),
+        functions: tre_query::functions()
+            .into_iter()
+            .map(|f| pb::Function {
+                name: f.name.to_owned(),
+                arguments: f.signature(),
+                total_because: f.total_because.to_owned(),
+            })
+            .collect(),
     }
 }
 

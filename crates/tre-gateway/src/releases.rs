@@ -38,7 +38,8 @@ impl Services {
         let mut reply = convert::release(r.id.clone(), &body, p.remaining(), p.delta_remaining());
         // A custodian who may review it sees a held table; everyone else,
         // a custodian on the project included, only once released.
-        let visible = r.status == ReleaseStatus::Released || authz::may_review(who, &p);
+        let reviewer = authz::may_review(who, &p);
+        let visible = r.status == ReleaseStatus::Released || reviewer;
         let rows = std::mem::take(&mut reply.rows);
         convert::set_status(&mut reply, r.status, &r.hold_reason);
         if visible {
@@ -58,6 +59,12 @@ impl Services {
             },
             public_key: hex::encode(self.state.store.audit_public_key()),
             reviews: convert::reviews(&r.reviews),
+            // Findings on exact data are for the reviewing custodian alone.
+            review_notes: if reviewer {
+                r.review_notes.clone()
+            } else {
+                Vec::new()
+            },
         })
     }
 

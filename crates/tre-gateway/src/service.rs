@@ -424,6 +424,7 @@ impl Services {
         let hold = policy.review.hold_reason(
             (cells.released + cells.rounded + cells.suppressed) as usize,
             cells.suppressed > 0,
+            release.exact_rules_applied,
         );
         let stored = StoredRelease {
             id,
@@ -441,6 +442,7 @@ impl Services {
             hold_reason: hold.unwrap_or_default(),
             manifest,
             reviews: vec![],
+            review_notes: release.review_notes.clone(),
         };
         note.release_id = stored.id.clone();
         note.release_hash = stored.body_hash.clone();

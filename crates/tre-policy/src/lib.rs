@@ -66,10 +66,18 @@ pub struct ReviewPolicy {
 
 impl ReviewPolicy {
     /// Must a release with `cells` cells, `flagged` if any was suppressed,
-    /// wait for review? Returns why, if so.
-    pub fn hold_reason(&self, cells: usize, flagged: bool) -> Option<String> {
+    /// wait for review? Returns why, if so. `exact_rules` (the disclosure
+    /// profile checks exact values) holds every release whatever the mode:
+    /// those checks may inform a custodian but must never decide a branch
+    /// the researcher can see, so the hold cannot depend on them (issue
+    /// #10). Both inputs here depend on noisy values only.
+    pub fn hold_reason(&self, cells: usize, flagged: bool, exact_rules: bool) -> Option<String> {
         let too_big = self.max_cells.is_some_and(|m| cells as u64 > m);
         match self.mode {
+            _ if exact_rules => Some(
+                "the disclosure profile checks exact values, so every release is reviewed by a custodian"
+                    .into(),
+            ),
             ReviewMode::None => None,
             ReviewMode::Always => Some("every release of this dataset is reviewed".into()),
             ReviewMode::Flagged if flagged => {
@@ -92,6 +100,9 @@ pub struct ColumnRef {
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BudgetPolicy {
+    /// The least epsilon one query may spend, so that probing costs
+    /// something (defence in depth: every released value is noisy anyway).
+    pub min_epsilon_per_query: Epsilon,
     /// Used when a researcher does not ask for a specific epsilon.
     pub default_epsilon_per_query: Epsilon,
     pub max_epsilon_per_query: Epsilon,

@@ -72,9 +72,16 @@ fn default_max_groups() -> i64 {
     1
 }
 
+/// The per-query epsilon floor when a policy does not set one.
+fn default_min_epsilon() -> f64 {
+    0.01
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawBudget {
+    #[serde(default = "default_min_epsilon")]
+    min_epsilon_per_query: f64,
     default_epsilon_per_query: f64,
     max_epsilon_per_query: f64,
     project_epsilon: f64,
@@ -151,6 +158,10 @@ impl RawPolicy {
         }
         let b = self.budget;
         let budget = BudgetPolicy {
+            min_epsilon_per_query: epsilon(
+                "budget.min_epsilon_per_query",
+                b.min_epsilon_per_query,
+            )?,
             default_epsilon_per_query: epsilon(
                 "budget.default_epsilon_per_query",
                 b.default_epsilon_per_query,
@@ -206,6 +217,12 @@ impl RawPolicy {
                     "name a public reference table shipped under datasets/reference/, e.g. \"icd10_codes\"",
                 ));
             }
+        }
+        if budget.min_epsilon_per_query > budget.default_epsilon_per_query {
+            return Err(invalid(
+                "budget.min_epsilon_per_query",
+                "must not exceed budget.default_epsilon_per_query",
+            ));
         }
         if budget.default_epsilon_per_query > budget.max_epsilon_per_query {
             return Err(invalid(

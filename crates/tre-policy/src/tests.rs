@@ -27,6 +27,13 @@ columns.dod = { class = "date", bounds = ["2020-01-01", "2024-12-31"] }
 #[test]
 fn shipped_policy_is_valid() {
     let p = Policy::from_toml("policies/nhs_epr.toml", SHIPPED).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.budget.min_epsilon_per_query.value(), 0.01);
+    let base = Policy::from_toml("base.toml", BASE).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        base.budget.min_epsilon_per_query.value(),
+        0.01,
+        "the floor defaults to 0.01"
+    );
     assert_eq!(p.privacy_unit, "person_id");
     assert_eq!(p.tables.len(), 4);
     assert_eq!(p.table("admissions").map(|t| t.max_rows_per_unit), Some(5));
@@ -99,6 +106,18 @@ fn invalid_policies_name_the_field() {
             "project_epsilon = 10.0",
             "project_epsilon = -1.0",
             "budget.project_epsilon",
+        ),
+        // Issue #10: the per-query floor is a positive epsilon no larger
+        // than the default.
+        (
+            "default_epsilon_per_query = 0.5",
+            "min_epsilon_per_query = 0.6\ndefault_epsilon_per_query = 0.5",
+            "budget.min_epsilon_per_query",
+        ),
+        (
+            "default_epsilon_per_query = 0.5",
+            "min_epsilon_per_query = 0.0\ndefault_epsilon_per_query = 0.5",
+            "budget.min_epsilon_per_query",
         ),
         (
             "lifetime_epsilon = 50.0",

@@ -7,7 +7,7 @@
 //! researcher's HAVING / ORDER BY / LIMIT / arithmetic run in DataFusion
 //! over the noisy table alone.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch, UInt64Array};
@@ -45,8 +45,15 @@ async fn collect(ctx: &SessionContext, plan: &LogicalPlan) -> Result<Vec<RecordB
         .map_err(exec_err)
 }
 
+/// `x` limited to the i64 range. Saturation is 1-Lipschitz, so a sum's
+/// sensitivity survives it, and it never fails: a check that failed on
+/// large sums would tell the researcher how large the exact sum is.
+fn saturate(x: i128) -> i64 {
+    i64::try_from(x).unwrap_or(if x < 0 { i64::MIN } else { i64::MAX })
+}
+
 /// Read an exact integer measurement (Int64 count or Decimal128 fixed-point
-/// sum), checking that it fits.
+/// sum, saturated to i64).
 fn read_i64(array: &ArrayRef, row: usize) -> Result<i64, QueryError> {
     if array.is_null(row) {
         return Ok(0);
@@ -55,9 +62,7 @@ fn read_i64(array: &ArrayRef, row: usize) -> Result<i64, QueryError> {
         return Ok(a.value(row));
     }
     if let Some(a) = array.as_primitive_opt::<Decimal128Type>() {
-        return i64::try_from(a.value(row)).map_err(|_| QueryError::Execution {
-            detail: "a fixed-point sum overflowed 64 bits".into(),
-        });
+        return Ok(saturate(a.value(row)));
     }
     Err(QueryError::Internal(format!(
         "measurement of type {} is not an integer",
@@ -98,6 +103,20 @@ async fn exact_with(
     per_patient: Option<&PerPatient>,
 ) -> Result<Exact, QueryError> {
     let n_keys = plan.keys.len();
+    // Only cells that can be released reach a mechanism: public keys inside
+    // their domains, selected keys not NULL. Other groups (NULL or values
+    // outside a declared domain) are dropped here, once.
+    let domains: Vec<Option<HashSet<&ScalarValue>>> = plan
+        .keys
+        .iter()
+        .map(|k| k.domain.as_ref().map(|d| d.iter().collect()))
+        .collect();
+    let releasable = |key: &Key| {
+        key.iter().zip(&domains).all(|(v, d)| match d {
+            Some(d) => d.contains(v),
+            None => !v.is_null(),
+        })
+    };
     let mut selection = None;
     if let Some(s) = &plan.selection {
         let mut counts = HashMap::new();
@@ -115,22 +134,25 @@ async fn exact_with(
     let mut laplace = HashMap::new();
     match per_patient {
         Some(cells) => {
-            for (key, patients) in cells {
-                let mut sums = vec![0i64; patients.first().map_or(0, Vec::len)];
+            for (key, patients) in cells.iter().filter(|(k, _)| releasable(k)) {
+                // In i128, which 2^64 patients of i64 values cannot
+                // overflow; then saturated like any other sum.
+                let mut sums = vec![0i128; patients.first().map_or(0, Vec::len)];
                 for p in patients {
                     for (s, v) in sums.iter_mut().zip(p) {
-                        *s = s.checked_add(*v).ok_or_else(|| {
-                            QueryError::Internal("an exact sum overflowed i64".into())
-                        })?;
+                        *s += i128::from(*v);
                     }
                 }
-                laplace.insert(key.clone(), sums);
+                laplace.insert(key.clone(), sums.into_iter().map(saturate).collect());
             }
         }
         None => {
             for b in collect(ctx, &plan.main).await? {
                 for r in 0..b.num_rows() {
                     let key = key_of(&b, n_keys, r)?;
+                    if !releasable(&key) {
+                        continue;
+                    }
                     let values = (n_keys..b.num_columns())
                         .map(|c| read_i64(b.column(c), r))
                         .collect::<Result<Vec<_>, _>>()?;
@@ -148,11 +170,13 @@ async fn exact_with(
                 if bucket.is_null(r) {
                     continue;
                 }
+                let key = key_of(&b, n_keys, r)?;
+                if !releasable(&key) {
+                    continue;
+                }
                 let bucket = read_i64(bucket, r)?;
                 let n = u64::try_from(read_i64(b.column(n_keys + 1), r)?).unwrap_or(0);
-                h.entry(key_of(&b, n_keys, r)?)
-                    .or_default()
-                    .push((bucket, n));
+                h.entry(key).or_default().push((bucket, n));
             }
         }
         histograms.push((*m, h));
@@ -164,29 +188,32 @@ async fn exact_with(
     })
 }
 
-pub(crate) async fn execute(
-    ctx: &SessionContext,
-    plan: &PrivatePlan,
-    profile: &Profile,
-) -> Result<Release, QueryError> {
-    let per_patient = if profile.exact_rules {
-        Some(per_patient(ctx, plan).await?)
-    } else {
-        None
-    };
-    let exact = exact_with(ctx, plan, per_patient.as_ref()).await?;
-    let dp = |e: tre_dp::DpError| QueryError::Internal(e.to_string());
+/// The mechanisms' output: the cells to release (public domains and the
+/// keys DP key selection kept) and each measurement's noisy value per cell.
+pub(crate) struct Noisy {
+    pub(crate) cells: Vec<Key>,
+    /// How many key tuples key selection kept.
+    pub(crate) selected: usize,
+    /// Per measurement, per cell: counts and fixed-point sums as integers,
+    /// quantiles in the value's units.
+    pub(crate) values: Vec<Vec<f64>>,
+}
 
+/// Run every mechanism of the plan once over the exact aggregates: key
+/// selection, then discrete Laplace noise or a private quantile for every
+/// cell (empty cells included). The only place noise is drawn.
+pub(crate) fn noise(plan: &PrivatePlan, exact: &Exact) -> Result<Noisy, QueryError> {
+    let dp = |e: tre_dp::DpError| QueryError::Internal(e.to_string());
     // Which values each key takes: public domains, or the selected keys.
     let mut selected: Vec<Key> = Vec::new();
-    if let (Some(s), Some(counts)) = (&plan.selection, exact.selection) {
+    if let (Some(s), Some(counts)) = (&plan.selection, &exact.selection) {
         // OpenDP's threshold mechanism works on string keys; map back.
         let mut by_text: HashMap<String, Key> = HashMap::new();
         let mut text_counts = HashMap::new();
         for (k, v) in counts {
             let text = format!("{k:?}");
-            text_counts.insert(text.clone(), v);
-            by_text.insert(text, k);
+            text_counts.insert(text.clone(), *v);
+            by_text.insert(text, k.clone());
         }
         let kept = s.mechanism.select(text_counts).map_err(dp)?;
         selected = kept.keys().filter_map(|t| by_text.remove(t)).collect();
@@ -224,19 +251,18 @@ pub(crate) async fn execute(
     }
 
     // Noisy measurements per cell.
-    let alpha = 1.0 - CONFIDENCE;
-    let mut noisy: Vec<Vec<f64>> = vec![Vec::new(); plan.measurements.len()];
+    let mut values: Vec<Vec<f64>> = vec![Vec::new(); plan.measurements.len()];
     let mut laplace_col = 0;
     for (m, measurement) in plan.measurements.iter().enumerate() {
         match &measurement.mechanism {
             Mechanism::Laplace(l) => {
-                let values: Vec<i64> = cells
+                let exact_values: Vec<i64> = cells
                     .iter()
                     .map(|k| exact.laplace.get(k).map_or(0, |v| v[laplace_col]))
                     .collect();
                 laplace_col += 1;
-                noisy[m] = l
-                    .release_all(&values)
+                values[m] = l
+                    .release_all(&exact_values)
                     .map_err(dp)?
                     .into_iter()
                     .map(|v| v as f64)
@@ -251,7 +277,7 @@ pub(crate) async fn execute(
                 };
                 let width = (hi - lo) / q.buckets() as f64;
                 let empty = Vec::new();
-                noisy[m] = cells
+                values[m] = cells
                     .iter()
                     .map(|k| {
                         q.release(hist.get(k).unwrap_or(&empty))
@@ -262,6 +288,31 @@ pub(crate) async fn execute(
             }
         }
     }
+    Ok(Noisy {
+        cells,
+        selected: selected.len(),
+        values,
+    })
+}
+
+pub(crate) async fn execute(
+    ctx: &SessionContext,
+    plan: &PrivatePlan,
+    profile: &Profile,
+) -> Result<Release, QueryError> {
+    let per_patient = if profile.exact_rules {
+        Some(per_patient(ctx, plan).await?)
+    } else {
+        None
+    };
+    let exact = exact_with(ctx, plan, per_patient.as_ref()).await?;
+    let Noisy {
+        cells,
+        selected,
+        values: noisy,
+    } = noise(plan, &exact)?;
+    let dp = |e: tre_dp::DpError| QueryError::Internal(e.to_string());
+    let alpha = 1.0 - CONFIDENCE;
 
     // Cells of the release aggregate, after SDC.
     let slack = profile.rounding_slack();
@@ -295,14 +346,26 @@ pub(crate) async fn execute(
                         out.reason,
                     )
                 }
-                OutputKind::Sum { m } => {
+                OutputKind::Sum {
+                    m,
+                    contributors,
+                    count_like,
+                } => {
                     let hw = lap(m)?.half_width(alpha).map_err(dp)? / FIXED_POINT_SCALE;
                     let v = noisy[m][ci] / FIXED_POINT_SCALE;
+                    // A sum is judged by how many rows contribute to it, and
+                    // a sum of values in [0, 1] is a count in disguise.
+                    let out = if count_like {
+                        profile.count_cell(v.round() as i64)
+                    } else {
+                        profile.derived_cell(v, noisy[contributors][ci] as i64)
+                    };
+                    let hw = if count_like { hw + slack } else { hw };
                     value_cell(
-                        Some(v),
-                        Some((v - hw, v + hw)),
-                        tre_sdc::Status::Released,
-                        String::new(),
+                        out.value,
+                        out.value.map(|v| (v - hw, v + hw)),
+                        out.status,
+                        out.reason,
                     )
                 }
                 OutputKind::Avg {
@@ -392,21 +455,19 @@ pub(crate) async fn execute(
                         value_cell(out.value, out.value.map(|_| iv), out.status, out.reason)
                     }
                 }
-                OutputKind::Quantile { m } => value_cell(
-                    Some(noisy[m][ci]),
-                    None,
-                    tre_sdc::Status::Released,
-                    String::new(),
-                ),
+                OutputKind::Quantile { m, count } => {
+                    let out = profile.derived_cell(noisy[m][ci], noisy[count][ci] as i64);
+                    value_cell(out.value, None, out.status, out.reason)
+                }
             };
             row.push(cell);
         }
         agg_cells.push(row);
     }
 
-    let exact_suppressed = match &per_patient {
-        Some(facts) => exact_rules(plan, profile, facts, &cells, &mut agg_cells),
-        None => 0,
+    let review_notes = match &per_patient {
+        Some(facts) => exact_rule_findings(plan, profile, facts, &cells),
+        None => Vec::new(),
     };
     let rows = if plan.totals {
         let scales: Vec<f64> = plan
@@ -454,13 +515,13 @@ pub(crate) async fn execute(
     if let Some(s) = &plan.selection {
         notes.push(format!(
             "{} key(s) released by DP key selection (threshold {} patients before noise)",
-            selected.len(),
+            selected,
             s.mechanism.threshold()
         ));
     }
     if profile.exact_rules {
         notes.push(format!(
-            "rules on exact values ran ({}): {exact_suppressed} cell(s) suppressed; which cells they suppress depends on exact data, which the differential-privacy guarantee does not cover",
+            "this profile checks exact values ({}); they decide nothing automatically: every release waits for a custodian, who alone sees what the checks found",
             profile.exact_rule_names().join(", ")
         ));
     }
@@ -478,6 +539,7 @@ pub(crate) async fn execute(
         sdc_outcome: outcome.as_str().to_owned(),
         exact_rules_applied: profile.exact_rules,
         notes,
+        review_notes,
     })
 }
 
@@ -498,15 +560,14 @@ fn ratio_interval(s: f64, hs: f64, c: f64, hc: f64) -> Option<(f64, f64)> {
     ))
 }
 
-/// Run the researcher's post-processing (HAVING, ORDER BY, LIMIT,
-/// arithmetic) over the noisy cells, in DataFusion, and map each output
-/// column back to its noisy cell where it passes one through unchanged.
-async fn post_process(
-    ctx: &SessionContext,
+/// The researcher's plan with its release aggregate replaced by a table of
+/// the noisy cells: HAVING, ORDER BY, LIMIT, windows and arithmetic then
+/// see released values only. Each output row carries its cell's id.
+fn post_plan(
     plan: &PrivatePlan,
     cells: &[Key],
     agg_cells: &[Vec<Cell>],
-) -> Result<Vec<Vec<Cell>>, QueryError> {
+) -> Result<LogicalPlan, QueryError> {
     let internal = |e: datafusion::error::DataFusionError| {
         QueryError::Internal(format!("post-processing: {e}"))
     };
@@ -591,6 +652,22 @@ async fn post_process(
         })
         .map_err(internal)?
         .data;
+    Ok(post)
+}
+
+/// Run the researcher's post-processing (HAVING, ORDER BY, LIMIT,
+/// arithmetic) over the noisy cells, in DataFusion, and map each output
+/// column back to its noisy cell where it passes one through unchanged.
+async fn post_process(
+    ctx: &SessionContext,
+    plan: &PrivatePlan,
+    cells: &[Key],
+    agg_cells: &[Vec<Cell>],
+) -> Result<Vec<Vec<Cell>>, QueryError> {
+    let internal = |e: datafusion::error::DataFusionError| {
+        QueryError::Internal(format!("post-processing: {e}"))
+    };
+    let post = post_plan(plan, cells, agg_cells)?;
     let batches = collect(ctx, &post).await.map_err(|e| match e {
         QueryError::Execution { detail } => {
             QueryError::Internal(format!("post-processing: {detail}"))
@@ -658,17 +735,7 @@ fn relation_f64(v: &ScalarValue) -> Option<f64> {
 /// Per cell and patient, each Laplace measurement's exact contribution: one
 /// scan of the bounded input grouped by the keys and the privacy unit.
 async fn per_patient(ctx: &SessionContext, plan: &PrivatePlan) -> Result<PerPatient, QueryError> {
-    let (LogicalPlan::Aggregate(main), Some(unit)) = (&plan.main, &plan.unit) else {
-        return Err(QueryError::Internal(
-            "rules on exact values need the privacy unit in the aggregated relation".into(),
-        ));
-    };
-    let mut groups = main.group_expr.clone();
-    groups.push(Expr::Column(unit.clone()).alias("__unit"));
-    let facts = LogicalPlanBuilder::from(Arc::clone(&main.input))
-        .aggregate(groups, main.aggr_expr.clone())
-        .and_then(|b| b.build())
-        .map_err(|e| QueryError::Internal(format!("building exact-rule facts: {e}")))?;
+    let facts = per_patient_plan(plan)?;
     let n_keys = plan.keys.len();
     let mut per_cell: PerPatient = HashMap::new();
     for b in collect(ctx, &facts).await? {
@@ -683,18 +750,68 @@ async fn per_patient(ctx: &SessionContext, plan: &PrivatePlan) -> Result<PerPati
     Ok(per_cell)
 }
 
+/// The main aggregate grouped by the privacy unit as well.
+fn per_patient_plan(plan: &PrivatePlan) -> Result<LogicalPlan, QueryError> {
+    let (LogicalPlan::Aggregate(main), Some(unit)) = (&plan.main, &plan.unit) else {
+        return Err(QueryError::Internal(
+            "rules on exact values need the privacy unit in the aggregated relation".into(),
+        ));
+    };
+    let mut groups = main.group_expr.clone();
+    groups.push(Expr::Column(unit.clone()).alias("__unit"));
+    LogicalPlanBuilder::from(Arc::clone(&main.input))
+        .aggregate(groups, main.aggr_expr.clone())
+        .and_then(|b| b.build())
+        .map_err(|e| QueryError::Internal(format!("building exact-rule facts: {e}")))
+}
+
+/// Put every plan the engine will run for `plan` through DataFusion's
+/// optimizer at compile time, before anything is charged: planning
+/// depends on the query alone, so a planning failure must be a free
+/// refusal, never a failure after the reservation (which would be an
+/// incident).
+pub(crate) fn preflight(
+    ctx: &SessionContext,
+    plan: &PrivatePlan,
+    profile_exact_rules: bool,
+) -> Result<(), QueryError> {
+    let mut plans: Vec<LogicalPlan> = vec![plan.main.clone()];
+    plans.extend(plan.quantiles.iter().map(|(_, p)| p.clone()));
+    plans.extend(plan.selection.iter().map(|s| s.plan.clone()));
+    if !plan.totals {
+        plans.push(post_plan(plan, &[], &[])?);
+    }
+    if profile_exact_rules && plan.unit.is_some() {
+        plans.push(per_patient_plan(plan)?);
+    }
+    let state = ctx.state();
+    for p in &plans {
+        state.optimize(p).map_err(|e| {
+            let msg = e.to_string();
+            QueryError::refused(
+                tre_core::Code::UnsupportedExpression,
+                format!(
+                    "the query cannot be planned: {}; simplify the expression",
+                    msg.lines().last().unwrap_or_default()
+                ),
+            )
+        })?;
+    }
+    Ok(())
+}
+
 /// The profile's rules on exact values, opted into per profile: minimum
 /// distinct patients per cell, and n-k dominance and the p-ratio rule on
-/// SUM cells, from each patient's exact contribution. Returns how many
-/// cells they suppressed.
-fn exact_rules(
+/// SUM cells, from each patient's exact contribution. They decide nothing
+/// the researcher sees (a branch on exact data would be an exact oracle):
+/// their findings go to the reviewing custodian, and every release of such
+/// a profile is held for review. Issue #10.
+fn exact_rule_findings(
     plan: &PrivatePlan,
     profile: &Profile,
     per_cell: &PerPatient,
     cells: &[Key],
-    rows: &mut [Vec<Cell>],
-) -> usize {
-    let n_keys = plan.keys.len();
+) -> Vec<String> {
     // Each SUM output and its measurement's column among the Laplace
     // measurements (the main aggregate's columns, in order).
     let sum_cols: Vec<(usize, usize)> = plan
@@ -702,7 +819,7 @@ fn exact_rules(
         .iter()
         .enumerate()
         .filter_map(|(j, a)| match a.kind {
-            OutputKind::Sum { m } => Some((
+            OutputKind::Sum { m, .. } => Some((
                 j,
                 plan.measurements[..m]
                     .iter()
@@ -712,8 +829,9 @@ fn exact_rules(
             _ => None,
         })
         .collect();
-    let mut suppressed = 0;
-    for (ci, key) in cells.iter().enumerate() {
+    let n_keys = plan.keys.len();
+    let mut findings = Vec::new();
+    for key in cells {
         let patients = per_cell.get(key).map_or(&[][..], Vec::as_slice);
         let sums: Vec<(usize, Vec<f64>)> = sum_cols
             .iter()
@@ -722,21 +840,41 @@ fn exact_rules(
                 (j, c.collect())
             })
             .collect();
-        let reasons = profile.exact_cell_rules(patients.len(), &sums);
-        for (target, reason) in reasons {
-            for j in 0..plan.aggs.len() {
-                if target.is_some_and(|t| t != j) {
-                    continue;
+        let cell: Vec<String> = key
+            .iter()
+            .zip(&plan.keys)
+            .map(|(v, k)| {
+                format!(
+                    "{}={}",
+                    k.name,
+                    if v.is_null() {
+                        String::new()
+                    } else {
+                        v.to_string()
+                    }
+                )
+            })
+            .collect();
+        for (target, reason) in profile.exact_cell_rules(patients.len(), &sums) {
+            let column = match target {
+                Some(j) => plan
+                    .agg_schema
+                    .fields()
+                    .get(n_keys + j)
+                    .map_or_else(String::new, |f| f.name().clone()),
+                None => "every value".to_owned(),
+            };
+            findings.push(format!(
+                "cell ({}), {column}: {reason}",
+                if cell.is_empty() {
+                    "all".to_owned()
+                } else {
+                    cell.join(", ")
                 }
-                let cell = &mut rows[ci][n_keys + j];
-                if matches!(cell, Cell::Value { value: Some(_), .. }) {
-                    suppressed += 1;
-                    *cell = value_cell(None, None, tre_sdc::Status::Suppressed, reason.clone());
-                }
-            }
+            ));
         }
     }
-    suppressed
+    findings
 }
 
 /// The release rows followed by total rows ("Total" in the summed key),

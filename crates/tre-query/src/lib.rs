@@ -20,11 +20,14 @@ use tre_vault::MasterKey;
 
 mod compile;
 mod execute;
+mod functions;
 mod reference;
 mod release;
 mod sandbox;
 
-pub use compile::{Budget, FIXED_POINT_SCALE, Measure, OutputKind, PrivatePlan};
+pub use compile::{
+    Budget, FIXED_POINT_SCALE, FunctionInfo, Measure, OutputKind, PrivatePlan, functions,
+};
 pub use release::{Cell, Release, ReleaseColumn};
 pub use sandbox::FACTORY_ID;
 
@@ -208,17 +211,31 @@ impl Engine {
         self.sandbox.context()
     }
 
-    /// Parse, check and rewrite. Touches no data and costs nothing.
+    /// Parse, check, rewrite and plan. Touches no data and costs nothing.
     pub async fn compile(&self, sql: &str, budget: Budget) -> Result<PrivatePlan, QueryError> {
         let ctx = self.sandbox.context();
+        let plan = self
+            .compile_in(&ctx, sql, budget, &compile::Exclusion::default())
+            .await?;
+        execute::preflight(&ctx, &plan, self.profile.exact_rules)?;
+        Ok(plan)
+    }
+
+    async fn compile_in(
+        &self,
+        ctx: &datafusion::prelude::SessionContext,
+        sql: &str,
+        budget: Budget,
+        exclusion: &compile::Exclusion,
+    ) -> Result<PrivatePlan, QueryError> {
         compile::compile(
-            &ctx,
+            ctx,
             &self.policy,
             &self.reference,
             &self.limits,
             sql,
             budget,
-            &compile::Exclusion::default(),
+            exclusion,
         )
         .await
     }
@@ -239,6 +256,15 @@ impl Engine {
             caps.max_epsilon_per_query,
             Code::EpsilonAboveCap,
         )?;
+        if epsilon < caps.min_epsilon_per_query {
+            return Err(QueryError::refused(
+                Code::EpsilonBelowFloor,
+                format!(
+                    "epsilon {epsilon} is below this dataset's per-query floor of {}; ask for at least {}",
+                    caps.min_epsilon_per_query, caps.min_epsilon_per_query
+                ),
+            ));
+        }
         let delta = match delta {
             None => caps.default_delta_per_query,
             Some(v) => tre_core::Delta::new(v).map_err(invalid)?,
@@ -298,20 +324,57 @@ pub mod soundness {
             budget: Budget,
             excluded: &[String],
         ) -> Result<ExactRelease, QueryError> {
+            let (_, e) = self.exact_inputs(sql, budget, excluded).await?;
+            Ok(e.release())
+        }
+
+        /// The compiled plan (with `excluded` patients removed) and its
+        /// exact aggregates, as the mechanisms receive them.
+        pub async fn exact_inputs(
+            &self,
+            sql: &str,
+            budget: Budget,
+            excluded: &[String],
+        ) -> Result<(PrivatePlan, Exact), QueryError> {
+            // Not preflighted: tests compile the query itself first.
             let ctx = self.sandbox.context();
-            let plan = compile::compile(
-                &ctx,
-                &self.policy,
-                &self.reference,
-                &self.limits,
-                sql,
-                budget,
-                &compile::Exclusion(excluded.to_vec()),
-            )
-            .await?;
+            let plan = self
+                .compile_in(&ctx, sql, budget, &compile::Exclusion(excluded.to_vec()))
+                .await?;
             let e = execute::exact(&ctx, &plan).await?;
+            Ok((plan, Exact(e)))
+        }
+
+        /// One draw of every mechanism of `plan` over `exact`: exactly what
+        /// `execute` would add noise to, before disclosure control (which
+        /// only post-processes it). For the empirical privacy audit.
+        pub fn noisy(&self, plan: &PrivatePlan, exact: &Exact) -> Result<NoisyRelease, QueryError> {
+            let n = execute::noise(plan, &exact.0)?;
+            Ok(NoisyRelease {
+                cells: n.cells.iter().map(|k| format!("{k:?}")).collect(),
+                values: n.values,
+            })
+        }
+    }
+
+    /// A query's exact aggregates, opaque outside the engine.
+    pub struct Exact(execute::Exact);
+
+    /// One run of a query's mechanisms.
+    #[derive(Debug)]
+    pub struct NoisyRelease {
+        /// The released cells (keys as text): public domains and the keys
+        /// DP key selection kept.
+        pub cells: Vec<String>,
+        /// Per measurement (in `PrivatePlan::measures` order), per cell.
+        pub values: Vec<Vec<f64>>,
+    }
+
+    impl Exact {
+        fn release(&self) -> ExactRelease {
+            let e = &self.0;
             let text = |k: &Vec<datafusion::common::ScalarValue>| format!("{k:?}");
-            Ok(ExactRelease {
+            ExactRelease {
                 laplace: e
                     .laplace
                     .iter()
@@ -324,11 +387,11 @@ pub mod soundness {
                     .collect(),
                 selection: e
                     .selection
-                    .unwrap_or_default()
                     .iter()
+                    .flatten()
                     .map(|(k, v)| (text(k), *v))
                     .collect(),
-            })
+            }
         }
     }
 }

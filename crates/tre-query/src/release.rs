@@ -45,8 +45,14 @@ pub struct Release {
     #[serde(default)]
     pub sdc_outcome: String,
     /// Whether the profile's rules on exact values (minimum patients,
-    /// dominance, p-ratio) ran on this release.
+    /// dominance, p-ratio) were evaluated for the reviewing custodian. They
+    /// never change the table: a profile with them holds every release.
     #[serde(default)]
     pub exact_rules_applied: bool,
     pub notes: Vec<String>,
+    /// What the rules on exact values found, cell by cell: for the
+    /// reviewing custodian only. Never serialised into the released body,
+    /// its hash or its manifest, and never sent to a researcher.
+    #[serde(skip)]
+    pub review_notes: Vec<String>,
 }

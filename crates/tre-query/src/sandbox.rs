@@ -141,6 +141,11 @@ impl Sandbox {
         ctx.register_udf(ScalarUDF::from(Shuffle::new(self.deterministic_seed)));
         ctx.register_udf(ScalarUDF::from(GroupHash::new(self.deterministic_seed)));
         ctx.register_udf(ScalarUDF::from(Clamp::new()));
+        // Total versions of DataFusion's partial functions, under their
+        // names: no accepted expression can fail on a value.
+        for f in crate::functions::all() {
+            ctx.register_udf(f);
+        }
         // VARIANCE is the SQL-standard spelling of the sample variance.
         ctx.register_udaf(
             datafusion::functions_aggregate::variance::var_samp_udaf()
@@ -312,7 +317,7 @@ impl ScalarUDFImpl for Shuffle {
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
         let n = args.number_rows;
         if let Some(seed) = self.seed {
-            let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+            let arrays = crate::functions::batch_arrays(&args)?;
             let values = (0..n)
                 .map(|r| hash_row(seed, &arrays, r))
                 .collect::<DfResult<Vec<u64>>>()?;
@@ -360,7 +365,7 @@ impl ScalarUDFImpl for GroupHash {
         Ok(DataType::UInt64)
     }
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
-        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let arrays = crate::functions::batch_arrays(&args)?;
         let arrays = match self.seed {
             Some(_) => arrays.get(1..).unwrap_or_default(),
             None => &arrays[..],
@@ -399,7 +404,7 @@ impl ScalarUDFImpl for Clamp {
         Ok(DataType::Float64)
     }
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
-        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let arrays = crate::functions::batch_arrays(&args)?;
         let f = |i: usize| {
             arrays[i]
                 .as_any()

@@ -24,7 +24,7 @@ mod sqlite;
 
 pub use chain::{AuditEvent, Checkpoint, Entry, Notary, StoredEvent, Tamper, VerifyReport};
 pub use migrations::PRE_GOVERNANCE;
-pub use sqlite::SqliteStore;
+pub use sqlite::{INCIDENT_ACTOR, SqliteStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -377,6 +377,10 @@ pub struct StoredRelease {
     /// `manifest::SignedManifest` as JSON.
     pub manifest: String,
     pub reviews: Vec<ReleaseReview>,
+    /// What disclosure rules on exact values found, for the reviewing
+    /// custodian only: never part of the body, the manifest or anything a
+    /// researcher receives.
+    pub review_notes: Vec<String>,
 }
 
 /// Cumulative spend on a dataset across all projects.

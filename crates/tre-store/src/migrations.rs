@@ -175,6 +175,9 @@ const MIGRATIONS: &[&str] = &[
         reason TEXT NOT NULL,
         at TEXT NOT NULL
      );",
+    // 4: findings of disclosure rules on exact values, for the reviewing
+    // custodian only (a JSON array of strings; issue #10).
+    "ALTER TABLE releases ADD COLUMN review_notes TEXT NOT NULL DEFAULT '[]';",
 ];
 
 /// Why a state directory cannot be opened by this version.

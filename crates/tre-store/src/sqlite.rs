@@ -114,6 +114,43 @@ impl SqliteStore {
         })
     }
 
+    /// A query that fails (or is cut off) after its reservation is a
+    /// security incident, not a message: whether a query fails must never
+    /// depend on data, so if it ever does, it may leak at most once per
+    /// project. The project is suspended until a custodian reviews the
+    /// incident and resumes it; the suspension is in the project's history
+    /// and has its own audit event, in the transaction that settles the
+    /// charge. Issue #10.
+    fn suspend_for_incident(
+        &self,
+        tx: &Transaction<'_>,
+        ledger_id: i64,
+        what: &str,
+    ) -> Result<(), StoreError> {
+        let project: String = tx.query_row(
+            "SELECT project_id FROM ledger WHERE id = ?1",
+            [ledger_id],
+            |r| r.get(0),
+        )?;
+        let id = ProjectId::new(&project).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let suspended = tx.execute(
+            "UPDATE projects SET status = 'suspended' WHERE id = ?1 AND status = 'active'",
+            [id.as_str()],
+        )?;
+        if suspended == 0 {
+            return Ok(());
+        }
+        let reason = format!(
+            "incident: a query (ledger entry {ledger_id}) {what} after touching data; the project is suspended until a custodian has reviewed the audit log and resumes it"
+        );
+        history(tx, &id, INCIDENT_ACTOR, "suspend", &reason, 0, 0)?;
+        let mut e = AuditEvent::new(INCIDENT_ACTOR, "system", id.as_str(), "project.suspend");
+        e.outcome = "allowed".into();
+        e.detail = reason;
+        self.append(tx, &e)?;
+        Ok(())
+    }
+
     fn load_project(conn: &Connection, id: &ProjectId) -> Result<Project, StoreError> {
         let mut p = conn
             .query_row(
@@ -306,6 +343,9 @@ fn project_row(r: &Row<'_>) -> rusqlite::Result<Result<Project, StoreError>> {
     };
     Ok(build())
 }
+
+/// Who acts when tre itself suspends a project after an incident.
+pub const INCIDENT_ACTOR: &str = "tre";
 
 fn history(
     tx: &Transaction<'_>,
@@ -607,6 +647,7 @@ impl crate::Store for SqliteStore {
             [ledger_id],
         )?;
         let seq = self.append(&tx, event)?;
+        self.suspend_for_incident(&tx, ledger_id, "failed")?;
         tx.commit()?;
         Ok(seq)
     }
@@ -630,8 +671,8 @@ impl crate::Store for SqliteStore {
         }
         tx.execute(
             "INSERT INTO releases(id, ledger_id, project_id, user_id, plan_hash, body, body_hash,
-                                  created_at, status, hold_reason, manifest)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                                  created_at, status, hold_reason, manifest, review_notes)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             params![
                 r.id,
                 ledger_id,
@@ -643,7 +684,9 @@ impl crate::Store for SqliteStore {
                 r.created_at,
                 r.status.as_str(),
                 r.hold_reason,
-                r.manifest
+                r.manifest,
+                serde_json::to_string(&r.review_notes)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?
             ],
         )?;
         let seq = self.append(&tx, event)?;
@@ -659,7 +702,11 @@ impl crate::Store for SqliteStore {
         let conn = self.conn()?;
         Ok(load_releases(
             &conn,
-            "WHERE project_id = ?1 AND plan_hash = ?2 ORDER BY created_at LIMIT 1",
+            // A release that was rejected, withdrawn or sent back for
+            // changes released nothing: the same query may run again (and
+            // is charged again). Issue #10.
+            "WHERE project_id = ?1 AND plan_hash = ?2 AND status IN ('released', 'held')
+             ORDER BY created_at LIMIT 1",
             &[&project.as_str(), &plan_hash],
         )?
         .pop())
@@ -803,6 +850,7 @@ impl crate::Store for SqliteStore {
                 "ledger entry {id}: the server stopped while this query ran; the charge stands and nothing was released"
             );
             self.append(&tx, &e)?;
+            self.suspend_for_incident(&tx, *id, "was interrupted")?;
         }
         tx.commit()?;
         Ok(open.len())
@@ -928,9 +976,9 @@ fn load_releases(
 ) -> Result<Vec<StoredRelease>, StoreError> {
     let mut stmt = conn.prepare(&format!(
         "SELECT id, project_id, user_id, plan_hash, body, body_hash, created_at, status,
-                hold_reason, manifest FROM releases {clause}"
+                hold_reason, manifest, review_notes FROM releases {clause}"
     ))?;
-    let rows: Vec<(StoredRelease, String)> = stmt
+    let rows: Vec<(StoredRelease, String, String)> = stmt
         .query_map(params, |r| {
             Ok((
                 StoredRelease {
@@ -945,8 +993,10 @@ fn load_releases(
                     hold_reason: r.get(8)?,
                     manifest: r.get(9)?,
                     reviews: vec![],
+                    review_notes: vec![],
                 },
                 r.get::<_, String>(7)?,
+                r.get::<_, String>(10)?,
             ))
         })?
         .collect::<Result<_, _>>()?;
@@ -955,9 +1005,11 @@ fn load_releases(
          ORDER BY id",
     )?;
     rows.into_iter()
-        .map(|(mut r, status)| {
+        .map(|(mut r, status, notes)| {
             r.status = ReleaseStatus::parse(&status)
                 .ok_or_else(|| StoreError::Corrupt(format!("bad release status '{status}'")))?;
+            r.review_notes = serde_json::from_str(&notes)
+                .map_err(|e| StoreError::Corrupt(format!("bad review notes: {e}")))?;
             r.reviews = reviews
                 .query_map([&r.id], |x| {
                     Ok(ReleaseReview {

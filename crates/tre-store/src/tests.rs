@@ -617,6 +617,7 @@ fn held(s: &SqliteStore, p: &ProjectId, id: &str) {
             hold_reason: "a cell was suppressed".into(),
             manifest: String::new(),
             reviews: vec![],
+            review_notes: vec![],
         },
         &AuditEvent::new("alice", "researcher", p.as_str(), "query.submit"),
     ));

@@ -20,6 +20,9 @@
 //! on noisy values only (see `execute`).
 
 mod relation;
+mod total;
+
+pub use self::total::{FunctionInfo, functions};
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -35,7 +38,8 @@ use datafusion::functions_aggregate::expr_fn::{count, count_distinct, sum};
 use datafusion::functions_window::expr_fn::{dense_rank, row_number};
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
-    Aggregate, Expr, ExprFunctionExt, JoinType, LogicalPlan, LogicalPlanBuilder, cast, lit, when,
+    Aggregate, Expr, ExprFunctionExt, JoinType, LogicalPlan, LogicalPlanBuilder, lit, try_cast,
+    when,
 };
 use datafusion::prelude::{SessionContext, col};
 use datafusion::sql::parser::{DFParser, Statement as DfStatement};
@@ -61,63 +65,6 @@ pub(crate) const CLAMP_UDF: &str = "clamp";
 /// Quantiles are chosen among this many equal steps of the value's bounds.
 const QUANTILE_BUCKETS: i64 = 400;
 
-/// Deterministic, row-local scalar functions a query may use. Anything
-/// else (random(), now(), uuid(), file readers) is refused (TRE-Q020).
-const ALLOWED_FUNCTIONS: &[&str] = &[
-    "abs",
-    "round",
-    "floor",
-    "ceil",
-    "trunc",
-    "sqrt",
-    "power",
-    "pow",
-    "ln",
-    "log",
-    "log10",
-    "log2",
-    "exp",
-    "signum",
-    "greatest",
-    "least",
-    "nanvl",
-    "isnan",
-    "iszero",
-    CLAMP_UDF,
-    "coalesce",
-    "nullif",
-    "nvl",
-    "ifnull",
-    "lower",
-    "upper",
-    "trim",
-    "btrim",
-    "ltrim",
-    "rtrim",
-    "length",
-    "character_length",
-    "char_length",
-    "substr",
-    "substring",
-    "starts_with",
-    "ends_with",
-    "concat",
-    "concat_ws",
-    "strpos",
-    "left",
-    "right",
-    "replace",
-    "lpad",
-    "rpad",
-    "date_trunc",
-    "date_part",
-    "datepart",
-    "extract",
-    "to_date",
-    "make_date",
-    "date_bin",
-];
-
 pub(crate) fn refuse(code: Code, message: impl Into<String>) -> QueryError {
     QueryError::refused(code, message)
 }
@@ -137,6 +84,11 @@ pub enum Measure {
         expr: String,
     },
     CountDistinctUnits,
+    /// Rows whose value of `expr` (clamped, in fixed point) is not zero:
+    /// the contributors a SUM cell is judged by (disclosure control).
+    Contributors {
+        expr: String,
+    },
     /// Σ x over x clamped to `[lo, hi]`, in fixed point.
     Sum {
         expr: String,
@@ -172,11 +124,15 @@ impl Measure {
         )
     }
 
-    pub(crate) fn describe(&self, unit: &str) -> String {
+    /// The measure in words, for dry runs and notes.
+    pub fn describe(&self, unit: &str) -> String {
         match self {
             Measure::CountRows => "COUNT(*)".into(),
             Measure::CountNonNull { expr } => format!("COUNT({expr})"),
             Measure::CountDistinctUnits => format!("COUNT(DISTINCT {unit})"),
+            Measure::Contributors { expr } => {
+                format!("COUNT(rows where {expr} is not 0), for disclosure control")
+            }
             Measure::Sum { expr, lo, hi } => format!("SUM({expr}) clamped to [{lo}, {hi}]"),
             Measure::CenteredSum { expr, mid, half } => {
                 format!("SUM({expr} − {mid}) clamped to {mid} ± {half}")
@@ -223,8 +179,12 @@ pub enum OutputKind {
     Count {
         m: usize,
     },
+    /// A sum, judged by the noisy number of rows contributing to it; a
+    /// sum of values in [0, 1] is a count and is judged like one.
     Sum {
         m: usize,
+        contributors: usize,
+        count_like: bool,
     },
     /// mean = mid + Σ(x − mid) / n
     Avg {
@@ -242,17 +202,21 @@ pub enum OutputKind {
         sample: bool,
         sqrt: bool,
     },
+    /// A quantile, judged by the noisy count of its values.
     Quantile {
         m: usize,
+        count: usize,
     },
 }
 
 impl OutputKind {
     fn measurements(&self) -> Vec<usize> {
         match *self {
-            OutputKind::Count { m } | OutputKind::Sum { m } | OutputKind::Quantile { m } => {
-                vec![m]
-            }
+            OutputKind::Count { m } => vec![m],
+            OutputKind::Sum {
+                m, contributors, ..
+            } => vec![m, contributors],
+            OutputKind::Quantile { m, count } => vec![m, count],
             OutputKind::Avg { sum, count, .. } => vec![sum, count],
             OutputKind::Var { count, s1, s2, .. } => vec![count, s1, s2],
         }
@@ -312,6 +276,8 @@ pub struct PrivatePlan {
     pub(crate) columns: Vec<FinalColumn>,
     pub(crate) description: Vec<String>,
     pub(crate) k_total: u64,
+    /// The most work units one row of the aggregated relation can cost.
+    pub(crate) row_work: f64,
     /// Release row, column and grand totals of the count columns.
     pub(crate) totals: bool,
     /// The privacy unit in the aggregated relation, for rules on exact
@@ -435,6 +401,17 @@ impl PrivatePlan {
             })
             .collect()
     }
+    /// The discrete Laplace scale of measurement `m`, in its integer units
+    /// (`None` for a quantile).
+    pub fn laplace_scale(&self, m: usize) -> Option<f64> {
+        self.laplace(m).map(DiscreteLaplace::scale)
+    }
+    /// Key selection's `(epsilon, delta)`.
+    pub fn key_selection_cost(&self) -> Option<(f64, f64)> {
+        self.selection
+            .as_ref()
+            .map(|s| (s.mechanism.epsilon(), s.mechanism.delta()))
+    }
     /// Key selection's `(threshold, scale, max groups per patient)`.
     pub fn key_selection(&self) -> Option<(i64, f64, u32)> {
         self.selection.as_ref().map(|s| {
@@ -464,6 +441,7 @@ impl PrivatePlan {
                     Measure::CountRows => "count",
                     Measure::CountNonNull { .. } => "count_col",
                     Measure::CountDistinctUnits => "count_units",
+                    Measure::Contributors { .. } => "contrib",
                     Measure::Sum { .. } => "sum",
                     Measure::CenteredSum { .. } => "csum",
                     Measure::CenteredSquares { .. } => "csq",
@@ -535,7 +513,7 @@ impl PrivatePlan {
         let scale = |m: usize, unit: f64| self.laplace(m).map_or(0.0, |l| l.scale() / unit);
         match *kind {
             OutputKind::Count { m } => ("discrete Laplace".into(), scale(m, 1.0), hw(m, 1.0)),
-            OutputKind::Sum { m } => (
+            OutputKind::Sum { m, .. } => (
                 "discrete Laplace (fixed point)".into(),
                 scale(m, FIXED_POINT_SCALE),
                 hw(m, FIXED_POINT_SCALE),
@@ -550,14 +528,16 @@ impl PrivatePlan {
                 scale(s2, FIXED_POINT_SCALE),
                 None,
             ),
-            OutputKind::Quantile { m } => match self.measurements.get(m).map(|m| &m.mechanism) {
-                Some(Mechanism::Quantile(q)) => (
-                    "exponential mechanism (OpenDP private quantile)".into(),
-                    q.scale(),
-                    None,
-                ),
-                _ => (String::new(), 0.0, None),
-            },
+            OutputKind::Quantile { m, .. } => {
+                match self.measurements.get(m).map(|m| &m.mechanism) {
+                    Some(Mechanism::Quantile(q)) => (
+                        "exponential mechanism (OpenDP private quantile)".into(),
+                        q.scale(),
+                        None,
+                    ),
+                    _ => (String::new(), 0.0, None),
+                }
+            }
         }
     }
 }
@@ -585,7 +565,9 @@ pub(crate) async fn compile(
 ) -> Result<PrivatePlan, QueryError> {
     let plan = parse(ctx, sql).await?;
     check_nodes(&plan, policy)?;
+    let plan = total::totalise(plan)?;
     let agg = release_aggregate(&plan)?;
+    refuse_duplicate_keys(&agg.group_expr)?;
     let mut analyzer = Analyzer::new(policy, reference);
     let rel = analyzer.rel(&agg.input)?;
     if !rel.private {
@@ -596,6 +578,19 @@ pub(crate) async fn compile(
     }
     let k_total = rel.max_rows;
     let input_schema = agg.input.schema();
+    // One patient owns at most k_total rows, each costing at most
+    // `row_work`: that bounds how far one patient can move the run time.
+    let row_work = total::row_work(&LogicalPlan::Aggregate(agg.clone()), policy, reference)?;
+    let patient_work = row_work * k_total as f64;
+    if patient_work > total::MAX_PATIENT_WORK {
+        return Err(refuse(
+            Code::TooMuchWork,
+            format!(
+                "one patient's {k_total} row(s) could cost {patient_work:.0} units of work, more than the {:.0} allowed (a bound that keeps one patient from changing how long a query takes); join fewer tables or simplify the expressions",
+                total::MAX_PATIENT_WORK
+            ),
+        ));
+    }
 
     // Final columns and which aggregate output each passes through.
     let columns: Vec<FinalColumn> = (0..plan.schema().fields().len())
@@ -749,8 +744,10 @@ pub(crate) async fn compile(
         .as_bytes(),
     );
 
-    // Rewrite.
-    let mut bounded = bound_scans(ctx, policy, &agg.input, exclusion).await?;
+    // Rewrite. Per-patient features whose row count relies on their keys'
+    // domains get those domains enforced first.
+    let input = analyzer.enforce_domains(&agg.input)?;
+    let mut bounded = bound_scans(ctx, policy, &input, exclusion).await?;
     let group_exprs: Vec<Expr> = agg.group_expr.clone();
     let mut selection = None;
     if !selected.is_empty() {
@@ -832,6 +829,7 @@ pub(crate) async fn compile(
         columns,
         description: Vec::new(),
         k_total,
+        row_work,
         totals: false,
         unit: unit_col.clone(),
     };
@@ -965,8 +963,50 @@ fn planning_refusal(msg: &str) -> QueryError {
     )
 }
 
-/// Refuse node kinds and functions that are never allowed, anywhere,
-/// including inside subqueries.
+/// Window functions that may post-process the noisy table (share of
+/// total, ranks, running sums): they see released values only.
+const POST_WINDOW_FUNCTIONS: &[&str] = &[
+    "row_number",
+    "rank",
+    "dense_rank",
+    "percent_rank",
+    "cume_dist",
+    "sum",
+    "avg",
+    "count",
+    "min",
+    "max",
+    "first_value",
+    "last_value",
+];
+
+/// Window nodes between the root and the release aggregate (by address):
+/// they run over the noisy cells, so they are post-processing.
+fn post_windows(plan: &LogicalPlan) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut p = plan;
+    loop {
+        p = match p {
+            LogicalPlan::Projection(x) => &x.input,
+            LogicalPlan::Filter(x) => &x.input,
+            LogicalPlan::Sort(x) => &x.input,
+            LogicalPlan::Limit(x) => &x.input,
+            LogicalPlan::SubqueryAlias(x) => &x.input,
+            LogicalPlan::Window(x) => {
+                out.push(std::ptr::from_ref(p) as usize);
+                &x.input
+            }
+            // Only windows over an aggregate's output post-process noisy
+            // values; windows over rows are refused.
+            LogicalPlan::Aggregate(_) => return out,
+            _ => return Vec::new(),
+        };
+    }
+}
+
+/// Refuse node kinds, functions and expressions that are never allowed,
+/// anywhere, including inside subqueries: anything that could fail on
+/// some value or cost unbounded work per row (see [`total`]).
 fn check_nodes(plan: &LogicalPlan, policy: &Policy) -> Result<(), QueryError> {
     let mut first = FirstRefusal::default();
     let unsupported = |what: &str| {
@@ -977,7 +1017,9 @@ fn check_nodes(plan: &LogicalPlan, policy: &Policy) -> Result<(), QueryError> {
             ),
         )
     };
+    let post = post_windows(plan);
     let _ = plan.apply_with_subqueries(|node| {
+        let post_window = post.contains(&(std::ptr::from_ref(node) as usize));
         let refusal = match node {
             LogicalPlan::Explain(_) | LogicalPlan::Analyze(_) => Some(explain_refusal()),
             LogicalPlan::Ddl(_)
@@ -987,7 +1029,10 @@ fn check_nodes(plan: &LogicalPlan, policy: &Policy) -> Result<(), QueryError> {
             | LogicalPlan::DescribeTable(_) => {
                 Some(refuse(Code::StatementNotAllowed, "only SELECT queries are accepted"))
             }
-            LogicalPlan::Window(_) => Some(unsupported("a window function (OVER ...)")),
+            LogicalPlan::Window(_) if post_window => None,
+            LogicalPlan::Window(_) => Some(unsupported(
+                "a window function over rows (OVER ...) before aggregation",
+            )),
             LogicalPlan::Union(_) => Some(unsupported("UNION / INTERSECT / EXCEPT")),
             LogicalPlan::RecursiveQuery(_) => Some(unsupported("a recursive CTE")),
             LogicalPlan::Unnest(_) => Some(unsupported("UNNEST")),
@@ -1000,20 +1045,25 @@ fn check_nodes(plan: &LogicalPlan, policy: &Policy) -> Result<(), QueryError> {
             let _ = node.apply_expressions(|e| {
                 e.apply(|e| {
                     inner.visit(match e {
-                        Expr::ScalarFunction(f) => {
-                            let name = f.func.name().to_lowercase();
-                            (!ALLOWED_FUNCTIONS.contains(&name.as_str())).then(|| {
+                        Expr::WindowFunction(w) if post_window => {
+                            let name = w.fun.name().to_lowercase();
+                            (!POST_WINDOW_FUNCTIONS.contains(&name.as_str())).then(|| {
                                 refuse(
                                     Code::FunctionNotAllowed,
-                                    format!("function '{name}' is not allowed: queries may use only deterministic row-level functions such as round, coalesce, date_trunc or clamp"),
+                                    format!(
+                                        "window function '{name}' is not allowed over released values; use one of {}",
+                                        POST_WINDOW_FUNCTIONS.join(", ")
+                                    ),
                                 )
                             })
                         }
-                        Expr::WindowFunction(_) => Some(unsupported("a window function (OVER ...)")),
+                        Expr::WindowFunction(_) => Some(unsupported(
+                            "a window function over rows (OVER ...) before aggregation",
+                        )),
                         Expr::ScalarSubquery(s) => subquery_refusal(&s.subquery, policy),
                         Expr::Exists(s) => subquery_refusal(&s.subquery.subquery, policy),
                         Expr::InSubquery(s) => subquery_refusal(&s.subquery.subquery, policy),
-                        _ => None,
+                        other => total::check_name(other),
                     })
                 })
             });
@@ -1021,7 +1071,10 @@ fn check_nodes(plan: &LogicalPlan, policy: &Policy) -> Result<(), QueryError> {
         });
         first.visit(refusal)
     });
-    first.into_result()
+    first.into_result()?;
+    // Then, with every node and function known to be allowed, the rules
+    // that make each call total and cheap (argument literals, types).
+    total::check_totality(plan)
 }
 
 /// Subqueries in expressions may read only public reference tables, and
@@ -1072,6 +1125,23 @@ impl FirstRefusal {
     }
 }
 
+/// The same group key twice would make two output columns of one cell;
+/// refuse it with a code rather than fail later.
+pub(crate) fn refuse_duplicate_keys(keys: &[Expr]) -> Result<(), QueryError> {
+    for (i, k) in keys.iter().enumerate() {
+        if keys[..i].iter().any(|j| unalias(j) == unalias(k)) {
+            return Err(refuse(
+                Code::DuplicateGroupKey,
+                format!(
+                    "the group key {} appears more than once; group by each key once",
+                    unalias(k)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The first aggregate under the post-processing chain.
 fn release_aggregate(plan: &LogicalPlan) -> Result<&Aggregate, QueryError> {
     match plan {
@@ -1081,6 +1151,7 @@ fn release_aggregate(plan: &LogicalPlan) -> Result<&Aggregate, QueryError> {
         LogicalPlan::Sort(s) => release_aggregate(&s.input),
         LogicalPlan::Limit(l) => release_aggregate(&l.input),
         LogicalPlan::SubqueryAlias(a) => release_aggregate(&a.input),
+        LogicalPlan::Window(w) => release_aggregate(&w.input),
         _ => Err(refuse(
             Code::RowLevelSelect,
             "row-level results cannot leave the environment; ask for aggregates such as COUNT(*), SUM(col), AVG(col) or MEDIAN(col), optionally with GROUP BY",
@@ -1101,6 +1172,9 @@ fn trace(plan: &LogicalPlan, i: usize) -> Option<usize> {
         LogicalPlan::Sort(s) => trace(&s.input, i),
         LogicalPlan::Limit(l) => trace(&l.input, i),
         LogicalPlan::SubqueryAlias(a) => trace(&a.input, i),
+        // A window node passes its input's columns through, then appends
+        // its own (computed from released values).
+        LogicalPlan::Window(w) if i < w.input.schema().fields().len() => trace(&w.input, i),
         _ => None,
     }
 }
@@ -1112,6 +1186,7 @@ fn unit_column(rel: &Rel, schema: &datafusion::common::DFSchema) -> Option<Colum
         .map(|i| Column::from(schema.qualified_field(i)))
 }
 
+#[derive(PartialEq)]
 enum Sensitivity {
     /// L1 sensitivity over all cells, for discrete Laplace.
     L1(i64),
@@ -1125,6 +1200,23 @@ struct Draft {
     /// (quantile).
     expr: Expr,
     sensitivity: Sensitivity,
+}
+
+fn push(drafts: &mut Vec<Draft>, d: Draft) -> usize {
+    drafts.push(d);
+    drafts.len() - 1
+}
+
+/// A measurement that disclosure control needs (a cell's noisy count) may
+/// already be asked for, e.g. by AVG of the same value: share it.
+fn reuse_or_push(drafts: &mut Vec<Draft>, d: Draft) -> usize {
+    match drafts
+        .iter()
+        .position(|x| x.expr == d.expr && x.sensitivity == d.sensitivity)
+    {
+        Some(i) => i,
+        None => push(drafts, d),
+    }
 }
 
 fn fixed_sensitivity(k: u64, bound: f64) -> Result<i64, QueryError> {
@@ -1141,9 +1233,10 @@ fn fixed_sensitivity(k: u64, bound: f64) -> Result<i64, QueryError> {
         })
 }
 
-/// `x` as Float64, clamped to `[lo, hi]`; NaN becomes NULL.
+/// `x` as Float64, clamped to `[lo, hi]`. The cast cannot fail
+/// (`TRY_CAST`), and NaN (which compares above every number) becomes `hi`.
 fn clamped(x: Expr, lo: f64, hi: f64) -> Result<Expr, QueryError> {
-    let x = cast(x, DataType::Float64);
+    let x = try_cast(x, DataType::Float64);
     when(
         x.clone().gt_eq(lit(lo)).and(x.clone().lt_eq(lit(hi))),
         x.clone(),
@@ -1154,10 +1247,12 @@ fn clamped(x: Expr, lo: f64, hi: f64) -> Result<Expr, QueryError> {
     .map_err(|e| QueryError::Internal(e.to_string()))
 }
 
-/// Round to the fixed-point grid as an exact decimal.
+/// Round to the fixed-point grid as an exact decimal. `x` is clamped to
+/// bounds whose fixed-point value fits an i64 (`fixed_sensitivity`), so
+/// the cast always succeeds; it is a `TRY_CAST` all the same.
 fn fixed(x: Expr) -> Expr {
     let scaled = x * lit(FIXED_POINT_SCALE);
-    cast(
+    try_cast(
         datafusion::functions::math::expr_fn::round(vec![scaled]),
         DataType::Decimal128(38, 0),
     )
@@ -1181,10 +1276,6 @@ fn aggregate(
         ));
     };
     let name = func.name().to_lowercase();
-    let mut push = |d: Draft| {
-        drafts.push(d);
-        drafts.len() - 1
-    };
     let kk =
         i64::try_from(k).map_err(|_| QueryError::Internal("rows per patient overflow".into()))?;
     // FILTER (WHERE c) becomes CASE WHEN c THEN arg END.
@@ -1244,11 +1335,14 @@ fn aggregate(
                     return Err(QueryError::Internal("unit column vanished".into()));
                 };
                 let s = kk.min(i64::try_from(touchable).unwrap_or(i64::MAX)).max(1);
-                let m = push(Draft {
-                    measure: Measure::CountDistinctUnits,
-                    expr: count_distinct(gate(Expr::Column(u.clone()))?),
-                    sensitivity: Sensitivity::L1(s),
-                });
+                let m = push(
+                    drafts,
+                    Draft {
+                        measure: Measure::CountDistinctUnits,
+                        expr: count_distinct(gate(Expr::Column(u.clone()))?),
+                        sensitivity: Sensitivity::L1(s),
+                    },
+                );
                 return Ok(AggOutput {
                     kind: OutputKind::Count { m },
                     aggregate: "count_distinct_units",
@@ -1274,11 +1368,14 @@ fn aggregate(
                     )
                 }
             };
-            let m = push(Draft {
-                measure,
-                expr: count(gate(x)?),
-                sensitivity: Sensitivity::L1(kk),
-            });
+            let m = push(
+                drafts,
+                Draft {
+                    measure,
+                    expr: count(gate(x)?),
+                    sensitivity: Sensitivity::L1(kk),
+                },
+            );
             Ok(AggOutput {
                 kind: OutputKind::Count { m },
                 aggregate: "count",
@@ -1292,19 +1389,47 @@ fn aggregate(
             let Some(a) = arg else {
                 return Err(refuse(Code::UnsupportedAggregate, "SUM needs an argument"));
             };
+            // A sum of values in [0, 1] counts something, so it is judged
+            // like a count (threshold and rounding).
+            let count_like = expr_bounds(a, schema, rel)?
+                .range
+                .is_some_and(|(lo, hi)| lo >= 0.0 && hi <= 1.0);
             let (x, lo, hi) = value(a)?;
             let s = fixed_sensitivity(k, lo.abs().max(hi.abs()))?;
-            let m = push(Draft {
-                measure: Measure::Sum {
-                    expr: a.to_string(),
-                    lo,
-                    hi,
+            let value = fixed(gate(clamped(x, lo, hi)?)?);
+            let m = push(
+                drafts,
+                Draft {
+                    measure: Measure::Sum {
+                        expr: a.to_string(),
+                        lo,
+                        hi,
+                    },
+                    expr: sum(value.clone()),
+                    sensitivity: Sensitivity::L1(s),
                 },
-                expr: sum(fixed(gate(clamped(x, lo, hi)?)?)),
-                sensitivity: Sensitivity::L1(s),
-            });
+            );
+            let zero = lit(ScalarValue::Decimal128(Some(0), 38, 0));
+            let contributors = reuse_or_push(
+                drafts,
+                Draft {
+                    measure: Measure::Contributors {
+                        expr: a.to_string(),
+                    },
+                    expr: count(
+                        when(value.not_eq(zero), lit(1i64))
+                            .end()
+                            .map_err(|e| QueryError::Internal(e.to_string()))?,
+                    ),
+                    sensitivity: Sensitivity::L1(kk),
+                },
+            );
             Ok(AggOutput {
-                kind: OutputKind::Sum { m },
+                kind: OutputKind::Sum {
+                    m,
+                    contributors,
+                    count_like,
+                },
                 aggregate: "sum",
             })
         }
@@ -1320,20 +1445,26 @@ fn aggregate(
             let (mid, half) = ((lo + hi) / 2.0, (hi - lo) / 2.0);
             let c = gate(clamped(x.clone(), lo, hi)?)?;
             let text = a.to_string();
-            let count_m = push(Draft {
-                measure: Measure::CountNonNull { expr: text.clone() },
-                expr: count(c.clone()),
-                sensitivity: Sensitivity::L1(kk),
-            });
-            let s1 = push(Draft {
-                measure: Measure::CenteredSum {
-                    expr: text.clone(),
-                    mid,
-                    half,
+            let count_m = reuse_or_push(
+                drafts,
+                Draft {
+                    measure: Measure::CountNonNull { expr: text.clone() },
+                    expr: count(c.clone()),
+                    sensitivity: Sensitivity::L1(kk),
                 },
-                expr: sum(fixed(c.clone() - lit(mid))),
-                sensitivity: Sensitivity::L1(fixed_sensitivity(k, half)?),
-            });
+            );
+            let s1 = push(
+                drafts,
+                Draft {
+                    measure: Measure::CenteredSum {
+                        expr: text.clone(),
+                        mid,
+                        half,
+                    },
+                    expr: sum(fixed(c.clone() - lit(mid))),
+                    sensitivity: Sensitivity::L1(fixed_sensitivity(k, half)?),
+                },
+            );
             if matches!(name.as_str(), "avg" | "mean") {
                 return Ok(AggOutput {
                     kind: OutputKind::Avg {
@@ -1346,15 +1477,18 @@ fn aggregate(
                 });
             }
             let centred = c - lit(mid);
-            let s2 = push(Draft {
-                measure: Measure::CenteredSquares {
-                    expr: text,
-                    mid,
-                    half,
+            let s2 = push(
+                drafts,
+                Draft {
+                    measure: Measure::CenteredSquares {
+                        expr: text,
+                        mid,
+                        half,
+                    },
+                    expr: sum(fixed(centred.clone() * centred)),
+                    sensitivity: Sensitivity::L1(fixed_sensitivity(k, half * half)?),
                 },
-                expr: sum(fixed(centred.clone() * centred)),
-                sensitivity: Sensitivity::L1(fixed_sensitivity(k, half * half)?),
-            });
+            );
             let sqrt = name.starts_with("stddev");
             let sample = !name.ends_with("pop") && !name.ends_with("population");
             Ok(AggOutput {
@@ -1396,24 +1530,38 @@ fn aggregate(
             }
             let (x, lo, hi) = value(a)?;
             let width = (hi - lo) / QUANTILE_BUCKETS as f64;
-            let bucket = cast(
+            let c = gate(clamped(x, lo, hi)?)?;
+            let bucket = try_cast(
                 datafusion::functions::math::expr_fn::floor(
-                    (gate(clamped(x, lo, hi)?)? - lit(lo)) / lit(width),
+                    (c.clone() - lit(lo)) * lit(1.0 / width),
                 ),
                 DataType::Int64,
             );
-            let m = push(Draft {
-                measure: Measure::Quantile {
-                    expr: a.to_string(),
-                    alpha,
-                    lo,
-                    hi,
+            let m = push(
+                drafts,
+                Draft {
+                    measure: Measure::Quantile {
+                        expr: a.to_string(),
+                        alpha,
+                        lo,
+                        hi,
+                    },
+                    expr: bucket,
+                    sensitivity: Sensitivity::Rows,
                 },
-                expr: bucket,
-                sensitivity: Sensitivity::Rows,
-            });
+            );
+            let count = reuse_or_push(
+                drafts,
+                Draft {
+                    measure: Measure::CountNonNull {
+                        expr: a.to_string(),
+                    },
+                    expr: count(c),
+                    sensitivity: Sensitivity::L1(kk),
+                },
+            );
             Ok(AggOutput {
-                kind: OutputKind::Quantile { m },
+                kind: OutputKind::Quantile { m, count },
                 aggregate: "quantile",
             })
         }
@@ -1528,9 +1676,28 @@ fn bounded_scan(
         .order_by(vec![shuffle.call(columns.clone()).sort(true, false)])
         .build()?
         .alias("__tre_rn");
+    // Dates outside the policy's bounds become NULL here, before any
+    // expression sees them: a date at the end of the Date32 range cannot
+    // even be printed, so bounds on dates are enforced at the source.
+    let output: Vec<Expr> = columns
+        .into_iter()
+        .map(|c| match &c {
+            Expr::Column(column) => match table.column(&column.name).map(|p| &p.class) {
+                Some(tre_policy::ColumnClass::Date { lo, hi }) => {
+                    let (relation, name) = (column.relation.clone(), column.name.clone());
+                    let day = |d: i32| lit(ScalarValue::Date32(Some(d)));
+                    when(c.clone().between(day(*lo), day(*hi)), c)
+                        .end()
+                        .map(|e| e.alias_qualified(relation, name))
+                }
+                _ => Ok(c),
+            },
+            _ => Ok(c),
+        })
+        .collect::<datafusion::error::Result<_>>()?;
     b.window(vec![rn])?
         .filter(col("__tre_rn").lt_eq(lit(u64::from(table.max_rows_per_unit))))?
-        .project(columns)?
+        .project(output)?
         .build()
 }
 
@@ -1654,6 +1821,37 @@ fn verify(plan: &PrivatePlan, private_scans: usize, budget: Budget) -> Result<()
             "{expected} bounding steps expected but {windows} planned"
         ));
     }
+    // Totality: no operation that can fail on a value survives the rewrite.
+    let mut partial = None;
+    let plans = std::iter::once(&plan.main)
+        .chain(plan.quantiles.iter().map(|(_, p)| p))
+        .chain(plan.selection.iter().map(|s| &s.plan))
+        .chain(std::iter::once(&plan.post));
+    for p in plans {
+        let _ = p.apply_with_subqueries(|node| {
+            let _ = node.apply_expressions(|e| {
+                e.apply(|e| {
+                    if matches!(
+                        e,
+                        Expr::Cast(_)
+                            | Expr::BinaryExpr(datafusion::logical_expr::BinaryExpr {
+                                op: datafusion::logical_expr::Operator::Divide
+                                    | datafusion::logical_expr::Operator::Modulo,
+                                ..
+                            })
+                    ) {
+                        partial = Some(e.to_string());
+                        return Ok(TreeNodeRecursion::Stop);
+                    }
+                    Ok(TreeNodeRecursion::Continue)
+                })
+            });
+            Ok(TreeNodeRecursion::Continue)
+        });
+    }
+    if let Some(e) = partial {
+        return bug(format!("a partial operation survived the rewrite: {e}"));
+    }
     Ok(())
 }
 
@@ -1675,6 +1873,11 @@ fn describe(
     d.push(format!(
         "each patient contributes at most {} row(s) to the aggregate",
         plan.k_total
+    ));
+    d.push(format!(
+        "work per row at most {:.0} units, so one patient's rows cost at most {:.0} units (bounds that keep run time from depending on one patient)",
+        plan.row_work,
+        plan.row_work * plan.k_total as f64
     ));
     let public: Vec<String> = plan
         .keys

@@ -20,6 +20,7 @@ use tre_policy::{ColumnClass, Policy};
 
 use super::{CLAMP_UDF, refuse, unalias};
 use crate::QueryError;
+use crate::functions::{DIV_UDF, MOD_UDF};
 use crate::reference::RefTables;
 
 /// Integer and date columns with at most this many possible values have
@@ -65,6 +66,11 @@ pub(crate) struct Analyzer<'a> {
     /// The accepted plan in words, for the dry run.
     pub(crate) notes: Vec<String>,
     pub(crate) private_scans: Vec<String>,
+    /// Per-patient aggregates (by node address in the analysed plan) whose
+    /// rows per patient were capped by their keys' domains: the keys, by
+    /// position, and the domain each must be held to. Bounds are enforced,
+    /// not trusted, so a value outside its declared domain becomes NULL.
+    enforce: HashMap<usize, Vec<(usize, Vec<ScalarValue>)>>,
 }
 
 fn mul(a: u64, b: u64) -> Result<u64, QueryError> {
@@ -83,6 +89,7 @@ impl<'a> Analyzer<'a> {
             reference,
             notes: Vec::new(),
             private_scans: Vec::new(),
+            enforce: HashMap::new(),
         }
     }
 
@@ -136,10 +143,14 @@ impl<'a> Analyzer<'a> {
                     return Ok(public_of(plan, input.max_rows));
                 }
                 let schema = a.input.schema();
+                super::refuse_duplicate_keys(&a.group_expr)?;
                 let mut cols = Vec::new();
                 let mut has_unit = false;
+                // Distinct key combinations one patient can have. NULL is a
+                // group too: a key with a domain of n values takes n + 1.
                 let mut other_groups = 1u64;
-                for g in &a.group_expr {
+                let mut domains = Vec::new();
+                for (i, g) in a.group_expr.iter().enumerate() {
                     let info = match unalias(g) {
                         Expr::Column(c) => input.cols[index(schema, c)?].clone(),
                         other => Info::Value(expr_bounds(other, schema, &input)?),
@@ -147,8 +158,14 @@ impl<'a> Analyzer<'a> {
                     match &info {
                         Info::Unit => has_unit = true,
                         Info::Value(b) => {
-                            let n = b.domain.as_ref().map_or(u64::MAX, |d| d.len() as u64);
+                            let n = b
+                                .domain
+                                .as_ref()
+                                .map_or(u64::MAX, |d| (d.len() as u64).saturating_add(1));
                             other_groups = other_groups.saturating_mul(n);
+                            if let Some(d) = &b.domain {
+                                domains.push((i, d.clone()));
+                            }
                         }
                         Info::Identifier => {
                             return Err(refuse(
@@ -185,11 +202,19 @@ impl<'a> Analyzer<'a> {
                         .collect::<Vec<_>>()
                         .join(", ")
                 ));
+                if other_groups < k {
+                    // The cap relies on the keys' domains: enforce them.
+                    self.enforce
+                        .insert(std::ptr::from_ref(plan) as usize, domains);
+                    self.notes.push(format!(
+                        "at most {other_groups} row(s) per patient from the keys' public values (and NULL); values outside them count as NULL"
+                    ));
+                }
                 let max_dup = vec![None; cols.len()];
                 Ok(Rel {
                     cols,
                     private: true,
-                    max_rows: k.min(other_groups),
+                    max_rows: k.min(other_groups).max(1),
                     max_dup,
                 })
             }
@@ -217,6 +242,42 @@ impl<'a> Analyzer<'a> {
                 ),
             )),
         }
+    }
+
+    /// `plan` (the one analysed) with the domains of capped per-patient
+    /// keys enforced: each such key becomes `CASE WHEN k IN (domain) THEN
+    /// k END`, under its old name.
+    pub(crate) fn enforce_domains(&self, plan: &LogicalPlan) -> Result<LogicalPlan, QueryError> {
+        if self.enforce.is_empty() {
+            return Ok(plan.clone());
+        }
+        let internal = |e: datafusion::error::DataFusionError| {
+            QueryError::Internal(format!("enforcing key domains: {e}"))
+        };
+        let inputs = plan
+            .inputs()
+            .into_iter()
+            .map(|p| self.enforce_domains(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut exprs = plan.expressions();
+        if let Some(keys) = self.enforce.get(&(std::ptr::from_ref(plan) as usize)) {
+            for (i, domain) in keys {
+                let Some(g) = exprs.get_mut(*i) else {
+                    return Err(QueryError::Internal("enforced key out of range".into()));
+                };
+                let (relation, name) = g.qualified_name();
+                let k = unalias(g).clone();
+                let allowed = domain
+                    .iter()
+                    .map(|v| Expr::Literal(v.clone(), None))
+                    .collect();
+                *g = datafusion::logical_expr::when(k.clone().in_list(allowed, false), k)
+                    .end()
+                    .map_err(internal)?
+                    .alias_qualified(relation, name);
+            }
+        }
+        plan.with_new_exprs(exprs, inputs).map_err(internal)
     }
 
     fn scan(&mut self, scan: &datafusion::logical_expr::TableScan) -> Result<Rel, QueryError> {
@@ -685,22 +746,8 @@ fn range_of(e: &Expr, schema: &DFSchema, rel: &Rel) -> Option<(f64, f64)> {
                     p.iter().copied().fold(f64::NEG_INFINITY, f64::max),
                 )
             }
-            Operator::Divide => {
-                let (a, b) = (r(left)?, r(right)?);
-                if b.0 <= 0.0 && b.1 >= 0.0 {
-                    return None;
-                }
-                let p = [a.0 / b.0, a.0 / b.1, a.1 / b.0, a.1 / b.1];
-                // Integer division truncates towards zero: widen by one.
-                let lo = p.iter().copied().fold(f64::INFINITY, f64::min);
-                let hi = p.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                (lo.floor().min(lo), hi.ceil().max(hi))
-            }
-            Operator::Modulo => {
-                let m = lit_f64(right)?.abs();
-                let (a, _) = r(left)?;
-                if a >= 0.0 { (0.0, m) } else { (-m, m) }
-            }
+            Operator::Divide => divide_range(r(left)?, r(right)?)?,
+            Operator::Modulo => modulo_range(r(left)?, right)?,
             Operator::Eq
             | Operator::NotEq
             | Operator::Lt
@@ -736,6 +783,8 @@ fn range_of(e: &Expr, schema: &DFSchema, rel: &Rel) -> Option<(f64, f64)> {
             let args = &f.args;
             match name {
                 n if n == CLAMP_UDF => (lit_f64(args.get(1)?)?, lit_f64(args.get(2)?)?),
+                n if n == DIV_UDF => divide_range(r(args.first()?)?, r(args.get(1)?)?)?,
+                n if n == MOD_UDF => modulo_range(r(args.first()?)?, args.get(1)?)?,
                 "coalesce" | "nvl" | "ifnull" | "greatest" | "least" => {
                     hull_of(non_null(args.iter()), r)?
                 }
@@ -788,6 +837,25 @@ fn range_of(e: &Expr, schema: &DFSchema, rel: &Rel) -> Option<(f64, f64)> {
         _ => return None,
     };
     (out.0.is_finite() && out.1.is_finite() && out.0 <= out.1).then_some(out)
+}
+
+/// Range of `a / b` (NULL where `b` is zero, so a divisor range through
+/// zero gives no bound).
+fn divide_range(a: (f64, f64), b: (f64, f64)) -> Option<(f64, f64)> {
+    if b.0 <= 0.0 && b.1 >= 0.0 {
+        return None;
+    }
+    let p = [a.0 / b.0, a.0 / b.1, a.1 / b.0, a.1 / b.1];
+    // Integer division truncates towards zero: widen by one.
+    let lo = p.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = p.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    Some((lo.floor().min(lo), hi.ceil().max(hi)))
+}
+
+/// Range of `a % m` for a literal `m`.
+fn modulo_range(a: (f64, f64), m: &Expr) -> Option<(f64, f64)> {
+    let m = lit_f64(m)?.abs();
+    Some(if a.0 >= 0.0 { (0.0, m) } else { (-m, m) })
 }
 
 fn widen_if_integer(r: (f64, f64), dt: &DataType) -> (f64, f64) {

@@ -1,0 +1,275 @@
+//! Regression tests for issue #10's findings: nothing a researcher
+//! observes (a reply, an error code, whether a release is held) may depend
+//! on exact data except through a calibrated mechanism. Each test asks the
+//! same question with a predicate that matches some patient and with one
+//! that matches none, and checks that what comes back cannot tell them
+//! apart except through noise. Finding 4 (timing) is in `timing.rs`, the
+//! exact-rules finding (5) in `governance.rs`.
+
+use std::sync::Arc;
+
+use tre_core::{Code, Role};
+use tre_e2e::{authed, engine_with, fixture, start};
+use tre_proto::v1 as pb;
+use tre_proto::v1::query_service_client::QueryServiceClient;
+use tre_proto::v1::release_service_client::ReleaseServiceClient;
+
+const PROJECT: &str = "p10";
+/// Matches patients in the fixture / matches nobody.
+const SOME: &str = "p.year_of_birth = 1950";
+const NONE: &str = "p.year_of_birth = 1800";
+
+fn code_of(s: &tonic::Status) -> String {
+    s.metadata()
+        .get("tre-code")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn ask(sql: &str, epsilon: f64) -> pb::QueryRequest {
+    pb::QueryRequest {
+        project: PROJECT.into(),
+        sql: sql.into(),
+        epsilon: Some(epsilon),
+        delta: None,
+        totals: false,
+    }
+}
+
+/// What a researcher can see of a reply, noise aside: an answer, or the
+/// refusal's code.
+fn observable(r: &Result<tonic::Response<pb::QueryResponse>, tonic::Status>) -> String {
+    match r {
+        Ok(_) => "answered".to_owned(),
+        Err(s) => format!("refused {}", code_of(s)),
+    }
+}
+
+/// Issue #10, finding 1: operations that used to fail on some value are
+/// total, so whether some patient matches cannot change the outcome. And a
+/// vanishing epsilon is refused for free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn execution_errors_are_no_oracle() {
+    let server = start(&[(PROJECT, &["alice"], 1000.0)]).await;
+    let (mut q, _) = server.clients().await;
+    let alice = server.token("alice", Role::Researcher);
+    let oracles = [
+        "SELECT COUNT(*) FROM patients p WHERE 1 / (CASE WHEN {pred} THEN 0 ELSE 1 END) = 1",
+        "SELECT COUNT(*) FROM patients p WHERE p.imd_quintile % (CASE WHEN {pred} THEN 0 ELSE 7 END) = 1",
+        "SELECT COUNT(*) FROM patients p WHERE CAST(CASE WHEN {pred} THEN 'x' ELSE '1' END AS BIGINT) = 1",
+        "SELECT COUNT(*) FROM patients p WHERE make_date(2024, CASE WHEN {pred} THEN 13 ELSE 1 END, 1) IS NOT NULL",
+        "SELECT COUNT(*) FROM patients p WHERE to_date(CASE WHEN {pred} THEN 'bad' ELSE '2024-01-01' END) IS NOT NULL",
+        "SELECT COUNT(*) FROM patients p WHERE substr(p.sex, 1, CASE WHEN {pred} THEN -1 ELSE 1 END) IS NOT NULL",
+        "SELECT COUNT(*) FROM patients p WHERE lpad(p.sex, CASE WHEN {pred} THEN 2147483648 ELSE 1 END, 'x') IS NOT NULL",
+        "SELECT COUNT(*) FROM patients p WHERE abs(CASE WHEN {pred} THEN -9223372036854775807 - 1 ELSE 1 END) > 0",
+        "SELECT COUNT(*) FROM patients p WHERE power(CASE WHEN {pred} THEN 10 ELSE 1 END, 40) > 0",
+        "SELECT COUNT(*) FROM patients p WHERE sqrt(CASE WHEN {pred} THEN -1 ELSE 1 END) > 0",
+    ];
+    for (i, template) in oracles.iter().enumerate() {
+        let mut seen = Vec::new();
+        for pred in [SOME, NONE] {
+            // A distinct epsilon per call, so no reply is a free repeat.
+            let eps = 0.01 + 0.001 * (i * 2 + seen.len()) as f64;
+            let r = q
+                .submit(authed(ask(&template.replace("{pred}", pred), eps), &alice))
+                .await;
+            if let Err(s) = &r {
+                assert_ne!(
+                    code_of(s),
+                    Code::ExecutionFailed.as_str(),
+                    "{template}: {s:?}"
+                );
+            }
+            seen.push(observable(&r));
+        }
+        assert_eq!(seen[0], seen[1], "{template}: {seen:?}");
+    }
+    let tiny = q
+        .submit(authed(ask("SELECT COUNT(*) FROM patients", 1.5e-9), &alice))
+        .await
+        .expect_err("below the floor");
+    assert_eq!(code_of(&tiny), Code::EpsilonBelowFloor.as_str());
+}
+
+/// Issue #10, finding 2: a sum that exceeds 64 bits saturates instead of
+/// failing, so the overflow check is no counter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sums_saturate_instead_of_failing() {
+    let server = start(&[(PROJECT, &["alice"], 100.0)]).await;
+    let (mut q, _) = server.clients().await;
+    let alice = server.token("alice", Role::Researcher);
+    for (i, pred) in ["TRUE", NONE].iter().enumerate() {
+        let sql = format!(
+            "SELECT SUM(CASE WHEN {pred} THEN 89000000000000 ELSE 0 END) AS s FROM patients p"
+        );
+        let r = q
+            .submit(authed(ask(&sql, 0.5 + i as f64 * 0.1), &alice))
+            .await;
+        assert!(r.is_ok(), "{sql}: {r:?}");
+    }
+}
+
+/// Issue #10, finding 3: NULL is a group too. A per-patient feature keyed
+/// by CASE ... END (NULL when no branch matches) over a self-join is
+/// credited with the rows a patient can really own (two keys, two values
+/// each: 4), and a key that is always NULL is no internal error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn null_keys_count_as_groups() {
+    let engine = engine_with(Arc::clone(&fixture().master)).unwrap_or_else(|e| panic!("{e}"));
+    let budget = engine
+        .budget(Some(1.0), None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    for (sql, rows) in [
+        (
+            "WITH c AS (SELECT l1.person_id, CASE WHEN l1.value > 40 THEN 1 END AS k1, CASE WHEN l2.value > 40 THEN 1 END AS k2 FROM lab_results l1 JOIN lab_results l2 ON l1.person_id = l2.person_id GROUP BY 1, 2, 3) SELECT COUNT(*) FROM c",
+            4,
+        ),
+        (
+            "WITH c AS (SELECT person_id, NULLIF(test, 'HbA1c') AS t FROM lab_results GROUP BY 1, 2) SELECT COUNT(*) FROM c",
+            3,
+        ),
+        (
+            "WITH c AS (SELECT person_id, CASE WHEN value > 40 THEN NULL END AS k FROM lab_results GROUP BY 1, 2) SELECT COUNT(*) FROM c",
+            1,
+        ),
+    ] {
+        let plan = engine
+            .compile(sql, budget)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert_eq!(plan.max_rows_per_unit(), rows, "{sql}");
+        assert!(
+            plan.description()
+                .iter()
+                .any(|d| d.contains(&format!("at most {rows} row(s) per patient"))),
+            "{:?}",
+            plan.description()
+        );
+    }
+}
+
+/// Issue #10, finding 6: a count written as a sum is judged as a count, and
+/// a sum or a median is judged by a noisy count of its contributors: small
+/// groups are suppressed whatever the aggregate is called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_in_disguise_meet_the_profile() {
+    let engine = engine_with(Arc::clone(&fixture().master)).unwrap_or_else(|e| panic!("{e}"));
+    let budget = engine
+        .budget(Some(2.0), None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let status = |sql: &'static str| {
+        let engine = &engine;
+        async move {
+            let plan = engine
+                .compile(sql, budget)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            let r = engine
+                .execute(&plan)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            match &r.rows[0][0] {
+                tre_query::Cell::Value { status, reason, .. } => (status.clone(), reason.clone()),
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    // A handful of patients (fewer than 10 for certain): suppressed, as a
+    // count would be.
+    let tiny = "SELECT SUM(CASE WHEN TRUE THEN 1 ELSE 0 END) FROM patients p WHERE p.year_of_birth = 1950 AND p.region = 'London' AND p.sex = 'F'";
+    let (s, why) = status(tiny).await;
+    assert_eq!(s, "suppressed", "{why}");
+    assert!(why.starts_with("threshold"), "{why}");
+    let median = "SELECT MEDIAN(rtt_weeks) FROM waiting_list WHERE rtt_weeks > 103.9";
+    let (s, why) = status(median).await;
+    assert_eq!(s, "suppressed", "{why}");
+    assert!(why.starts_with("minimum patients"), "{why}");
+    let sum =
+        "SELECT SUM(length_of_stay_days * 3 + 1) FROM admissions WHERE length_of_stay_days > 360";
+    let (s, why) = status(sum).await;
+    assert_eq!(s, "suppressed", "{why}");
+    // And large groups are released.
+    let (s, _) = status("SELECT SUM(length_of_stay_days) FROM admissions").await;
+    assert_eq!(s, "released");
+    let (s, _) = status("SELECT SUM(died_28d) FROM admissions").await;
+    assert_eq!(s, "rounded", "a sum of 0/1 values is a count: rounded");
+}
+
+/// Issue #10, finding 7: ROLLUP/CUBE/GROUPING SETS are refused with a code;
+/// a share of the total over released cells is post-processing and runs;
+/// and a withdrawn release does not block the same query forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollups_windows_and_withdrawn_releases() {
+    let server = start(&[(PROJECT, &["alice"], 100.0)]).await;
+    let ch = server.channel().await;
+    let mut q = QueryServiceClient::new(ch.clone());
+    let mut r = ReleaseServiceClient::new(ch);
+    let alice = server.token("alice", Role::Researcher);
+    for sql in [
+        "SELECT region, COUNT(*) FROM patients GROUP BY ROLLUP(region)",
+        "SELECT region, sex, COUNT(*) FROM patients GROUP BY CUBE(region, sex)",
+        "SELECT region, sex, COUNT(*) FROM patients GROUP BY GROUPING SETS ((region), (sex))",
+    ] {
+        let s = q
+            .submit(authed(ask(sql, 0.5), &alice))
+            .await
+            .expect_err(sql);
+        assert_eq!(code_of(&s), Code::UnsupportedShape.as_str(), "{sql}");
+    }
+    assert!((server.spent(PROJECT)).abs() < 1e-12, "refusals are free");
+
+    let share = "SELECT region, n, n * 1.0 / SUM(n) OVER () AS share FROM (SELECT region, COUNT(*) AS n FROM patients GROUP BY region) t";
+    let reply = q
+        .submit(authed(ask(share, 1.0), &alice))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .into_inner();
+    assert_eq!(reply.status, "released");
+    assert_eq!(reply.rows.len(), 7);
+    let total: f64 = reply
+        .rows
+        .iter()
+        .filter_map(|row| match &row.cells[2].content {
+            Some(pb::cell::Content::Value(v)) => v.value,
+            _ => None,
+        })
+        .sum();
+    assert!(
+        (total - 1.0).abs() < 1e-9,
+        "shares of released cells: {total}"
+    );
+
+    // Small cells: held. Withdraw it, and the same query runs again.
+    let small = "SELECT age_band, sex, COUNT(*) AS n FROM patients WHERE year_of_birth > 2010 GROUP BY age_band, sex";
+    let first = q
+        .submit(authed(ask(small, 0.5), &alice))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .into_inner();
+    assert_eq!(first.status, "held");
+    r.withdraw_release(authed(
+        pb::ReviewReleaseRequest {
+            id: first.release_id.clone(),
+            reason: "wrong bands".into(),
+        },
+        &alice,
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    let spent = server.spent(PROJECT);
+    let again = q
+        .submit(authed(ask(small, 0.5), &alice))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .into_inner();
+    assert!(
+        !again.repeated,
+        "a withdrawn release must not answer for the query"
+    );
+    assert_ne!(again.release_id, first.release_id);
+    assert!(
+        (server.spent(PROJECT) - spent - 0.5).abs() < 1e-9,
+        "charged again"
+    );
+}
