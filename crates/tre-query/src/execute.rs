@@ -135,12 +135,13 @@ async fn exact_with(
     match per_patient {
         Some(cells) => {
             for (key, patients) in cells.iter().filter(|(k, _)| releasable(k)) {
-                // In i128, which 2^64 patients of i64 values cannot
-                // overflow; then saturated like any other sum.
+                // In i128 (no realistic number of patients can reach its
+                // limits; it saturates all the same), then saturated to i64
+                // like any other sum.
                 let mut sums = vec![0i128; patients.first().map_or(0, Vec::len)];
                 for p in patients {
                     for (s, v) in sums.iter_mut().zip(p) {
-                        *s += i128::from(*v);
+                        *s = s.saturating_add(i128::from(*v));
                     }
                 }
                 laplace.insert(key.clone(), sums.into_iter().map(saturate).collect());

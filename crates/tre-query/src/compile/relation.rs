@@ -214,7 +214,7 @@ impl<'a> Analyzer<'a> {
                 Ok(Rel {
                     cols,
                     private: true,
-                    max_rows: k.min(other_groups).max(1),
+                    max_rows: k.min(other_groups),
                     max_dup,
                 })
             }
