@@ -409,6 +409,13 @@ async fn total_functions_keep_sql_semantics() {
         "abs(-3) = 3",
         "CAST('abc' AS BIGINT) IS NULL",
         "(CASE WHEN p.year_of_birth < 0 THEN 1 / 0 ELSE 1 END) IS NULL OR p.year_of_birth >= 0",
+        // Bounds are enforced at the scan: text longer than its column's
+        // limit (its longest declared value, or 64) and dates outside the
+        // policy's bounds are NULL, whatever the extract holds (it holds
+        // 300-character text and dates at both ends of Date32).
+        "p.gp_practice IS NULL OR character_length(p.gp_practice) <= 64",
+        "p.sex IS NULL OR character_length(p.sex) <= 1",
+        "p.date_of_death IS NULL OR p.date_of_death BETWEEN DATE '2024-01-01' AND DATE '2025-12-31'",
     ] {
         assert_eq!(count(cond).await, all, "{cond}");
     }

@@ -1639,6 +1639,7 @@ fn bounded_scan(
     let unit = &policy.privacy_unit;
     let name = table.name.as_str();
     let scan = LogicalPlanBuilder::scan(name, source(name)?, None)?;
+    let scan_schema = Arc::clone(scan.schema());
     let columns: Vec<Expr> = scan
         .schema()
         .columns()
@@ -1676,23 +1677,44 @@ fn bounded_scan(
         .order_by(vec![shuffle.call(columns.clone()).sort(true, false)])
         .build()?
         .alias("__tre_rn");
-    // Dates outside the policy's bounds become NULL here, before any
-    // expression sees them: a date at the end of the Date32 range cannot
-    // even be printed, so bounds on dates are enforced at the source.
+    // Dates outside the policy's bounds, and text longer than its column's
+    // limit, become NULL here, before any expression sees them: a date at
+    // the end of the Date32 range cannot even be printed, and the work
+    // bound assumes the limit. Bounds are enforced at the source.
+    let text = |c: &Column| {
+        scan_schema
+            .field_with_unqualified_name(&c.name)
+            .is_ok_and(|f| {
+                matches!(
+                    f.data_type(),
+                    DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+                )
+            })
+    };
     let output: Vec<Expr> = columns
         .into_iter()
-        .map(|c| match &c {
-            Expr::Column(column) => match table.column(&column.name).map(|p| &p.class) {
+        .map(|c| {
+            let Expr::Column(column) = &c else {
+                return Ok(c);
+            };
+            let keep = match table.column(&column.name).map(|p| &p.class) {
                 Some(tre_policy::ColumnClass::Date { lo, hi }) => {
-                    let (relation, name) = (column.relation.clone(), column.name.clone());
                     let day = |d: i32| lit(ScalarValue::Date32(Some(d)));
-                    when(c.clone().between(day(*lo), day(*hi)), c)
-                        .end()
-                        .map(|e| e.alias_qualified(relation, name))
+                    c.clone().between(day(*lo), day(*hi))
                 }
-                _ => Ok(c),
-            },
-            _ => Ok(c),
+                Some(class) if text(column) => match total::text_limit(class) {
+                    Some(limit) => {
+                        datafusion::functions::unicode::expr_fn::character_length(c.clone())
+                            .lt_eq(lit(i32::try_from(limit).unwrap_or(i32::MAX)))
+                    }
+                    None => return Ok(c),
+                },
+                _ => return Ok(c),
+            };
+            let (relation, name) = (column.relation.clone(), column.name.clone());
+            when(keep, c)
+                .end()
+                .map(|e| e.alias_qualified(relation, name))
         })
         .collect::<datafusion::error::Result<_>>()?;
     b.window(vec![rn])?

@@ -818,19 +818,33 @@ fn plan_work(
     Ok((out, work))
 }
 
-/// Longest text of a table column: its longest declared value, or
-/// [`DEFAULT_TEXT_LEN`]; for reference tables, the longest value shipped.
+/// The most characters a categorical text value may have: its column's
+/// longest declared value, or [`DEFAULT_TEXT_LEN`] without a domain. A
+/// longer value becomes NULL at the scan (`bounded_scan`), so the work
+/// bound holds whatever the data holds.
+pub(crate) fn text_limit(class: &ColumnClass) -> Option<usize> {
+    match class {
+        ColumnClass::Categorical { domain: Some(d) } => Some(
+            d.iter()
+                .map(|v| v.chars().count())
+                .max()
+                .unwrap_or(0)
+                .max(1),
+        ),
+        ColumnClass::Categorical { domain: None } => Some(DEFAULT_TEXT_LEN as usize),
+        _ => None,
+    }
+}
+
+/// Longest text of a table column: its [`text_limit`], or for identifiers
+/// (keyed pseudonyms of fixed length) [`DEFAULT_TEXT_LEN`]; for reference
+/// tables, the longest value shipped.
 fn column_len(policy: &Policy, reference: &RefTables, table: &str, column: &str) -> f64 {
     if let Some(t) = policy.table(table) {
         return match t.column(column).map(|c| &c.class) {
-            Some(ColumnClass::Categorical { domain: Some(d) }) => d
-                .iter()
-                .map(|v| v.chars().count() as f64)
-                .fold(0.0, f64::max),
-            Some(ColumnClass::Categorical { domain: None } | ColumnClass::Identifier) => {
-                DEFAULT_TEXT_LEN
-            }
-            _ => PRINTED_LEN,
+            Some(ColumnClass::Identifier) => DEFAULT_TEXT_LEN,
+            Some(class) => text_limit(class).map_or(PRINTED_LEN, |l| l as f64),
+            None => PRINTED_LEN,
         };
     }
     reference
