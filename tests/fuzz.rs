@@ -758,6 +758,12 @@ async fn generated_queries_are_sound() {
     let mut refused: BTreeMap<String, usize> = BTreeMap::new();
     let mut failures: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for i in 0..queries {
+        if i > 0 && i % 10_000 == 0 {
+            eprintln!(
+                "fuzz: {i} of {queries} queries, {accepted} accepted, failures so far: {}",
+                failures.values().map(Vec::len).sum::<usize>()
+            );
+        }
         let sql = generator.query();
         let plan = match engine.compile(&sql, budget).await {
             Ok(p) => p,
