@@ -766,12 +766,12 @@ fn per_patient_plan(plan: &PrivatePlan) -> Result<LogicalPlan, QueryError> {
         .map_err(|e| QueryError::Internal(format!("building exact-rule facts: {e}")))
 }
 
-/// Put every plan the engine will run for `plan` through DataFusion's
-/// optimizer at compile time, before anything is charged: planning
-/// depends on the query alone, so a planning failure must be a free
-/// refusal, never a failure after the reservation (which would be an
-/// incident).
-pub(crate) fn preflight(
+/// Plan every plan the engine will run for `plan` physically, through all
+/// of DataFusion's optimizers and its final sanity check, at compile time,
+/// before anything is charged. Planning depends on the query alone (the
+/// sessions collect no file statistics), so a planning failure must be a
+/// free refusal, never a failure after the reservation (an incident).
+pub(crate) async fn preflight(
     ctx: &SessionContext,
     plan: &PrivatePlan,
     profile_exact_rules: bool,
@@ -787,14 +787,18 @@ pub(crate) fn preflight(
     }
     let state = ctx.state();
     for p in &plans {
-        state.optimize(p).map_err(|e| {
+        state.create_physical_plan(p).await.map_err(|e| {
             let msg = e.to_string();
+            // A physical-plan dump names server paths and says nothing a
+            // researcher can act on: keep only short reasons.
+            let reason = msg
+                .lines()
+                .last()
+                .filter(|l| l.len() <= 200 && !l.contains("Plan: ["))
+                .unwrap_or("the engine's physical planner rejected the plan");
             QueryError::refused(
                 tre_core::Code::UnsupportedExpression,
-                format!(
-                    "the query cannot be planned: {}; simplify the expression",
-                    msg.lines().last().unwrap_or_default()
-                ),
+                format!("the query cannot be planned: {reason}; simplify the expression"),
             )
         })?;
     }

@@ -217,7 +217,7 @@ impl Engine {
         let plan = self
             .compile_in(&ctx, sql, budget, &compile::Exclusion::default())
             .await?;
-        execute::preflight(&ctx, &plan, self.profile.exact_rules)?;
+        execute::preflight(&ctx, &plan, self.profile.exact_rules).await?;
         Ok(plan)
     }
 

@@ -130,9 +130,14 @@ impl Sandbox {
     /// A new session for one query. Sessions share the runtime (memory pool,
     /// key factory) but no state: nothing a query registers survives it.
     pub(crate) fn context(&self) -> SessionContext {
-        let config = SessionConfig::new()
+        let mut config = SessionConfig::new()
             .with_target_partitions(self.target_partitions)
             .with_information_schema(false);
+        // The physical plan must depend on the query alone: with file
+        // statistics, DataFusion picks join sides and derives constants
+        // from the data, and a plan it then rejects would fail after the
+        // reservation on some extracts and not on others. Issue #10.
+        config.options_mut().execution.collect_statistics = false;
         let ctx = SessionContext::new_with_config_rt(config, Arc::clone(&self.runtime));
         // Table functions could multiply rows or read files: none are offered.
         for f in ["generate_series", "range"] {

@@ -1670,17 +1670,14 @@ fn bounded_scan(
             )?;
         }
     }
-    // The shuffle key sees the whole row so that a deterministic (test)
-    // sampler picks the same rows whoever else is in the dataset.
-    let rn = row_number()
-        .partition_by(vec![qcol(name, unit)])
-        .order_by(vec![shuffle.call(columns.clone()).sort(true, false)])
-        .build()?
-        .alias("__tre_rn");
     // Dates outside the policy's bounds, and text longer than its column's
     // limit, become NULL here, before any expression sees them: a date at
     // the end of the Date32 range cannot even be printed, and the work
-    // bound assumes the limit. Bounds are enforced at the source.
+    // bound assumes the limit. Bounds are enforced at the source, below the
+    // row cap, so that a query's filters see plain columns: DataFusion
+    // loses a filter's constants on a computed expression when it embeds a
+    // projection in the filter, then rejects its own plan (issue #10).
+
     let text = |c: &Column| {
         scan_schema
             .field_with_unqualified_name(&c.name)
@@ -1691,8 +1688,9 @@ fn bounded_scan(
                 )
             })
     };
-    let output: Vec<Expr> = columns
-        .into_iter()
+    let bounded: Vec<Expr> = columns
+        .iter()
+        .cloned()
         .map(|c| {
             let Expr::Column(column) = &c else {
                 return Ok(c);
@@ -1717,9 +1715,17 @@ fn bounded_scan(
                 .map(|e| e.alias_qualified(relation, name))
         })
         .collect::<datafusion::error::Result<_>>()?;
-    b.window(vec![rn])?
+    // The shuffle key sees the whole row so that a deterministic (test)
+    // sampler picks the same rows whoever else is in the dataset.
+    let rn = row_number()
+        .partition_by(vec![qcol(name, unit)])
+        .order_by(vec![shuffle.call(columns.clone()).sort(true, false)])
+        .build()?
+        .alias("__tre_rn");
+    b.project(bounded)?
+        .window(vec![rn])?
         .filter(col("__tre_rn").lt_eq(lit(u64::from(table.max_rows_per_unit))))?
-        .project(output)?
+        .project(columns)?
         .build()
 }
 
