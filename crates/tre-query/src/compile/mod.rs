@@ -1677,7 +1677,6 @@ fn bounded_scan(
     // row cap, so that a query's filters see plain columns: DataFusion
     // loses a filter's constants on a computed expression when it embeds a
     // projection in the filter, then rejects its own plan (issue #10).
-
     let text = |c: &Column| {
         scan_schema
             .field_with_unqualified_name(&c.name)
