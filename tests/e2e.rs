@@ -13,6 +13,7 @@ mod audit;
 mod corpus;
 mod fuzz;
 mod governance;
+mod robustness;
 mod soundness;
 mod timing;
 mod totality;
@@ -330,10 +331,12 @@ async fn refusals_return_their_code_and_cost_nothing() {
             Code::PermissionDenied,
             tonic::Code::PermissionDenied,
         ),
+        // Another project's id gets the reply an unknown id gets, so a
+        // researcher cannot probe which ids exist (issue #11).
         (
             &alice,
             "other",
-            Code::PermissionDenied,
+            Code::UnknownProject,
             tonic::Code::PermissionDenied,
         ),
         (

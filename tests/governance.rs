@@ -207,7 +207,7 @@ async fn call(ch: &Channel, rpc: Rpc, token: &str, tag: &str) -> Result<(), toni
                     epsilon: Some(1.0),
                     delta: None,
                     end_date: String::new(),
-                    reason: String::new(),
+                    reason: "ethics approval 24/NW/0001".into(),
                 },
                 token,
             ))
@@ -601,7 +601,9 @@ async fn project_lifecycle_over_grpc() {
         .get_project(authed(pb::GetProjectRequest { id: "waits".into() }, &dave))
         .await
         .expect_err("not involved");
-    assert_eq!(code_of(&s), "TRE-A002");
+    // The same reply as an unknown id: which ids exist is not a researcher's
+    // to learn (issue #11).
+    assert_eq!(code_of(&s), "TRE-A003");
     let listed = ok(p
         .list_projects(authed(pb::ListProjectsRequest::default(), &dave))
         .await)

@@ -41,7 +41,9 @@ pub enum ProjectCommand {
         /// YYYY-MM-DD; the requested end date by default.
         #[arg(long, default_value = "")]
         end_date: String,
-        #[arg(long, default_value = "")]
+        /// Why it is approved (e.g. the ethics reference); recorded in the
+        /// project's history and the audit log.
+        #[arg(long)]
         reason: String,
     },
     /// Reject a requested project, with a reason (custodian).
@@ -310,19 +312,33 @@ pub async fn audit(cmd: AuditCommand) -> Result<()> {
             limit,
         } => {
             let mut c = Client::from_conn(&conn).await?;
-            let r = rpc(c
-                .audit
-                .list_events(pb::ListEventsRequest {
-                    user,
-                    project,
-                    action,
-                    outcome,
-                    since,
-                    until,
-                    limit,
-                })
-                .await)?;
-            print!("{}", render_events(&r.events));
+            // The server answers in pages of about 1 MiB; ask until the
+            // limit (the server's default of 1000 when not given).
+            let want = if limit == 0 { 1_000 } else { limit as usize };
+            let mut events = Vec::new();
+            let mut after_seq = 0;
+            loop {
+                let left = u32::try_from(want - events.len()).unwrap_or(u32::MAX);
+                let page = rpc(c
+                    .audit
+                    .list_events(pb::ListEventsRequest {
+                        user: user.clone(),
+                        project: project.clone(),
+                        action: action.clone(),
+                        outcome: outcome.clone(),
+                        since: since.clone(),
+                        until: until.clone(),
+                        limit: left,
+                        after_seq,
+                    })
+                    .await)?;
+                events.extend(page.events);
+                if !page.more || events.len() >= want {
+                    break;
+                }
+                after_seq = page.next_after_seq;
+            }
+            print!("{}", render_events(&events));
         }
         AuditCommand::Verify(a) => {
             let (report_line, intact) = match (&a.export, &a.public_key) {

@@ -253,7 +253,7 @@ pub fn open_state(args: &ServeArgs) -> Result<AppState> {
     let issuer = Issuer::load_or_create(&args.state)?;
     let budget = engine.policy().budget;
     let epsilon = match args.project_epsilon {
-        Some(e) => Epsilon::new(e)?,
+        Some(e) => Epsilon::requested(e)?,
         None => budget.project_epsilon,
     };
     let end_date = tre_store::today()

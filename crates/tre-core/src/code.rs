@@ -83,6 +83,11 @@ codes! {
     TooMuchWork = "TRE-Q029",
     /// The same group key twice.
     DuplicateGroupKey = "TRE-Q030",
+    /// More SQL text or tokens than one query may have.
+    SqlTooLong = "TRE-Q031",
+    /// Deeper expressions, or more SELECTs, tables or columns, than one
+    /// query may have.
+    QueryTooComplex = "TRE-Q032",
 
     // Budget.
     BudgetExhausted = "TRE-B001",

@@ -17,7 +17,7 @@ pub use code::Code;
 /// Errors raised while validating raw values into domain types.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum CoreError {
-    #[error("{code} epsilon must be a finite number greater than 0, got {value}; pass a positive epsilon such as 0.5", code = Code::InvalidEpsilon)]
+    #[error("{code} epsilon must be a finite number greater than 0 and at most 1e6, got {value}; pass a positive epsilon such as 0.5", code = Code::InvalidEpsilon)]
     InvalidEpsilon { value: f64 },
     #[error("{code} {what} '{value}' is not valid: {why}", code = Code::InvalidIdentifier)]
     InvalidId {
@@ -27,6 +27,14 @@ pub enum CoreError {
     },
     #[error("{code} delta must be a finite number in [0, 1e-3], got {value}; pass a small delta such as 1e-7, or 0 for pure epsilon", code = Code::InvalidEpsilon)]
     InvalidDelta { value: f64 },
+    /// A budget someone asked for, smaller than the ledger can record.
+    #[error("{code} {what} {value} is below the smallest amount the ledger records, {min}; ask for at least {min}{or_zero}", code = Code::InvalidEpsilon)]
+    BelowLedgerGrain {
+        what: &'static str,
+        value: f64,
+        min: f64,
+        or_zero: &'static str,
+    },
     #[error("{code} unknown role '{0}'; use one of researcher, custodian, auditor, admin", code = Code::InvalidIdentifier)]
     UnknownRole(String),
 }
@@ -41,13 +49,34 @@ pub struct Epsilon(f64);
 
 impl Epsilon {
     pub const NANOS_PER_UNIT: f64 = 1e9;
+    /// The largest ε any budget or query may name. Far beyond any privacy
+    /// guarantee, it keeps `as_nanos` exact: a larger value would saturate
+    /// the ledger's integer (issue #11: 1e300 became about 9.2e9).
+    pub const MAX: f64 = 1e6;
 
     pub fn new(value: f64) -> Result<Self, CoreError> {
-        if value.is_finite() && value > 0.0 {
+        if value.is_finite() && value > 0.0 && value <= Self::MAX {
             Ok(Self(value))
         } else {
             Err(CoreError::InvalidEpsilon { value })
         }
+    }
+
+    /// An ε a person asks for (a query's, a project's, a policy's cap): also
+    /// at least one unit of the ledger, so it is recorded as asked rather
+    /// than rounded up (issue #11). Splits of it inside a query may be
+    /// smaller; they use [`Epsilon::new`].
+    pub fn requested(value: f64) -> Result<Self, CoreError> {
+        let e = Self::new(value)?;
+        if value < 1.0 / Self::NANOS_PER_UNIT {
+            return Err(CoreError::BelowLedgerGrain {
+                what: "epsilon",
+                value,
+                min: 1.0 / Self::NANOS_PER_UNIT,
+                or_zero: "",
+            });
+        }
+        Ok(e)
     }
 
     pub fn value(self) -> f64 {
@@ -102,6 +131,22 @@ impl Delta {
         } else {
             Err(CoreError::InvalidDelta { value })
         }
+    }
+
+    /// A δ a person asks for: zero, or at least one unit of the ledger
+    /// (issue #11: 5e-324 reached the key-selection threshold as an
+    /// internal error). Splits inside a query use [`Delta::new`].
+    pub fn requested(value: f64) -> Result<Self, CoreError> {
+        let d = Self::new(value)?;
+        if value != 0.0 && value < 1.0 / Self::FEMTOS_PER_UNIT {
+            return Err(CoreError::BelowLedgerGrain {
+                what: "delta",
+                value,
+                min: 1.0 / Self::FEMTOS_PER_UNIT,
+                or_zero: ", or 0 for pure epsilon",
+            });
+        }
+        Ok(d)
     }
 
     pub fn value(self) -> f64 {
@@ -264,10 +309,14 @@ mod tests {
 
     #[test]
     fn epsilon_rejects_non_positive_and_non_finite() {
-        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        // 1e300 and just above the maximum: issue #11, where a saturating
+        // cast turned 1e300 into a ledger entry of about 9.2e9.
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e300, 1.000_001e6] {
             assert!(Epsilon::new(bad).is_err(), "{bad}");
         }
         assert_eq!(Epsilon::new(0.5).map(Epsilon::value), Ok(0.5));
+        let max = Epsilon::new(Epsilon::MAX).unwrap_or_else(|_| unreachable!());
+        assert_eq!(max.as_nanos(), 1_000_000_000_000_000);
     }
 
     #[test]

@@ -13,8 +13,11 @@ use crate::{GatewayError, convert};
 
 const DEFAULT_LIMIT: usize = 1_000;
 const MAX_LIMIT: usize = 10_000;
-/// Lines per export chunk, well under gRPC's default 4 MB message limit.
-const EXPORT_CHUNK_LINES: usize = 1_000;
+/// Bytes of event text per ListEvents page and per export chunk, well
+/// under gRPC's default 4 MB message limit even with JSON escaping: no
+/// event can make the log unreadable (issue #11). One event is at most
+/// about 70 KiB once capped (`chain::MAX_SQL_BYTES`).
+const PAGE_BYTES: usize = 1 << 20;
 
 pub(crate) type ExportStream = std::pin::Pin<
     Box<dyn tokio_stream::Stream<Item = Result<pb::ExportLogResponse, Status>> + Send>,
@@ -29,28 +32,37 @@ impl Services {
         &self,
         req: pb::ListEventsRequest,
     ) -> Result<pb::ListEventsResponse, GatewayError> {
-        for t in [&req.since, &req.until] {
-            if !t.is_empty() && chrono::DateTime::parse_from_rfc3339(t).is_err() {
-                return Err(GatewayError::BadRequest(format!(
-                    "'{t}' is not an RFC 3339 time; write e.g. 2026-11-24T09:00:00Z"
-                )));
+        let time = |t: &str| -> Result<Option<chrono::DateTime<chrono::Utc>>, GatewayError> {
+            if t.is_empty() {
+                return Ok(None);
             }
-        }
+            chrono::DateTime::parse_from_rfc3339(t)
+                .map(|t| Some(t.with_timezone(&chrono::Utc)))
+                .map_err(|_| {
+                    GatewayError::BadRequest(format!(
+                        "'{t}' is not an RFC 3339 time; write e.g. 2026-11-24T09:00:00Z"
+                    ))
+                })
+        };
+        let (since, until) = (time(&req.since)?, time(&req.until)?);
         let filter = AuditFilter {
             user: text(req.user),
             project: text(req.project),
             action: text(req.action),
             outcome: text(req.outcome),
-            since: text(req.since),
-            until: text(req.until),
+            since,
+            until,
+            after_seq: (req.after_seq > 0).then_some(req.after_seq),
             limit: Some(match req.limit {
                 0 => DEFAULT_LIMIT,
                 n => (n as usize).min(MAX_LIMIT),
             }),
         };
-        let events = self.state.store.audit_events(&filter)?;
+        let page = self.state.store.audit_page(&filter, PAGE_BYTES)?;
         Ok(pb::ListEventsResponse {
-            events: events.iter().map(convert::audit_event).collect(),
+            next_after_seq: page.events.last().map_or(0, |e| e.seq),
+            more: page.more,
+            events: page.events.iter().map(convert::audit_event).collect(),
         })
     }
 
@@ -73,18 +85,27 @@ impl Services {
         self.state.store.checkpoint()?;
         let entries = self.state.store.audit_entries()?;
         let public_key = hex::encode(self.state.store.audit_public_key());
-        let chunks = entries
-            .chunks(EXPORT_CHUNK_LINES)
-            .map(|c| {
-                chain::to_jsonl(c)
-                    .map(|jsonl| pb::ExportLogResponse {
-                        jsonl,
-                        public_key: public_key.clone(),
-                    })
-                    .map_err(|e| GatewayError::Setup(format!("cannot serialise the log: {e}")))
+        // Whole lines, cut into chunks of about PAGE_BYTES.
+        let mut chunks = Vec::new();
+        let mut jsonl = String::new();
+        for entry in &entries {
+            let line = chain::to_jsonl(std::slice::from_ref(entry))
+                .map_err(|e| GatewayError::Setup(format!("cannot serialise the log: {e}")))?;
+            if !jsonl.is_empty() && jsonl.len() + line.len() > PAGE_BYTES {
+                chunks.push(std::mem::take(&mut jsonl));
+            }
+            jsonl.push_str(&line);
+        }
+        if !jsonl.is_empty() {
+            chunks.push(jsonl);
+        }
+        let chunks = chunks.into_iter().map(move |jsonl| {
+            Ok(pb::ExportLogResponse {
+                jsonl,
+                public_key: public_key.clone(),
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Box::pin(tokio_stream::iter(chunks.into_iter().map(Ok))))
+        });
+        Ok(Box::pin(tokio_stream::iter(chunks)))
     }
 
     fn revoke_token(

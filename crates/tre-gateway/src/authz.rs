@@ -129,7 +129,16 @@ pub fn authorise(who: &Principal, rpc: Rpc) -> Result<(), GatewayError> {
 /// Researchers see and spend only their own projects; custodians and
 /// auditors see all. `spend` additionally requires membership (a requester
 /// who is not a member cannot query).
+///
+/// A researcher who is not involved in a project gets exactly the reply an
+/// unknown id gets (`TRE-A003`), so ids of other projects cannot be probed
+/// (issue #11).
 pub fn project_scope(who: &Principal, p: &Project, spend: bool) -> Result<(), GatewayError> {
+    if who.role == Role::Researcher && !p.involves(&who.user) {
+        return Err(GatewayError::Store(tre_store::StoreError::UnknownProject(
+            p.id.to_string(),
+        )));
+    }
     let ok = match who.role {
         Role::Researcher if spend => p.members.contains(&who.user),
         Role::Researcher => p.involves(&who.user),

@@ -43,7 +43,8 @@ impl GatewayError {
             GatewayError::BadRequest(_) => Code::InvalidArgument,
             GatewayError::Core(e) => match e {
                 tre_core::CoreError::InvalidEpsilon { .. }
-                | tre_core::CoreError::InvalidDelta { .. } => Code::InvalidEpsilon,
+                | tre_core::CoreError::InvalidDelta { .. }
+                | tre_core::CoreError::BelowLedgerGrain { .. } => Code::InvalidEpsilon,
                 tre_core::CoreError::InvalidId { .. } | tre_core::CoreError::UnknownRole(_) => {
                     Code::InvalidIdentifier
                 }

@@ -54,8 +54,8 @@ impl Services {
             title: req.title,
             purpose: req.purpose,
             datasets: req.datasets,
-            epsilon: Epsilon::new(req.epsilon)?,
-            delta: Delta::new(req.delta)?,
+            epsilon: Epsilon::requested(req.epsilon)?,
+            delta: Delta::requested(req.delta)?,
             members,
             end_date: date("end_date", &req.end_date)?,
             requested_by: who.user.clone(),
@@ -203,14 +203,15 @@ impl ProjectService for Services {
             request,
             Rpc::ApproveProject,
             |call, who, req, note| async {
-                self.decide(&call, &who, &req.id, &req.reason, note, |p| {
+                let why = reason(&req.reason)?;
+                self.decide(&call, &who, &req.id, why, note, |p| {
                     Ok(Decision::Approve {
                         epsilon: match req.epsilon {
-                            Some(e) => Epsilon::new(e)?,
+                            Some(e) => Epsilon::requested(e)?,
                             None => Epsilon::new(Epsilon::from_nanos(p.requested_epsilon_nanos))?,
                         },
                         delta: match req.delta {
-                            Some(d) => Delta::new(d)?,
+                            Some(d) => Delta::requested(d)?,
                             None => Delta::new(Delta::from_femtos(p.requested_delta_femtos))?,
                         },
                         end_date: if req.end_date.is_empty() {
@@ -268,8 +269,8 @@ impl ProjectService for Services {
                 let why = reason(&req.reason)?;
                 self.decide(&call, &who, &req.id, why, note, |_| {
                     Ok(Decision::TopUp {
-                        epsilon: Epsilon::new(req.epsilon)?,
-                        delta: Delta::new(req.delta)?,
+                        epsilon: Epsilon::requested(req.epsilon)?,
+                        delta: Delta::requested(req.delta)?,
                     })
                 })
             }

@@ -200,22 +200,12 @@ fn toml_error_field(e: &toml::de::Error) -> String {
 }
 
 /// Parse `YYYY-MM-DD` into days since 1970-01-01 (proleptic Gregorian).
+/// A day that does not exist, such as 2024-02-31, is an error, not the
+/// day it would roll over to (issue #11).
 pub fn parse_date(s: &str) -> Option<i32> {
-    let mut it = s.splitn(3, '-');
-    let y: i64 = it.next()?.parse().ok()?;
-    let m: i64 = it.next()?.parse().ok()?;
-    let d: i64 = it.next()?.parse().ok()?;
-    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || !(1..=9999).contains(&y) {
-        return None;
-    }
-    // Howard Hinnant's days_from_civil.
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    i32::try_from(era * 146_097 + doe - 719_468).ok()
+    let day = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()?;
+    let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1)?;
+    i32::try_from(day.signed_duration_since(epoch).num_days()).ok()
 }
 
 #[derive(Deserialize)]

@@ -120,11 +120,13 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> Invalid {
 }
 
 fn epsilon(field: &str, v: f64) -> Result<Epsilon, Invalid> {
-    Epsilon::new(v).map_err(|_| invalid(field, format!("must be a positive number, got {v}")))
+    Epsilon::requested(v)
+        .map_err(|_| invalid(field, format!("must be a number in [1e-9, 1e6], got {v}")))
 }
 
 fn delta(field: &str, v: f64) -> Result<Delta, Invalid> {
-    Delta::new(v).map_err(|_| invalid(field, format!("must be in [0, 1e-3], got {v}")))
+    Delta::requested(v)
+        .map_err(|_| invalid(field, format!("must be 0 or in [1e-15, 1e-3], got {v}")))
 }
 
 fn is_name(s: &str) -> bool {

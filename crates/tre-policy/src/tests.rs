@@ -163,6 +163,11 @@ fn dates_parse_to_unix_days() {
         ("2000-03-01", Some(11017)),
         ("2024-12-31", Some(20088)),
         ("2024-02-30x", None),
+        // Days that do not exist are refused, not rolled over (issue #11).
+        ("2024-02-31", None),
+        ("2023-02-29", None),
+        ("2024-02-29", Some(19782)),
+        ("2024-04-31", None),
     ] {
         assert_eq!(parse_date(s), d, "{s}");
     }

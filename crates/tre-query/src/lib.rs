@@ -248,7 +248,7 @@ impl Engine {
             |e: tre_core::CoreError| QueryError::refused(Code::InvalidEpsilon, e.to_string());
         let epsilon = match epsilon {
             None => caps.default_epsilon_per_query,
-            Some(v) => tre_core::Epsilon::new(v).map_err(invalid)?,
+            Some(v) => tre_core::Epsilon::requested(v).map_err(invalid)?,
         };
         within_cap(
             "epsilon",
@@ -267,7 +267,7 @@ impl Engine {
         }
         let delta = match delta {
             None => caps.default_delta_per_query,
-            Some(v) => tre_core::Delta::new(v).map_err(invalid)?,
+            Some(v) => tre_core::Delta::requested(v).map_err(invalid)?,
         };
         within_cap(
             "delta",

@@ -50,6 +50,80 @@ pub struct AuditEvent {
     pub detail: String,
 }
 
+/// The most SQL one event keeps: the compiler refuses longer SQL
+/// (`TRE-Q031`), so every query that can run is kept whole.
+pub const MAX_SQL_BYTES: usize = 64 * 1024;
+/// The most detail (an engine error, a parse error) one event keeps.
+pub const MAX_DETAIL_BYTES: usize = 4 * 1024;
+/// The most any other text field keeps (ids, names, addresses, hashes).
+pub const MAX_FIELD_BYTES: usize = 512;
+
+impl AuditEvent {
+    /// Bytes of text the event holds: what a page of events is budgeted by.
+    pub fn text_bytes(&self) -> usize {
+        [
+            &self.at,
+            &self.user,
+            &self.role,
+            &self.client,
+            &self.project,
+            &self.action,
+            &self.sql,
+            &self.plan_hash,
+            &self.outcome,
+            &self.code,
+            &self.release_id,
+            &self.release_hash,
+            &self.detail,
+        ]
+        .iter()
+        .map(|s| s.len())
+        .sum()
+    }
+
+    /// This event with each text field cut to its cap, so that no call can
+    /// make the log unreadable (issue #11: two DryRuns of 2.5 MB of SQL
+    /// broke `audit list` and `audit export`). A cut field ends with the
+    /// original's length and SHA-256, so it can still be matched to the
+    /// text the caller sent.
+    pub fn capped(&self) -> AuditEvent {
+        let field = |s: &String| cap(s, MAX_FIELD_BYTES);
+        AuditEvent {
+            at: field(&self.at),
+            user: field(&self.user),
+            role: field(&self.role),
+            client: field(&self.client),
+            project: field(&self.project),
+            action: field(&self.action),
+            sql: cap(&self.sql, MAX_SQL_BYTES),
+            plan_hash: field(&self.plan_hash),
+            epsilon_nanos: self.epsilon_nanos,
+            delta_femtos: self.delta_femtos,
+            outcome: field(&self.outcome),
+            code: field(&self.code),
+            release_id: field(&self.release_id),
+            release_hash: field(&self.release_hash),
+            detail: cap(&self.detail, MAX_DETAIL_BYTES),
+        }
+    }
+}
+
+fn cap(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}… [cut by tre: {} bytes in all, sha256 {}]",
+        &s[..end],
+        s.len(),
+        sha256_hex(s.as_bytes())
+    )
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct StoredEvent {

@@ -411,11 +411,22 @@ pub struct AuditFilter {
     pub project: Option<String>,
     pub action: Option<String>,
     pub outcome: Option<String>,
-    /// RFC 3339, inclusive.
-    pub since: Option<String>,
-    /// RFC 3339, exclusive.
-    pub until: Option<String>,
+    /// Inclusive. A time, not text: offsets and sub-second boundaries
+    /// compare as instants (issue #11).
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Exclusive.
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only events with a larger sequence number.
+    pub after_seq: Option<i64>,
     pub limit: Option<usize>,
+}
+
+/// A page of events that fits a byte budget.
+#[derive(Debug, Clone, Default)]
+pub struct AuditPage {
+    pub events: Vec<StoredEvent>,
+    /// More events match: ask again after the last one.
+    pub more: bool,
 }
 
 /// The control plane, as the gateway sees it. Methods are synchronous and
@@ -491,6 +502,10 @@ pub trait Store: Send + Sync {
     // Audit.
     fn append_audit(&self, event: &AuditEvent) -> Result<i64, StoreError>;
     fn audit_events(&self, filter: &AuditFilter) -> Result<Vec<StoredEvent>, StoreError>;
+    /// Events in log order up to the filter's limit and about `max_bytes`
+    /// of text (always at least one), read row by row so a page never
+    /// holds more than that in memory.
+    fn audit_page(&self, filter: &AuditFilter, max_bytes: usize) -> Result<AuditPage, StoreError>;
     /// Sign a checkpoint at the head of the log unless one exists.
     fn checkpoint(&self) -> Result<Option<Checkpoint>, StoreError>;
     /// Events and checkpoints in log order, as exported.
@@ -500,7 +515,27 @@ pub trait Store: Send + Sync {
 }
 
 pub fn now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    log_time(chrono::Utc::now())
+}
+
+/// The log's fixed-width text form of a time (UTC, milliseconds, `Z`), in
+/// which text order is time order.
+fn log_time(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// The earliest logged time at or after `t`: events are stamped in whole
+/// milliseconds, so `at >= t` holds exactly when `at >= ceil_ms(t)`, and
+/// likewise for `<`.
+pub(crate) fn log_time_at_or_after(t: chrono::DateTime<chrono::Utc>) -> String {
+    let sub_ms = i64::from(t.timestamp_subsec_nanos() % 1_000_000);
+    let up = if sub_ms == 0 {
+        t
+    } else {
+        t.checked_add_signed(chrono::TimeDelta::nanoseconds(1_000_000 - sub_ms))
+            .unwrap_or(t)
+    };
+    log_time(up)
 }
 
 pub fn today() -> NaiveDate {

@@ -9,10 +9,10 @@ use tre_core::{Delta, Epsilon, ProjectId, UserId};
 
 use crate::chain::{self, GENESIS};
 use crate::{
-    AuditEvent, AuditFilter, Charge, Checkpoint, DatasetUsage, Decision, Entry, HistoryEntry,
-    LedgerEntry, Notary, Project, ProjectRequest, ProjectSeed, ProjectStatus, ReleaseReview,
-    ReleaseStatus, Reserved, ReviewAction, StoreError, StoredEvent, StoredRelease, VerifyReport,
-    migrations, now,
+    AuditEvent, AuditFilter, AuditPage, Charge, Checkpoint, DatasetUsage, Decision, Entry,
+    HistoryEntry, LedgerEntry, Notary, Project, ProjectRequest, ProjectSeed, ProjectStatus,
+    ReleaseReview, ReleaseStatus, Reserved, ReviewAction, StoreError, StoredEvent, StoredRelease,
+    VerifyReport, migrations, now,
 };
 
 pub struct SqliteStore {
@@ -49,6 +49,7 @@ impl SqliteStore {
     }
 
     fn append(&self, tx: &Transaction<'_>, e: &AuditEvent) -> Result<i64, StoreError> {
+        let e = &e.capped();
         let (last_seq, prev): (i64, String) = tx
             .query_row(
                 "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
@@ -248,14 +249,18 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// Events matching `filter` in log order, read row by row until the
+    /// limit or, if given, about `max_bytes` of text (at least one event).
     fn read_events(
         conn: &Connection,
         filter: &AuditFilter,
-    ) -> Result<Vec<StoredEvent>, StoreError> {
+        max_bytes: Option<usize>,
+    ) -> Result<AuditPage, StoreError> {
+        // One row more than the limit tells whether more match.
         let limit = filter
             .limit
             .and_then(|l| i64::try_from(l).ok())
-            .unwrap_or(-1);
+            .map_or(-1, |l| l.saturating_add(1));
         let mut stmt = conn.prepare(
             "SELECT seq, at, user_id, role, client, project, action, sql, plan_hash,
                     epsilon_nanos, delta_femtos, outcome, code, release_id, release_hash,
@@ -264,6 +269,7 @@ impl SqliteStore {
              WHERE (?1 IS NULL OR user_id = ?1) AND (?2 IS NULL OR project = ?2)
                AND (?3 IS NULL OR action = ?3) AND (?4 IS NULL OR outcome = ?4)
                AND (?5 IS NULL OR at >= ?5) AND (?6 IS NULL OR at < ?6)
+               AND (?8 IS NULL OR seq > ?8)
              ORDER BY seq LIMIT ?7",
         )?;
         let rows = stmt.query_map(
@@ -272,9 +278,10 @@ impl SqliteStore {
                 filter.project,
                 filter.action,
                 filter.outcome,
-                filter.since,
-                filter.until,
-                limit
+                filter.since.map(crate::log_time_at_or_after),
+                filter.until.map(crate::log_time_at_or_after),
+                limit,
+                filter.after_seq
             ],
             |r| {
                 Ok(StoredEvent {
@@ -302,7 +309,20 @@ impl SqliteStore {
                 })
             },
         )?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut page = AuditPage::default();
+        let mut bytes = 0usize;
+        for row in rows {
+            let row = row?;
+            let full = filter.limit.is_some_and(|l| page.events.len() >= l)
+                || max_bytes.is_some_and(|m| !page.events.is_empty() && bytes >= m);
+            if full {
+                page.more = true;
+                break;
+            }
+            bytes = bytes.saturating_add(row.event.text_bytes());
+            page.events.push(row);
+        }
+        Ok(page)
     }
 }
 
@@ -885,7 +905,12 @@ impl crate::Store for SqliteStore {
 
     fn audit_events(&self, filter: &AuditFilter) -> Result<Vec<StoredEvent>, StoreError> {
         let conn = self.conn()?;
-        Self::read_events(&conn, filter)
+        Ok(Self::read_events(&conn, filter, None)?.events)
+    }
+
+    fn audit_page(&self, filter: &AuditFilter, max_bytes: usize) -> Result<AuditPage, StoreError> {
+        let conn = self.conn()?;
+        Self::read_events(&conn, filter, Some(max_bytes))
     }
 
     fn checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
@@ -928,7 +953,7 @@ impl crate::Store for SqliteStore {
 
     fn audit_entries(&self) -> Result<Vec<Entry>, StoreError> {
         let conn = self.conn()?;
-        let events = Self::read_events(&conn, &AuditFilter::default())?;
+        let events = Self::read_events(&conn, &AuditFilter::default(), None)?.events;
         let mut stmt = conn.prepare("SELECT seq, hash, at, sig FROM checkpoints ORDER BY seq")?;
         let checkpoints: Vec<Checkpoint> = stmt
             .query_map([], |r| {

@@ -299,6 +299,12 @@ fn log_with(s: &SqliteStore, n: usize) {
     }
 }
 
+fn time(s: &str) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .unwrap_or_else(|e| panic!("{s}: {e}"))
+        .with_timezone(&chrono::Utc)
+}
+
 #[test]
 fn audit_filter_and_checkpoints() {
     let (_d, s) = store();
@@ -318,13 +324,54 @@ fn audit_filter_and_checkpoints() {
     assert_eq!(refused_submits.len(), 3);
     assert_eq!(
         ok(s.audit_events(&AuditFilter {
-            since: Some("2000-01-01T00:00:00Z".into()),
-            until: Some("2001-01-01T00:00:00Z".into()),
+            since: Some(time("2000-01-01T00:00:00Z")),
+            until: Some(time("2001-01-01T00:00:00Z")),
             ..AuditFilter::default()
         }))
         .len(),
         0
     );
+    // Times compare as instants, not text (issue #11): the first event's
+    // own time written with a +05:00 offset, and boundaries half a
+    // millisecond either side of it.
+    let first = ok(s.audit_events(&AuditFilter::default()))[0]
+        .event
+        .at
+        .clone();
+    let at = time(&first);
+    let offset = at
+        .with_timezone(&chrono::FixedOffset::east_opt(5 * 3600).unwrap_or_else(|| unreachable!()))
+        .to_rfc3339();
+    assert!(offset.contains("+05:00"), "{offset}");
+    let half_ms = chrono::TimeDelta::microseconds(500);
+    let seqs = |since: chrono::DateTime<chrono::Utc>, until: chrono::DateTime<chrono::Utc>| {
+        ok(s.audit_events(&AuditFilter {
+            since: Some(since),
+            until: Some(until),
+            ..AuditFilter::default()
+        }))
+        .iter()
+        .filter(|e| e.event.at == first)
+        .count()
+    };
+    let all_at_first = seqs(at, at + half_ms);
+    assert!(all_at_first >= 1);
+    assert_eq!(
+        seqs(time(&offset), at + half_ms),
+        all_at_first,
+        "offset since"
+    );
+    assert_eq!(
+        seqs(at - half_ms, at + half_ms),
+        all_at_first,
+        "sub-ms since"
+    );
+    assert_eq!(
+        seqs(at + half_ms, at + half_ms * 4),
+        0,
+        "since after the event"
+    );
+    assert_eq!(seqs(at - half_ms * 2, at), 0, "until is exclusive");
     let report = ok(s.verify_audit());
     assert_eq!(report.checkpoints, 2);
     assert_eq!(report.checkpointed_through, 20);

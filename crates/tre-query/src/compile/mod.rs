@@ -19,6 +19,7 @@
 //! HAVING, ORDER BY, LIMIT and arithmetic over aggregates run afterwards,
 //! on noisy values only (see `execute`).
 
+mod bounds;
 mod relation;
 mod total;
 
@@ -42,7 +43,7 @@ use datafusion::logical_expr::{
     when,
 };
 use datafusion::prelude::{SessionContext, col};
-use datafusion::sql::parser::{DFParser, Statement as DfStatement};
+use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use tre_core::{Code, Delta, Epsilon};
 use tre_dp::{CONFIDENCE, DiscreteLaplace, KeySelection, Quantile};
@@ -847,8 +848,7 @@ fn hex_digest(bytes: &[u8]) -> String {
 }
 
 async fn parse(ctx: &SessionContext, sql: &str) -> Result<LogicalPlan, QueryError> {
-    let mut statements = DFParser::parse_sql(sql)
-        .map_err(|e| refuse(Code::SqlSyntax, format!("the SQL does not parse: {e}")))?;
+    let mut statements = bounds::parse_bounded(sql, bounds::SQL_LIMITS)?;
     if statements.len() != 1 {
         return Err(refuse(
             Code::MultipleStatements,
