@@ -6,7 +6,8 @@
 use std::sync::Arc;
 
 use tre_core::{Code, Role};
-use tre_e2e::{authed, engine_with, fixture, start};
+use tre_e2e::{authed, engine_with, fixture, open_state, start};
+use tre_gateway::Issuer;
 use tre_proto::v1 as pb;
 use tre_proto::v1::audit_service_client::AuditServiceClient;
 use tre_proto::v1::project_service_client::ProjectServiceClient;
@@ -445,4 +446,104 @@ async fn huge_sql_cannot_blind_the_auditors() {
     let key = hex::decode(key).unwrap_or_else(|e| panic!("{e}"));
     let report = tre_store::chain::verify_jsonl(&jsonl, &key);
     assert!(report.is_intact(), "{report:?}");
+}
+
+/// The server process for `sigterm_writes_the_shutdown_checkpoint`, which
+/// runs this test binary again with TRE_SIGTERM_CHILD set. On its own it
+/// does nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_child() {
+    let Ok(dir) = std::env::var("TRE_SIGTERM_CHILD") else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let data = std::path::PathBuf::from(std::env::var("TRE_SIGTERM_DATA").unwrap_or_default());
+    let state = Arc::new(open_state(&dir, &data, &[("p11", &["alice"], 5.0)]));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let served = tre_gateway::serve(state, listener, None, tre_gateway::shutdown_signal());
+    // Listening (and the SIGTERM handler installed) before the parent
+    // learns the address.
+    let announce = async {
+        tokio::task::yield_now().await;
+        let _ = std::fs::write(dir.join("url.tmp"), format!("http://{addr}"));
+        let _ = std::fs::rename(dir.join("url.tmp"), dir.join("url"));
+    };
+    let (served, ()) = tokio::join!(served, announce);
+    served.unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Finding 8 (issue #11): SIGTERM stops the server through its shutdown
+/// path, which signs a checkpoint over the last event, so a log cut after
+/// a clean stop shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_writes_the_shutdown_checkpoint() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut child =
+        std::process::Command::new(std::env::current_exe().unwrap_or_else(|e| panic!("{e}")))
+            .args(["robustness::sigterm_child", "--exact", "--nocapture"])
+            .env("TRE_SIGTERM_CHILD", dir.path())
+            .env("TRE_SIGTERM_DATA", &fixture().data)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}"));
+    let url_file = dir.path().join("url");
+    for waited in 0.. {
+        if url_file.exists() {
+            break;
+        }
+        assert!(waited < 1200, "the child server did not start");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let url = std::fs::read_to_string(&url_file).unwrap_or_else(|e| panic!("{e}"));
+    let issuer = Issuer::load_or_create(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let user = tre_core::UserId::new("alice").unwrap_or_else(|e| panic!("{e}"));
+    let token = issuer
+        .issue(&user, Role::Researcher, 3600)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let channel = tonic::transport::Channel::from_shared(url)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut q = tre_proto::v1::query_service_client::QueryServiceClient::new(channel);
+    // Three events, fewer than a checkpoint interval.
+    for _ in 0..3 {
+        let _ = q
+            .dry_run(authed(
+                ask("SELECT COUNT(*) AS n FROM patients p", 0.5, None),
+                &token,
+            ))
+            .await;
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(status.success());
+    let mut exited = None;
+    for _ in 0..600 {
+        if let Some(s) = child.try_wait().unwrap_or_else(|e| panic!("{e}")) {
+            exited = Some(s);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let Some(exited) = exited else {
+        let _ = child.kill();
+        panic!("the server did not stop on SIGTERM");
+    };
+    assert!(exited.success(), "the server stopped with {exited:?}");
+    let state = open_state(dir.path(), &fixture().data, &[]);
+    let report = state.store.verify_audit().unwrap_or_else(|e| panic!("{e}"));
+    assert!(report.is_intact(), "{report:?}");
+    assert!(report.events >= 3, "{report:?}");
+    assert_eq!(
+        report.checkpointed_through,
+        i64::try_from(report.events).unwrap_or(i64::MAX),
+        "the shutdown checkpoint covers the last event: {report:?}"
+    );
 }

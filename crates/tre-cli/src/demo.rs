@@ -388,7 +388,7 @@ async fn serve_forever(args: &DemoArgs, state: Arc<AppState>) -> Result<()> {
         tokens.display()
     );
     println!("press Ctrl-C to stop");
-    tokio::signal::ctrl_c().await?;
+    tre_gateway::shutdown_signal().await;
     let _ = stop.send(());
     let _ = handle.await;
     Ok(())

@@ -301,10 +301,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         },
         args.state.join("audit.pub").display()
     );
-    tre_gateway::serve(state, listener, tls, async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
-    .await?;
+    tre_gateway::serve(state, listener, tls, tre_gateway::shutdown_signal()).await?;
     Ok(())
 }
 

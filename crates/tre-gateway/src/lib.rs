@@ -105,6 +105,33 @@ pub async fn serve(
     served.map_err(|e| GatewayError::Setup(format!("gateway stopped: {e}")))
 }
 
+/// Resolves on Ctrl-C or, on Unix, SIGTERM (what service managers and
+/// `kill` send). Either one then stops the server through `serve`'s
+/// shutdown path, which signs the final audit checkpoint (issue #11:
+/// SIGTERM used to kill the process without it).
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM ({e}); stopping on Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
 /// Bind `addr` and serve in a background task; returns the bound address
 /// and a handle that stops the server when sent to.
 pub async fn spawn(
