@@ -444,8 +444,20 @@ async fn huge_sql_cannot_blind_the_auditors() {
     }
     assert!(chunks >= 3, "{chunks} chunk(s)");
     let key = hex::decode(key).unwrap_or_else(|e| panic!("{e}"));
-    let report = tre_store::chain::verify_jsonl(&jsonl, &key);
+    let report = tre_store::chain::verify_export(&jsonl, &key);
     assert!(report.is_intact(), "{report:?}");
+    assert!(report.export_complete);
+
+    // Finding 8 (issue #11): any truncation of an export fails offline
+    // verification: at every line boundary, and inside the last line.
+    let ends: Vec<usize> = jsonl.match_indices('\n').map(|(i, _)| i + 1).collect();
+    for &cut in &ends[..ends.len() - 1] {
+        let r = tre_store::chain::verify_export(&jsonl[..cut], &key);
+        assert!(!r.is_intact(), "a prefix of {cut} bytes verified: {r:?}");
+    }
+    let inside = jsonl.len() - 10;
+    assert!(!tre_store::chain::verify_export(&jsonl[..inside], &key).is_intact());
+    assert!(!tre_store::chain::verify_export("", &key).is_intact());
 }
 
 /// The server process for `sigterm_writes_the_shutdown_checkpoint`, which

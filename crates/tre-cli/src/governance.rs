@@ -401,7 +401,7 @@ pub fn verify_offline(file: &std::path::Path, key: &str) -> Result<(String, bool
     let public_key = public_key(key)?;
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let r = chain::verify_jsonl(&text, &public_key);
+    let r = chain::verify_export(&text, &public_key);
     let line = match &r.first_bad {
         None => intact(
             r.events as u64,

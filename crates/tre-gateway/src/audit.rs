@@ -96,9 +96,16 @@ impl Services {
             }
             jsonl.push_str(&line);
         }
-        if !jsonl.is_empty() {
-            chunks.push(jsonl);
-        }
+        // The signed end line: offline verify fails on any prefix.
+        let end = chain::Entry::ExportEnd(chain::export_end(
+            &entries,
+            &tre_store::now(),
+            self.state.notary.as_ref(),
+        ));
+        let line = chain::to_jsonl(std::slice::from_ref(&end))
+            .map_err(|e| GatewayError::Setup(format!("cannot serialise the log: {e}")))?;
+        jsonl.push_str(&line);
+        chunks.push(jsonl);
         let chunks = chunks.into_iter().map(move |jsonl| {
             Ok(pb::ExportLogResponse {
                 jsonl,

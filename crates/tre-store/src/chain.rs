@@ -151,6 +151,45 @@ pub struct Checkpoint {
 pub enum Entry {
     Event(Box<StoredEvent>),
     Checkpoint(Checkpoint),
+    ExportEnd(ExportEnd),
+}
+
+/// The last line of an export, signed over the head of the log and the
+/// number of lines before it, so an offline verifier can tell a whole
+/// export from any prefix of one (issue #11: a prefix verified as intact).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ExportEnd {
+    pub seq: i64,
+    pub hash: String,
+    /// Lines before this one.
+    pub entries: usize,
+    pub at: String,
+    pub sig: String,
+}
+
+pub fn export_end_message(seq: i64, hash: &str, entries: usize, at: &str) -> Vec<u8> {
+    format!("tre-audit-export-end/v1\n{seq}\n{hash}\n{entries}\n{at}").into_bytes()
+}
+
+/// The end-of-export line for `entries` (which end at the log's head).
+pub fn export_end(entries: &[Entry], at: &str, notary: &dyn Notary) -> ExportEnd {
+    let (seq, hash) = entries
+        .iter()
+        .rev()
+        .find_map(|e| match e {
+            Entry::Event(e) => Some((e.seq, e.hash.clone())),
+            _ => None,
+        })
+        .unwrap_or((0, GENESIS.to_owned()));
+    let sig = hex::encode(notary.sign(&export_end_message(seq, &hash, entries.len(), at)));
+    ExportEnd {
+        seq,
+        hash,
+        entries: entries.len(),
+        at: at.to_owned(),
+        sig,
+    }
 }
 
 /// Where verification first failed. `position` is 1-based, counting entries
@@ -168,6 +207,8 @@ pub struct VerifyReport {
     pub checkpoints: usize,
     /// The last event covered by a valid checkpoint.
     pub checkpointed_through: i64,
+    /// The entries end with a valid end-of-export line.
+    pub export_complete: bool,
     pub first_bad: Option<Tamper>,
 }
 
@@ -224,6 +265,7 @@ pub fn verify(entries: &[Entry], public_key: &[u8]) -> VerifyReport {
         events: 0,
         checkpoints: 0,
         checkpointed_through: 0,
+        export_complete: false,
         first_bad: None,
     };
     let mut prev = GENESIS.to_owned();
@@ -284,6 +326,31 @@ pub fn verify(entries: &[Entry], public_key: &[u8]) -> VerifyReport {
                     None
                 }
             }
+            Entry::ExportEnd(end) => {
+                if !signed(
+                    public_key,
+                    &export_end_message(end.seq, &end.hash, end.entries, &end.at),
+                    &end.sig,
+                ) {
+                    Some(bad(
+                        end.seq,
+                        "end-of-export signature is not the server's".into(),
+                    ))
+                } else if position != entries.len() {
+                    Some(bad(end.seq, "lines follow the end of the export".into()))
+                } else if end.entries != i || end.seq != last_seq || end.hash != prev {
+                    Some(bad(
+                        end.seq,
+                        format!(
+                            "the export ended after {} lines and event {}, but {i} lines and {last_seq} events precede its end (lines deleted)",
+                            end.entries, end.seq
+                        ),
+                    ))
+                } else {
+                    report.export_complete = true;
+                    None
+                }
+            }
         };
         if let Some(t) = problem {
             report.first_bad = Some(t);
@@ -314,6 +381,21 @@ pub fn verify_jsonl(text: &str, public_key: &[u8]) -> VerifyReport {
         }
     }
     verify(&entries, public_key)
+}
+
+/// Verify an export file: as `verify_jsonl`, and it must end with the
+/// server's end-of-export line, so an export cut anywhere (at a line, in a
+/// line, after a checkpoint or with none) fails.
+pub fn verify_export(text: &str, public_key: &[u8]) -> VerifyReport {
+    let mut r = verify_jsonl(text, public_key);
+    if r.first_bad.is_none() && !r.export_complete {
+        r.first_bad = Some(Tamper {
+            position: text.lines().count() + 1,
+            seq: None,
+            reason: "the export has no end-of-export line: it was cut short".into(),
+        });
+    }
+    r
 }
 
 pub fn to_jsonl(entries: &[Entry]) -> Result<String, serde_json::Error> {
