@@ -90,6 +90,24 @@ fn reported() -> Vec<(&'static str, String, Code)> {
         ("2,000-deep CTE chain", cte_chain(2_000), Code::SqlTooLong),
         ("10,000 SUM columns", sum_columns(10_000), Code::SqlTooLong),
         ("40-join chain", join_chain(40), Code::QueryTooComplex),
+        // DataFusion's own statements wrapping a deep query are refused
+        // without dropping the tree on the caller's stack.
+        (
+            "EXPLAIN of 2,000 UNION ALL branches",
+            format!(
+                "EXPLAIN {}",
+                chain(2_000, " UNION ALL ", |_| "SELECT 1".into())
+            ),
+            Code::ExplainNotAllowed,
+        ),
+        (
+            "COPY of 2,000 UNION ALL branches",
+            format!(
+                "COPY ({}) TO 'x.csv'",
+                chain(2_000, " UNION ALL ", |_| "SELECT 1".into())
+            ),
+            Code::StatementNotAllowed,
+        ),
         (
             "2.5 MB of SQL",
             count_where(&format!("p.sex = '{}'", "x".repeat(2_500_000))),

@@ -116,10 +116,17 @@ fn parse_on_this_thread(
         relations: 0,
     };
     for s in &statements {
-        if let DfStatement::Statement(s) = s
-            && let ControlFlow::Break(e) = s.visit(&mut counter)
-        {
-            return Err(e);
+        // DataFusion's own statements are refused here, not by the caller:
+        // they can wrap a query (`EXPLAIN`, `COPY (...) TO`) the walk has
+        // not bounded, and such a tree must be dropped on this stack.
+        match s {
+            DfStatement::Statement(s) => {
+                if let ControlFlow::Break(e) = s.visit(&mut counter) {
+                    return Err(e);
+                }
+            }
+            DfStatement::Explain(_) => return Err(super::explain_refusal()),
+            _ => return Err(super::not_sql_statement_refusal()),
         }
     }
     Ok(statements)

@@ -886,12 +886,7 @@ async fn parse(ctx: &SessionContext, sql: &str) -> Result<LogicalPlan, QueryErro
             }
         },
         DfStatement::Explain(_) => return Err(explain_refusal()),
-        _ => {
-            return Err(refuse(
-                Code::StatementNotAllowed,
-                "DDL, COPY and SET are not allowed; only SELECT queries that return aggregates are accepted",
-            ));
-        }
+        _ => return Err(not_sql_statement_refusal()),
     }
     let state = ctx.state();
     let plan = state
@@ -914,6 +909,14 @@ async fn parse(ctx: &SessionContext, sql: &str) -> Result<LogicalPlan, QueryErro
         .analyzer()
         .execute_and_check(plan, state.config_options(), |_, _| {})
         .map_err(|e| planning_refusal(&e.to_string()))
+}
+
+/// DataFusion's own statements (CREATE EXTERNAL TABLE, COPY, SET, RESET).
+fn not_sql_statement_refusal() -> QueryError {
+    refuse(
+        Code::StatementNotAllowed,
+        "DDL, COPY and SET are not allowed; only SELECT queries that return aggregates are accepted",
+    )
 }
 
 fn explain_refusal() -> QueryError {
