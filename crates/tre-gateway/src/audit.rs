@@ -85,10 +85,16 @@ impl Services {
         self.state.store.checkpoint()?;
         let entries = self.state.store.audit_entries()?;
         let public_key = hex::encode(self.state.store.audit_public_key());
+        // The signed end line: offline verify fails on any prefix.
+        let end = chain::Entry::ExportEnd(chain::export_end(
+            &entries,
+            &tre_store::now(),
+            self.state.notary.as_ref(),
+        ));
         // Whole lines, cut into chunks of about PAGE_BYTES.
         let mut chunks = Vec::new();
         let mut jsonl = String::new();
-        for entry in &entries {
+        for entry in entries.iter().chain(std::iter::once(&end)) {
             let line = chain::to_jsonl(std::slice::from_ref(entry))
                 .map_err(|e| GatewayError::Setup(format!("cannot serialise the log: {e}")))?;
             if !jsonl.is_empty() && jsonl.len() + line.len() > PAGE_BYTES {
@@ -96,15 +102,6 @@ impl Services {
             }
             jsonl.push_str(&line);
         }
-        // The signed end line: offline verify fails on any prefix.
-        let end = chain::Entry::ExportEnd(chain::export_end(
-            &entries,
-            &tre_store::now(),
-            self.state.notary.as_ref(),
-        ));
-        let line = chain::to_jsonl(std::slice::from_ref(&end))
-            .map_err(|e| GatewayError::Setup(format!("cannot serialise the log: {e}")))?;
-        jsonl.push_str(&line);
         chunks.push(jsonl);
         let chunks = chunks.into_iter().map(move |jsonl| {
             Ok(pb::ExportLogResponse {

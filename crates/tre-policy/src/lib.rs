@@ -203,7 +203,10 @@ fn toml_error_field(e: &toml::de::Error) -> String {
 /// A day that does not exist, such as 2024-02-31, is an error, not the
 /// day it would roll over to (issue #11).
 pub fn parse_date(s: &str) -> Option<i32> {
-    let day = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()?;
+    use chrono::Datelike as _;
+    let day = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        .ok()
+        .filter(|d| (1..=9999).contains(&d.year()))?;
     let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1)?;
     i32::try_from(day.signed_duration_since(epoch).num_days()).ok()
 }

@@ -168,6 +168,7 @@ fn dates_parse_to_unix_days() {
         ("2023-02-29", None),
         ("2024-02-29", Some(19782)),
         ("2024-04-31", None),
+        ("0000-01-01", None),
     ] {
         assert_eq!(parse_date(s), d, "{s}");
     }

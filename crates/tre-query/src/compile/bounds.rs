@@ -16,7 +16,9 @@
 use std::ops::ControlFlow;
 
 use datafusion::sql::parser::{DFParserBuilder, Statement as DfStatement};
-use datafusion::sql::sqlparser::ast::{Expr, Select, TableFactor, Visit, Visitor};
+use datafusion::sql::sqlparser::ast::{
+    Expr, Select, Statement as SqlStatement, TableFactor, Visit, Visitor,
+};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
 use tre_core::Code;
@@ -59,13 +61,11 @@ pub const SQL_LIMITS: SqlLimits = SqlLimits {
 /// debug build.
 const CHECK_STACK_BYTES: usize = 64 << 20;
 
-/// Tokenize, parse and bound `sql`, returning its statements only when every
-/// limit holds. Runs on its own thread with a known stack; the caller blocks
-/// for at most the time the tokenizer and parser need for 64 KiB.
-pub(crate) fn parse_bounded(
-    sql: &str,
-    limits: SqlLimits,
-) -> Result<std::collections::VecDeque<DfStatement>, QueryError> {
+/// Tokenize, parse and bound `sql`, returning its SQL statements only when
+/// every limit holds; DataFusion's own statements (EXPLAIN, COPY, DDL) are
+/// refused here. Runs on its own thread with a known stack; the caller
+/// blocks for at most the time the tokenizer and parser need for 64 KiB.
+pub(crate) fn parse_bounded(sql: &str, limits: SqlLimits) -> Result<Vec<SqlStatement>, QueryError> {
     if sql.len() > limits.max_bytes {
         return Err(too_long(format!(
             "{} bytes of SQL; send at most {}",
@@ -84,10 +84,7 @@ pub(crate) fn parse_bounded(
     })
 }
 
-fn parse_on_this_thread(
-    sql: &str,
-    limits: SqlLimits,
-) -> Result<std::collections::VecDeque<DfStatement>, QueryError> {
+fn parse_on_this_thread(sql: &str, limits: SqlLimits) -> Result<Vec<SqlStatement>, QueryError> {
     let dialect = GenericDialect {};
     let syntax =
         |e: &dyn std::fmt::Display| refuse(Code::SqlSyntax, format!("the SQL does not parse: {e}"));
@@ -115,7 +112,8 @@ fn parse_on_this_thread(
         selects: 0,
         relations: 0,
     };
-    for s in &statements {
+    let mut sql_statements = Vec::with_capacity(statements.len());
+    for s in statements {
         // DataFusion's own statements are refused here, not by the caller:
         // they can wrap a query (`EXPLAIN`, `COPY (...) TO`) the walk has
         // not bounded, and such a tree must be dropped on this stack.
@@ -124,12 +122,13 @@ fn parse_on_this_thread(
                 if let ControlFlow::Break(e) = s.visit(&mut counter) {
                     return Err(e);
                 }
+                sql_statements.push(*s);
             }
             DfStatement::Explain(_) => return Err(super::explain_refusal()),
             _ => return Err(super::not_sql_statement_refusal()),
         }
     }
-    Ok(statements)
+    Ok(sql_statements)
 }
 
 fn too_long(what: String) -> QueryError {

@@ -858,39 +858,35 @@ async fn parse(ctx: &SessionContext, sql: &str) -> Result<LogicalPlan, QueryErro
             ),
         ));
     }
-    let Some(statement) = statements.pop_front() else {
+    let Some(statement) = statements.pop() else {
         return Err(refuse(
             Code::MultipleStatements,
             "send exactly one SELECT statement",
         ));
     };
     match &statement {
-        DfStatement::Statement(s) => match s.as_ref() {
-            SqlStatement::Query(_) => {}
-            SqlStatement::Explain { .. } | SqlStatement::ExplainTable { .. } => {
-                return Err(explain_refusal());
-            }
-            other => {
-                let kind = other.to_string();
-                let kind: String = kind
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("this")
-                    .to_uppercase();
-                return Err(refuse(
-                    Code::StatementNotAllowed,
-                    format!(
-                        "{kind} statements are not allowed; only SELECT queries that return aggregates are accepted"
-                    ),
-                ));
-            }
-        },
-        DfStatement::Explain(_) => return Err(explain_refusal()),
-        _ => return Err(not_sql_statement_refusal()),
+        SqlStatement::Query(_) => {}
+        SqlStatement::Explain { .. } | SqlStatement::ExplainTable { .. } => {
+            return Err(explain_refusal());
+        }
+        other => {
+            let kind = other.to_string();
+            let kind: String = kind
+                .split_whitespace()
+                .next()
+                .unwrap_or("this")
+                .to_uppercase();
+            return Err(refuse(
+                Code::StatementNotAllowed,
+                format!(
+                    "{kind} statements are not allowed; only SELECT queries that return aggregates are accepted"
+                ),
+            ));
+        }
     }
     let state = ctx.state();
     let plan = state
-        .statement_to_plan(statement)
+        .statement_to_plan(DfStatement::Statement(Box::new(statement)))
         .await
         .map_err(|e| planning_refusal(&e.to_string()))?;
     datafusion::execution::context::SQLOptions::new()
