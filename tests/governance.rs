@@ -246,7 +246,7 @@ async fn call(ch: &Channel, rpc: Rpc, token: &str, tag: &str) -> Result<(), toni
             .await
             .map(drop),
         Rpc::VerifyLog => a()
-            .verify_log(authed(pb::VerifyLogRequest {}, token))
+            .verify_log(authed(pb::VerifyLogRequest::default(), token))
             .await
             .map(drop),
         Rpc::ExportLog => a()
@@ -761,7 +761,7 @@ async fn auditor_verifies_and_exports_a_signed_log() {
     assert!(none.is_empty());
 
     let v = ok(a
-        .verify_log(authed(pb::VerifyLogRequest {}, &auditor))
+        .verify_log(authed(pb::VerifyLogRequest::default(), &auditor))
         .await)
     .into_inner();
     assert!(v.intact, "{v:?}");

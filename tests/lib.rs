@@ -197,10 +197,29 @@ pub fn open_state_profiled(
     policy: Policy,
     profile: Profile,
 ) -> AppState {
+    open_state_limited(
+        state_dir,
+        data,
+        projects,
+        policy,
+        profile,
+        Limits::default(),
+    )
+}
+
+/// `open_state` under another policy, profile and engine limits.
+pub fn open_state_limited(
+    state_dir: &std::path::Path,
+    data: &std::path::Path,
+    projects: &[(&str, &[&str], f64)],
+    policy: Policy,
+    profile: Profile,
+    limits: Limits,
+) -> AppState {
     // Not `fixture().master`: a child server process must not generate data.
     let master = Arc::new(MasterKey::from_bytes(&MASTER).unwrap_or_else(|e| panic!("{e}")));
-    let engine = Engine::open(policy, profile, data, master, Limits::default())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let engine =
+        Engine::open(policy, profile, data, master, limits).unwrap_or_else(|e| panic!("{e}"));
     let notary: Arc<dyn tre_store::Notary> =
         Arc::new(AuditNotary::load_or_create(state_dir).unwrap_or_else(|e| panic!("{e}")));
     let store = SqliteStore::open(
@@ -236,6 +255,7 @@ pub fn open_state_profiled(
         store: Box::new(store),
         issuer,
         notary,
+        connections: Default::default(),
     }
 }
 
@@ -269,6 +289,46 @@ pub async fn start_with_profile(
         Profile::from_toml("test-profile.toml", profile_toml).unwrap_or_else(|e| panic!("{e}"));
     let state = open_state_profiled(state_dir.path(), &fixture().data, projects, policy, profile);
     serve_state(state_dir, state, None).await
+}
+
+/// Start a gateway over the fixture with engine and connection limits of
+/// the test's choosing.
+pub async fn start_limited(
+    projects: &[(&str, &[&str], f64)],
+    limits: Limits,
+    connections: tre_gateway::ConnectionLimits,
+) -> Server {
+    let state_dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let profile =
+        Profile::from_toml("policies/sdc/nhs_sde.toml", NHS_SDE).unwrap_or_else(|e| panic!("{e}"));
+    let mut state = open_state_limited(
+        state_dir.path(),
+        &fixture().data,
+        projects,
+        policy(),
+        profile,
+        limits,
+    );
+    state.connections = connections;
+    serve_state(state_dir, state, None).await
+}
+
+/// CPU time this process has used (user + system), from /proc: a query's
+/// work shows here whichever thread runs it.
+pub fn process_cpu() -> std::time::Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at 3.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15, so 11 and 12 after the name
+    // and state; the kernel counts in USER_HZ, 100 on Linux.
+    std::time::Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
 async fn serve_state(state_dir: TempDir, state: AppState, tls: Option<Tls>) -> Server {
@@ -353,4 +413,86 @@ pub fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
         r.metadata_mut().insert("authorization", v);
     }
     r
+}
+
+/// The reply's stable code (the `tre-code` header), "ok", or "no code".
+pub fn code_of<T>(r: Result<T, tonic::Status>) -> String {
+    match r {
+        Ok(_) => "ok".to_owned(),
+        Err(s) => s
+            .metadata()
+            .get("tre-code")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("no code")
+            .to_owned(),
+    }
+}
+
+/// Sends raw bytes as a gRPC message, so a test can send what no
+/// generated client would.
+#[derive(Clone, Copy, Default)]
+pub struct RawCodec;
+
+pub struct RawBytes;
+
+impl tonic::codec::Encoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use bytes::Buf;
+        let v = src.chunk().to_vec();
+        src.advance(v.len());
+        Ok(Some(v))
+    }
+}
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawBytes;
+    type Decoder = RawBytes;
+    fn encoder(&mut self) -> RawBytes {
+        RawBytes
+    }
+    fn decoder(&mut self) -> RawBytes {
+        RawBytes
+    }
+}
+
+/// Send `body` to `path` as a unary call; the reply's code.
+pub async fn raw_call(
+    channel: &tonic::transport::Channel,
+    path: &str,
+    body: Vec<u8>,
+    token: &str,
+) -> String {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    if let Err(e) = grpc.ready().await {
+        return format!("not ready: {e}");
+    }
+    let r = grpc
+        .unary(
+            authed(body, token),
+            http::uri::PathAndQuery::try_from(path).unwrap_or_else(|e| panic!("{e}")),
+            RawCodec,
+        )
+        .await;
+    code_of(r)
 }

@@ -3,10 +3,11 @@
 //! below, at and beyond its bound, and the shapes the issue reported
 //! (which crashed the server) are replayed exactly.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tre_core::{Code, Role};
-use tre_e2e::{authed, engine_with, fixture, open_state, start};
+use tre_e2e::{authed, code_of, engine_with, fixture, open_state, raw_call, start};
 use tre_gateway::Issuer;
 use tre_proto::v1 as pb;
 use tre_proto::v1::audit_service_client::AuditServiceClient;
@@ -238,19 +239,6 @@ async fn a_dry_run_cannot_crash_the_server() {
         .into_inner();
     assert_eq!(d.cells, Some(1));
     assert_eq!(server.spent("p11"), 0.0);
-}
-
-/// The reply's code, or "ok".
-fn code_of<T>(r: Result<T, tonic::Status>) -> String {
-    match r {
-        Ok(_) => "ok".to_owned(),
-        Err(s) => s
-            .metadata()
-            .get("tre-code")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("no code")
-            .to_owned(),
-    }
 }
 
 /// Finding 9 (issue #11): user mistakes get the code for the mistake, never
@@ -576,4 +564,705 @@ async fn sigterm_writes_the_shutdown_checkpoint() {
         i64::try_from(report.events).unwrap_or(i64::MAX),
         "the shutdown checkpoint covers the last event: {report:?}"
     );
+}
+
+/// A self-join chain of `n` copies of `lab_results` on the privacy unit:
+/// accepted (six rows a patient, so 6ⁿ joined rows a patient stay within
+/// the work bound) and heavy, as heavy as an accepted query gets.
+fn heavy(n: usize) -> String {
+    let joins = chain(n - 1, " ", |i| {
+        format!("JOIN lab_results l{i} ON l.person_id = l{i}.person_id")
+    });
+    format!("SELECT COUNT(*) AS n FROM lab_results l {joins}")
+}
+
+/// Engine limits for a test: `slots` queries at once, each with
+/// `memory / slots` bytes, and the given query time limit.
+fn limits(slots: usize, memory: usize, timeout_secs: u64) -> tre_query::Limits {
+    tre_query::Limits {
+        memory_bytes: memory,
+        concurrent_queries: slots,
+        per_tenant_queries: (slots / 2).max(1),
+        query_timeout: std::time::Duration::from_secs(timeout_secs),
+        ..Default::default()
+    }
+}
+
+/// The Submit events of `project` in the log.
+fn submit_events(server: &tre_e2e::Server, project: &str) -> Vec<tre_store::StoredEvent> {
+    server
+        .state
+        .store
+        .audit_events(&tre_store::AuditFilter {
+            project: Some(project.into()),
+            action: Some("query.submit".into()),
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Wait (at most 30 s) until `project` has `n` Submit events.
+async fn await_submit_events(
+    server: &tre_e2e::Server,
+    project: &str,
+    n: usize,
+) -> Vec<tre_store::StoredEvent> {
+    for _ in 0..300 {
+        let events = submit_events(server, project);
+        if events.len() >= n {
+            return events;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    submit_events(server, project)
+}
+
+/// CPU the process uses over `window`, once `settle` has passed.
+async fn cpu_after(settle: std::time::Duration, window: std::time::Duration) -> f64 {
+    tokio::time::sleep(settle).await;
+    let before = tre_e2e::process_cpu();
+    tokio::time::sleep(window).await;
+    (tre_e2e::process_cpu() - before).as_secs_f64()
+}
+
+fn project_status(server: &tre_e2e::Server, project: &str) -> tre_store::ProjectStatus {
+    server
+        .state
+        .store
+        .project(&tre_core::ProjectId::new(project).unwrap_or_else(|e| panic!("{e}")))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .status
+}
+
+/// Finding 3 (issue #11): each query has its own memory pool and one
+/// project holds at most half the slots, so a researcher's heavy queries
+/// (which here exhaust their own pools or time limits) cannot fail, or
+/// charge, another project's small query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_queries_cannot_fail_another_projects_query() {
+    let server = tre_e2e::start_limited(
+        &[("p11", &["alice"], 50.0), ("p12", &["bob"], 50.0)],
+        limits(4, 4 * (48 << 20), 30),
+        Default::default(),
+    )
+    .await;
+    let (alice, bob) = (
+        server.token("alice", Role::Researcher),
+        server.token("bob", Role::Researcher),
+    );
+    let (q, _) = server.clients().await;
+    let heavy_calls = (0..3).map(|i| {
+        let mut q = q.clone();
+        let req = authed(ask(&heavy(6), 0.5 + 0.01 * i as f64, None), &alice);
+        async move { code_of(q.submit(req).await) }
+    });
+    let heavy_calls = futures::future::join_all(heavy_calls);
+    let small = async {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let mut req = ask("SELECT COUNT(*) AS n FROM patients p", 0.5, None);
+        req.project = "p12".into();
+        q.clone().submit(authed(req, &bob)).await
+    };
+    let (heavy_codes, small) = tokio::join!(heavy_calls, small);
+    let small =
+        small.unwrap_or_else(|s| panic!("the small query failed: {s:?} (heavy: {heavy_codes:?})"));
+    assert_eq!(small.get_ref().rows.len(), 1);
+    assert!((server.spent("p12") - 0.5).abs() < 1e-9, "p12 charged once");
+    assert_eq!(
+        project_status(&server, "p12"),
+        tre_store::ProjectStatus::Active
+    );
+    let events = submit_events(&server, "p12");
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].event.outcome, "allowed");
+}
+
+/// Finding 4 (issue #11): a query past its time limit is cancelled and
+/// stops using CPU within a second; it was charged, so its failure is an
+/// incident (the project is suspended), with one audit event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_query_frees_its_cpu() {
+    let server = tre_e2e::start_limited(
+        &[("p11", &["alice"], 50.0)],
+        limits(2, 4 << 30, 2),
+        Default::default(),
+    )
+    .await;
+    let alice = server.token("alice", Role::Researcher);
+    let (mut q, _) = server.clients().await;
+    let reply = q.submit(authed(ask(&heavy(6), 0.5, None), &alice)).await;
+    assert_eq!(code_of(reply), "TRE-E001");
+    let cpu = cpu_after(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(2),
+    )
+    .await;
+    assert!(
+        cpu < 0.5,
+        "{cpu:.2} s of CPU in the 2 s after the time limit"
+    );
+    let events = submit_events(&server, "p11");
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        (
+            events[0].event.outcome.as_str(),
+            events[0].event.code.as_str()
+        ),
+        ("failed", "TRE-E001")
+    );
+    assert!(
+        events[0].event.detail.contains("limit"),
+        "{}",
+        events[0].event.detail
+    );
+    assert!((server.spent("p11") - 0.5).abs() < 1e-9);
+    assert_eq!(
+        project_status(&server, "p11"),
+        tre_store::ProjectStatus::Suspended
+    );
+}
+
+/// Findings 4 and 6 (issue #11): a Submit whose client gives up after the
+/// charge leaves exactly one event (`cancelled`, `TRE-S002`), keeps its
+/// charge without suspending the project, and its work stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_submit_leaves_its_event_and_stops() {
+    let server = start(&[("p11", &["alice"], 50.0)]).await;
+    let alice = server.token("alice", Role::Researcher);
+    let (mut q, _) = server.clients().await;
+    let mut req = authed(ask(&heavy(6), 0.5, None), &alice);
+    req.set_timeout(std::time::Duration::from_secs(2));
+    let reply = q.submit(req).await;
+    assert!(
+        reply.is_err(),
+        "the heavy query should outlast its deadline"
+    );
+    let events = await_submit_events(&server, "p11", 1).await;
+    let cpu = cpu_after(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(2),
+    )
+    .await;
+    assert!(cpu < 0.5, "{cpu:.2} s of CPU in the 2 s after the cancel");
+    assert_eq!(submit_events(&server, "p11").len(), 1, "{events:?}");
+    assert_eq!(
+        (
+            events[0].event.outcome.as_str(),
+            events[0].event.code.as_str()
+        ),
+        ("cancelled", "TRE-S002")
+    );
+    assert!((server.spent("p11") - 0.5).abs() < 1e-9);
+    assert_eq!(
+        project_status(&server, "p11"),
+        tre_store::ProjectStatus::Active
+    );
+
+    // Many Submits with deadlines that expire anywhere between the
+    // handler's start and the release: each leaves exactly one event.
+    let calls = 24;
+    for i in 0..calls {
+        let mut req = authed(
+            ask(
+                "SELECT sex, COUNT(*) AS n FROM patients p GROUP BY sex",
+                0.1 + 0.001 * i as f64,
+                None,
+            ),
+            &alice,
+        );
+        req.set_timeout(std::time::Duration::from_millis(5 + 10 * i as u64));
+        let _ = q.submit(req).await;
+    }
+    let events = await_submit_events(&server, "p11", 1 + calls).await;
+    assert_eq!(events.len(), 1 + calls, "one event per call");
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert_eq!(
+        submit_events(&server, "p11").len(),
+        1 + calls,
+        "and no more"
+    );
+}
+
+/// Finding 6 (issue #11): a panic in a handler, before or after the
+/// charge, becomes `TRE-I001` with one event (the charge settled as an
+/// incident), and the server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panics_leave_their_events() {
+    let server = start(&[("p11", &["alice"], 50.0)]).await;
+    let alice = server.token("alice", Role::Researcher);
+    let (mut q, _) = server.clients().await;
+    let base = "SELECT COUNT(*) AS n FROM patients p";
+    let r = q
+        .dry_run(authed(
+            ask(&format!("{base} /*tre-fault:compile*/"), 0.5, None),
+            &alice,
+        ))
+        .await;
+    assert_eq!(code_of(r), "TRE-I001");
+    let r = q
+        .submit(authed(
+            ask(&format!("{base} /*tre-fault:charged*/"), 0.5, None),
+            &alice,
+        ))
+        .await;
+    assert_eq!(code_of(r), "TRE-I001");
+    let events = server
+        .state
+        .store
+        .audit_events(&tre_store::AuditFilter {
+            project: Some("p11".into()),
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    let calls: Vec<_> = events
+        .iter()
+        .filter(|e| e.event.action.starts_with("query."))
+        .map(|e| {
+            (
+                e.event.action.as_str(),
+                e.event.outcome.as_str(),
+                e.event.code.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            ("query.dry_run", "refused", "TRE-I001"),
+            ("query.submit", "failed", "TRE-I001"),
+        ]
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.event.detail.contains("injected fault"))
+    );
+    assert!((server.spent("p11") - 0.5).abs() < 1e-9);
+    assert_eq!(
+        project_status(&server, "p11"),
+        tre_store::ProjectStatus::Suspended
+    );
+    // Still serving.
+    let r = q.dry_run(authed(ask(base, 0.5, None), &alice)).await;
+    assert_eq!(code_of(r), "ok");
+}
+
+/// Finding 6 (issue #11): requests the transport refuses before a handler
+/// reads them (undecodable, too large, an unknown method) get a coded
+/// reply (`TRE-S003`) and an audit event naming the caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transport_rejections_leave_events() {
+    let server = start(&[("p11", &["alice"], 50.0)]).await;
+    let alice = server.token("alice", Role::Researcher);
+    let channel = server.channel().await;
+    let before = server.audit_len();
+    let garbage = vec![0xff; 64];
+    let codes = [
+        raw_call(
+            &channel,
+            "/tre.v1.QueryService/Submit",
+            garbage.clone(),
+            &alice,
+        )
+        .await,
+        raw_call(
+            &channel,
+            "/tre.v1.QueryService/NoSuchMethod",
+            garbage.clone(),
+            &alice,
+        )
+        .await,
+        raw_call(
+            &channel,
+            "/tre.v1.NoSuchService/Submit",
+            garbage,
+            "not-a-token",
+        )
+        .await,
+    ];
+    // 5 MB of SQL: above the 4 MiB message limit.
+    let mut q = tre_proto::v1::query_service_client::QueryServiceClient::new(channel.clone())
+        .max_encoding_message_size(64 << 20);
+    let big = count_where(&format!("p.sex = '{}'", "x".repeat(5_000_000)));
+    let big = code_of(q.dry_run(authed(ask(&big, 0.5, None), &alice)).await);
+    assert_eq!(codes, ["TRE-S003"; 3]);
+    assert_eq!(big, "TRE-S003");
+    let events = server
+        .state
+        .store
+        .audit_events(&tre_store::AuditFilter::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let new: Vec<_> = events[before..]
+        .iter()
+        .map(|e| {
+            (
+                e.event.user.as_str(),
+                e.event.action.as_str(),
+                e.event.code.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        new,
+        [
+            ("alice", "query.submit", "TRE-S003"),
+            ("alice", "transport", "TRE-S003"),
+            ("(unauthenticated)", "query.submit", "TRE-S003"),
+            ("alice", "query.dry_run", "TRE-S003"),
+        ]
+    );
+    // And the log stays readable: list and verify.
+    assert!(
+        server
+            .state
+            .store
+            .verify_audit()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_intact()
+    );
+}
+
+/// Connection bounds (issue #11, finding 9): a connection that sends
+/// nothing is closed after the silence limit, at most `max_connections`
+/// are open at once, and a real client is served once the silent ones are
+/// gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed_and_bounded() {
+    use tokio::io::AsyncReadExt;
+    let server = tre_e2e::start_limited(
+        &[("p11", &["alice"], 50.0)],
+        Default::default(),
+        tre_gateway::ConnectionLimits {
+            max_connections: 4,
+            silence: std::time::Duration::from_secs(1),
+            ..Default::default()
+        },
+    )
+    .await;
+    let addr = server.url.trim_start_matches("http://").to_owned();
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(
+            tokio::net::TcpStream::connect(&addr)
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
+    }
+    // A real call while every slot is held by a silent connection: it
+    // waits in the backlog, then is served once they are closed.
+    let alice = server.token("alice", Role::Researcher);
+    let call = async {
+        let (_, mut c) = server.clients().await;
+        code_of(
+            c.list_datasets(authed(pb::ListDatasetsRequest {}, &alice))
+                .await,
+        )
+    };
+    let closed = async {
+        let mut closed = 0;
+        for s in &mut silent {
+            let mut buf = [0u8; 64];
+            // The server closes it (EOF or reset) after the silence limit.
+            let read = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await;
+            if read.is_ok() {
+                closed += 1;
+            }
+        }
+        closed
+    };
+    let (code, closed) = tokio::join!(call, closed);
+    assert_eq!(closed, 4, "every silent connection was closed");
+    assert_eq!(code, "ok");
+}
+
+/// Finding 7 (issue #11): whoever holds the server's disk swaps the audit
+/// key and re-signs the whole log. Checked against the key the server now
+/// holds, the log is intact (and the reply says the check was not
+/// pinned); checked against the key the auditor pinned, on the server or
+/// offline, it fails, and every checkpoint names the wrong key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swapped_audit_key_is_caught_by_a_pinned_key() {
+    use tre_store::Notary;
+    let mut server = start(&[("p11", &["alice"], 50.0)]).await;
+    let alice = server.token("alice", Role::Researcher);
+    let (mut q, _) = server.clients().await;
+    for i in 0..12 {
+        let _ = q
+            .dry_run(authed(
+                ask(
+                    "SELECT COUNT(*) AS n FROM patients p",
+                    0.5 + 0.01 * f64::from(i),
+                    None,
+                ),
+                &alice,
+            ))
+            .await;
+    }
+    let pinned = server.state.store.audit_public_key();
+    let fingerprint = tre_store::chain::key_fingerprint(&pinned);
+    server.shutdown().await;
+    let dir = server.state_dir.path().to_owned();
+    drop(q);
+
+    // The attacker: a new key, every signature redone with it.
+    let forged = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let notary =
+        tre_gateway::AuditNotary::load_or_create(forged.path()).unwrap_or_else(|e| panic!("{e}"));
+    let key = tre_store::chain::key_fingerprint(&notary.public_key());
+    {
+        let db = rusqlite::Connection::open(dir.join("tre.db")).unwrap_or_else(|e| panic!("{e}"));
+        let rows: Vec<(i64, String)> = db
+            .prepare("SELECT seq, hash FROM audit")
+            .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+            .unwrap_or_else(|e| panic!("{e}"));
+        for (seq, hash) in rows {
+            let sig = hex::encode(notary.sign(&tre_store::chain::event_message(&hash)));
+            db.execute(
+                "UPDATE audit SET sig = ?1 WHERE seq = ?2",
+                rusqlite::params![sig, seq],
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let cps: Vec<(i64, String, String)> = db
+            .prepare("SELECT seq, hash, at FROM checkpoints")
+            .and_then(|mut s| {
+                s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect()
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!cps.is_empty());
+        for (seq, hash, at) in cps {
+            let msg = tre_store::chain::checkpoint_message(seq, &hash, &at, &key);
+            let sig = hex::encode(notary.sign(&msg));
+            db.execute(
+                "UPDATE checkpoints SET sig = ?1, key = ?2 WHERE seq = ?3",
+                rusqlite::params![sig, key, seq],
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    for f in ["audit.pk8", "audit.pub"] {
+        std::fs::copy(forged.path().join(f), dir.join(f)).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    let state_dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    for f in ["tre.db", "audit.pk8", "audit.pub", "issuer.pk8"] {
+        std::fs::copy(dir.join(f), state_dir.path().join(f)).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let server = tre_e2e::start_in(state_dir, &fixture().data, &[], None).await;
+    let auditor = server.token("audrey", Role::Auditor);
+    let mut audit = AuditServiceClient::new(server.channel().await);
+    let unpinned = audit
+        .verify_log(authed(pb::VerifyLogRequest::default(), &auditor))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_inner();
+    assert!(unpinned.intact && !unpinned.pinned, "{unpinned:?}");
+    assert_eq!(unpinned.key_fingerprint, key);
+    let pinned_reply = audit
+        .verify_log(authed(
+            pb::VerifyLogRequest {
+                pinned_public_key: hex::encode(&pinned),
+            },
+            &auditor,
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_inner();
+    assert!(
+        !pinned_reply.intact && pinned_reply.pinned,
+        "{pinned_reply:?}"
+    );
+    assert_eq!(pinned_reply.key_fingerprint, fingerprint);
+    // Offline, against the pinned key: the export fails at its first line.
+    let mut stream = audit
+        .export_log(authed(pb::ExportLogRequest {}, &auditor))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_inner();
+    let mut jsonl = String::new();
+    while let Some(chunk) = stream.message().await.unwrap_or_else(|e| panic!("{e}")) {
+        jsonl.push_str(&chunk.jsonl);
+    }
+    let offline = tre_store::chain::verify_export(&jsonl, &pinned);
+    assert_eq!(offline.first_bad.map(|t| t.position), Some(1));
+    assert!(tre_store::chain::verify_export(&jsonl, &notary.public_key()).is_intact());
+    // The checkpoints name the forger's key, not the one written down.
+    assert!(jsonl.contains(&format!("\"key\":\"{key}\"")));
+    assert!(!jsonl.contains(&fingerprint));
+}
+
+/// Every gRPC method tre serves, and two it does not.
+const METHODS: &[&str] = &[
+    "/tre.v1.QueryService/Submit",
+    "/tre.v1.QueryService/DryRun",
+    "/tre.v1.QueryService/Budget",
+    "/tre.v1.ProjectService/RequestProject",
+    "/tre.v1.ProjectService/ListProjects",
+    "/tre.v1.ProjectService/GetProject",
+    "/tre.v1.ProjectService/ApproveProject",
+    "/tre.v1.ProjectService/RejectProject",
+    "/tre.v1.ProjectService/SuspendProject",
+    "/tre.v1.ProjectService/ResumeProject",
+    "/tre.v1.ProjectService/RevokeProject",
+    "/tre.v1.ProjectService/TopUpProject",
+    "/tre.v1.AuditService/ListEvents",
+    "/tre.v1.AuditService/VerifyLog",
+    "/tre.v1.ReleaseService/GetRelease",
+    "/tre.v1.ReleaseService/ListReleases",
+    "/tre.v1.ReleaseService/ApproveRelease",
+    "/tre.v1.ReleaseService/RejectRelease",
+    "/tre.v1.ReleaseService/RequestChanges",
+    "/tre.v1.ReleaseService/WithdrawRelease",
+    "/tre.v1.AdminService/RevokeToken",
+    "/tre.v1.CatalogService/ListDatasets",
+    "/tre.v1.CatalogService/DescribeTable",
+    "/tre.v1.QueryService/Nope",
+    "/tre.v2.Unknown/Submit",
+];
+
+/// The gRPC-level fuzz test (issue #11): generated and mangled SQL as
+/// DryRun and Submit with extreme ε and δ, random bytes to every method,
+/// bad and missing tokens, odd project ids. Every reply is `ok` or carries
+/// a stable code, every call leaves exactly one audit event, and the
+/// server answers normally afterwards. `TRE_GRPC_FUZZ` calls (400 in CI).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_fuzz_replies_are_coded() {
+    use rand::seq::IndexedRandom;
+    use rand::{Rng, SeedableRng};
+    let calls: usize = std::env::var("TRE_GRPC_FUZZ")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(400);
+    let seed: u64 = std::env::var("TRE_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12);
+    let server = start(&[("p11", &["alice"], 100_000.0)]).await;
+    let alice = server.token("alice", Role::Researcher);
+    let roles = [
+        server.token("carol", Role::Custodian),
+        server.token("audrey", Role::Auditor),
+        server.token("adam", Role::Admin),
+    ];
+    let channel = server.channel().await;
+    let mut q = tre_proto::v1::query_service_client::QueryServiceClient::new(channel.clone());
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut generator = crate::fuzz::generator(seed);
+    let numbers = [
+        0.5,
+        1.0,
+        0.0,
+        -1.0,
+        f64::NAN,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        5e-324,
+        1e-12,
+        1e300,
+        f64::MAX,
+        1e-7,
+    ];
+    let before = server.audit_len();
+    let (mut codes, mut uncoded) = (BTreeMap::<String, usize>::new(), Vec::new());
+    for i in 0..calls {
+        let token = match rng.random_range(0..10) {
+            0 => "garbage".to_owned(),
+            1 => String::new(),
+            2 => roles.choose(&mut rng).cloned().unwrap_or_default(),
+            _ => alice.clone(),
+        };
+        let (what, code) = match rng.random_range(0..8) {
+            0..=2 => {
+                let sql = crate::fuzz::fuzz_input(&mut generator);
+                let mut req = ask(&sql, *numbers.choose(&mut rng).unwrap_or(&1.0), None);
+                if rng.random_bool(0.3) {
+                    req.delta = numbers.choose(&mut rng).copied();
+                }
+                if rng.random_bool(0.1) {
+                    req.project = ["", "p12", "P11", "p11 ", "ü", &"p".repeat(300)]
+                        .choose(&mut rng)
+                        .map(|s| (*s).to_owned())
+                        .unwrap_or_default();
+                }
+                req.totals = rng.random_bool(0.1);
+                if rng.random_bool(0.25) {
+                    (
+                        format!("Submit {sql}"),
+                        code_of(q.submit(authed(req, &token)).await),
+                    )
+                } else {
+                    (
+                        format!("DryRun {sql}"),
+                        code_of(q.dry_run(authed(req, &token)).await),
+                    )
+                }
+            }
+            3..=5 => {
+                let method = METHODS.choose(&mut rng).copied().unwrap_or_default();
+                let len = *[0usize, 1, 7, 64, 4_096].choose(&mut rng).unwrap_or(&0);
+                let body: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+                (
+                    format!("{len} random bytes to {method}"),
+                    raw_call(&channel, method, body, &token).await,
+                )
+            }
+            _ => {
+                // Well-formed calls with odd arguments, as any role.
+                let mut p = ProjectServiceClient::new(channel.clone());
+                let id = ["p11", "", "x", "../etc", &"p".repeat(200)]
+                    .choose(&mut rng)
+                    .map(|s| (*s).to_owned())
+                    .unwrap_or_default();
+                let r = p
+                    .approve_project(authed(
+                        pb::ApproveProjectRequest {
+                            id: id.clone(),
+                            epsilon: numbers.choose(&mut rng).copied(),
+                            reason: if rng.random_bool(0.5) {
+                                "ok".into()
+                            } else {
+                                String::new()
+                            },
+                            ..Default::default()
+                        },
+                        &token,
+                    ))
+                    .await;
+                (format!("ApproveProject {id}"), code_of(r))
+            }
+        };
+        if code == "no code" || code.starts_with("not ready") {
+            uncoded.push(format!(
+                "call {i}: {}: {code}",
+                what.chars().take(200).collect::<String>()
+            ));
+        }
+        *codes.entry(code).or_default() += 1;
+    }
+    let events = server.audit_len() - before;
+    println!("grpc fuzz: seed {seed}: {calls} calls, {events} events, replies {codes:?}");
+    assert!(
+        uncoded.is_empty(),
+        "replies without a code:\n{}",
+        uncoded.join("\n")
+    );
+    assert_eq!(events, calls, "one audit event per call");
+    assert!(
+        !codes.contains_key("TRE-I001"),
+        "internal errors: {codes:?}"
+    );
+    let (_, mut catalog) = server.clients().await;
+    let r = catalog
+        .list_datasets(authed(pb::ListDatasetsRequest {}, &alice))
+        .await;
+    assert_eq!(code_of(r), "ok");
 }

@@ -330,14 +330,26 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         })
         .await)?;
     print!("{}", render_events(&events.events));
-    let verified = rpc(auditor.audit.verify_log(pb::VerifyLogRequest {}).await)?;
-    println!("  on the server: {}", render_verify(&verified));
-    let (jsonl, public_key) = export(&mut auditor).await?;
+    // The auditor pins the key they wrote down when the server started
+    // (its fingerprint), so a key swapped on the server's disk would fail.
+    let pinned = hex::encode(state.store.audit_public_key());
+    let verified = rpc(auditor
+        .audit
+        .verify_log(pb::VerifyLogRequest {
+            pinned_public_key: pinned.clone(),
+        })
+        .await)?;
+    println!(
+        "  on the server, pinned to key {}: {}",
+        verified.key_fingerprint,
+        render_verify(&verified)
+    );
+    let (jsonl, _) = export(&mut auditor).await?;
     let file = args.state.join("audit-export.jsonl");
     std::fs::write(&file, &jsonl)?;
-    let (offline, _) = verify_offline(&file, &public_key)?;
+    let (offline, _) = verify_offline(&file, &pinned)?;
     println!(
-        "  offline, from {} and the public key alone: {offline}",
+        "  offline, from {} and the pinned public key alone: {offline}",
         file.display()
     );
     println!("demo finished in {:.1}s", started.elapsed().as_secs_f64());

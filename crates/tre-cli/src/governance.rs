@@ -127,6 +127,9 @@ pub enum AuditCommand {
         limit: u32,
     },
     /// Verify the server's log, or (with --export) an exported file offline.
+    /// Pin the key you hold with --public-key or --fingerprint: unpinned, a
+    /// check can only use the key the server holds, which whoever holds
+    /// the server's disk can swap.
     Verify(VerifyArgs),
     /// Export the log with its signed checkpoints as JSON Lines (auditor).
     Export {
@@ -142,9 +145,14 @@ pub struct VerifyArgs {
     /// An exported log to verify offline, without the server.
     #[arg(long, requires = "public_key")]
     export: Option<PathBuf>,
-    /// The server's audit public key: hex, or a file holding it (state/audit.pub).
+    /// The audit public key you hold (hex, or a file holding it). Online,
+    /// the log is exported and checked here against it.
     #[arg(long)]
     public_key: Option<String>,
+    /// The key fingerprint `tre serve` printed at start-up (SHA256:...).
+    /// The key used (the server's, or --public-key) must match it.
+    #[arg(long)]
+    fingerprint: Option<String>,
     #[arg(long, default_value = "http://127.0.0.1:50051", env = "TRE_SERVER")]
     server: String,
     #[arg(long, env = "TRE_TOKEN_FILE")]
@@ -341,26 +349,7 @@ pub async fn audit(cmd: AuditCommand) -> Result<()> {
             print!("{}", render_events(&events));
         }
         AuditCommand::Verify(a) => {
-            let (report_line, intact) = match (&a.export, &a.public_key) {
-                (Some(file), Some(key)) => verify_offline(file, key)?,
-                (Some(_), None) => bail!("--export needs --public-key"),
-                (None, _) => {
-                    let token_file = a
-                        .token_file
-                        .clone()
-                        .context("give --token-file (an auditor's), or --export FILE --public-key K to verify offline")?;
-                    let conn = Conn {
-                        server: a.server.clone(),
-                        token_file,
-                        ca_cert: None,
-                        client_cert: None,
-                        client_key: None,
-                    };
-                    let mut c = Client::from_conn(&conn).await?;
-                    let r = rpc(c.audit.verify_log(pb::VerifyLogRequest {}).await)?;
-                    (render_verify(&r), r.intact)
-                }
-            };
+            let (report_line, intact) = verify(&a).await?;
             println!("{report_line}");
             if !intact {
                 bail!("the audit log does not verify");
@@ -396,12 +385,75 @@ pub async fn export(c: &mut Client) -> Result<(String, String)> {
     Ok((jsonl, public_key))
 }
 
+/// `tre audit verify`: offline, or against the server. Pinned (a key or
+/// a fingerprint the auditor holds), the export is checked here and
+/// nothing the server says is trusted; unpinned, the server checks its log
+/// against its own key, and the reply says so (issue #11).
+async fn verify(a: &VerifyArgs) -> Result<(String, bool)> {
+    let given = a.public_key.as_deref().map(public_key).transpose()?;
+    if let Some(file) = &a.export {
+        let key = given.context("--export needs --public-key: the key you hold")?;
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        return Ok(pinned_report(&text, &key, a.fingerprint.as_deref()));
+    }
+    let token_file = a.token_file.clone().context(
+        "give --token-file (an auditor's), or --export FILE --public-key K to verify offline",
+    )?;
+    let conn = Conn {
+        server: a.server.clone(),
+        token_file,
+        ca_cert: None,
+        client_cert: None,
+        client_key: None,
+    };
+    let mut c = Client::from_conn(&conn).await?;
+    if given.is_none() && a.fingerprint.is_none() {
+        let r = rpc(c.audit.verify_log(pb::VerifyLogRequest::default()).await)?;
+        let line = format!(
+            "{}\nNOT PINNED: checked against the key the server holds now ({}); whoever holds the server's disk can swap it, so pin the key you hold with --public-key or --fingerprint",
+            render_verify(&r),
+            r.key_fingerprint
+        );
+        return Ok((line, r.intact));
+    }
+    let (jsonl, server_key) = export(&mut c).await?;
+    let key = match given {
+        Some(k) => k,
+        None => public_key(&server_key)?,
+    };
+    Ok(pinned_report(&jsonl, &key, a.fingerprint.as_deref()))
+}
+
+/// Verify an export against `key`, which must match `fingerprint` if one
+/// is given.
+fn pinned_report(text: &str, key: &[u8], fingerprint: Option<&str>) -> (String, bool) {
+    let used = chain::key_fingerprint(key);
+    if let Some(fp) = fingerprint
+        && fp.trim() != used
+    {
+        return (
+            format!(
+                "KEY MISMATCH: the log's key is {used}, not the pinned {}",
+                fp.trim()
+            ),
+            false,
+        );
+    }
+    let (line, ok) = export_report(text, key);
+    (format!("{line}\npinned to key {used}"), ok)
+}
+
 /// Verify an exported log with only the public key: no server involved.
 pub fn verify_offline(file: &std::path::Path, key: &str) -> Result<(String, bool)> {
     let public_key = public_key(key)?;
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let r = chain::verify_export(&text, &public_key);
+    Ok(export_report(&text, &public_key))
+}
+
+fn export_report(text: &str, public_key: &[u8]) -> (String, bool) {
+    let r = chain::verify_export(text, public_key);
     let line = match &r.first_bad {
         None => intact(
             r.events as u64,
@@ -415,7 +467,7 @@ pub fn verify_offline(file: &std::path::Path, key: &str) -> Result<(String, bool
             t.reason
         ),
     };
-    Ok((line, r.is_intact()))
+    (line, r.is_intact())
 }
 
 /// The line for a log that verifies, on the server or offline.

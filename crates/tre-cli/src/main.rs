@@ -10,6 +10,7 @@ mod bench;
 mod client;
 mod demo;
 mod governance;
+mod load;
 mod setup;
 
 #[derive(Parser)]
@@ -68,6 +69,9 @@ enum Command {
     /// Benchmark the DP pipeline against plain DataFusion, and encrypted
     /// against plaintext scans, on the same generated data.
     Bench(bench::BenchArgs),
+    /// Show whether small queries keep their latency while heavy ones run:
+    /// p50/p99 with and without heavy load, on a loopback gateway.
+    Load(load::LoadArgs),
 }
 
 #[derive(Subcommand)]
@@ -145,6 +149,7 @@ fn main() -> Result<()> {
             Command::Budget(args) => client::budget(args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Load(args) => load::run(args).await,
         }
     })
 }

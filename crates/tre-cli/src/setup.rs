@@ -281,6 +281,7 @@ pub fn open_state(args: &ServeArgs) -> Result<AppState> {
         store: Box::new(store),
         issuer,
         notary,
+        connections: Default::default(),
     })
 }
 
@@ -300,6 +301,12 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
             None => "plaintext, loopback only",
         },
         args.state.join("audit.pub").display()
+    );
+    // Written down by the auditor now, it pins later verification to this
+    // key: a key swapped on disk no longer passes (issue #11).
+    eprintln!(
+        "audit key fingerprint {}; auditors: note it and verify with `tre audit verify --fingerprint`",
+        tre_store::chain::key_fingerprint(&state.store.audit_public_key())
     );
     tre_gateway::serve(state, listener, tls, tre_gateway::shutdown_signal()).await?;
     Ok(())

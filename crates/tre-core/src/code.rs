@@ -88,6 +88,8 @@ codes! {
     /// Deeper expressions, or more SELECTs, tables or columns, than one
     /// query may have.
     QueryTooComplex = "TRE-Q032",
+    /// Planning took longer than the compile limit.
+    CompileTimeout = "TRE-Q033",
 
     // Budget.
     BudgetExhausted = "TRE-B001",
@@ -108,6 +110,15 @@ codes! {
 
     // Failures after data was touched: generic by design.
     ExecutionFailed = "TRE-E001",
+
+    // Capacity and transport: the server's state, not the query's.
+    /// Every query slot stayed busy for the queue wait; nothing charged.
+    Busy = "TRE-S001",
+    /// The client cancelled the call (or its deadline passed).
+    Cancelled = "TRE-S002",
+    /// The transport refused the request before any handler read it:
+    /// undecodable, too large, bad headers or an unknown method.
+    RequestRejected = "TRE-S003",
 
     // Bugs and infrastructure.
     Internal = "TRE-I001",

@@ -66,16 +66,34 @@ impl Services {
         })
     }
 
-    fn verify_log(&self) -> Result<pb::VerifyLogResponse, GatewayError> {
-        let r = self.state.store.verify_audit()?;
+    fn verify_log(
+        &self,
+        req: &pb::VerifyLogRequest,
+    ) -> Result<pb::VerifyLogResponse, GatewayError> {
+        let own = self.state.store.audit_public_key();
+        let (r, key) = if req.pinned_public_key.is_empty() {
+            (self.state.store.verify_audit()?, own)
+        } else {
+            let pinned = chain::canonical_hex(&req.pinned_public_key)
+                .filter(|k| k.len() == 32)
+                .ok_or_else(|| {
+                    GatewayError::BadRequest(
+                        "pinned_public_key must be 64 lowercase hex digits (an Ed25519 key)".into(),
+                    )
+                })?;
+            let entries = self.state.store.audit_entries()?;
+            (chain::verify(&entries, &pinned), pinned)
+        };
         Ok(pb::VerifyLogResponse {
+            pinned: !req.pinned_public_key.is_empty(),
+            key_fingerprint: chain::key_fingerprint(&key),
             intact: r.is_intact(),
             events: r.events as u64,
             checkpoints: r.checkpoints as u64,
             checkpointed_through: r.checkpointed_through,
             first_bad_position: r.first_bad.as_ref().map(|t| t.position as u64),
             reason: r.first_bad.map(|t| t.reason).unwrap_or_default(),
-            public_key: hex::encode(self.state.store.audit_public_key()),
+            public_key: hex::encode(&key),
         })
     }
 
@@ -153,7 +171,7 @@ impl AuditService for Services {
             self,
             request,
             Rpc::VerifyLog,
-            |_call, _who, _req, _note| async { self.verify_log() }
+            |_call, _who, req, _note| async { self.verify_log(&req) }
         )
     }
 

@@ -97,6 +97,12 @@ impl Rpc {
         }
     }
 
+    /// The RPC a gRPC method name (the last part of the request path)
+    /// names: the proto's method names are the variants' names.
+    pub fn from_method(name: &str) -> Option<Rpc> {
+        Rpc::ALL.into_iter().find(|r| format!("{r:?}") == name)
+    }
+
     /// The audit log's name for this call.
     pub fn action(self) -> &'static str {
         self.row().0

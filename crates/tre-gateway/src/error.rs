@@ -29,6 +29,16 @@ pub enum GatewayError {
     Store(#[from] StoreError),
     #[error("{code} {0}", code = Code::Internal)]
     Setup(String),
+    /// The client cancelled the call, or its deadline passed, before the
+    /// call finished.
+    #[error("{code} the call was cancelled by the client before it finished; anything charged stays charged and any release can be fetched with `tre release list`", code = Code::Cancelled)]
+    Cancelled,
+    /// A bug: the handler panicked. The details go to the audit log.
+    #[error("{code} internal error: the handler panicked: {0}", code = Code::Internal)]
+    Panicked(String),
+    /// The transport refused the request before a handler read it.
+    #[error("{code} the request was refused before it was read ({message}); send a well-formed request of at most 4 MiB to a method tre serves", code = Code::RequestRejected)]
+    Rejected { grpc: GrpcCode, message: String },
 }
 
 impl GatewayError {
@@ -51,7 +61,9 @@ impl GatewayError {
             },
             GatewayError::Query(q) => q.code(),
             GatewayError::Store(s) => s.code(),
-            GatewayError::Setup(_) => Code::Internal,
+            GatewayError::Setup(_) | GatewayError::Panicked(_) => Code::Internal,
+            GatewayError::Cancelled => Code::Cancelled,
+            GatewayError::Rejected { .. } => Code::RequestRejected,
         }
     }
 
@@ -66,6 +78,7 @@ impl GatewayError {
             ) | GatewayError::Store(
                 StoreError::Sqlite(_) | StoreError::Corrupt(_) | StoreError::Poisoned
             ) | GatewayError::Setup(_)
+                | GatewayError::Panicked(_)
         );
         if internal {
             // For the operator; the caller sees a generic message.
@@ -81,6 +94,9 @@ impl GatewayError {
             GatewayError::Core(_) | GatewayError::BadRequest(_) => GrpcCode::InvalidArgument,
             GatewayError::NotFound(_) => GrpcCode::NotFound,
             GatewayError::Query(q) => match q {
+                QueryError::Refused {
+                    code: Code::Busy, ..
+                } => GrpcCode::Unavailable,
                 QueryError::Refused { .. } => GrpcCode::InvalidArgument,
                 QueryError::Execution { .. } => GrpcCode::Internal,
                 QueryError::Setup { .. } | QueryError::Vault(_) | QueryError::Internal(_) => {
@@ -105,7 +121,9 @@ impl GatewayError {
                     GrpcCode::Internal
                 }
             },
-            GatewayError::Setup(_) => GrpcCode::Internal,
+            GatewayError::Setup(_) | GatewayError::Panicked(_) => GrpcCode::Internal,
+            GatewayError::Cancelled => GrpcCode::Cancelled,
+            GatewayError::Rejected { grpc, .. } => *grpc,
         };
         let message = if internal {
             format!("{code} internal error; the operator can find the details in the audit log")

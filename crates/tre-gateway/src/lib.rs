@@ -13,7 +13,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tre_proto::v1::admin_service_server::AdminServiceServer;
 use tre_proto::v1::audit_service_server::AuditServiceServer;
@@ -32,9 +31,11 @@ mod error;
 mod projects;
 mod releases;
 mod service;
+mod transport;
 
 pub use auth::{AuditNotary, Claims, Issuer};
 pub use error::GatewayError;
+pub use transport::ConnectionLimits;
 
 /// What every handler shares.
 pub struct AppState {
@@ -43,6 +44,8 @@ pub struct AppState {
     pub issuer: Issuer,
     /// Signs release manifests (the same key as the audit log).
     pub notary: Arc<dyn tre_store::Notary>,
+    /// Bounds on connections and request sizes.
+    pub connections: ConnectionLimits,
 }
 
 /// TLS for the gateway: a server certificate and key (PEM) and, for mutual
@@ -83,21 +86,32 @@ pub async fn serve(
             "refusing to serve plaintext on {local}; give --tls-cert and --tls-key, or listen on 127.0.0.1"
         )));
     }
-    let mut builder = tonic::transport::Server::builder();
+    let limits = &state.connections;
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .max_connection_age(limits.max_age)
+        .max_connection_age_grace(limits.max_age_grace)
+        .max_concurrent_streams(limits.max_streams)
+        .http2_max_header_list_size(limits.max_header_bytes);
     if let Some(tls) = &tls {
         builder = builder
             .tls_config(tls.config())
             .map_err(|e| GatewayError::Setup(format!("bad TLS configuration: {e}")))?;
     }
     let svc = service::Services::new(Arc::clone(&state));
+    let max = limits.max_request_bytes;
     let served = builder
-        .add_service(QueryServiceServer::new(svc.clone()))
-        .add_service(CatalogServiceServer::new(svc.clone()))
-        .add_service(ProjectServiceServer::new(svc.clone()))
-        .add_service(AuditServiceServer::new(svc.clone()))
-        .add_service(ReleaseServiceServer::new(svc.clone()))
-        .add_service(AdminServiceServer::new(svc))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .layer(transport::RejectionAudit {
+            state: Arc::clone(&state),
+        })
+        .add_service(QueryServiceServer::new(svc.clone()).max_decoding_message_size(max))
+        .add_service(CatalogServiceServer::new(svc.clone()).max_decoding_message_size(max))
+        .add_service(ProjectServiceServer::new(svc.clone()).max_decoding_message_size(max))
+        .add_service(AuditServiceServer::new(svc.clone()).max_decoding_message_size(max))
+        .add_service(ReleaseServiceServer::new(svc.clone()).max_decoding_message_size(max))
+        .add_service(AdminServiceServer::new(svc).max_decoding_message_size(max))
+        .serve_with_incoming_shutdown(transport::incoming(listener, limits), shutdown)
         .await;
     // At shutdown the head of the log is signed, so an auditor can tell a
     // log cut short after this point.

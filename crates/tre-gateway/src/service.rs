@@ -49,6 +49,9 @@ pub(crate) struct Note {
     pub(crate) ledger_id: Option<i64>,
     /// The event was already written, atomically with the change it records.
     pub(crate) recorded: bool,
+    /// A task that outlives the call writes the event (Submit, once
+    /// compiled), whether or not the client waits for it.
+    pub(crate) handed_off: bool,
 }
 
 /// What a request is about, for its audit event.
@@ -114,29 +117,111 @@ impl Target for pb::DescribeTableRequest {
     }
 }
 
-/// Run one handler body between `begin` and `finish`.
+/// Run one handler body between `begin` and `finish`. The call's event is
+/// written exactly once: by `finish`; by a task the body handed it to; or,
+/// if the client goes away first (a cancel, a deadline, a reset), when the
+/// dropped `Pending` settles. A panic in the body becomes `TRE-I001` and
+/// its event (issue #11).
 macro_rules! handle {
     ($self:ident, $request:ident, $rpc:expr, |$call:ident, $who:ident, $req:ident, $note:ident| $body:expr) => {{
         let ($call, auth) = $self.begin(&$request, $rpc);
         let $req = $request.into_inner();
         // What the call was about is logged even when it is refused.
-        let mut note = $crate::service::Note {
-            project: $crate::service::Target::project(&$req).to_owned(),
-            sql: $crate::service::Target::sql(&$req).to_owned(),
-            release_id: $crate::service::Target::release_id(&$req).to_owned(),
-            ..Default::default()
-        };
+        let mut pending = $crate::service::Pending::new(
+            $self,
+            &$call,
+            $crate::service::Note {
+                project: $crate::service::Target::project(&$req).to_owned(),
+                sql: $crate::service::Target::sql(&$req).to_owned(),
+                release_id: $crate::service::Target::release_id(&$req).to_owned(),
+                ..Default::default()
+            },
+        );
         let result = {
-            let $note = &mut note;
+            let $note = &mut pending.note;
             match auth {
-                Ok($who) => $body.await,
+                Ok($who) => $crate::service::unpanicked($body).await,
                 Err(e) => Err(e),
             }
         };
-        $self.finish(&$call, note, result)
+        pending.finish(result)
     }};
 }
 pub(crate) use handle;
+
+/// A call between `begin` and `finish`. Dropped unfinished (the client
+/// went away while the handler waited), it writes the call's event itself.
+pub(crate) struct Pending<'a> {
+    services: &'a Services,
+    call: &'a Call,
+    pub(crate) note: Note,
+    finished: bool,
+}
+
+impl<'a> Pending<'a> {
+    pub(crate) fn new(services: &'a Services, call: &'a Call, note: Note) -> Self {
+        Self {
+            services,
+            call,
+            note,
+            finished: false,
+        }
+    }
+
+    pub(crate) fn finish<R>(
+        mut self,
+        result: Result<R, GatewayError>,
+    ) -> Result<Response<R>, Status> {
+        self.finished = true;
+        let note = std::mem::take(&mut self.note);
+        self.services.finish(self.call, note, result)
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        if let Err(e) =
+            self.services
+                .record(self.call, &mut self.note, Some(&GatewayError::Cancelled))
+        {
+            tracing::error!("cannot record a cancelled call: {e}");
+        }
+    }
+}
+
+/// `body`'s result, or `TRE-I001` if it panicked: the call still gets its
+/// event and a coded reply, and the server keeps serving.
+pub(crate) async fn unpanicked<R>(
+    body: impl std::future::Future<Output = Result<R, GatewayError>>,
+) -> Result<R, GatewayError> {
+    use futures::FutureExt;
+    match std::panic::AssertUnwindSafe(body).catch_unwind().await {
+        Ok(result) => result,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            Err(GatewayError::Panicked(what))
+        }
+    }
+}
+
+/// The principal of a valid, unrevoked `authorization` header value.
+pub(crate) fn bearer_principal(state: &AppState, header: &str) -> Result<Principal, GatewayError> {
+    let token = header.strip_prefix("Bearer ").ok_or_else(|| {
+        GatewayError::Unauthenticated("the authorization header must be `Bearer <token>`".into())
+    })?;
+    let (who, jti) = state.issuer.verify(token.trim())?;
+    if state.store.is_revoked(&jti)? {
+        return Err(GatewayError::TokenRevoked);
+    }
+    Ok(who)
+}
 
 impl Services {
     pub(crate) fn new(state: Arc<AppState>) -> Self {
@@ -151,6 +236,10 @@ impl Services {
         req: &Request<T>,
         rpc: Rpc,
     ) -> (Call, Result<Principal, GatewayError>) {
+        // The handler owns the call's event from here on.
+        if let Some(reached) = req.extensions().get::<crate::transport::Reached>() {
+            reached.set();
+        }
         let mut client = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         if let Some(cert) = req.peer_certs().as_ref().and_then(|c| c.first().cloned()) {
             let fp = chain::sha256_hex(cert.as_ref());
@@ -176,16 +265,7 @@ impl Services {
                     "no bearer token; send `authorization: Bearer <token>`".into(),
                 )
             })?;
-        let token = header.strip_prefix("Bearer ").ok_or_else(|| {
-            GatewayError::Unauthenticated(
-                "the authorization header must be `Bearer <token>`".into(),
-            )
-        })?;
-        let (who, jti) = self.state.issuer.verify(token.trim())?;
-        if self.state.store.is_revoked(&jti)? {
-            return Err(GatewayError::TokenRevoked);
-        }
-        Ok(who)
+        bearer_principal(&self.state, header)
     }
 
     pub(crate) fn event(
@@ -210,10 +290,10 @@ impl Services {
         match error {
             None => e.outcome = "allowed".into(),
             Some(err) => {
-                e.outcome = if note.ledger_id.is_some() {
-                    "failed"
-                } else {
-                    "refused"
+                e.outcome = match (err, note.ledger_id) {
+                    (GatewayError::Cancelled, _) => "cancelled",
+                    (_, Some(_)) => "failed",
+                    (_, None) => "refused",
                 }
                 .into();
                 e.code = err.code().as_str().into();
@@ -225,27 +305,47 @@ impl Services {
         e
     }
 
-    /// Append the call's audit event (unless the release already did) and
-    /// map the result. If the log cannot be written the call fails: nothing
-    /// may happen without a record.
+    /// Append the call's audit event (unless it was already written or
+    /// handed off) and map the result. If the log cannot be written the
+    /// call fails: nothing may happen without a record.
     pub(crate) fn finish<R>(
         &self,
         call: &Call,
-        note: Note,
+        mut note: Note,
         result: Result<R, GatewayError>,
     ) -> Result<Response<R>, Status> {
-        if !note.recorded {
-            let event = self.event(call, &note, result.as_ref().err());
-            let store = &self.state.store;
-            let written = match (note.ledger_id, &result) {
-                (Some(id), Err(_)) => store.fail_reservation(id, &event),
-                _ => store.append_audit(&event),
-            };
-            if let Err(e) = written {
-                return Err(GatewayError::from(e).into_status());
-            }
+        if let Err(e) = self.record(call, &mut note, result.as_ref().err()) {
+            return Err(e.into_status());
         }
         result.map(Response::new).map_err(GatewayError::into_status)
+    }
+
+    /// Write the call's one audit event, unless it is written or handed
+    /// off. An open reservation is settled with it: a client's cancel
+    /// leaves the charge, a failure is an incident.
+    pub(crate) fn record(
+        &self,
+        call: &Call,
+        note: &mut Note,
+        error: Option<&GatewayError>,
+    ) -> Result<(), GatewayError> {
+        if note.recorded || note.handed_off {
+            return Ok(());
+        }
+        let event = self.event(call, note, error);
+        let store = &self.state.store;
+        match (note.ledger_id, error) {
+            (Some(id), Some(e)) => {
+                let settle = match e {
+                    GatewayError::Cancelled => tre_store::Settle::Cancelled,
+                    _ => tre_store::Settle::Incident,
+                };
+                store.fail_reservation(id, &event, settle)?
+            }
+            _ => store.append_audit(&event)?,
+        };
+        note.recorded = true;
+        Ok(())
     }
 
     fn dataset(&self) -> &str {
@@ -273,6 +373,7 @@ impl Services {
         note: &mut Note,
     ) -> Result<(tre_store::Project, tre_query::PrivatePlan), GatewayError> {
         let project = self.queryable_project(who, &req.project)?;
+        fault("/*tre-fault:compile*/", &req.sql);
         let budget = self.state.engine.budget(req.epsilon, req.delta)?;
         let plan = self.state.engine.compile(&req.sql, budget).await?;
         let plan = if req.totals {
@@ -292,23 +393,27 @@ impl Services {
         note: &mut Note,
     ) -> Result<pb::QueryResponse, GatewayError> {
         let (project, plan) = self.compile(who, req, note).await?;
-        // Everything from the reservation on runs in its own task, so a
-        // client that hangs up cannot leave a charge without its release or
-        // its audit event.
+        // Everything from admission on runs in its own task, which writes
+        // the event whatever the client does. A client that hangs up
+        // cancels it: before the charge nothing is spent; after it the
+        // charge stands, the work stops and no release is made.
         let this = self.clone();
         let (call, who) = (call.clone(), who.clone());
         let mut owned = std::mem::take(note);
+        note.handed_off = true;
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let _cancel_when_dropped = cancel.clone().drop_guard();
         let task = tokio::spawn(async move {
-            let reply = this
-                .submit_locked(&call, &who, &project, &plan, &mut owned)
-                .await;
-            if let (Err(e), Some(id), false) = (&reply, owned.ledger_id, owned.recorded) {
-                let event = this.event(&call, &owned, Some(e));
-                match this.state.store.fail_reservation(id, &event) {
-                    Ok(_) => owned.recorded = true,
-                    Err(err) => tracing::error!("cannot settle reservation {id}: {err}"),
-                }
-            }
+            let work = unpanicked(this.submit_locked(&call, &who, &project, &plan, &mut owned));
+            let reply = tokio::select! {
+                biased;
+                reply = work => reply,
+                () = cancel.cancelled() => Err(GatewayError::Cancelled),
+            };
+            let reply = match this.record(&call, &mut owned, reply.as_ref().err()) {
+                Ok(()) => reply,
+                Err(e) => Err(e),
+            };
             (reply, owned)
         });
         let (reply, owned) = task
@@ -380,6 +485,8 @@ impl Services {
             reply.delta_spent = 0.0;
             return Ok(reply);
         }
+        // A slot before the charge: a full engine refuses for free.
+        let admission = self.state.engine.admit(project.id.as_str()).await?;
         let policy = self.state.engine.policy();
         let reserved = store.reserve(&Charge {
             project: &project.id,
@@ -396,7 +503,8 @@ impl Services {
         note.ledger_id = Some(reserved.ledger_id);
         note.epsilon_nanos = plan.epsilon().as_nanos();
         note.delta_femtos = plan.delta().as_femtos();
-        let release = match self.state.engine.execute(plan).await {
+        fault("/*tre-fault:charged*/", plan.sql());
+        let release = match self.state.engine.execute_admitted(plan, &admission).await {
             Ok(r) => r,
             Err(e) => {
                 if let QueryError::Execution { detail } = &e {
@@ -569,6 +677,19 @@ impl Services {
             })
     }
 }
+
+/// Test builds only (`fault-injection`): panic where a query's SQL holds
+/// `marker`, so tests can show a panic still leaves its audit event and
+/// settles its charge. Compiled out of every other build.
+#[cfg(feature = "fault-injection")]
+fn fault(marker: &str, sql: &str) {
+    if sql.contains(marker) {
+        panic!("injected fault {marker}");
+    }
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn fault(_marker: &str, _sql: &str) {}
 
 /// Value cells of a release by disclosure status.
 fn cell_counts(release: &Release) -> CellCounts {

@@ -10,8 +10,13 @@
 //! caller reserves budget between `compile` and `execute`), and must never
 //! depend on tonic, tre-store or tre-gateway.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::task::AbortOnDropHandle;
 
 use tre_core::Code;
 use tre_policy::Policy;
@@ -78,13 +83,39 @@ impl QueryError {
     }
 }
 
-/// Limits on the sandbox. Defaults suit the 2-core reference machine.
+/// Limits on the engine. Defaults suit the 2-core reference machine.
+///
+/// Queries are isolated from each other: at most `concurrent_queries`
+/// execute at once, each in its own memory pool of
+/// `memory_bytes / concurrent_queries` bytes, so the pools add up to the
+/// process limit and one query's memory can never fail another's. One
+/// tenant (a project) may hold at most `per_tenant_queries` of the slots,
+/// so one researcher's heavy queries always leave room for other
+/// projects. Issue #11.
 #[derive(Debug, Clone)]
 pub struct Limits {
+    /// Memory for all executing queries together.
     pub memory_bytes: usize,
     pub target_partitions: usize,
     /// Refuse plans whose public group keys multiply to more cells.
     pub max_cells: usize,
+    /// Queries that may execute at once.
+    pub concurrent_queries: usize,
+    /// Of those, how many one tenant may hold.
+    pub per_tenant_queries: usize,
+    /// How long a query may wait for a slot before it is refused with
+    /// `TRE-S001`, before anything is charged.
+    pub queue_wait: Duration,
+    /// Wall-clock limit on one query's execution. Past it the work is
+    /// cancelled; as a failure after the charge it is an incident.
+    pub query_timeout: Duration,
+    /// Wall-clock limit on compiling one query (`TRE-Q033`, free: the
+    /// compiler touches no data).
+    pub compile_timeout: Duration,
+    /// Worker threads of the engine's own runtime, apart from the one that
+    /// serves calls, so catalog and budget calls stay responsive while
+    /// queries run.
+    pub engine_threads: usize,
 }
 
 impl Default for Limits {
@@ -93,8 +124,87 @@ impl Default for Limits {
             memory_bytes: 4 << 30,
             target_partitions: 2,
             max_cells: 10_000,
+            concurrent_queries: 4,
+            per_tenant_queries: 2,
+            queue_wait: Duration::from_secs(60),
+            query_timeout: Duration::from_secs(300),
+            compile_timeout: Duration::from_secs(30),
+            engine_threads: 2,
         }
     }
+}
+
+impl Limits {
+    /// Each executing query's own memory pool.
+    pub fn memory_per_query(&self) -> usize {
+        self.memory_bytes / self.concurrent_queries.max(1)
+    }
+}
+
+/// A slot to execute one query: the global and the tenant's permit, held
+/// until the query's work has stopped. Take it before reserving budget, so
+/// a full engine refuses (free) instead of charging and failing.
+pub struct Admission {
+    _slot: OwnedSemaphorePermit,
+    _tenant: OwnedSemaphorePermit,
+    memory_bytes: usize,
+}
+
+/// The engine's own tokio runtime. Dropped from async code (tests, the
+/// gateway's shutdown), so it shuts down in the background instead of
+/// blocking, which tokio forbids there.
+struct EngineRuntime {
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+}
+
+impl EngineRuntime {
+    fn new(threads: usize) -> Result<Self, QueryError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name("tre-engine")
+            .enable_all()
+            .build()
+            .map_err(|e| QueryError::Setup {
+                code: Code::Internal,
+                message: format!("cannot start the engine runtime: {e}"),
+            })?;
+        let handle = runtime.handle().clone();
+        Ok(Self {
+            runtime: Some(runtime),
+            handle,
+        })
+    }
+
+    /// Run `work` on the engine's threads, within `limit`. Dropping the
+    /// returned future (a client that hangs up) or passing the limit aborts
+    /// the task, and with it DataFusion's own tasks, at their next yield.
+    async fn run<T: Send + 'static>(
+        &self,
+        limit: Duration,
+        work: impl std::future::Future<Output = Result<T, QueryError>> + Send + 'static,
+    ) -> Result<Result<T, QueryError>, RunStopped> {
+        let task = AbortOnDropHandle::new(self.handle.spawn(work));
+        match tokio::time::timeout(limit, task).await {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(e)) => Err(RunStopped::Panicked(e.to_string())),
+            Err(_) => Err(RunStopped::TimedOut),
+        }
+    }
+}
+
+impl Drop for EngineRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Why work on the engine runtime gave no result.
+enum RunStopped {
+    TimedOut,
+    Panicked(String),
 }
 
 /// Refuse a privacy parameter above the policy's per-query cap.
@@ -149,6 +259,9 @@ pub struct Engine {
     sandbox: sandbox::Sandbox,
     limits: Limits,
     reference: reference::RefTables,
+    runtime: EngineRuntime,
+    slots: Arc<Semaphore>,
+    tenants: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
 
 impl Engine {
@@ -176,6 +289,8 @@ impl Engine {
         let sandbox =
             sandbox::Sandbox::open(&policy, data_dir, master, &limits, reference.clone())?;
         let snapshot = snapshot_hash(data_dir, policy.tables.keys())?;
+        let runtime = EngineRuntime::new(limits.engine_threads)?;
+        let slots = Arc::new(Semaphore::new(limits.concurrent_queries.max(1)));
         Ok(Self {
             policy,
             profile: Arc::new(profile),
@@ -183,6 +298,9 @@ impl Engine {
             sandbox,
             limits,
             reference,
+            runtime,
+            slots,
+            tenants: Mutex::default(),
         })
     }
 
@@ -212,15 +330,40 @@ impl Engine {
     }
 
     /// Parse, check, rewrite and plan. Touches no data and costs nothing.
+    /// Runs on the engine's threads within `Limits::compile_timeout`.
     pub async fn compile(&self, sql: &str, budget: Budget) -> Result<PrivatePlan, QueryError> {
         let ctx = self.sandbox.context();
-        let plan = self
-            .compile_in(&ctx, sql, budget, &compile::Exclusion::default())
-            .await?;
-        execute::preflight(&ctx, &plan, self.profile.exact_rules).await?;
-        Ok(plan)
+        let (policy, reference, limits) = (
+            Arc::clone(&self.policy),
+            self.reference.clone(),
+            self.limits.clone(),
+        );
+        let exact_rules = self.profile.exact_rules;
+        let sql = sql.to_owned();
+        let work = async move {
+            let exclusion = compile::Exclusion::default();
+            let plan =
+                compile::compile(&ctx, &policy, &reference, &limits, &sql, budget, &exclusion)
+                    .await?;
+            execute::preflight(&ctx, &plan, exact_rules).await?;
+            Ok(plan)
+        };
+        match self.runtime.run(self.limits.compile_timeout, work).await {
+            Ok(result) => result,
+            Err(RunStopped::TimedOut) => Err(QueryError::refused(
+                Code::CompileTimeout,
+                format!(
+                    "the query took more than {} s to plan; simplify it (fewer CTEs, joins, columns or branches)",
+                    self.limits.compile_timeout.as_secs()
+                ),
+            )),
+            Err(RunStopped::Panicked(e)) => {
+                Err(QueryError::Internal(format!("the compiler stopped: {e}")))
+            }
+        }
     }
 
+    #[cfg(feature = "soundness-testing")]
     async fn compile_in(
         &self,
         ctx: &datafusion::prelude::SessionContext,
@@ -283,11 +426,78 @@ impl Engine {
         self.reference.keys().cloned().collect()
     }
 
-    /// Run a compiled plan and release noisy, disclosure-checked cells.
-    /// Call only after the plan's cost has been reserved.
+    /// Wait for a slot to execute one query of `tenant` (a project), at
+    /// most `Limits::queue_wait`; then refuse with `TRE-S001`. The wait
+    /// depends on other queries' run times only, which issue #10 bounds
+    /// per patient.
+    pub async fn admit(&self, tenant: &str) -> Result<Admission, QueryError> {
+        let tenant_slots =
+            {
+                let mut tenants = self
+                    .tenants
+                    .lock()
+                    .map_err(|_| QueryError::Internal("the admission table is poisoned".into()))?;
+                Arc::clone(tenants.entry(tenant.to_owned()).or_insert_with(|| {
+                    Arc::new(Semaphore::new(self.limits.per_tenant_queries.max(1)))
+                }))
+            };
+        let permits = async {
+            let tenant = tenant_slots.acquire_owned().await;
+            let slot = Arc::clone(&self.slots).acquire_owned().await;
+            (tenant, slot)
+        };
+        let busy = || {
+            QueryError::refused(
+                Code::Busy,
+                format!(
+                    "the engine is busy: no query slot came free within {} s; nothing was charged, try again later",
+                    self.limits.queue_wait.as_secs()
+                ),
+            )
+        };
+        match tokio::time::timeout(self.limits.queue_wait, permits).await {
+            Ok((Ok(tenant), Ok(slot))) => Ok(Admission {
+                _slot: slot,
+                _tenant: tenant,
+                memory_bytes: self.limits.memory_per_query(),
+            }),
+            _ => Err(busy()),
+        }
+    }
+
+    /// Run a compiled plan and release noisy, disclosure-checked cells,
+    /// once a slot is free. Call only after the plan's cost has been
+    /// reserved.
     pub async fn execute(&self, plan: &PrivatePlan) -> Result<Release, QueryError> {
-        let ctx = self.sandbox.context();
-        execute::execute(&ctx, plan, &self.profile).await
+        let admission = self.admit("").await?;
+        self.execute_admitted(plan, &admission).await
+    }
+
+    /// Run a compiled plan in its admission's own memory pool, on the
+    /// engine's threads, within `Limits::query_timeout`. Past the limit, or
+    /// when the caller drops this future, the work is cancelled and stops
+    /// using CPU at its next yield. Call only after the plan's cost has
+    /// been reserved: every failure here happened after data was touched.
+    pub async fn execute_admitted(
+        &self,
+        plan: &PrivatePlan,
+        admission: &Admission,
+    ) -> Result<Release, QueryError> {
+        let ctx = self.sandbox.context_with_memory(admission.memory_bytes)?;
+        let (plan, profile) = (plan.clone(), Arc::clone(&self.profile));
+        let work = async move { execute::execute(&ctx, &plan, &profile).await };
+        match self.runtime.run(self.limits.query_timeout, work).await {
+            Ok(result) => result,
+            Err(RunStopped::TimedOut) => Err(QueryError::Execution {
+                detail: format!(
+                    "the query ran past the {} s limit and was cancelled",
+                    self.limits.query_timeout.as_secs()
+                ),
+            }),
+            Err(RunStopped::Panicked(e)) => Err(QueryError::Execution {
+                detail: format!("the query stopped: {e}"),
+            }),
+        }
     }
 }
 

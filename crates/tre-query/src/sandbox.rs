@@ -49,7 +49,10 @@ pub(crate) const GROUP_HASH_UDF: &str = "__tre_group_hash";
 
 pub(crate) struct Sandbox {
     data_dir: PathBuf,
+    /// For compiling (which executes nothing) and the benchmark's plain
+    /// sessions; every executed query gets a runtime of its own.
     runtime: Arc<RuntimeEnv>,
+    master: Arc<MasterKey>,
     tables: Vec<(String, SchemaRef, ListingTableUrl)>,
     reference: RefTables,
     target_partitions: usize,
@@ -100,17 +103,11 @@ impl Sandbox {
                 })?;
             tables.push((name.clone(), schema, url));
         }
-        let runtime = RuntimeEnvBuilder::new()
-            .with_memory_pool(Arc::new(FairSpillPool::new(limits.memory_bytes)))
-            .with_disk_manager_builder(
-                DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
-            )
-            .build_arc()
-            .map_err(|e| QueryError::Internal(e.to_string()))?;
-        runtime.register_parquet_encryption_factory(FACTORY_ID, Arc::new(VaultFactory { master }));
+        let runtime = runtime_env(&master, limits.memory_per_query())?;
         Ok(Self {
             data_dir,
             runtime,
+            master,
             tables,
             reference,
             target_partitions: limits.target_partitions,
@@ -127,9 +124,19 @@ impl Sandbox {
         &self.data_dir
     }
 
-    /// A new session for one query. Sessions share the runtime (memory pool,
-    /// key factory) but no state: nothing a query registers survives it.
+    /// A session for executing one query, with a memory pool of its own:
+    /// no other query's allocations can make it fail (issue #11).
+    pub(crate) fn context_with_memory(&self, bytes: usize) -> Result<SessionContext, QueryError> {
+        Ok(self.context_in(runtime_env(&self.master, bytes)?))
+    }
+
+    /// A new session for compiling one query. Sessions share no state:
+    /// nothing a query registers survives it.
     pub(crate) fn context(&self) -> SessionContext {
+        self.context_in(Arc::clone(&self.runtime))
+    }
+
+    fn context_in(&self, runtime: Arc<RuntimeEnv>) -> SessionContext {
         let mut config = SessionConfig::new()
             .with_target_partitions(self.target_partitions)
             .with_information_schema(false);
@@ -138,7 +145,7 @@ impl Sandbox {
         // from the data, and a plan it then rejects would fail after the
         // reservation on some extracts and not on others. Issue #10.
         config.options_mut().execution.collect_statistics = false;
-        let ctx = SessionContext::new_with_config_rt(config, Arc::clone(&self.runtime));
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
         // Table functions could multiply rows or read files: none are offered.
         for f in ["generate_series", "range"] {
             ctx.deregister_udtf(f);
@@ -181,6 +188,25 @@ impl Sandbox {
         }
         ctx
     }
+}
+
+/// A DataFusion runtime with a memory pool of `bytes`, no disk to spill to,
+/// and the vault's decryption.
+fn runtime_env(master: &Arc<MasterKey>, bytes: usize) -> Result<Arc<RuntimeEnv>, QueryError> {
+    let runtime = RuntimeEnvBuilder::new()
+        .with_memory_pool(Arc::new(FairSpillPool::new(bytes)))
+        .with_disk_manager_builder(
+            DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+        )
+        .build_arc()
+        .map_err(|e| QueryError::Internal(e.to_string()))?;
+    runtime.register_parquet_encryption_factory(
+        FACTORY_ID,
+        Arc::new(VaultFactory {
+            master: Arc::clone(master),
+        }),
+    );
+    Ok(runtime)
 }
 
 fn check_schema(

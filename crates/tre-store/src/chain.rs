@@ -142,6 +142,12 @@ pub struct Checkpoint {
     pub hash: String,
     pub at: String,
     pub sig: String,
+    /// `key_fingerprint` of the key that signed it, inside the signed
+    /// message, so an auditor can compare it with the fingerprint `tre
+    /// serve` printed at start-up (issue #11). Empty in checkpoints signed
+    /// before fingerprints were recorded.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub key: String,
 }
 
 /// A line of an export: events in order, each checkpoint right after the
@@ -242,8 +248,20 @@ pub fn event_message(hash: &str) -> Vec<u8> {
     format!("tre-audit-event/v1\n{hash}").into_bytes()
 }
 
-pub fn checkpoint_message(seq: i64, hash: &str, at: &str) -> Vec<u8> {
-    format!("tre-audit-checkpoint/v1\n{seq}\n{hash}\n{at}").into_bytes()
+pub fn checkpoint_message(seq: i64, hash: &str, at: &str, key: &str) -> Vec<u8> {
+    if key.is_empty() {
+        format!("tre-audit-checkpoint/v1\n{seq}\n{hash}\n{at}").into_bytes()
+    } else {
+        format!("tre-audit-checkpoint/v2\n{seq}\n{hash}\n{at}\n{key}").into_bytes()
+    }
+}
+
+/// A short, stable name of an Ed25519 public key: `SHA256:` and the first
+/// 128 bits of its SHA-256, in hex. `tre serve` prints it at start-up and
+/// every checkpoint carries it; an auditor who wrote it down can pin
+/// verification to it.
+pub fn key_fingerprint(public_key: &[u8]) -> String {
+    format!("SHA256:{}", &sha256_hex(public_key)[..32])
 }
 
 fn signed(public_key: &[u8], message: &[u8], sig_hex: &str) -> bool {
@@ -304,9 +322,18 @@ pub fn verify(entries: &[Entry], public_key: &[u8]) -> VerifyReport {
             }
             Entry::Checkpoint(c) => {
                 report.checkpoints += 1;
-                if !signed(
+                if !c.key.is_empty() && c.key != key_fingerprint(public_key) {
+                    Some(bad(
+                        c.seq,
+                        format!(
+                            "checkpoint was signed by key {} but is checked against key {}",
+                            c.key,
+                            key_fingerprint(public_key)
+                        ),
+                    ))
+                } else if !signed(
                     public_key,
-                    &checkpoint_message(c.seq, &c.hash, &c.at),
+                    &checkpoint_message(c.seq, &c.hash, &c.at, &c.key),
                     &c.sig,
                 ) {
                     Some(bad(

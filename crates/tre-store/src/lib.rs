@@ -429,6 +429,17 @@ pub struct AuditPage {
     pub more: bool,
 }
 
+/// How a reservation that produced no release is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// The query failed after touching data: charged, and the project is
+    /// suspended until a custodian has looked (issue #10).
+    Incident,
+    /// The client cancelled after the charge: charged, nothing released,
+    /// no suspension.
+    Cancelled,
+}
+
 /// The control plane, as the gateway sees it. Methods are synchronous and
 /// each one is atomic.
 pub trait Store: Send + Sync {
@@ -453,8 +464,16 @@ pub trait Store: Send + Sync {
 
     // Budgets and releases.
     fn reserve(&self, charge: &Charge<'_>) -> Result<Reserved, StoreError>;
-    /// Mark a reservation failed (the charge stands) and record why.
-    fn fail_reservation(&self, ledger_id: i64, event: &AuditEvent) -> Result<i64, StoreError>;
+    /// Mark a reservation failed (the charge stands) and record why. A
+    /// failure of the query itself is an incident and suspends the project
+    /// (`Settle::Incident`); a client that hung up after the charge is not
+    /// (`Settle::Cancelled`): the query's data had no say in it.
+    fn fail_reservation(
+        &self,
+        ledger_id: i64,
+        event: &AuditEvent,
+        settle: Settle,
+    ) -> Result<i64, StoreError>;
     /// Store a release, settle its reservation and append its audit event,
     /// in one transaction.
     fn commit_release(

@@ -178,6 +178,8 @@ const MIGRATIONS: &[&str] = &[
     // 4: findings of disclosure rules on exact values, for the reviewing
     // custodian only (a JSON array of strings; issue #10).
     "ALTER TABLE releases ADD COLUMN review_notes TEXT NOT NULL DEFAULT '[]';",
+    // 5: the fingerprint of the key that signed each checkpoint (issue #11).
+    "ALTER TABLE checkpoints ADD COLUMN key TEXT NOT NULL DEFAULT '';",
 ];
 
 /// Why a state directory cannot be opened by this version.

@@ -11,8 +11,8 @@ use crate::chain::{self, GENESIS};
 use crate::{
     AuditEvent, AuditFilter, AuditPage, Charge, Checkpoint, DatasetUsage, Decision, Entry,
     HistoryEntry, LedgerEntry, Notary, Project, ProjectRequest, ProjectSeed, ProjectStatus,
-    ReleaseReview, ReleaseStatus, Reserved, ReviewAction, StoreError, StoredEvent, StoredRelease,
-    VerifyReport, migrations, now,
+    ReleaseReview, ReleaseStatus, Reserved, ReviewAction, Settle, StoreError, StoredEvent,
+    StoredRelease, VerifyReport, migrations, now,
 };
 
 pub struct SqliteStore {
@@ -102,16 +102,21 @@ impl SqliteStore {
         hash: &str,
     ) -> Result<Checkpoint, StoreError> {
         let at = now();
-        let sig = hex::encode(self.notary.sign(&chain::checkpoint_message(seq, hash, &at)));
+        let key = chain::key_fingerprint(&self.notary.public_key());
+        let sig = hex::encode(
+            self.notary
+                .sign(&chain::checkpoint_message(seq, hash, &at, &key)),
+        );
         tx.execute(
-            "INSERT INTO checkpoints(seq, hash, at, sig) VALUES (?1, ?2, ?3, ?4)",
-            params![seq, hash, at, sig],
+            "INSERT INTO checkpoints(seq, hash, at, sig, key) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![seq, hash, at, sig, key],
         )?;
         Ok(Checkpoint {
             seq,
             hash: hash.to_owned(),
             at,
             sig,
+            key,
         })
     }
 
@@ -659,7 +664,12 @@ impl crate::Store for SqliteStore {
         })
     }
 
-    fn fail_reservation(&self, ledger_id: i64, event: &AuditEvent) -> Result<i64, StoreError> {
+    fn fail_reservation(
+        &self,
+        ledger_id: i64,
+        event: &AuditEvent,
+        settle: Settle,
+    ) -> Result<i64, StoreError> {
         let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute(
@@ -667,7 +677,9 @@ impl crate::Store for SqliteStore {
             [ledger_id],
         )?;
         let seq = self.append(&tx, event)?;
-        self.suspend_for_incident(&tx, ledger_id, "failed")?;
+        if settle == Settle::Incident {
+            self.suspend_for_incident(&tx, ledger_id, "failed")?;
+        }
         tx.commit()?;
         Ok(seq)
     }
@@ -933,7 +945,7 @@ impl crate::Store for SqliteStore {
         )?;
         let cp = if done {
             tx.query_row(
-                "SELECT seq, hash, at, sig FROM checkpoints WHERE seq = ?1",
+                "SELECT seq, hash, at, sig, key FROM checkpoints WHERE seq = ?1",
                 [seq],
                 |r| {
                     Ok(Checkpoint {
@@ -941,6 +953,7 @@ impl crate::Store for SqliteStore {
                         hash: r.get(1)?,
                         at: r.get(2)?,
                         sig: r.get(3)?,
+                        key: r.get(4)?,
                     })
                 },
             )?
@@ -954,7 +967,8 @@ impl crate::Store for SqliteStore {
     fn audit_entries(&self) -> Result<Vec<Entry>, StoreError> {
         let conn = self.conn()?;
         let events = Self::read_events(&conn, &AuditFilter::default(), None)?.events;
-        let mut stmt = conn.prepare("SELECT seq, hash, at, sig FROM checkpoints ORDER BY seq")?;
+        let mut stmt =
+            conn.prepare("SELECT seq, hash, at, sig, key FROM checkpoints ORDER BY seq")?;
         let checkpoints: Vec<Checkpoint> = stmt
             .query_map([], |r| {
                 Ok(Checkpoint {
@@ -962,6 +976,7 @@ impl crate::Store for SqliteStore {
                     hash: r.get(1)?,
                     at: r.get(2)?,
                     sig: r.get(3)?,
+                    key: r.get(4)?,
                 })
             })?
             .collect::<Result<_, _>>()?;

@@ -168,7 +168,7 @@ impl Mechanism {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Measurement {
     pub(crate) measure: Measure,
     pub(crate) mechanism: Mechanism,
@@ -238,7 +238,7 @@ pub(crate) struct GroupKey {
     pub(crate) domain: Option<Vec<ScalarValue>>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Selection {
     pub(crate) plan: LogicalPlan,
     /// Indexes of the selected keys among the group keys.
@@ -255,7 +255,7 @@ pub(crate) struct FinalColumn {
 }
 
 /// A checked, rewritten query and its cost. Holds no data.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct PrivatePlan {
     pub(crate) sql: String,
     pub(crate) epsilon: Epsilon,
