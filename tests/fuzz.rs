@@ -1059,6 +1059,7 @@ async fn mangled_sql_never_crashes_the_compiler() {
     let mut generator = Gen::new(seed);
     let (mut accepted, mut refused) = (0usize, BTreeMap::<String, usize>::new());
     let mut failures = Vec::new();
+    let mut slow = Vec::new();
     let start = std::time::Instant::now();
     for i in 0..inputs {
         if i > 0 && i % 50_000 == 0 {
@@ -1069,7 +1070,14 @@ async fn mangled_sql_never_crashes_the_compiler() {
             );
         }
         let sql = fuzz_input(&mut generator);
-        match engine.compile(&sql, budget).await {
+        let took = std::time::Instant::now();
+        let compiled = engine.compile(&sql, budget).await;
+        let took = took.elapsed();
+        if took > std::time::Duration::from_secs(2) {
+            eprintln!("compile fuzz: input {i} took {:.1} s: {}", took.as_secs_f64(), sql.chars().take(2000).collect::<String>());
+            slow.push((took, sql.chars().take(300).collect::<String>()));
+        }
+        match compiled {
             Ok(_) => accepted += 1,
             Err(e) => match e.code() {
                 Code::Internal | Code::CompileTimeout => {
@@ -1083,6 +1091,10 @@ async fn mangled_sql_never_crashes_the_compiler() {
         }
     }
     let refused_total: usize = refused.values().sum();
+    slow.sort();
+    for (took, sql) in slow.iter().rev().take(5) {
+        println!("compile fuzz: slow input ({:.1} s): {sql}", took.as_secs_f64());
+    }
     println!(
         "compile fuzz: seed {seed}: {inputs} inputs, {accepted} accepted, {refused_total} refused with codes {refused:?}, {} crashes, hangs or internal errors, {:.0} s",
         failures.len(),

@@ -2,8 +2,10 @@
 //! revocable by token id; optionally mutual TLS), authorises it through one
 //! matrix (`authz.rs`), wires the query engine to the ledger (compile →
 //! reserve → execute → commit), runs project governance and the auditor's
-//! read-only view of the log, writes one audit event per call, and converts
-//! between domain types and proto types. Errors become gRPC statuses in one
+//! read-only view of the log, writes exactly one audit event per call
+//! (cancelled, panicking and transport-refused calls included), bounds
+//! connections and request sizes (`transport.rs`), and converts between
+//! domain types and proto types. Errors become gRPC statuses in one
 //! exhaustive match (`error.rs`).
 //!
 //! This crate and tre-cli are the only ones that know tonic and the proto

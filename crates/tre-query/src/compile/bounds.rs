@@ -43,6 +43,13 @@ pub struct SqlLimits {
     pub max_joins: usize,
     /// Items in one SELECT list.
     pub max_select_items: usize,
+    /// Nesting of parentheses and brackets, counted on the tokens before
+    /// anything is parsed. sqlparser parses a keyword followed by `(` two
+    /// ways when the first fails (`NOT (…)` as an operator, then as a
+    /// function call), so each level of a malformed nest doubles the parse:
+    /// `NOT (` nested 40 deep parsed for minutes, and no parse can be
+    /// stopped once started. The fuzzer found it (issue #11).
+    pub max_paren_depth: usize,
 }
 
 /// The limits every gateway applies.
@@ -53,6 +60,7 @@ pub const SQL_LIMITS: SqlLimits = SqlLimits {
     max_selects: 32,
     max_joins: 16,
     max_select_items: 128,
+    max_paren_depth: 12,
 };
 
 /// The checking thread's stack. The deepest tree 8,192 tokens can build is
@@ -100,6 +108,25 @@ fn parse_on_this_thread(sql: &str, limits: SqlLimits) -> Result<Vec<SqlStatement
             "{significant} tokens of SQL; send at most {}",
             limits.max_tokens
         )));
+    }
+    let mut depth = 0usize;
+    for t in &tokens {
+        match t.token {
+            Token::LParen | Token::LBracket | Token::LBrace => {
+                depth += 1;
+                if depth > limits.max_paren_depth {
+                    return Err(refuse(
+                        Code::QueryTooComplex,
+                        format!(
+                            "the query is too complex: parentheses nested more than {} deep; flatten it (CTEs help)",
+                            limits.max_paren_depth
+                        ),
+                    ));
+                }
+            }
+            Token::RParen | Token::RBracket | Token::RBrace => depth = depth.saturating_sub(1),
+            _ => {}
+        }
     }
     let statements = DFParserBuilder::new(tokens)
         .with_dialect(&dialect)
