@@ -1074,7 +1074,11 @@ async fn mangled_sql_never_crashes_the_compiler() {
         let compiled = engine.compile(&sql, budget).await;
         let took = took.elapsed();
         if took > std::time::Duration::from_secs(2) {
-            eprintln!("compile fuzz: input {i} took {:.1} s: {}", took.as_secs_f64(), sql.chars().take(2000).collect::<String>());
+            eprintln!(
+                "compile fuzz: input {i} took {:.1} s: {}",
+                took.as_secs_f64(),
+                sql.chars().take(2000).collect::<String>()
+            );
             slow.push((took, sql.chars().take(300).collect::<String>()));
         }
         match compiled {
@@ -1093,7 +1097,10 @@ async fn mangled_sql_never_crashes_the_compiler() {
     let refused_total: usize = refused.values().sum();
     slow.sort();
     for (took, sql) in slow.iter().rev().take(5) {
-        println!("compile fuzz: slow input ({:.1} s): {sql}", took.as_secs_f64());
+        println!(
+            "compile fuzz: slow input ({:.1} s): {sql}",
+            took.as_secs_f64()
+        );
     }
     println!(
         "compile fuzz: seed {seed}: {inputs} inputs, {accepted} accepted, {refused_total} refused with codes {refused:?}, {} crashes, hangs or internal errors, {:.0} s",

@@ -298,26 +298,26 @@ pub async fn start_limited(
     limits: Limits,
     connections: tre_gateway::ConnectionLimits,
 ) -> Server {
+    start_limited_on(&fixture().data, projects, limits, connections).await
+}
+
+/// `start_limited` over the extracts in `data` (encrypted under `MASTER`).
+pub async fn start_limited_on(
+    data: &std::path::Path,
+    projects: &[(&str, &[&str], f64)],
+    limits: Limits,
+    connections: tre_gateway::ConnectionLimits,
+) -> Server {
     let state_dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let profile =
         Profile::from_toml("policies/sdc/nhs_sde.toml", NHS_SDE).unwrap_or_else(|e| panic!("{e}"));
-    let data = std::env::var_os("TRE_FIXTURE_DATA")
-        .map_or_else(|| fixture().data.clone(), PathBuf::from);
-    let mut state = open_state_limited(
-        state_dir.path(),
-        &data,
-        projects,
-        policy(),
-        profile,
-        limits,
-    );
+    let mut state = open_state_limited(state_dir.path(), data, projects, policy(), profile, limits);
     state.connections = connections;
     serve_state(state_dir, state, None).await
 }
 
-/// Run the calling test again, alone, in a child process (with the
-/// fixture's data), so that what it measures of its process (CPU time)
-/// is its own. Returns true in the child, which then runs the test's body;
+/// Run the calling test again, alone, in a child process, so that what it
+/// measures of its process (CPU time) is its own. Returns true in the child, which then runs the test's body;
 /// in the parent, asserts that the child passed and returns false.
 pub fn in_own_process(name: &str) -> bool {
     if std::env::var("TRE_OWN_PROCESS").as_deref() == Ok(name) {
@@ -326,7 +326,6 @@ pub fn in_own_process(name: &str) -> bool {
     let out = std::process::Command::new(std::env::current_exe().unwrap_or_else(|e| panic!("{e}")))
         .args([name, "--exact", "--nocapture", "--test-threads", "1"])
         .env("TRE_OWN_PROCESS", name)
-        .env("TRE_FIXTURE_DATA", &fixture().data)
         .output()
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(
