@@ -37,7 +37,7 @@ pub enum GatewayError {
     #[error("{code} internal error: the handler panicked: {0}", code = Code::Internal)]
     Panicked(String),
     /// The transport refused the request before a handler read it.
-    #[error("{code} the request was refused before it was read ({message}); send a well-formed request of at most 4 MiB to a method tre serves", code = Code::RequestRejected)]
+    #[error("{code} the request was refused before it was read ({message}); send a well-formed request, within the server's size limit, to a method tre serves", code = Code::RequestRejected)]
     Rejected { grpc: GrpcCode, message: String },
 }
 
