@@ -34,13 +34,7 @@ fn key(c: &pb::Cell) -> &str {
     }
 }
 
-fn code_of(s: &tonic::Status) -> String {
-    s.metadata()
-        .get("tre-code")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned()
-}
+use tre_e2e::status_code as code_of;
 
 /// Intervals cover the exact answer about 95% of the time. The query reads
 /// `patients` (one row per patient, so bounding drops nothing and the exact

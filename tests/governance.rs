@@ -26,13 +26,7 @@ fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
     r.unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn code_of(s: &tonic::Status) -> String {
-    s.message()
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .to_owned()
-}
+use tre_e2e::status_code as code_of;
 
 fn days(n: i64) -> chrono::NaiveDate {
     tre_store::today() + chrono::Duration::days(n)

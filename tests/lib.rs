@@ -439,16 +439,23 @@ pub fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
     r
 }
 
-/// The reply's stable code (the `tre-code` header), "ok", or "no code".
+/// A status's stable code (its `tre-code` header), or "" without one.
+pub fn status_code(s: &tonic::Status) -> String {
+    s.metadata()
+        .get("tre-code")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The reply's stable code, "ok", or "no code".
 pub fn code_of<T>(r: Result<T, tonic::Status>) -> String {
     match r {
         Ok(_) => "ok".to_owned(),
-        Err(s) => s
-            .metadata()
-            .get("tre-code")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("no code")
-            .to_owned(),
+        Err(s) => match status_code(&s) {
+            c if c.is_empty() => "no code".to_owned(),
+            c => c,
+        },
     }
 }
 

@@ -1374,3 +1374,59 @@ async fn grpc_fuzz_replies_are_coded() {
         .await;
     assert_eq!(code_of(r), "ok");
 }
+
+/// Connection bounds (issue #11, finding 9): when the process runs out of
+/// file descriptors, the accept loop backs off instead of spinning a core
+/// (tonic's own loop retries at once), and serves again once descriptors
+/// are free. In a process of its own: it lowers its own descriptor limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn descriptor_exhaustion_does_not_spin_the_accept_loop() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    if !tre_e2e::in_own_process("robustness::descriptor_exhaustion_does_not_spin_the_accept_loop") {
+        return;
+    }
+    let server = start(&[("p11", &["alice"], 5.0)]).await;
+    let alice = server.token("alice", Role::Researcher);
+    let (_, mut catalog) = server.clients().await;
+    let r = catalog
+        .list_datasets(authed(pb::ListDatasetsRequest {}, &alice))
+        .await;
+    assert_eq!(code_of(r), "ok");
+    let open = std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count) as u64;
+    let limit = getrlimit(Resource::Nofile);
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(open + 16),
+            maximum: limit.maximum,
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    // Connect until the process has no descriptor left: the server
+    // accepted each one until then, and now fails to accept the last.
+    let addr = server.url.trim_start_matches("http://").to_owned();
+    let mut held = Vec::new();
+    while held.len() < 64 {
+        match tokio::net::TcpStream::connect(&addr).await {
+            Ok(s) => held.push(s),
+            Err(_) => break,
+        }
+    }
+    assert!(held.len() < 64, "the descriptor limit was never reached");
+    let cpu = cpu_after(
+        std::time::Duration::from_millis(500),
+        std::time::Duration::from_secs(2),
+    )
+    .await;
+    assert!(
+        cpu < 0.5,
+        "{cpu:.2} s of CPU in 2 s with no descriptor left"
+    );
+    drop(held);
+    setrlimit(Resource::Nofile, limit).unwrap_or_else(|e| panic!("{e}"));
+    let (_, mut catalog) = server.clients().await;
+    let r = catalog
+        .list_datasets(authed(pb::ListDatasetsRequest {}, &alice))
+        .await;
+    assert_eq!(code_of(r), "ok");
+}

@@ -20,13 +20,7 @@ const PROJECT: &str = "p10";
 const SOME: &str = "p.year_of_birth = 1950";
 const NONE: &str = "p.year_of_birth = 1800";
 
-fn code_of(s: &tonic::Status) -> String {
-    s.metadata()
-        .get("tre-code")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned()
-}
+use tre_e2e::status_code as code_of;
 
 fn ask(sql: &str, epsilon: f64) -> pb::QueryRequest {
     pb::QueryRequest {

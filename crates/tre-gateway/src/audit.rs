@@ -1,5 +1,7 @@
 //! AuditService (read, verify, export; never write) and AdminService.
 
+use std::sync::Arc;
+
 use tonic::{Request, Response, Status};
 use tre_core::Principal;
 use tre_proto::v1 as pb;
@@ -9,7 +11,7 @@ use tre_store::{AuditFilter, chain};
 
 use crate::authz::Rpc;
 use crate::service::{Note, Services, handle};
-use crate::{GatewayError, convert};
+use crate::{AppState, GatewayError, convert};
 
 const DEFAULT_LIMIT: usize = 1_000;
 const MAX_LIMIT: usize = 10_000;
@@ -53,6 +55,7 @@ impl Services {
             since,
             until,
             after_seq: (req.after_seq > 0).then_some(req.after_seq),
+            through_seq: None,
             limit: Some(match req.limit {
                 0 => DEFAULT_LIMIT,
                 n => (n as usize).min(MAX_LIMIT),
@@ -97,37 +100,36 @@ impl Services {
         })
     }
 
+    /// The log up to its head at the time of the call, read and sent in
+    /// pages of about `PAGE_BYTES`, never held whole, then the signed end
+    /// line over everything before it.
     fn export_log(&self) -> Result<ExportStream, GatewayError> {
         // Sign the head first so the export ends on a checkpoint and a cut
         // tail shows.
-        self.state.store.checkpoint()?;
-        let entries = self.state.store.audit_entries()?;
+        let through = self.state.store.checkpoint()?.map_or(0, |c| c.seq);
         let public_key = hex::encode(self.state.store.audit_public_key());
-        // The signed end line: offline verify fails on any prefix.
-        let end = chain::Entry::ExportEnd(chain::export_end(
-            &entries,
-            &tre_store::now(),
-            self.state.notary.as_ref(),
-        ));
-        // Whole lines, cut into chunks of about PAGE_BYTES.
-        let mut chunks = Vec::new();
-        let mut jsonl = String::new();
-        for entry in entries.iter().chain(std::iter::once(&end)) {
-            let line = chain::to_jsonl(std::slice::from_ref(entry))
-                .map_err(|e| GatewayError::Setup(format!("cannot serialise the log: {e}")))?;
-            if !jsonl.is_empty() && jsonl.len() + line.len() > PAGE_BYTES {
-                chunks.push(std::mem::take(&mut jsonl));
+        let state = Arc::clone(&self.state);
+        let start = Progress {
+            after: 0,
+            lines: 0,
+            head: (0, chain::GENESIS.to_owned()),
+            done: false,
+        };
+        let chunks = futures::stream::unfold(start, move |mut p| {
+            let (state, public_key) = (Arc::clone(&state), public_key.clone());
+            async move {
+                if p.done {
+                    return None;
+                }
+                let chunk = export_chunk(&state, through, &mut p)
+                    .map(|jsonl| pb::ExportLogResponse { jsonl, public_key });
+                if chunk.is_err() {
+                    p.done = true;
+                }
+                Some((chunk.map_err(GatewayError::into_status), p))
             }
-            jsonl.push_str(&line);
-        }
-        chunks.push(jsonl);
-        let chunks = chunks.into_iter().map(move |jsonl| {
-            Ok(pb::ExportLogResponse {
-                jsonl,
-                public_key: public_key.clone(),
-            })
         });
-        Ok(Box::pin(tokio_stream::iter(chunks)))
+        Ok(Box::pin(chunks))
     }
 
     fn revoke_token(
@@ -147,6 +149,47 @@ impl Services {
             .revoke_token(&req.jti, &who.user, &req.reason)?;
         Ok(pb::RevokeTokenResponse {})
     }
+}
+
+/// How far an export has got.
+struct Progress {
+    /// The last event sent.
+    after: i64,
+    /// Lines sent.
+    lines: usize,
+    /// Sequence number and hash of the last event sent.
+    head: (i64, String),
+    done: bool,
+}
+
+/// The next chunk of an export: a page of whole lines and, after the last
+/// page, the signed end line.
+fn export_chunk(state: &AppState, through: i64, p: &mut Progress) -> Result<String, GatewayError> {
+    let page = state.store.export_page(p.after, through, PAGE_BYTES)?;
+    let mut jsonl = chain::to_jsonl(&page.entries)
+        .map_err(|e| GatewayError::Setup(format!("cannot serialise the log: {e}")))?;
+    p.lines += page.entries.len();
+    if let Some(last) = page.entries.iter().rev().find_map(|e| match e {
+        chain::Entry::Event(e) => Some(e),
+        _ => None,
+    }) {
+        p.after = last.seq;
+        p.head = (last.seq, last.hash.clone());
+    }
+    if !page.more {
+        let end = chain::Entry::ExportEnd(chain::export_end(
+            p.head.0,
+            &p.head.1,
+            p.lines,
+            &tre_store::now(),
+            state.notary.as_ref(),
+        ));
+        let line = chain::to_jsonl(std::slice::from_ref(&end))
+            .map_err(|e| GatewayError::Setup(format!("cannot serialise the log: {e}")))?;
+        jsonl.push_str(&line);
+        p.done = true;
+    }
+    Ok(jsonl)
 }
 
 #[tonic::async_trait]

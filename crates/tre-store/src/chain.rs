@@ -178,21 +178,21 @@ pub fn export_end_message(seq: i64, hash: &str, entries: usize, at: &str) -> Vec
     format!("tre-audit-export-end/v1\n{seq}\n{hash}\n{entries}\n{at}").into_bytes()
 }
 
-/// The end-of-export line for `entries` (which end at the log's head).
-pub fn export_end(entries: &[Entry], at: &str, notary: &dyn Notary) -> ExportEnd {
-    let (seq, hash) = entries
-        .iter()
-        .rev()
-        .find_map(|e| match e {
-            Entry::Event(e) => Some((e.seq, e.hash.clone())),
-            _ => None,
-        })
-        .unwrap_or((0, GENESIS.to_owned()));
-    let sig = hex::encode(notary.sign(&export_end_message(seq, &hash, entries.len(), at)));
+/// The end-of-export line after `entries` lines whose last event is `seq`
+/// with `hash` (the genesis hash and 0 for an empty log), for an export
+/// written page by page.
+pub fn export_end(
+    seq: i64,
+    hash: &str,
+    entries: usize,
+    at: &str,
+    notary: &dyn Notary,
+) -> ExportEnd {
+    let sig = hex::encode(notary.sign(&export_end_message(seq, hash, entries, at)));
     ExportEnd {
         seq,
-        hash,
-        entries: entries.len(),
+        hash: hash.to_owned(),
+        entries,
         at: at.to_owned(),
         sig,
     }

@@ -418,7 +418,16 @@ pub struct AuditFilter {
     pub until: Option<chrono::DateTime<chrono::Utc>>,
     /// Only events with a larger sequence number.
     pub after_seq: Option<i64>,
+    /// Only events up to this sequence number.
+    pub through_seq: Option<i64>,
     pub limit: Option<usize>,
+}
+
+/// A page of an export: entries in log order, and whether more follow.
+#[derive(Debug, Clone, Default)]
+pub struct ExportPage {
+    pub entries: Vec<Entry>,
+    pub more: bool,
 }
 
 /// A page of events that fits a byte budget.
@@ -529,6 +538,18 @@ pub trait Store: Send + Sync {
     fn checkpoint(&self) -> Result<Option<Checkpoint>, StoreError>;
     /// Events and checkpoints in log order, as exported.
     fn audit_entries(&self) -> Result<Vec<Entry>, StoreError>;
+    /// One page of an export of the log up to `through_seq`: the events
+    /// after `after_seq`, about `max_bytes` of them (at least one), each
+    /// followed by the checkpoints that cover it. The last page also
+    /// carries checkpoints up to `through_seq` whose event is missing, as
+    /// `audit_entries` does, so deleted events still show. Exports are
+    /// read page by page and never held whole (issue #11).
+    fn export_page(
+        &self,
+        after_seq: i64,
+        through_seq: i64,
+        max_bytes: usize,
+    ) -> Result<ExportPage, StoreError>;
     fn verify_audit(&self) -> Result<VerifyReport, StoreError>;
     fn audit_public_key(&self) -> Vec<u8>;
 }

@@ -10,9 +10,9 @@ use tre_core::{Delta, Epsilon, ProjectId, UserId};
 use crate::chain::{self, GENESIS};
 use crate::{
     AuditEvent, AuditFilter, AuditPage, Charge, Checkpoint, DatasetUsage, Decision, Entry,
-    HistoryEntry, LedgerEntry, Notary, Project, ProjectRequest, ProjectSeed, ProjectStatus,
-    ReleaseReview, ReleaseStatus, Reserved, ReviewAction, Settle, StoreError, StoredEvent,
-    StoredRelease, VerifyReport, migrations, now,
+    ExportPage, HistoryEntry, LedgerEntry, Notary, Project, ProjectRequest, ProjectSeed,
+    ProjectStatus, ReleaseReview, ReleaseStatus, Reserved, ReviewAction, Settle, StoreError,
+    StoredEvent, StoredRelease, VerifyReport, migrations, now,
 };
 
 pub struct SqliteStore {
@@ -274,7 +274,7 @@ impl SqliteStore {
              WHERE (?1 IS NULL OR user_id = ?1) AND (?2 IS NULL OR project = ?2)
                AND (?3 IS NULL OR action = ?3) AND (?4 IS NULL OR outcome = ?4)
                AND (?5 IS NULL OR at >= ?5) AND (?6 IS NULL OR at < ?6)
-               AND (?8 IS NULL OR seq > ?8)
+               AND (?8 IS NULL OR seq > ?8) AND (?9 IS NULL OR seq <= ?9)
              ORDER BY seq LIMIT ?7",
         )?;
         let rows = stmt.query_map(
@@ -286,7 +286,8 @@ impl SqliteStore {
                 filter.since.map(crate::log_time_at_or_after),
                 filter.until.map(crate::log_time_at_or_after),
                 limit,
-                filter.after_seq
+                filter.after_seq,
+                filter.through_seq
             ],
             |r| {
                 Ok(StoredEvent {
@@ -329,6 +330,44 @@ impl SqliteStore {
         }
         Ok(page)
     }
+
+    /// Checkpoints with `after < seq <= through`, in order.
+    fn read_checkpoints(
+        conn: &Connection,
+        after: i64,
+        through: i64,
+    ) -> Result<Vec<Checkpoint>, StoreError> {
+        let mut stmt = conn.prepare(
+            "SELECT seq, hash, at, sig, key FROM checkpoints
+             WHERE seq > ?1 AND seq <= ?2 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map([after, through], |r| {
+            Ok(Checkpoint {
+                seq: r.get(0)?,
+                hash: r.get(1)?,
+                at: r.get(2)?,
+                sig: r.get(3)?,
+                key: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+/// Each checkpoint right after the event it covers; one that covers an
+/// event not present goes at the end, where verify reports it.
+fn interleave(events: Vec<StoredEvent>, checkpoints: Vec<Checkpoint>) -> Vec<Entry> {
+    let mut out = Vec::with_capacity(events.len() + checkpoints.len());
+    let mut cps = checkpoints.into_iter().peekable();
+    for e in events {
+        let seq = e.seq;
+        out.push(Entry::Event(Box::new(e)));
+        while let Some(c) = cps.next_if(|c| c.seq <= seq) {
+            out.push(Entry::Checkpoint(c));
+        }
+    }
+    out.extend(cps.map(Entry::Checkpoint));
+    out
 }
 
 const PROJECT_COLUMNS: &str = "SELECT id, title, purpose, status, requested_by, requested_at,
@@ -967,33 +1006,34 @@ impl crate::Store for SqliteStore {
     fn audit_entries(&self) -> Result<Vec<Entry>, StoreError> {
         let conn = self.conn()?;
         let events = Self::read_events(&conn, &AuditFilter::default(), None)?.events;
-        let mut stmt =
-            conn.prepare("SELECT seq, hash, at, sig, key FROM checkpoints ORDER BY seq")?;
-        let checkpoints: Vec<Checkpoint> = stmt
-            .query_map([], |r| {
-                Ok(Checkpoint {
-                    seq: r.get(0)?,
-                    hash: r.get(1)?,
-                    at: r.get(2)?,
-                    sig: r.get(3)?,
-                    key: r.get(4)?,
-                })
-            })?
-            .collect::<Result<_, _>>()?;
-        // Each checkpoint goes right after the event it covers; one that
-        // covers an event no longer present goes at the end, where verify
-        // reports it.
-        let mut out = Vec::with_capacity(events.len() + checkpoints.len());
-        let mut cps = checkpoints.into_iter().peekable();
-        for e in events {
-            let seq = e.seq;
-            out.push(Entry::Event(Box::new(e)));
-            while let Some(c) = cps.next_if(|c| c.seq <= seq) {
-                out.push(Entry::Checkpoint(c));
-            }
-        }
-        out.extend(cps.map(Entry::Checkpoint));
-        Ok(out)
+        let checkpoints = Self::read_checkpoints(&conn, 0, i64::MAX)?;
+        Ok(interleave(events, checkpoints))
+    }
+
+    fn export_page(
+        &self,
+        after_seq: i64,
+        through_seq: i64,
+        max_bytes: usize,
+    ) -> Result<ExportPage, StoreError> {
+        let conn = self.conn()?;
+        let filter = AuditFilter {
+            after_seq: Some(after_seq),
+            through_seq: Some(through_seq),
+            ..Default::default()
+        };
+        let page = Self::read_events(&conn, &filter, Some(max_bytes))?;
+        // A checkpoint beyond this page's last event belongs to a later
+        // page; on the last page, to the end (its event is missing).
+        let upto = match (page.more, page.events.last()) {
+            (true, Some(last)) => last.seq,
+            _ => through_seq,
+        };
+        let checkpoints = Self::read_checkpoints(&conn, after_seq, upto)?;
+        Ok(ExportPage {
+            entries: interleave(page.events, checkpoints),
+            more: page.more,
+        })
     }
 
     fn verify_audit(&self) -> Result<VerifyReport, StoreError> {
