@@ -2,7 +2,9 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
     let file = root.join("tre/v1/tre.proto");
-    println!("cargo:rerun-if-changed={}", file.display());
+    // Relative to this package, so a target directory shared between two
+    // clones (a CI cache) watches each clone's own proto, not the first's.
+    println!("cargo:rerun-if-changed=../../proto/tre/v1/tre.proto");
     let fds = protox::compile([&file], [&root])?;
     tonic_prost_build::configure()
         .build_client(true)
