@@ -20,7 +20,7 @@ use crate::setup::{self, GenerateArgs, ServeArgs};
 
 #[derive(Args)]
 pub struct LoadArgs {
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 300_000)]
     pub patients: u64,
     /// Length of each phase.
     #[arg(long, default_value_t = 30)]
@@ -37,13 +37,12 @@ pub struct LoadArgs {
 
 /// A one-table count over a public key: what most researchers send.
 const SMALL_SQL: &str = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex";
-/// A five-way self-join on the privacy unit: accepted, and as heavy as
-/// accepted queries get.
+/// A four-way self-join on the privacy unit: as heavy as accepted
+/// queries get (a fifth copy passes the work bound and is refused).
 const HEAVY_SQL: &str = "SELECT COUNT(*) AS n FROM lab_results l \
     JOIN lab_results l1 ON l.person_id = l1.person_id \
     JOIN lab_results l2 ON l.person_id = l2.person_id \
-    JOIN lab_results l3 ON l.person_id = l3.person_id \
-    JOIN lab_results l4 ON l.person_id = l4.person_id";
+    JOIN lab_results l3 ON l.person_id = l3.person_id";
 /// ε per query; a distinct ε per call keeps the stored-release shortcut
 /// for repeated queries from hiding the work.
 const EPSILON: f64 = 0.01;
@@ -143,7 +142,17 @@ async fn heavy_client(
         req.set_timeout(until.saturating_duration_since(Instant::now()));
         match c.query.submit(req).await {
             Ok(_) => heavy.ok.push(t.elapsed()),
-            Err(_) => heavy.failed += 1,
+            // The phase's end cut it short.
+            Err(s)
+                if s.code() == tonic::Code::DeadlineExceeded
+                    || s.code() == tonic::Code::Cancelled =>
+            {
+                heavy.failed += 1
+            }
+            Err(s) => bail!(
+                "a heavy query failed, so the load would not be heavy: {}",
+                crate::client::status_text(&s)
+            ),
         }
         i += 1_000;
     }
@@ -276,7 +285,10 @@ pub async fn run(args: LoadArgs) -> Result<()> {
     println!("with {} heavy clients", args.heavy_clients);
     println!("{}", busy_submits.line("  small Submit"));
     println!("{}", busy_budgets.line("  Budget (control plane)"));
-    println!("{}", heavies.line("  heavy Submit (finished)"));
+    println!(
+        "{}",
+        heavies.line("  heavy Submit (finished; failed = cut by the phase's end)")
+    );
     let ratio =
         |busy: &Latencies, quiet: &Latencies, q: f64| match (busy.quantile(q), quiet.quantile(q)) {
             (Some(b), Some(q)) if !q.is_zero() => {
