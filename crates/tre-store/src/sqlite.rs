@@ -977,27 +977,11 @@ impl crate::Store for SqliteStore {
         let Some((seq, hash)) = head else {
             return Ok(None);
         };
-        let done: bool = tx.query_row(
-            "SELECT EXISTS(SELECT 1 FROM checkpoints WHERE seq = ?1)",
-            [seq],
-            |r| r.get(0),
-        )?;
-        let cp = if done {
-            tx.query_row(
-                "SELECT seq, hash, at, sig, key FROM checkpoints WHERE seq = ?1",
-                [seq],
-                |r| {
-                    Ok(Checkpoint {
-                        seq: r.get(0)?,
-                        hash: r.get(1)?,
-                        at: r.get(2)?,
-                        sig: r.get(3)?,
-                        key: r.get(4)?,
-                    })
-                },
-            )?
-        } else {
-            self.sign_checkpoint(&tx, seq, &hash)?
+        // The head's checkpoint, if it is already signed.
+        let existing = Self::read_checkpoints(&tx, seq - 1, seq)?.pop();
+        let cp = match existing {
+            Some(cp) => cp,
+            None => self.sign_checkpoint(&tx, seq, &hash)?,
         };
         tx.commit()?;
         Ok(Some(cp))
