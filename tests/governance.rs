@@ -607,7 +607,7 @@ async fn project_lifecycle_over_grpc() {
 
 /// Issue #4: 240 concurrent queries at a project that can afford 40 of
 /// them. The sum charged never exceeds the budget and every charge matches
-/// one release.
+/// one release. Issue #11: a busy refusal (`TRE-S001`) charges nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_queries_never_overspend() {
     const N: usize = 240;
@@ -650,8 +650,17 @@ async fn concurrent_queries_never_overspend() {
         "concurrency: {N} queries, {} released, refused {refusals:?}",
         released.len()
     );
-    assert_eq!(released.len(), 40);
-    assert_eq!(refusals, HashMap::from([("TRE-B001".to_owned(), N - 40)]));
+    // Under a loaded machine some calls may wait out the engine's queue
+    // (two slots a project) and be refused as busy, which charges nothing;
+    // every other call is released or refused for lack of budget.
+    let busy = refusals.remove("TRE-S001").unwrap_or(0);
+    refusals.remove("TRE-B001");
+    assert!(refusals.is_empty(), "only busy and budget refusals");
+    if busy == 0 {
+        assert_eq!(released.len(), 40);
+    } else {
+        assert!(released.len() <= 40);
+    }
     let store = &server.state.store;
     let ledger = ok(store.ledger(&pid("p1")));
     let charged: i64 = ledger.iter().map(|l| l.epsilon_nanos).sum();

@@ -3,7 +3,7 @@
 //! below, at and beyond its bound, and the shapes the issue reported
 //! (which crashed the server) are replayed exactly.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use tre_core::{Code, Role};
@@ -761,6 +761,73 @@ async fn heavy_queries_cannot_fail_another_projects_query() {
     let events = submit_events(&server, "p12");
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].event.outcome, "allowed");
+}
+
+/// Finding 3 (issue #11): when a project's slots are all taken, a query
+/// waits at most `queue_wait` and is then refused with `TRE-S001`, before
+/// its budget is reserved: a full engine costs the researcher nothing, and
+/// the refusal leaves its event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_engine_refuses_before_the_charge() {
+    let server = tre_e2e::start_limited_on(
+        big_data(),
+        &[("p11", &["alice"], 50.0)],
+        tre_query::Limits {
+            per_tenant_queries: 1,
+            queue_wait: std::time::Duration::from_millis(300),
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await;
+    let alice = server.token("alice", Role::Researcher);
+    let (q, _) = server.clients().await;
+    let mut holder = authed(ask(&heavy(HEAVY), 0.5, None), &alice);
+    // The client gives up on the heavy query once the test has seen the
+    // refusal; a client's own cancel keeps the charge without an incident.
+    holder.set_timeout(std::time::Duration::from_secs(HEAVY_OUTLASTS + 1));
+    let holder = {
+        let mut q = q.clone();
+        async move { code_of(q.submit(holder).await) }
+    };
+    let waiter = async {
+        // Once the heavy query is charged it holds the project's one slot.
+        for _ in 0..200 {
+            if server.spent("p11") > 0.0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let req = ask("SELECT COUNT(*) AS n FROM patients p", 0.25, None);
+        code_of(q.clone().submit(authed(req, &alice)).await)
+    };
+    let (holder, waiter) = tokio::join!(holder, waiter);
+    assert_eq!(
+        (holder.as_str(), waiter.as_str()),
+        ("no code", "TRE-S001"),
+        "the heavy query should hold the slot past the wait"
+    );
+    let events = await_submit_events(&server, "p11", 2).await;
+    let outcomes: HashSet<(String, String)> = events
+        .iter()
+        .map(|e| (e.event.outcome.clone(), e.event.code.clone()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        HashSet::from([
+            ("cancelled".to_owned(), "TRE-S002".to_owned()),
+            ("refused".to_owned(), "TRE-S001".to_owned()),
+        ]),
+        "{events:?}"
+    );
+    assert!(
+        (server.spent("p11") - 0.5).abs() < 1e-9,
+        "only the heavy query is charged"
+    );
+    assert_eq!(
+        project_status(&server, "p11"),
+        tre_store::ProjectStatus::Active
+    );
 }
 
 /// Finding 4 (issue #11): a query past its time limit is cancelled and
