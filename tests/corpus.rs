@@ -2,10 +2,11 @@
 //!
 //! Cases live in `tests/corpus/*.toml`; the exact outcome of each (plan
 //! shape and cost, or refusal code) is pinned in the matching `.expected`
-//! file. `TRE_BLESS=1 cargo test -p tre-e2e corpus` rewrites those files;
-//! review the diff like any other change.
+//! file, under the case's name and with its SQL echoed. `TRE_BLESS=1
+//! cargo test --workspace --test e2e corpus` rewrites those files; review
+//! the diff like any other change.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,6 +24,9 @@ struct File {
 
 #[derive(Deserialize)]
 struct Case {
+    /// Unique within its file: the key of its pinned outcome, so adding a
+    /// case renumbers nothing (issue #12).
+    name: String,
     sql: String,
     /// "accept" (default) or the expected refusal code.
     #[serde(default)]
@@ -37,6 +41,12 @@ const FILES: [&str; 2] = ["accepted", "refused"];
 
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus")
+}
+
+/// Every case of every file: an accepted case counts wherever it sits
+/// (the most adversarial accepted queries are in `refused.toml`).
+fn all_cases() -> Vec<Case> {
+    FILES.into_iter().flat_map(load).collect()
 }
 
 fn load(name: &str) -> Vec<Case> {
@@ -70,6 +80,19 @@ fn outcome(r: &Result<(PrivatePlan, Budget), String>) -> String {
     }
 }
 
+/// A `.expected` file: case name → (outcome, SQL). Each case is two
+/// lines: `name outcome`, then its SQL indented by four spaces.
+fn pinned_outcomes(text: &str) -> BTreeMap<&str, (String, &str)> {
+    let mut pinned = BTreeMap::new();
+    let mut lines = text.lines();
+    while let Some(head) = lines.next() {
+        let (name, outcome) = head.split_once(' ').unwrap_or((head, ""));
+        let sql = lines.next().unwrap_or_default().trim_start();
+        pinned.insert(name, (outcome.to_owned(), sql));
+    }
+    pinned
+}
+
 /// Every case is accepted or refused as its author intended, with exactly
 /// the pinned plan shape, cost or code.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,10 +104,17 @@ async fn conformance_corpus() {
     for name in FILES {
         let cases = load(name);
         let mut actual = String::new();
-        for (i, c) in cases.iter().enumerate() {
+        let mut pinned_now = BTreeMap::new();
+        for c in &cases {
             let r = compile(&engine, c).await;
             let got = outcome(&r);
-            let _ = writeln!(actual, "{i:03} {got}");
+            let _ = writeln!(actual, "{} {got}\n    {}", c.name, c.sql);
+            if pinned_now
+                .insert(c.name.as_str(), (got.clone(), c.sql.as_str()))
+                .is_some()
+            {
+                failures.push(format!("{name}: two cases are named {}", c.name));
+            }
             let intended = c.expect.as_deref().unwrap_or("accept");
             let ok = match &r {
                 Ok(_) => intended == "accept",
@@ -92,8 +122,8 @@ async fn conformance_corpus() {
             };
             if !ok {
                 failures.push(format!(
-                    "{name}[{i}] {}: wanted {intended}, got {got}",
-                    c.sql
+                    "{name}/{} {}: wanted {intended}, got {got}",
+                    c.name, c.sql
                 ));
             }
             match r {
@@ -107,13 +137,27 @@ async fn conformance_corpus() {
             std::fs::write(&path, &actual).unwrap_or_else(|e| panic!("{e}"));
         } else {
             let expected = std::fs::read_to_string(&path).unwrap_or_default();
-            for (a, e) in actual.lines().zip(expected.lines()) {
-                if a != e {
-                    failures.push(format!("{name}: pinned `{e}` but got `{a}`"));
+            let pinned = pinned_outcomes(&expected);
+            for (case, (got, sql)) in &pinned_now {
+                match pinned.get(case) {
+                    Some((want, _)) if want != got => {
+                        failures.push(format!("{name}/{case}: pinned `{want}` but got `{got}`"))
+                    }
+                    Some((_, was)) if was != sql => failures.push(format!(
+                        "{name}/{case}: its SQL changed; rerun with TRE_BLESS=1"
+                    )),
+                    Some(_) => {}
+                    None => failures.push(format!(
+                        "{name}/{case} is not pinned; rerun with TRE_BLESS=1"
+                    )),
                 }
             }
-            if actual.lines().count() != expected.lines().count() {
-                failures.push(format!("{name}.expected is stale; rerun with TRE_BLESS=1"));
+            for case in pinned.keys() {
+                if !pinned_now.contains_key(case) {
+                    failures.push(format!(
+                        "{name}.expected pins {case}, which is no case; rerun with TRE_BLESS=1"
+                    ));
+                }
             }
         }
     }
@@ -247,7 +291,7 @@ pub(crate) async fn neighbour_failures(
     failures
 }
 
-/// For every accepted case: the exact pre-noise aggregates on the dataset
+/// For every accepted case, in any file (issue #12): the exact pre-noise aggregates on the dataset
 /// and on the dataset without each of the 20 patients with the most rows
 /// never differ by more than the sensitivity the compiler declared (L1 over
 /// all cells for Laplace measurements; rows changed for quantiles; groups
@@ -261,7 +305,7 @@ async fn sensitivity_is_sound() {
     assert_eq!(heavy.len(), 20);
     let mut checked = 0;
     let mut failures = Vec::new();
-    for c in load("accepted") {
+    for c in all_cases() {
         let Ok((plan, budget)) = compile(&engine, &c).await else {
             continue;
         };
@@ -284,13 +328,13 @@ async fn sensitivity_is_sound() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// Every accepted case runs end to end (noise, SDC, post-processing) and
+/// Every accepted case, in any file, runs end to end (noise, SDC, post-processing) and
 /// releases exactly the columns it asked for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepted_corpus_executes() {
     let engine = engine_with(Arc::clone(&fixture().master)).unwrap_or_else(|e| panic!("{e}"));
     let mut failures = Vec::new();
-    for c in load("accepted") {
+    for c in all_cases() {
         let Ok((plan, _)) = compile(&engine, &c).await else {
             continue;
         };

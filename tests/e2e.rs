@@ -15,6 +15,7 @@ mod fuzz;
 mod governance;
 mod robustness;
 mod soundness;
+mod tidy;
 mod timing;
 mod totality;
 

@@ -174,7 +174,7 @@ async fn counts_in_disguise_meet_the_profile() {
                 .await
                 .unwrap_or_else(|e| panic!("{sql}: {e}"));
             match &r.rows[0][0] {
-                tre_query::Cell::Value { status, reason, .. } => (status.clone(), reason.clone()),
+                tre_query::Cell::Value { status, reason, .. } => (*status, reason.clone()),
                 other => panic!("{other:?}"),
             }
         }
@@ -239,7 +239,7 @@ async fn counts_in_disguise_meet_the_profile() {
         let mut released = 0;
         for _ in 0..RUNS {
             let (s, why) = run(sql).await;
-            if s == "suppressed" {
+            if s == tre_query::CellStatus::Suppressed {
                 assert!(why.starts_with(why_prefix), "{sql}: {why}");
             } else {
                 released += 1;
@@ -255,9 +255,13 @@ async fn counts_in_disguise_meet_the_profile() {
     }
     // And large groups are released.
     let (s, _) = run("SELECT SUM(length_of_stay_days) FROM admissions").await;
-    assert_eq!(s, "released");
+    assert_eq!(s, tre_query::CellStatus::Released);
     let (s, _) = run("SELECT SUM(died_28d) FROM admissions").await;
-    assert_eq!(s, "rounded", "a sum of 0/1 values is a count: rounded");
+    assert_eq!(
+        s,
+        tre_query::CellStatus::Rounded,
+        "a sum of 0/1 values is a count: rounded"
+    );
 }
 
 /// The least `x` with P(Binomial(n, p) > x) < `tail`.

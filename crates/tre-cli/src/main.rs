@@ -90,9 +90,9 @@ enum TokenCommand {
         user: String,
         #[arg(long)]
         role: String,
-        /// Lifetime, e.g. 30m, 8h, 7d.
+        /// Lifetime, e.g. 30m, 8h, 7d or 1h 30m.
         #[arg(long, default_value = "8h")]
-        ttl: String,
+        ttl: humantime::Duration,
     },
     /// Revoke a token by its id (printed when it was issued); needs an admin token.
     Revoke {
@@ -132,7 +132,7 @@ fn main() -> Result<()> {
                         ttl,
                     },
             } => {
-                let (token, jti) = setup::issue_token(&state, &user, &role, &ttl)?;
+                let (token, jti) = setup::issue_token(&state, &user, &role, ttl.into())?;
                 eprintln!("token id (for `tre token revoke --jti`): {jti}");
                 println!("{token}");
                 Ok(())

@@ -312,25 +312,15 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn parse_ttl(ttl: &str) -> Result<Duration> {
-    let (num, unit) = ttl.split_at(ttl.find(|c: char| !c.is_ascii_digit()).unwrap_or(ttl.len()));
-    let n: u64 = num
-        .parse()
-        .with_context(|| format!("bad --ttl {ttl}: use e.g. 30m, 8h, 7d"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" | "" => n * 3600,
-        "d" => n * 86_400,
-        _ => bail!("bad --ttl {ttl}: use e.g. 30m, 8h, 7d"),
-    };
-    Ok(Duration::from_secs(secs))
-}
-
 /// A signed token and its id (for revocation).
-pub fn issue_token(state: &Path, user: &str, role: &str, ttl: &str) -> Result<(String, String)> {
+pub fn issue_token(
+    state: &Path,
+    user: &str,
+    role: &str,
+    ttl: Duration,
+) -> Result<(String, String)> {
     let issuer = Issuer::load_or_create(state)?;
     let role: Role = role.parse()?;
-    let claims = Issuer::claims(&UserId::new(user)?, role, parse_ttl(ttl)?.as_secs())?;
+    let claims = Issuer::claims(&UserId::new(user)?, role, ttl.as_secs())?;
     Ok((issuer.sign(&claims)?, claims.jti))
 }

@@ -29,7 +29,9 @@ codes! {
     TokenRevoked = "TRE-A005",
     /// A custodian deciding on a project they requested or belong to.
     OwnProject = "TRE-A006",
-    /// The transport policy (mTLS) rejected the caller.
+    /// The transport policy (mTLS) rejected the caller. Retired: a missing
+    /// or untrusted client certificate fails the TLS handshake, before any
+    /// call exists to carry a code.
     ClientCertificate = "TRE-A007",
 
     // Project governance.
@@ -44,6 +46,8 @@ codes! {
     UnknownRelease = "TRE-R001",
     ReleaseNotHeld = "TRE-R002",
     /// The release exists but is waiting for review (or was not approved).
+    /// Retired: such a release is answered with its status and no rows,
+    /// not refused.
     ReleaseNotAvailable = "TRE-R003",
 
     // Input validation of identifiers and parameters.
@@ -62,6 +66,8 @@ codes! {
     RowLevelSelect = "TRE-Q010",
     IdentifierInOutput = "TRE-Q011",
     IdentifierInGroupBy = "TRE-Q012",
+    /// Retired (issue #3): a group key without a public domain is released
+    /// through private key selection instead of being refused.
     GroupKeyNotPublic = "TRE-Q013",
     UnsupportedAggregate = "TRE-Q014",
     UnboundedColumn = "TRE-Q015",

@@ -3,7 +3,7 @@
 use tre_core::{Delta, Epsilon};
 use tre_policy::{ColumnClass, Policy, TablePolicy};
 use tre_proto::v1 as pb;
-use tre_query::{Cell, Release, ReleaseColumn};
+use tre_query::{Cell, CellStatus, Release, ReleaseColumn};
 use tre_store::{Project, ReleaseReview, ReleaseStatus, StoredEvent, StoredRelease};
 
 pub(crate) fn column(c: &ReleaseColumn) -> pb::Column {
@@ -22,12 +22,11 @@ pub(crate) fn column(c: &ReleaseColumn) -> pb::Column {
     }
 }
 
-fn status(s: &str) -> pb::SdcStatus {
+fn status(s: CellStatus) -> pb::SdcStatus {
     match s {
-        "released" => pb::SdcStatus::Released,
-        "rounded" => pb::SdcStatus::Rounded,
-        "suppressed" => pb::SdcStatus::Suppressed,
-        _ => pb::SdcStatus::Unspecified,
+        CellStatus::Released => pb::SdcStatus::Released,
+        CellStatus::Rounded => pb::SdcStatus::Rounded,
+        CellStatus::Suppressed => pb::SdcStatus::Suppressed,
     }
 }
 
@@ -59,7 +58,7 @@ pub(crate) fn release(
                                 value: *value,
                                 ci_low: *ci_low,
                                 ci_high: *ci_high,
-                                status: status(s) as i32,
+                                status: status(*s) as i32,
                                 reason: reason.clone(),
                             }),
                         }),
@@ -76,7 +75,7 @@ pub(crate) fn release(
         hold_reason: String::new(),
         confidence: r.confidence,
         sdc_profile: r.sdc_profile.clone(),
-        sdc_outcome: r.sdc_outcome.clone(),
+        sdc_outcome: r.sdc_outcome.as_str().to_owned(),
         notes: r.notes.clone(),
     }
 }

@@ -67,19 +67,32 @@ impl GatewayError {
         }
     }
 
+    /// Whether the caller sees only a generic text (the details go to the
+    /// operator's log and the audit event). Exhaustive, so a new variant
+    /// must decide (issue #12).
+    pub fn is_internal(&self) -> bool {
+        match self {
+            GatewayError::Query(q) => q.is_internal(),
+            GatewayError::Store(s) => s.is_internal(),
+            GatewayError::Setup(_) | GatewayError::Panicked(_) => true,
+            GatewayError::Unauthenticated(_)
+            | GatewayError::TokenExpired
+            | GatewayError::TokenRevoked
+            | GatewayError::PermissionDenied(_)
+            | GatewayError::OwnProject(_)
+            | GatewayError::NotFound(_)
+            | GatewayError::BadRequest(_)
+            | GatewayError::Core(_)
+            | GatewayError::Cancelled
+            | GatewayError::Rejected { .. } => false,
+        }
+    }
+
     /// The one place errors become statuses. The message always starts with
     /// the stable code; internal details are replaced by a generic text.
     pub fn into_status(self) -> Status {
         let code = self.code();
-        let internal = matches!(
-            self,
-            GatewayError::Query(
-                QueryError::Internal(_) | QueryError::Setup { .. } | QueryError::Vault(_),
-            ) | GatewayError::Store(
-                StoreError::Sqlite(_) | StoreError::Corrupt(_) | StoreError::Poisoned
-            ) | GatewayError::Setup(_)
-                | GatewayError::Panicked(_)
-        );
+        let internal = self.is_internal();
         if internal {
             // For the operator; the caller sees a generic message.
             tracing::error!("internal error: {self}");

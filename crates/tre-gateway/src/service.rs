@@ -607,15 +607,15 @@ impl Services {
                 .flatten()
                 .filter_map(|c| match c {
                     tre_query::Cell::Value { status, reason, .. } if reason.is_empty() => {
-                        Some(status.clone())
+                        Some(status.as_str().to_owned())
                     }
                     tre_query::Cell::Value { status, reason, .. } => {
-                        Some(format!("{status}: {reason}"))
+                        Some(format!("{}: {reason}", status.as_str()))
                     }
                     tre_query::Cell::Key { .. } => None,
                 })
                 .collect(),
-            sdc_outcome: s.release.sdc_outcome.clone(),
+            sdc_outcome: s.release.sdc_outcome.as_str().to_owned(),
             exact_rules_applied: s.release.exact_rules_applied,
             engine_version: concat!("tre ", env!("CARGO_PKG_VERSION")).to_owned(),
             table_sha256: s.table_sha256.to_owned(),
@@ -696,10 +696,10 @@ fn cell_counts(release: &Release) -> CellCounts {
     let mut c = CellCounts::default();
     for cell in release.rows.iter().flatten() {
         if let tre_query::Cell::Value { status, .. } = cell {
-            match status.as_str() {
-                "suppressed" => c.suppressed += 1,
-                "rounded" => c.rounded += 1,
-                _ => c.released += 1,
+            match status {
+                tre_query::CellStatus::Suppressed => c.suppressed += 1,
+                tre_query::CellStatus::Rounded => c.rounded += 1,
+                tre_query::CellStatus::Released => c.released += 1,
             }
         }
     }

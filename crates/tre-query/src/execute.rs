@@ -484,10 +484,7 @@ pub(crate) async fn execute(
         post_process(ctx, plan, &cells, &agg_cells).await?
     };
     let outcome = tre_sdc::ReleaseOutcome::of(rows.iter().flatten().filter_map(|c| match c {
-        Cell::Value { status, .. } if status == tre_sdc::Status::Suppressed.as_str() => {
-            Some(tre_sdc::Status::Suppressed)
-        }
-        Cell::Value { .. } => Some(tre_sdc::Status::Released),
+        Cell::Value { status, .. } => Some(*status),
         Cell::Key { .. } => None,
     }));
 
@@ -537,7 +534,7 @@ pub(crate) async fn execute(
         delta: plan.delta().value(),
         confidence: CONFIDENCE,
         sdc_profile: profile.name.clone(),
-        sdc_outcome: outcome.as_str().to_owned(),
+        sdc_outcome: outcome,
         exact_rules_applied: profile.exact_rules,
         notes,
         review_notes,
@@ -1006,7 +1003,7 @@ fn value_cell(
         value,
         ci_low: interval.map(|i| i.0),
         ci_high: interval.map(|i| i.1),
-        status: status.as_str().to_owned(),
+        status,
         reason,
     }
 }

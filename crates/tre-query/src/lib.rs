@@ -37,6 +37,9 @@ pub use compile::{
 };
 pub use release::{Cell, Release, ReleaseColumn};
 pub use sandbox::FACTORY_ID;
+/// The disclosure vocabulary a `Release` carries, so its users need not
+/// depend on tre-sdc.
+pub use tre_sdc::{ReleaseOutcome, Status as CellStatus};
 
 /// One error enum for the engine, keeping the kinds apart: refusals are the
 /// researcher's to fix and cost nothing; execution failures happen after
@@ -81,6 +84,17 @@ impl QueryError {
                 tre_vault::VaultError::Crypto(_) => Code::Internal,
             },
             QueryError::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// Whether this is the operator's problem, whose text must not reach
+    /// the researcher. `Execution` is not: its text is already generic and
+    /// its detail never displayed. Exhaustive, so a new variant must
+    /// decide (issue #12).
+    pub fn is_internal(&self) -> bool {
+        match self {
+            QueryError::Setup { .. } | QueryError::Vault(_) | QueryError::Internal(_) => true,
+            QueryError::Refused { .. } | QueryError::Execution { .. } => false,
         }
     }
 }

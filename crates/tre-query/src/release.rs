@@ -28,7 +28,7 @@ pub enum Cell {
         value: Option<f64>,
         ci_low: Option<f64>,
         ci_high: Option<f64>,
-        status: String,
+        status: tre_sdc::Status,
         reason: String,
     },
 }
@@ -41,9 +41,10 @@ pub struct Release {
     pub delta: f64,
     pub confidence: f64,
     pub sdc_profile: String,
-    /// pass | review | fail (ACRO style): no suppression, some, or all.
+    /// Pass, review or fail (ACRO style): no suppression, some, or all.
+    /// Bodies stored before the outcome existed read as `review`.
     #[serde(default)]
-    pub sdc_outcome: String,
+    pub sdc_outcome: tre_sdc::ReleaseOutcome,
     /// Whether the profile's rules on exact values (minimum patients,
     /// dominance, p-ratio) were evaluated for the reviewing custodian. They
     /// never change the table: a profile with them holds every release.

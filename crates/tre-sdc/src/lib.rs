@@ -10,7 +10,7 @@
 //! reaches and whose use every release reports. This crate never depends
 //! on DataFusion, storage or the network.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tre_core::Code;
 
 pub mod secondary;
@@ -86,8 +86,10 @@ struct RawProfile {
     exact_rules: bool,
 }
 
-/// How a release fared, in the style of ACRO.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// How a release fared, in the style of ACRO. Serialised as `pass`,
+/// `review` or `fail`, the words `as_str` gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ReleaseOutcome {
     /// No rule suppressed anything (rounding alone is a pass).
     Pass,
@@ -96,6 +98,14 @@ pub enum ReleaseOutcome {
     Review,
     /// Every value cell was suppressed: nothing of use can be released.
     Fail,
+}
+
+/// For release bodies stored before the outcome was recorded: the cautious
+/// word, never `pass`.
+impl Default for ReleaseOutcome {
+    fn default() -> Self {
+        ReleaseOutcome::Review
+    }
 }
 
 impl ReleaseOutcome {
@@ -370,7 +380,11 @@ impl Profile {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What disclosure control made of one value cell. Serialised as
+/// `released`, `rounded` or `suppressed`, the words `as_str` gives, so a
+/// stored release body reads (and hashes) as it did when this was a string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Status {
     Released,
     Rounded,

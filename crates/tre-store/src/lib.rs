@@ -91,6 +91,27 @@ impl StoreError {
             StoreError::Poisoned => Code::Internal,
         }
     }
+
+    /// Whether this is the operator's problem, whose text (paths, SQLite
+    /// messages) must not reach a caller. Exhaustive, so a new variant
+    /// must decide (issue #12).
+    pub fn is_internal(&self) -> bool {
+        match self {
+            StoreError::Sqlite(_) | StoreError::Corrupt(_) | StoreError::Poisoned => true,
+            StoreError::UnknownProject(_)
+            | StoreError::ProjectExists(_)
+            | StoreError::ProjectNotActive { .. }
+            | StoreError::ProjectExpired { .. }
+            | StoreError::DatasetNotApproved { .. }
+            | StoreError::InvalidTransition { .. }
+            | StoreError::InvalidRequest(_)
+            | StoreError::UnknownRelease(_)
+            | StoreError::ReleaseNotHeld { .. }
+            | StoreError::BudgetExhausted { .. }
+            | StoreError::DeltaExhausted { .. }
+            | StoreError::LifetimeExhausted(_) => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -840,11 +840,7 @@ pub(crate) async fn compile(
 }
 
 fn hex_digest(bytes: &[u8]) -> String {
-    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
-    d.as_ref().iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes))
 }
 
 async fn parse(ctx: &SessionContext, sql: &str) -> Result<LogicalPlan, QueryError> {
