@@ -166,8 +166,7 @@ struct Progress {
 /// page, the signed end line.
 fn export_chunk(state: &AppState, through: i64, p: &mut Progress) -> Result<String, GatewayError> {
     let page = state.store.export_page(p.after, through, PAGE_BYTES)?;
-    let mut jsonl = chain::to_jsonl(&page.entries)
-        .map_err(|e| GatewayError::Setup(format!("cannot serialise the log: {e}")))?;
+    let mut jsonl = chain::to_jsonl(&page.entries)?;
     p.lines += page.entries.len();
     if let Some(last) = page.entries.iter().rev().find_map(|e| match e {
         chain::Entry::Event(e) => Some(e),
@@ -184,8 +183,7 @@ fn export_chunk(state: &AppState, through: i64, p: &mut Progress) -> Result<Stri
             &tre_store::now(),
             state.notary.as_ref(),
         ));
-        let line = chain::to_jsonl(std::slice::from_ref(&end))
-            .map_err(|e| GatewayError::Setup(format!("cannot serialise the log: {e}")))?;
+        let line = chain::to_jsonl(std::slice::from_ref(&end))?;
         jsonl.push_str(&line);
         p.done = true;
     }

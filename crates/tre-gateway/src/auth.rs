@@ -16,7 +16,7 @@ use ring::signature::{Ed25519KeyPair, KeyPair};
 use serde::{Deserialize, Serialize};
 use tre_core::{Principal, Role, UserId};
 
-use crate::GatewayError;
+use crate::{GatewayError, ServerFault};
 
 const ISSUER: &str = "tre";
 
@@ -35,22 +35,26 @@ pub struct Issuer {
     decoding: DecodingKey,
 }
 
+fn key_file(path: &Path, reason: impl Into<String>) -> GatewayError {
+    ServerFault::KeyFile {
+        path: path.display().to_string(),
+        reason: reason.into(),
+    }
+    .into()
+}
+
 /// Read an Ed25519 PKCS#8 key from `path`, creating it (0600) on first use.
 fn load_or_create_pkcs8(path: &Path) -> Result<Vec<u8>, GatewayError> {
     match std::fs::read(path) {
         Ok(b) => Ok(b),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let doc = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
-                .map_err(|_| GatewayError::Setup("cannot generate an Ed25519 key".into()))?;
-            tre_vault::write_secret_file(path, doc.as_ref()).map_err(|e| {
-                GatewayError::Setup(format!("cannot write {}: {e}", path.display()))
-            })?;
+                .map_err(|_| ServerFault::Random)?;
+            tre_vault::write_secret_file(path, doc.as_ref())
+                .map_err(|e| key_file(path, format!("cannot write it: {e}")))?;
             Ok(doc.as_ref().to_vec())
         }
-        Err(e) => Err(GatewayError::Setup(format!(
-            "cannot read {}: {e}",
-            path.display()
-        ))),
+        Err(e) => Err(key_file(path, format!("cannot read it: {e}"))),
     }
 }
 
@@ -61,13 +65,13 @@ impl AuditNotary {
     /// Load `state_dir/audit.pk8` (creating it on first use) and write its
     /// public key, hex, to `state_dir/audit.pub` for offline verification.
     pub fn load_or_create(state_dir: &Path) -> Result<Self, GatewayError> {
-        let pkcs8 = load_or_create_pkcs8(&state_dir.join("audit.pk8"))?;
-        let pair = Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|_| {
-            GatewayError::Setup("the audit key is not a valid Ed25519 PKCS#8 key".into())
-        })?;
+        let path = state_dir.join("audit.pk8");
+        let pkcs8 = load_or_create_pkcs8(&path)?;
+        let pair = Ed25519KeyPair::from_pkcs8(&pkcs8)
+            .map_err(|_| key_file(&path, "not a valid Ed25519 PKCS#8 key"))?;
         let public = state_dir.join("audit.pub");
         std::fs::write(&public, hex::encode(pair.public_key().as_ref()))
-            .map_err(|e| GatewayError::Setup(format!("cannot write {}: {e}", public.display())))?;
+            .map_err(|e| key_file(&public, format!("cannot write it: {e}")))?;
         Ok(Self(pair))
     }
 }
@@ -88,8 +92,9 @@ impl Issuer {
     }
 
     pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self, GatewayError> {
-        let pair = Ed25519KeyPair::from_pkcs8(pkcs8).map_err(|_| {
-            GatewayError::Setup("the token issuer key is not a valid Ed25519 PKCS#8 key".into())
+        let pair = Ed25519KeyPair::from_pkcs8(pkcs8).map_err(|_| ServerFault::KeyFile {
+            path: "the token issuer key".into(),
+            reason: "not a valid Ed25519 PKCS#8 key".into(),
         })?;
         Ok(Self {
             encoding: EncodingKey::from_ed_der(pkcs8),
@@ -103,7 +108,7 @@ impl Issuer {
         let now = unix_now();
         let mut jti = [0u8; 16];
         ring::rand::SecureRandom::fill(&SystemRandom::new(), &mut jti)
-            .map_err(|_| GatewayError::Setup("system random source failed".into()))?;
+            .map_err(|_| ServerFault::Random)?;
         Ok(Claims {
             sub: user.to_string(),
             role: role.as_str().to_owned(),
@@ -120,7 +125,7 @@ impl Issuer {
 
     pub fn sign(&self, claims: &Claims) -> Result<String, GatewayError> {
         jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), claims, &self.encoding)
-            .map_err(|e| GatewayError::Setup(format!("cannot sign token: {e}")))
+            .map_err(|e| ServerFault::Signing(format!("a token: {e}")).into())
     }
 
     /// Check signature, issuer and expiry; returns the caller and the token

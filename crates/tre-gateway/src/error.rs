@@ -5,6 +5,52 @@ use tre_core::Code;
 use tre_query::QueryError;
 use tre_store::StoreError;
 
+/// What went wrong on the server's side, by name: never the caller's to
+/// fix, always shown to them as the generic `TRE-I001`.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerFault {
+    /// The server cannot start or keep serving (listening address, TLS,
+    /// plaintext off loopback). The operator's to fix.
+    #[error("{code} the server cannot serve: {0}", code = Code::Internal)]
+    Startup(String),
+    /// A key file could not be read, created or parsed.
+    #[error("{code} key file {path}: {reason}", code = Code::Internal)]
+    KeyFile { path: String, reason: String },
+    #[error("{code} the system random source failed", code = Code::Internal)]
+    Random,
+    #[error("{code} cannot sign: {0}", code = Code::Internal)]
+    Signing(String),
+    /// A release, manifest or log page could not be written as JSON.
+    #[error("{code} cannot encode JSON: {0}", code = Code::Internal)]
+    Json(#[from] serde_json::Error),
+    /// A stored release body no longer parses: the store is damaged.
+    #[error("{code} stored release {id} is unreadable: {source}", code = Code::Internal)]
+    StoredRelease {
+        id: String,
+        source: serde_json::Error,
+    },
+    #[error("{code} the {0} lock is poisoned", code = Code::Internal)]
+    Poisoned(&'static str),
+    /// The task running a Submit ended without an answer.
+    #[error("{code} the query task failed: {0}", code = Code::Internal)]
+    TaskFailed(#[from] tokio::task::JoinError),
+    /// A bug: the handler panicked. The details go to the audit log.
+    #[error("{code} internal error: the handler panicked: {0}", code = Code::Internal)]
+    Panicked(String),
+}
+
+impl From<serde_json::Error> for GatewayError {
+    fn from(e: serde_json::Error) -> Self {
+        GatewayError::Server(ServerFault::Json(e))
+    }
+}
+
+impl From<tokio::task::JoinError> for GatewayError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        GatewayError::Server(ServerFault::TaskFailed(e))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     #[error("{code} {0}", code = Code::Unauthenticated)]
@@ -27,15 +73,13 @@ pub enum GatewayError {
     Query(#[from] QueryError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("{code} {0}", code = Code::Internal)]
-    Setup(String),
+    /// The server's own failure; the caller sees only a generic text.
+    #[error(transparent)]
+    Server(#[from] ServerFault),
     /// The client cancelled the call, or its deadline passed, before the
     /// call finished.
     #[error("{code} the call was cancelled by the client before it finished; anything charged stays charged and any release can be fetched with `tre release list`", code = Code::Cancelled)]
     Cancelled,
-    /// A bug: the handler panicked. The details go to the audit log.
-    #[error("{code} internal error: the handler panicked: {0}", code = Code::Internal)]
-    Panicked(String),
     /// The transport refused the request before a handler read it.
     #[error("{code} the request was refused before it was read ({message}); send a well-formed request, within the server's size limit, to a method tre serves", code = Code::RequestRejected)]
     Rejected { grpc: GrpcCode, message: String },
@@ -61,7 +105,7 @@ impl GatewayError {
             },
             GatewayError::Query(q) => q.code(),
             GatewayError::Store(s) => s.code(),
-            GatewayError::Setup(_) | GatewayError::Panicked(_) => Code::Internal,
+            GatewayError::Server(_) => Code::Internal,
             GatewayError::Cancelled => Code::Cancelled,
             GatewayError::Rejected { .. } => Code::RequestRejected,
         }
@@ -74,7 +118,7 @@ impl GatewayError {
         match self {
             GatewayError::Query(q) => q.is_internal(),
             GatewayError::Store(s) => s.is_internal(),
-            GatewayError::Setup(_) | GatewayError::Panicked(_) => true,
+            GatewayError::Server(_) => true,
             GatewayError::Unauthenticated(_)
             | GatewayError::TokenExpired
             | GatewayError::TokenRevoked
@@ -134,7 +178,7 @@ impl GatewayError {
                     GrpcCode::Internal
                 }
             },
-            GatewayError::Setup(_) | GatewayError::Panicked(_) => GrpcCode::Internal,
+            GatewayError::Server(_) => GrpcCode::Internal,
             GatewayError::Cancelled => GrpcCode::Cancelled,
             GatewayError::Rejected { grpc, .. } => *grpc,
         };

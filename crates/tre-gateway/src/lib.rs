@@ -36,7 +36,7 @@ mod service;
 mod transport;
 
 pub use auth::{AuditNotary, Claims, Issuer};
-pub use error::GatewayError;
+pub use error::{GatewayError, ServerFault};
 pub use transport::ConnectionLimits;
 
 /// What every handler shares.
@@ -82,11 +82,12 @@ pub async fn serve(
 ) -> Result<(), GatewayError> {
     let local = listener
         .local_addr()
-        .map_err(|e| GatewayError::Setup(format!("cannot read the listening address: {e}")))?;
+        .map_err(|e| ServerFault::Startup(format!("cannot read the listening address: {e}")))?;
     if tls.is_none() && !local.ip().is_loopback() {
-        return Err(GatewayError::Setup(format!(
+        return Err(ServerFault::Startup(format!(
             "refusing to serve plaintext on {local}; give --tls-cert and --tls-key, or listen on 127.0.0.1"
-        )));
+        ))
+        .into());
     }
     let limits = &state.connections;
     let mut builder = tonic::transport::Server::builder()
@@ -99,7 +100,7 @@ pub async fn serve(
     if let Some(tls) = &tls {
         builder = builder
             .tls_config(tls.config())
-            .map_err(|e| GatewayError::Setup(format!("bad TLS configuration: {e}")))?;
+            .map_err(|e| ServerFault::Startup(format!("bad TLS configuration: {e}")))?;
     }
     let svc = service::Services::new(Arc::clone(&state));
     let max = limits.max_request_bytes;
@@ -118,7 +119,7 @@ pub async fn serve(
     // At shutdown the head of the log is signed, so an auditor can tell a
     // log cut short after this point.
     state.store.checkpoint()?;
-    served.map_err(|e| GatewayError::Setup(format!("gateway stopped: {e}")))
+    served.map_err(|e| ServerFault::Startup(format!("the gateway stopped: {e}")).into())
 }
 
 /// Resolves on Ctrl-C or, on Unix, SIGTERM (what service managers and

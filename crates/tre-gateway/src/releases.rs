@@ -10,7 +10,7 @@ use tre_store::{ReleaseStatus, ReviewAction, StoredRelease};
 
 use crate::authz::{self, Rpc};
 use crate::service::{Call, Note, Services, handle};
-use crate::{GatewayError, convert};
+use crate::{GatewayError, ServerFault, convert};
 
 impl Services {
     fn stored_release(
@@ -33,8 +33,11 @@ impl Services {
     ) -> Result<pb::GetReleaseResponse, GatewayError> {
         let (r, p) = self.stored_release(id)?;
         authz::project_scope(who, &p, false)?;
-        let body: Release = serde_json::from_str(&r.body)
-            .map_err(|e| GatewayError::Setup(format!("stored release unreadable: {e}")))?;
+        let body: Release =
+            serde_json::from_str(&r.body).map_err(|source| ServerFault::StoredRelease {
+                id: r.id.clone(),
+                source,
+            })?;
         let mut reply = convert::release(r.id.clone(), &body, p.remaining(), p.delta_remaining());
         // A custodian who may review it sees a held table; everyone else,
         // a custodian on the project included, only once released.

@@ -15,7 +15,7 @@ use tre_store::manifest::{CellCounts, Manifest, ManifestColumn};
 use tre_store::{AuditEvent, Charge, ReleaseStatus, StoredRelease, chain};
 
 use crate::authz::{self, Rpc};
-use crate::{AppState, GatewayError, convert};
+use crate::{AppState, GatewayError, ServerFault, convert};
 
 #[derive(Clone)]
 pub(crate) struct Services {
@@ -206,7 +206,7 @@ pub(crate) async fn unpanicked<R>(
                 .map(|s| (*s).to_owned())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "no message".into());
-            Err(GatewayError::Panicked(what))
+            Err(ServerFault::Panicked(what).into())
         }
     }
 }
@@ -416,9 +416,7 @@ impl Services {
             };
             (reply, owned)
         });
-        let (reply, owned) = task
-            .await
-            .map_err(|e| GatewayError::Setup(format!("query task failed: {e}")))?;
+        let (reply, owned) = task.await?;
         *note = owned;
         reply
     }
@@ -438,7 +436,7 @@ impl Services {
             let mut locks = self
                 .repeats
                 .lock()
-                .map_err(|_| GatewayError::Setup("repeat lock poisoned".into()))?;
+                .map_err(|_| ServerFault::Poisoned("repeated-query"))?;
             Arc::clone(locks.entry(key.clone()).or_default())
         };
         let _guard = lock.lock().await;
@@ -463,8 +461,12 @@ impl Services {
         let store = &self.state.store;
         // Re-releasing the same noisy answer is post-processing: free.
         if let Some(stored) = store.find_release(&project.id, plan.plan_hash())? {
-            let release: Release = serde_json::from_str(&stored.body)
-                .map_err(|e| GatewayError::Setup(format!("stored release unreadable: {e}")))?;
+            let release: Release = serde_json::from_str(&stored.body).map_err(|source| {
+                ServerFault::StoredRelease {
+                    id: stored.id.clone(),
+                    source,
+                }
+            })?;
             let now = store.project(&project.id)?;
             note.release_id = stored.id.clone();
             note.release_hash = stored.body_hash.clone();
@@ -513,8 +515,7 @@ impl Services {
                 return Err(e.into());
             }
         };
-        let body =
-            serde_json::to_string(&release).map_err(|e| GatewayError::Setup(e.to_string()))?;
+        let body = serde_json::to_string(&release)?;
         let id = uuid::Uuid::new_v4().to_string();
         let created_at = tre_store::now();
         let body_hash = chain::sha256_hex(body.as_bytes());
@@ -621,8 +622,8 @@ impl Services {
             table_sha256: s.table_sha256.to_owned(),
         }
         .sign(&*self.state.notary)
-        .map_err(GatewayError::Setup)?;
-        serde_json::to_string(&signed).map_err(|e| GatewayError::Setup(e.to_string()))
+        .map_err(|e| ServerFault::Signing(format!("a release manifest: {e}")))?;
+        Ok(serde_json::to_string(&signed)?)
     }
 
     async fn dry_run(

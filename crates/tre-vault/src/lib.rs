@@ -4,9 +4,11 @@
 //! writing and reading extracts, and keyed pseudonymisation of direct
 //! identifiers (HMAC-SHA256).
 //!
-//! This is the only crate that holds key material. It must never depend on
-//! DataFusion, the query engine, storage or the network; key bytes never
-//! leave it except inside parquet's encryption properties.
+//! This is the only crate that holds the keys that protect data. It must
+//! never depend on DataFusion, the query engine, storage or the network;
+//! key bytes never leave it except inside parquet's encryption properties.
+//! The gateway's Ed25519 signing keys (audit notary, token issuer) are not
+//! here: they sign and decrypt nothing.
 
 use std::fs;
 use std::io::Write;
