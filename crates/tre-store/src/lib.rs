@@ -20,10 +20,12 @@ use tre_core::{Code, Delta, Epsilon, ProjectId, UserId};
 pub mod chain;
 pub mod manifest;
 mod migrations;
+mod rules;
 mod sqlite;
 
 pub use chain::{AuditEvent, Checkpoint, Entry, Notary, StoredEvent, Tamper, VerifyReport};
 pub use migrations::PRE_GOVERNANCE;
+pub use rules::Transition;
 pub use sqlite::{INCIDENT_ACTOR, SqliteStore};
 
 #[derive(Debug, thiserror::Error)]

@@ -8,6 +8,7 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehav
 use tre_core::{Delta, Epsilon, ProjectId, UserId};
 
 use crate::chain::{self, GENESIS};
+use crate::rules::checked_add;
 use crate::{
     AuditEvent, AuditFilter, AuditPage, Charge, Checkpoint, DatasetUsage, Decision, Entry,
     ExportPage, HistoryEntry, LedgerEntry, Notary, Project, ProjectRequest, ProjectSeed,
@@ -437,33 +438,13 @@ fn history(
     Ok(())
 }
 
-fn checked_add(a: i64, b: i64) -> Result<i64, StoreError> {
-    a.checked_add(b)
-        .ok_or_else(|| StoreError::InvalidRequest("the budget is too large".into()))
-}
-
 impl crate::Store for SqliteStore {
     fn request_project(
         &self,
         req: &ProjectRequest,
         today: NaiveDate,
     ) -> Result<Project, StoreError> {
-        if req.title.trim().is_empty() || req.purpose.trim().is_empty() {
-            return Err(StoreError::InvalidRequest(
-                "a project needs a title and a lay summary of its purpose".into(),
-            ));
-        }
-        if req.datasets.is_empty() || req.members.is_empty() {
-            return Err(StoreError::InvalidRequest(
-                "name at least one dataset and one member".into(),
-            ));
-        }
-        if req.end_date < today {
-            return Err(StoreError::InvalidRequest(format!(
-                "the end date {} is in the past; choose a future date",
-                req.end_date
-            )));
-        }
+        req.validate(today)?;
         let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         Self::insert_project(&tx, req, ProjectStatus::Requested)?;
@@ -561,78 +542,29 @@ impl crate::Store for SqliteStore {
         reason: &str,
         event: &AuditEvent,
     ) -> Result<Project, StoreError> {
-        use ProjectStatus::*;
         let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let p = Self::load_project(&tx, id)?;
-        let allowed = match decision {
-            Decision::Approve { .. } | Decision::Reject => p.status == Requested,
-            Decision::Suspend => p.status == Active,
-            Decision::Resume => p.status == Suspended,
-            Decision::Revoke | Decision::TopUp { .. } => matches!(p.status, Active | Suspended),
-        };
-        if !allowed {
-            return Err(StoreError::InvalidTransition {
-                project: id.to_string(),
-                status: p.status.as_str().into(),
-                action: decision.action(),
-            });
-        }
-        let (eps, delta) = match decision {
-            Decision::Approve {
-                epsilon,
-                delta,
-                end_date,
-            } => {
-                if epsilon.as_nanos() > p.requested_epsilon_nanos
-                    || delta.as_femtos() > p.requested_delta_femtos
-                {
-                    return Err(StoreError::InvalidRequest(
-                        "approve at most the budget that was requested; a top-up can add more later, with a reason".into(),
-                    ));
-                }
-                if *end_date < crate::today() {
-                    return Err(StoreError::InvalidRequest(format!(
-                        "the end date {end_date} is in the past; choose a future date"
-                    )));
-                }
-                tx.execute(
-                    "UPDATE projects SET status = 'active', epsilon_budget_nanos = ?2,
-                            delta_budget_femtos = ?3, end_date = ?4 WHERE id = ?1",
-                    params![
-                        id.as_str(),
-                        epsilon.as_nanos(),
-                        delta.as_femtos(),
-                        end_date.format(DATE).to_string()
-                    ],
-                )?;
-                (epsilon.as_nanos(), delta.as_femtos())
-            }
-            Decision::TopUp { epsilon, delta } => {
-                let e = checked_add(p.epsilon_budget_nanos, epsilon.as_nanos())?;
-                let d = checked_add(p.delta_budget_femtos, delta.as_femtos())?;
-                tx.execute(
-                    "UPDATE projects SET epsilon_budget_nanos = ?2, delta_budget_femtos = ?3
-                     WHERE id = ?1",
-                    params![id.as_str(), e, d],
-                )?;
-                (epsilon.as_nanos(), delta.as_femtos())
-            }
-            other => {
-                let status = match other {
-                    Decision::Reject => Rejected,
-                    Decision::Suspend => Suspended,
-                    Decision::Resume => Active,
-                    _ => Revoked,
-                };
-                tx.execute(
-                    "UPDATE projects SET status = ?2 WHERE id = ?1",
-                    params![id.as_str(), status.as_str()],
-                )?;
-                (0, 0)
-            }
-        };
-        history(&tx, id, by.as_str(), decision.action(), reason, eps, delta)?;
+        let t = Self::load_project(&tx, id)?.transition(decision, crate::today())?;
+        tx.execute(
+            "UPDATE projects SET status = ?2, epsilon_budget_nanos = ?3,
+                    delta_budget_femtos = ?4, end_date = ?5 WHERE id = ?1",
+            params![
+                id.as_str(),
+                t.status.as_str(),
+                t.epsilon_budget_nanos,
+                t.delta_budget_femtos,
+                t.end_date.map(|d| d.format(DATE).to_string())
+            ],
+        )?;
+        history(
+            &tx,
+            id,
+            by.as_str(),
+            decision.action(),
+            reason,
+            t.granted_epsilon_nanos,
+            t.granted_delta_femtos,
+        )?;
         let p = Self::load_project(&tx, id)?;
         self.append(&tx, event)?;
         tx.commit()?;

@@ -1,0 +1,297 @@
+//! The store's business rules as pure functions on the domain types: what
+//! a project request must satisfy, and what each custodian decision does
+//! to a project. The SQLite implementation only applies their answers, so
+//! the rules are unit-tested without a database (issue #12).
+
+use chrono::NaiveDate;
+
+use crate::{Decision, Project, ProjectRequest, ProjectStatus, StoreError};
+
+/// `a + b`, or a coded refusal when a budget would overflow the ledger.
+pub(crate) fn checked_add(a: i64, b: i64) -> Result<i64, StoreError> {
+    a.checked_add(b)
+        .ok_or_else(|| StoreError::InvalidRequest("the budget is too large".into()))
+}
+
+fn end_in_future(end: NaiveDate, today: NaiveDate) -> Result<(), StoreError> {
+    if end < today {
+        return Err(StoreError::InvalidRequest(format!(
+            "the end date {end} is in the past; choose a future date"
+        )));
+    }
+    Ok(())
+}
+
+impl ProjectRequest {
+    /// Whether the request may be stored: a title and a lay summary, at
+    /// least one dataset and member, and an end date not in the past.
+    pub fn validate(&self, today: NaiveDate) -> Result<(), StoreError> {
+        if self.title.trim().is_empty() || self.purpose.trim().is_empty() {
+            return Err(StoreError::InvalidRequest(
+                "a project needs a title and a lay summary of its purpose".into(),
+            ));
+        }
+        if self.datasets.is_empty() || self.members.is_empty() {
+            return Err(StoreError::InvalidRequest(
+                "name at least one dataset and one member".into(),
+            ));
+        }
+        end_in_future(self.end_date, today)
+    }
+}
+
+/// What a decision makes of a project: its new status, budgets and end,
+/// and what the project's history records as granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub status: ProjectStatus,
+    pub epsilon_budget_nanos: i64,
+    pub delta_budget_femtos: i64,
+    pub end_date: Option<NaiveDate>,
+    /// The budget approved or added by this decision (zero for the rest).
+    pub granted_epsilon_nanos: i64,
+    pub granted_delta_femtos: i64,
+}
+
+impl Project {
+    /// The project after `decision`, or why the decision cannot be made.
+    /// Approve and reject decide a request; suspend pauses an active
+    /// project and resume restarts it; revoke and top-up apply to active
+    /// and suspended projects. Nothing else moves: rejected and revoked
+    /// are final.
+    pub fn transition(
+        &self,
+        decision: &Decision,
+        today: NaiveDate,
+    ) -> Result<Transition, StoreError> {
+        use ProjectStatus::{Active, Rejected, Requested, Revoked, Suspended};
+        let to = |status| Transition {
+            status,
+            epsilon_budget_nanos: self.epsilon_budget_nanos,
+            delta_budget_femtos: self.delta_budget_femtos,
+            end_date: self.end_date,
+            granted_epsilon_nanos: 0,
+            granted_delta_femtos: 0,
+        };
+        match (decision, self.status) {
+            (
+                Decision::Approve {
+                    epsilon,
+                    delta,
+                    end_date,
+                },
+                Requested,
+            ) => {
+                if epsilon.as_nanos() > self.requested_epsilon_nanos
+                    || delta.as_femtos() > self.requested_delta_femtos
+                {
+                    return Err(StoreError::InvalidRequest(
+                        "approve at most the budget that was requested; a top-up can add more later, with a reason".into(),
+                    ));
+                }
+                end_in_future(*end_date, today)?;
+                Ok(Transition {
+                    epsilon_budget_nanos: epsilon.as_nanos(),
+                    delta_budget_femtos: delta.as_femtos(),
+                    end_date: Some(*end_date),
+                    granted_epsilon_nanos: epsilon.as_nanos(),
+                    granted_delta_femtos: delta.as_femtos(),
+                    ..to(Active)
+                })
+            }
+            (Decision::Reject, Requested) => Ok(to(Rejected)),
+            (Decision::Suspend, Active) => Ok(to(Suspended)),
+            (Decision::Resume, Suspended) => Ok(to(Active)),
+            (Decision::Revoke, Active | Suspended) => Ok(to(Revoked)),
+            (Decision::TopUp { epsilon, delta }, status @ (Active | Suspended)) => Ok(Transition {
+                epsilon_budget_nanos: checked_add(self.epsilon_budget_nanos, epsilon.as_nanos())?,
+                delta_budget_femtos: checked_add(self.delta_budget_femtos, delta.as_femtos())?,
+                granted_epsilon_nanos: epsilon.as_nanos(),
+                granted_delta_femtos: delta.as_femtos(),
+                ..to(status)
+            }),
+            // Every other pair is refused: a new decision or status is
+            // invalid until a rule above allows it.
+            (decision, status) => Err(StoreError::InvalidTransition {
+                project: self.id.to_string(),
+                status: status.as_str().into(),
+                action: decision.action(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{Days, NaiveDate};
+    use tre_core::{Delta, Epsilon, ProjectId, UserId};
+
+    use super::*;
+    use crate::ProjectStatus::{Active, Rejected, Requested, Revoked, Suspended};
+
+    fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
+        r.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn today() -> NaiveDate {
+        ok(NaiveDate::from_ymd_opt(2026, 6, 1).ok_or("date"))
+    }
+
+    fn project(status: ProjectStatus) -> Project {
+        Project {
+            id: ok(ProjectId::new("p1")),
+            title: "t".into(),
+            purpose: "p".into(),
+            status,
+            datasets: vec!["nhs_epr".into()],
+            members: vec![ok(UserId::new("alice"))],
+            requested_by: "alice".into(),
+            requested_at: "2026-05-01T00:00:00Z".into(),
+            requested_epsilon_nanos: 2_000_000_000,
+            requested_delta_femtos: 1_000,
+            requested_end: today(),
+            epsilon_budget_nanos: 1_000_000_000,
+            epsilon_spent_nanos: 0,
+            delta_budget_femtos: 0,
+            delta_spent_femtos: 0,
+            end_date: None,
+            history: vec![],
+        }
+    }
+
+    fn decisions() -> Vec<Decision> {
+        let end = today() + Days::new(30);
+        vec![
+            Decision::Approve {
+                epsilon: ok(Epsilon::new(1.0)),
+                delta: Delta::ZERO,
+                end_date: end,
+            },
+            Decision::Reject,
+            Decision::Suspend,
+            Decision::Resume,
+            Decision::Revoke,
+            Decision::TopUp {
+                epsilon: ok(Epsilon::new(0.5)),
+                delta: Delta::ZERO,
+            },
+        ]
+    }
+
+    /// Issue #12: the state machine, status by decision, without SQLite.
+    #[test]
+    fn each_decision_moves_only_the_statuses_it_names() {
+        let moves = |status| -> Vec<Option<ProjectStatus>> {
+            decisions()
+                .iter()
+                .map(|d| {
+                    project(status)
+                        .transition(d, today())
+                        .ok()
+                        .map(|t| t.status)
+                })
+                .collect()
+        };
+        // approve, reject, suspend, resume, revoke, top up
+        assert_eq!(
+            moves(Requested),
+            [Some(Active), Some(Rejected), None, None, None, None]
+        );
+        assert_eq!(
+            moves(Active),
+            [
+                None,
+                None,
+                Some(Suspended),
+                None,
+                Some(Revoked),
+                Some(Active)
+            ]
+        );
+        assert_eq!(
+            moves(Suspended),
+            [
+                None,
+                None,
+                None,
+                Some(Active),
+                Some(Revoked),
+                Some(Suspended)
+            ]
+        );
+        assert_eq!(moves(Rejected), [None; 6]);
+        assert_eq!(moves(Revoked), [None; 6]);
+        let refused = project(Revoked).transition(&Decision::Resume, today());
+        assert!(matches!(
+            refused,
+            Err(StoreError::InvalidTransition {
+                action: "resume",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn approval_grants_at_most_the_request_until_a_future_date() {
+        let approve = |eps: f64, end: NaiveDate| Decision::Approve {
+            epsilon: ok(Epsilon::new(eps)),
+            delta: Delta::ZERO,
+            end_date: end,
+        };
+        let later = today() + Days::new(10);
+        let t = ok(project(Requested).transition(&approve(1.5, later), today()));
+        assert_eq!(
+            (t.epsilon_budget_nanos, t.end_date, t.granted_epsilon_nanos),
+            (1_500_000_000, Some(later), 1_500_000_000)
+        );
+        for (eps, end) in [(2.5, later), (1.0, today() - Days::new(1))] {
+            let r = project(Requested).transition(&approve(eps, end), today());
+            assert!(matches!(r, Err(StoreError::InvalidRequest(_))), "{r:?}");
+        }
+    }
+
+    #[test]
+    fn a_top_up_adds_to_the_budget_and_cannot_overflow() {
+        let top_up = Decision::TopUp {
+            epsilon: ok(Epsilon::new(0.5)),
+            delta: Delta::ZERO,
+        };
+        let t = ok(project(Active).transition(&top_up, today()));
+        assert_eq!(
+            (t.epsilon_budget_nanos, t.granted_epsilon_nanos),
+            (1_500_000_000, 500_000_000)
+        );
+        let mut full = project(Active);
+        full.epsilon_budget_nanos = i64::MAX;
+        assert!(matches!(
+            full.transition(&top_up, today()),
+            Err(StoreError::InvalidRequest(_))
+        ));
+    }
+
+    #[test]
+    fn a_request_needs_a_purpose_members_and_a_future_end() {
+        let good = ProjectRequest {
+            id: ok(ProjectId::new("p2")),
+            title: "Waiting times".into(),
+            purpose: "how long patients wait".into(),
+            datasets: vec!["nhs_epr".into()],
+            epsilon: ok(Epsilon::new(1.0)),
+            delta: Delta::ZERO,
+            members: vec![ok(UserId::new("alice"))],
+            end_date: today(),
+            requested_by: ok(UserId::new("alice")),
+        };
+        ok(good.validate(today()));
+        let mut bad = vec![good.clone(), good.clone(), good.clone()];
+        bad[0].purpose = "  ".into();
+        bad[1].members.clear();
+        bad[2].end_date = today() - Days::new(1);
+        for r in bad {
+            assert!(matches!(
+                r.validate(today()),
+                Err(StoreError::InvalidRequest(_))
+            ));
+        }
+    }
+}
