@@ -34,7 +34,6 @@ use datafusion::catalog::TableProvider;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{Column, DFSchemaRef, ScalarValue};
 use datafusion::datasource::provider_as_source;
-use datafusion::execution::FunctionRegistry;
 use datafusion::functions_aggregate::expr_fn::{count, count_distinct, sum};
 use datafusion::functions_window::expr_fn::{dense_rank, row_number};
 use datafusion::logical_expr::expr::AggregateFunction;
@@ -52,7 +51,7 @@ use tre_policy::{Policy, TablePolicy};
 use self::relation::{Analyzer, Info, Rel, expr_bounds, index};
 use crate::reference::RefTables;
 use crate::release::ReleaseColumn;
-use crate::sandbox::{GROUP_HASH_UDF, SHUFFLE_UDF};
+use crate::udf::Internal;
 use crate::{Limits, QueryError};
 
 /// Sums are computed over values clamped and scaled to this fixed-point
@@ -60,9 +59,6 @@ use crate::{Limits, QueryError};
 /// floating-point rounding can change it (Casacuberta et al., 2022), and
 /// overflow is checked when the total is read back.
 pub const FIXED_POINT_SCALE: f64 = 100.0;
-/// `clamp(expr, lo, hi)`: bounds a researcher can give where the compiler
-/// cannot derive them.
-pub(crate) const CLAMP_UDF: &str = "clamp";
 /// Quantiles are chosen among this many equal steps of the value's bounds.
 const QUANTILE_BUCKETS: i64 = 400;
 
@@ -1590,7 +1586,7 @@ async fn bound_scans(
         let p = ctx.table_provider(name.as_str()).await.map_err(internal)?;
         providers.insert(name.clone(), p);
     }
-    let shuffle = ctx.udf(SHUFFLE_UDF).map_err(internal)?;
+    let shuffle = Internal::Shuffle.udf(ctx).map_err(internal)?;
     let mut bounded: HashMap<String, LogicalPlan> = HashMap::new();
     for (name, table) in &policy.tables {
         bounded.insert(
@@ -1737,7 +1733,7 @@ fn bound_groups(
     let internal = |e: datafusion::error::DataFusionError| {
         QueryError::Internal(format!("group bounding: {e}"))
     };
-    let hash = ctx.udf(GROUP_HASH_UDF).map_err(internal)?;
+    let hash = Internal::GroupHash.udf(ctx).map_err(internal)?;
     let mut salt = [0u8; 8];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt)
         .map_err(|_| QueryError::Internal("system random source failed".into()))?;

@@ -18,10 +18,11 @@ use datafusion::physical_expr::execution_props::ExecutionProps;
 use tre_core::Code;
 use tre_policy::{ColumnClass, Policy};
 
-use super::{CLAMP_UDF, refuse, unalias};
+use super::{refuse, unalias};
 use crate::QueryError;
 use crate::functions::{DIV_UDF, MOD_UDF};
 use crate::reference::RefTables;
+use crate::udf::CLAMP_UDF;
 
 /// Integer and date columns with at most this many possible values have
 /// an enumerable public domain.

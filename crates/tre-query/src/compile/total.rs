@@ -39,10 +39,11 @@ use datafusion::logical_expr::{BinaryExpr, Expr, ExprSchemable, LogicalPlan, Ope
 use tre_core::Code;
 use tre_policy::{ColumnClass, Policy};
 
-use super::{CLAMP_UDF, refuse};
+use super::refuse;
 use crate::QueryError;
 use crate::functions::{DIV_UDF, MOD_UDF};
 use crate::reference::RefTables;
+use crate::udf::CLAMP_UDF;
 
 /// Longest text assumed for a text column without a declared domain
 /// (e.g. a practice code or an ICD-10 code). Columns with a domain use
