@@ -456,7 +456,7 @@ async fn budget_exhaustion_is_refused() {
     assert!(
         ledger
             .iter()
-            .all(|l| l.status == "released" && l.release_id.is_some())
+            .all(|l| l.status == tre_store::LedgerStatus::Released && l.release_id.is_some())
     );
     assert!(
         server

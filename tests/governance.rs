@@ -670,7 +670,7 @@ async fn concurrent_queries_never_overspend() {
     let from_ledger: HashSet<String> = ledger
         .iter()
         .map(|l| {
-            assert_eq!(l.status, "released");
+            assert_eq!(l.status, tre_store::LedgerStatus::Released);
             l.release_id.clone().unwrap_or_default()
         })
         .collect();
@@ -930,9 +930,11 @@ async fn crash_recovery_keeps_every_charge() {
         .collect();
     let mut interrupted = 0;
     for l in &ledger {
-        match (l.status.as_str(), &l.release_id) {
-            ("released", Some(id)) => assert!(audited_releases.contains(id.as_str())),
-            ("interrupted", None) => {
+        match (l.status, &l.release_id) {
+            (tre_store::LedgerStatus::Released, Some(id)) => {
+                assert!(audited_releases.contains(id.as_str()))
+            }
+            (tre_store::LedgerStatus::Interrupted, None) => {
                 interrupted += 1;
                 let marker = format!("ledger entry {}:", l.id);
                 assert!(

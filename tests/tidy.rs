@@ -272,6 +272,7 @@ const STATUS_TYPES: &[&str] = &[
     "tre_sdc::Status::",
     "ReleaseOutcome::",
     "Settle::",
+    "LedgerStatus::",
 ];
 
 /// The `match` blocks in `text` whose arms name a status type and which

@@ -422,9 +422,47 @@ pub struct LedgerEntry {
     pub epsilon_nanos: i64,
     pub delta_femtos: i64,
     pub plan_hash: String,
-    /// reserved | released | failed | interrupted
-    pub status: String,
+    pub status: LedgerStatus,
     pub release_id: Option<String>,
+}
+
+/// Where a ledger entry's charge stands. Every state but `Reserved` is
+/// final, and every one of them is spent: a charge is never refunded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LedgerStatus {
+    /// Charged; the query is running.
+    Reserved,
+    /// Charged and released (or held for review).
+    Released,
+    /// Charged; the query failed after touching data (an incident) or its
+    /// client gave up.
+    Failed,
+    /// Charged; the server stopped while the query ran, and recovery
+    /// settled it at the next start.
+    Interrupted,
+}
+
+impl LedgerStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LedgerStatus::Reserved => "reserved",
+            LedgerStatus::Released => "released",
+            LedgerStatus::Failed => "failed",
+            LedgerStatus::Interrupted => "interrupted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            LedgerStatus::Reserved,
+            LedgerStatus::Released,
+            LedgerStatus::Failed,
+            LedgerStatus::Interrupted,
+        ]
+        .into_iter()
+        .find(|l| l.as_str() == s)
+    }
 }
 
 /// Auditor's filter; every field narrows, `None` matches all.

@@ -11,9 +11,9 @@ use crate::chain::{self, GENESIS};
 use crate::rules::checked_add;
 use crate::{
     AuditEvent, AuditFilter, AuditPage, Charge, Checkpoint, DatasetUsage, Decision, Entry,
-    ExportPage, HistoryEntry, LedgerEntry, Notary, Project, ProjectRequest, ProjectSeed,
-    ProjectStatus, ReleaseReview, ReleaseStatus, Reserved, ReviewAction, Settle, StoreError,
-    StoredEvent, StoredRelease, VerifyReport, migrations, now,
+    ExportPage, HistoryEntry, LedgerEntry, LedgerStatus, Notary, Project, ProjectRequest,
+    ProjectSeed, ProjectStatus, ReleaseReview, ReleaseStatus, Reserved, ReviewAction, Settle,
+    StoreError, StoredEvent, StoredRelease, VerifyReport, migrations, now,
 };
 
 pub struct SqliteStore {
@@ -804,7 +804,13 @@ impl crate::Store for SqliteStore {
              WHERE l.project_id = ?1 ORDER BY l.id",
         )?;
         let rows = stmt.query_map([project.as_str()], |r| {
-            Ok(LedgerEntry {
+            let status: String = r.get(7)?;
+            let Some(status) = LedgerStatus::parse(&status) else {
+                return Ok(Err(StoreError::Corrupt(format!(
+                    "unknown ledger status '{status}'"
+                ))));
+            };
+            Ok(Ok(LedgerEntry {
                 id: r.get(0)?,
                 project: r.get(1)?,
                 dataset: r.get(2)?,
@@ -812,11 +818,11 @@ impl crate::Store for SqliteStore {
                 epsilon_nanos: r.get(4)?,
                 delta_femtos: r.get(5)?,
                 plan_hash: r.get(6)?,
-                status: r.get(7)?,
+                status,
                 release_id: r.get(8)?,
-            })
+            }))
         })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        rows.map(|r| r?).collect()
     }
 
     fn recover_interrupted(&self) -> Result<usize, StoreError> {

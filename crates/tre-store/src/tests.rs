@@ -263,7 +263,7 @@ fn interrupted_reservations_keep_their_charge_and_are_audited() {
     let ledger = ok(s.ledger(&p));
     assert_eq!(ledger.len(), 1);
     assert_eq!(ledger[0].id, r.ledger_id);
-    assert_eq!(ledger[0].status, "interrupted");
+    assert_eq!(ledger[0].status, LedgerStatus::Interrupted);
     assert_eq!(ok(s.project(&p)).epsilon_spent_nanos, 500_000_000);
     let events = ok(s.audit_events(&AuditFilter {
         outcome: Some("failed".into()),
