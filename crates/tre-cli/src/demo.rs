@@ -142,7 +142,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     ensure_data(&args, &data, &key_file)?;
     let serve_args = ServeArgs::local(args.state.join("server"), data, key_file, args.listen);
     let state = match setup::open_state(&serve_args) {
-        Err(e) if e.to_string().contains(tre_store::PRE_GOVERNANCE) => {
+        Err(e)
+            if matches!(
+                e.downcast_ref::<tre_store::StoreError>(),
+                Some(tre_store::StoreError::PreGovernanceState)
+            ) =>
+        {
             // The demo's state is disposable; keep the old log aside
             // rather than refuse to run.
             let aside = args.state.join(format!(

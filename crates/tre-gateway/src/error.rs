@@ -174,9 +174,10 @@ impl GatewayError {
                 StoreError::BudgetExhausted { .. }
                 | StoreError::DeltaExhausted { .. }
                 | StoreError::LifetimeExhausted(_) => GrpcCode::ResourceExhausted,
-                StoreError::Sqlite(_) | StoreError::Corrupt(_) | StoreError::Poisoned => {
-                    GrpcCode::Internal
-                }
+                StoreError::Sqlite(_)
+                | StoreError::Corrupt(_)
+                | StoreError::Poisoned
+                | StoreError::PreGovernanceState => GrpcCode::Internal,
             },
             GatewayError::Server(_) => GrpcCode::Internal,
             GatewayError::Cancelled => GrpcCode::Cancelled,

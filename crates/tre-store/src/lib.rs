@@ -72,6 +72,10 @@ pub enum StoreError {
     Corrupt(String),
     #[error("{code} storage lock poisoned", code = Code::Internal)]
     Poisoned,
+    /// The state directory was written by a tre from before signed audit
+    /// events; a caller that may discard it (the demo) matches on this.
+    #[error("{code} {PRE_GOVERNANCE}", code = Code::Storage)]
+    PreGovernanceState,
 }
 
 impl StoreError {
@@ -89,7 +93,9 @@ impl StoreError {
             StoreError::BudgetExhausted { .. } => Code::BudgetExhausted,
             StoreError::DeltaExhausted { .. } => Code::DeltaBudgetExhausted,
             StoreError::LifetimeExhausted(_) => Code::DatasetLifetimeExhausted,
-            StoreError::Sqlite(_) | StoreError::Corrupt(_) => Code::Storage,
+            StoreError::Sqlite(_) | StoreError::Corrupt(_) | StoreError::PreGovernanceState => {
+                Code::Storage
+            }
             StoreError::Poisoned => Code::Internal,
         }
     }
@@ -99,7 +105,10 @@ impl StoreError {
     /// must decide (issue #12).
     pub fn is_internal(&self) -> bool {
         match self {
-            StoreError::Sqlite(_) | StoreError::Corrupt(_) | StoreError::Poisoned => true,
+            StoreError::Sqlite(_)
+            | StoreError::Corrupt(_)
+            | StoreError::Poisoned
+            | StoreError::PreGovernanceState => true,
             StoreError::UnknownProject(_)
             | StoreError::ProjectExists(_)
             | StoreError::ProjectNotActive { .. }

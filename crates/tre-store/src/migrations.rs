@@ -193,7 +193,7 @@ pub(crate) fn apply(conn: &mut Connection) -> Result<(), crate::StoreError> {
     if current == 1 {
         let events: i64 = tx.query_row("SELECT COUNT(*) FROM audit", [], |r| r.get(0))?;
         if events > 0 {
-            return Err(crate::StoreError::Corrupt(PRE_GOVERNANCE.into()));
+            return Err(crate::StoreError::PreGovernanceState);
         }
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
@@ -202,4 +202,35 @@ pub(crate) fn apply(conn: &mut Connection) -> Result<(), crate::StoreError> {
     }
     tx.commit()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue #12: an audit log from schema 1 stops the migration with its
+    /// own variant, which the demo matches instead of searching the text.
+    #[test]
+    fn a_schema_1_audit_log_is_refused_by_name() {
+        let mut conn = Connection::open_in_memory().unwrap_or_else(|e| panic!("{e}"));
+        conn.execute_batch(MIGRATIONS[0])
+            .unwrap_or_else(|e| panic!("{e}"));
+        conn.pragma_update(None, "user_version", 1)
+            .unwrap_or_else(|e| panic!("{e}"));
+        apply(&mut conn).unwrap_or_else(|e| panic!("an empty schema 1 migrates: {e}"));
+        let mut old = Connection::open_in_memory().unwrap_or_else(|e| panic!("{e}"));
+        old.execute_batch(MIGRATIONS[0])
+            .unwrap_or_else(|e| panic!("{e}"));
+        old.pragma_update(None, "user_version", 1)
+            .unwrap_or_else(|e| panic!("{e}"));
+        old.execute(
+            "INSERT INTO audit VALUES (1, 'at', 'u', 'r', 'p', 'a', '', 'allowed', '', 0, '', '', '', '')",
+            [],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            apply(&mut old),
+            Err(crate::StoreError::PreGovernanceState)
+        ));
+    }
 }
