@@ -5,12 +5,11 @@ use tonic::{Request, Response, Status};
 use tre_core::{Principal, ProjectId};
 use tre_proto::v1 as pb;
 use tre_proto::v1::release_service_server::ReleaseService;
-use tre_query::Release;
 use tre_store::{ReleaseStatus, ReviewAction, StoredRelease};
 
 use crate::authz::{self, Rpc};
-use crate::service::{Call, Note, Services, handle};
-use crate::{GatewayError, ServerFault, convert};
+use crate::service::{Call, Note, Services, handle, stored_body};
+use crate::{GatewayError, convert};
 
 impl Services {
     fn stored_release(
@@ -33,11 +32,7 @@ impl Services {
     ) -> Result<pb::GetReleaseResponse, GatewayError> {
         let (r, p) = self.stored_release(id)?;
         authz::project_scope(who, &p, false)?;
-        let body: Release =
-            serde_json::from_str(&r.body).map_err(|source| ServerFault::StoredRelease {
-                id: r.id.clone(),
-                source,
-            })?;
+        let body = stored_body(&r)?;
         let mut reply = convert::release(r.id.clone(), &body, p.remaining(), p.delta_remaining());
         // A custodian who may review it sees a held table; everyone else,
         // a custodian on the project included, only once released.

@@ -461,12 +461,7 @@ impl Services {
         let store = &self.state.store;
         // Re-releasing the same noisy answer is post-processing: free.
         if let Some(stored) = store.find_release(&project.id, plan.plan_hash())? {
-            let release: Release = serde_json::from_str(&stored.body).map_err(|source| {
-                ServerFault::StoredRelease {
-                    id: stored.id.clone(),
-                    source,
-                }
-            })?;
+            let release = stored_body(&stored)?;
             let now = store.project(&project.id)?;
             note.release_id = stored.id.clone();
             note.release_hash = stored.body_hash.clone();
@@ -691,6 +686,18 @@ fn fault(marker: &str, sql: &str) {
 
 #[cfg(not(feature = "fault-injection"))]
 fn fault(_marker: &str, _sql: &str) {}
+
+/// The release a stored body holds; one that no longer parses means the
+/// store is damaged.
+pub(crate) fn stored_body(stored: &StoredRelease) -> Result<Release, GatewayError> {
+    serde_json::from_str(&stored.body).map_err(|source| {
+        ServerFault::StoredRelease {
+            id: stored.id.clone(),
+            source,
+        }
+        .into()
+    })
+}
 
 /// Value cells of a release by disclosure status.
 fn cell_counts(release: &Release) -> CellCounts {
