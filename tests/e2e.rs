@@ -13,6 +13,7 @@ mod audit;
 mod corpus;
 mod fuzz;
 mod governance;
+mod pipeline;
 mod robustness;
 mod soundness;
 mod tidy;

@@ -231,6 +231,20 @@ pub fn open_state_limited(
     store
         .recover_interrupted()
         .unwrap_or_else(|e| panic!("{e}"));
+    seed_projects(&store, projects);
+    let issuer = Issuer::load_or_create(state_dir).unwrap_or_else(|e| panic!("{e}"));
+    AppState {
+        engine,
+        store: Box::new(store),
+        issuer,
+        notary,
+        connections: Default::default(),
+    }
+}
+
+/// Seed `projects` (id, members, ε budget) on the fixture's dataset, active
+/// for 30 days.
+pub fn seed_projects(store: &dyn Store, projects: &[(&str, &[&str], f64)]) {
     for (id, members, budget) in projects {
         store
             .seed_project(&ProjectSeed {
@@ -248,14 +262,6 @@ pub fn open_state_limited(
                     .unwrap_or_else(|| unreachable!()),
             })
             .unwrap_or_else(|e| panic!("{e}"));
-    }
-    let issuer = Issuer::load_or_create(state_dir).unwrap_or_else(|e| panic!("{e}"));
-    AppState {
-        engine,
-        store: Box::new(store),
-        issuer,
-        notary,
-        connections: Default::default(),
     }
 }
 

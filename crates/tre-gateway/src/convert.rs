@@ -209,6 +209,34 @@ pub(crate) fn audit_event(e: &StoredEvent) -> pb::AuditEvent {
 
 /// Mark a reply with where its release stands; only a released table keeps
 /// its rows.
+/// A researcher's query, as the release pipeline takes it.
+pub(crate) fn query(req: pb::QueryRequest) -> tre_release::Query {
+    tre_release::Query {
+        sql: req.sql,
+        epsilon: req.epsilon,
+        delta: req.delta,
+        totals: req.totals,
+    }
+}
+
+/// Submit's reply: the table unless the airlock holds it, and what was
+/// spent (nothing for a repeat).
+pub(crate) fn released(r: &tre_release::Released) -> pb::QueryResponse {
+    let mut reply = release(
+        r.id.clone(),
+        &r.release,
+        r.epsilon_remaining,
+        r.delta_remaining,
+    );
+    set_status(&mut reply, r.status, &r.hold_reason);
+    if r.repeated {
+        reply.repeated = true;
+        reply.epsilon_spent = 0.0;
+        reply.delta_spent = 0.0;
+    }
+    reply
+}
+
 pub(crate) fn set_status(reply: &mut pb::QueryResponse, status: ReleaseStatus, reason: &str) {
     reply.status = status.as_str().to_owned();
     reply.hold_reason = reason.to_owned();

@@ -23,14 +23,10 @@ pub enum ServerFault {
     /// A release, manifest or log page could not be written as JSON.
     #[error("{code} cannot encode JSON: {0}", code = Code::Internal)]
     Json(#[from] serde_json::Error),
-    /// A stored release body no longer parses: the store is damaged.
-    #[error("{code} stored release {id} is unreadable: {source}", code = Code::Internal)]
-    StoredRelease {
-        id: String,
-        source: serde_json::Error,
-    },
-    #[error("{code} the {0} lock is poisoned", code = Code::Internal)]
-    Poisoned(&'static str),
+    /// The release pipeline's own failure (a stored release unreadable, a
+    /// manifest unsigned, a panic in a query).
+    #[error(transparent)]
+    Release(#[from] tre_release::Fault),
     /// The task running a Submit ended without an answer.
     #[error("{code} the query task failed: {0}", code = Code::Internal)]
     TaskFailed(#[from] tokio::task::JoinError),
@@ -42,6 +38,19 @@ pub enum ServerFault {
 impl From<serde_json::Error> for GatewayError {
     fn from(e: serde_json::Error) -> Self {
         GatewayError::Server(ServerFault::Json(e))
+    }
+}
+
+/// The pipeline's errors keep their codes: a refusal stays the caller's,
+/// a fault stays the server's.
+impl From<tre_release::ReleaseError> for GatewayError {
+    fn from(e: tre_release::ReleaseError) -> Self {
+        match e {
+            tre_release::ReleaseError::Query(e) => GatewayError::Query(e),
+            tre_release::ReleaseError::Store(e) => GatewayError::Store(e),
+            tre_release::ReleaseError::Cancelled => GatewayError::Cancelled,
+            tre_release::ReleaseError::Fault(f) => GatewayError::Server(ServerFault::Release(f)),
+        }
     }
 }
 

@@ -1,12 +1,13 @@
 //! The gRPC gateway: authenticates every call (EdDSA-signed bearer tokens,
 //! revocable by token id; optionally mutual TLS), authorises it through one
-//! matrix (`authz.rs`), wires the query engine to the ledger (compile →
-//! reserve → execute → commit), runs project governance and the auditor's
-//! read-only view of the log, writes exactly one audit event per call
-//! (cancelled, panicking and transport-refused calls included), bounds
-//! connections and request sizes (`transport.rs`), and converts between
-//! domain types and proto types. Errors become gRPC statuses in one
-//! exhaustive match (`error.rs`).
+//! matrix (`authz.rs`), hands Submit and DryRun to the transport-free
+//! release pipeline (`tre-release`: compile → reserve → execute → commit,
+//! with the charge settled and audited on every path), runs project
+//! governance and the auditor's read-only view of the log, writes exactly
+//! one audit event per call (cancelled, panicking and transport-refused
+//! calls included), bounds connections and request sizes (`transport.rs`),
+//! and converts between domain types and proto types. Errors become gRPC
+//! statuses in one exhaustive match (`error.rs`).
 //!
 //! This crate and tre-cli are the only ones that know tonic and the proto
 //! types; nothing below it may depend on it.

@@ -8,8 +8,8 @@ use tre_proto::v1::release_service_server::ReleaseService;
 use tre_store::{ReleaseStatus, ReviewAction, StoredRelease};
 
 use crate::authz::{self, Rpc};
-use crate::service::{Call, Note, Services, handle, stored_body};
-use crate::{GatewayError, convert};
+use crate::service::{Call, Note, Services, handle};
+use crate::{GatewayError, ServerFault, convert};
 
 impl Services {
     fn stored_release(
@@ -32,7 +32,7 @@ impl Services {
     ) -> Result<pb::GetReleaseResponse, GatewayError> {
         let (r, p) = self.stored_release(id)?;
         authz::project_scope(who, &p, false)?;
-        let body = stored_body(&r)?;
+        let body = tre_release::stored_body(&r).map_err(ServerFault::Release)?;
         let mut reply = convert::release(r.id.clone(), &body, p.remaining(), p.delta_remaining());
         // A custodian who may review it sees a held table; everyone else,
         // a custodian on the project included, only once released.

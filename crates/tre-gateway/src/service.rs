@@ -2,17 +2,15 @@
 //! the authorisation matrix) and `finish` (exactly one audit event, then
 //! the one error mapping), whatever the outcome.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use tre_core::{Principal, ProjectId};
 use tre_proto::v1 as pb;
 use tre_proto::v1::catalog_service_server::CatalogService;
 use tre_proto::v1::query_service_server::QueryService;
-use tre_query::{QueryError, Release};
-use tre_store::manifest::{CellCounts, Manifest, ManifestColumn};
-use tre_store::{AuditEvent, Charge, ReleaseStatus, StoredRelease, chain};
+use tre_release::{Pipeline, Repeats};
+use tre_store::{AuditEvent, chain};
 
 use crate::authz::{self, Rpc};
 use crate::{AppState, GatewayError, ServerFault, convert};
@@ -20,10 +18,8 @@ use crate::{AppState, GatewayError, ServerFault, convert};
 #[derive(Clone)]
 pub(crate) struct Services {
     pub(crate) state: Arc<AppState>,
-    /// One lock per (project, plan hash): an identical query waits for the
-    /// one in flight and then gets its stored release instead of paying
-    /// twice.
-    repeats: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    /// One turn per (project, plan hash), shared by every Submit.
+    repeats: Arc<Repeats>,
 }
 
 /// Who is calling, from where, and what.
@@ -45,12 +41,10 @@ pub(crate) struct Note {
     pub(crate) release_id: String,
     pub(crate) release_hash: String,
     pub(crate) detail: String,
-    /// An open reservation: a failure must settle it with its event.
-    pub(crate) ledger_id: Option<i64>,
     /// The event was already written, atomically with the change it records.
     pub(crate) recorded: bool,
-    /// A task that outlives the call writes the event (Submit, once
-    /// compiled), whether or not the client waits for it.
+    /// The release pipeline writes the event (Submit, once its project is
+    /// checked), whether or not the client waits for it.
     pub(crate) handed_off: bool,
 }
 
@@ -200,14 +194,7 @@ pub(crate) async fn unpanicked<R>(
     use futures::FutureExt;
     match std::panic::AssertUnwindSafe(body).catch_unwind().await {
         Ok(result) => result,
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "no message".into());
-            Err(ServerFault::Panicked(what).into())
-        }
+        Err(panic) => Err(ServerFault::Panicked(tre_release::panic_message(&*panic)).into()),
     }
 }
 
@@ -290,10 +277,9 @@ impl Services {
         match error {
             None => e.outcome = "allowed".into(),
             Some(err) => {
-                e.outcome = match (err, note.ledger_id) {
-                    (GatewayError::Cancelled, _) => "cancelled",
-                    (_, Some(_)) => "failed",
-                    (_, None) => "refused",
+                e.outcome = match err {
+                    GatewayError::Cancelled => "cancelled",
+                    _ => "refused",
                 }
                 .into();
                 e.code = err.code().as_str().into();
@@ -321,8 +307,7 @@ impl Services {
     }
 
     /// Write the call's one audit event, unless it is written or handed
-    /// off. An open reservation is settled with it: a client's cancel
-    /// leaves the charge, a failure is an incident.
+    /// off (a charge is only ever settled by the release pipeline).
     pub(crate) fn record(
         &self,
         call: &Call,
@@ -333,17 +318,7 @@ impl Services {
             return Ok(());
         }
         let event = self.event(call, note, error);
-        let store = &self.state.store;
-        match (note.ledger_id, error) {
-            (Some(id), Some(e)) => {
-                let settle = match e {
-                    GatewayError::Cancelled => tre_store::Settle::Cancelled,
-                    _ => tre_store::Settle::Incident,
-                };
-                store.fail_reservation(id, &event, settle)?
-            }
-            _ => store.append_audit(&event)?,
-        };
+        self.state.store.append_audit(&event)?;
         note.recorded = true;
         Ok(())
     }
@@ -365,260 +340,49 @@ impl Services {
         Ok(p)
     }
 
-    /// The shared front of Submit and DryRun: the project, then the plan.
-    async fn compile(
-        &self,
-        who: &Principal,
-        req: &pb::QueryRequest,
-        note: &mut Note,
-    ) -> Result<(tre_store::Project, tre_query::PrivatePlan), GatewayError> {
-        let project = self.queryable_project(who, &req.project)?;
-        fault("/*tre-fault:compile*/", &req.sql);
-        let budget = self.state.engine.budget(req.epsilon, req.delta)?;
-        let plan = self.state.engine.compile(&req.sql, budget).await?;
-        let plan = if req.totals {
-            plan.with_totals()?
-        } else {
-            plan
-        };
-        note.plan_hash = plan.plan_hash().to_owned();
-        Ok((project, plan))
+    /// The release pipeline over this server's engine, store and key.
+    fn pipeline(&self) -> Pipeline<'_> {
+        Pipeline {
+            engine: &self.state.engine,
+            store: &*self.state.store,
+            notary: &*self.state.notary,
+            repeats: &self.repeats,
+        }
     }
 
     async fn submit(
         &self,
         call: &Call,
         who: &Principal,
-        req: &pb::QueryRequest,
+        req: pb::QueryRequest,
         note: &mut Note,
     ) -> Result<pb::QueryResponse, GatewayError> {
-        let (project, plan) = self.compile(who, req, note).await?;
-        // Everything from admission on runs in its own task, which writes
-        // the event whatever the client does. A client that hangs up
-        // cancels it: before the charge nothing is spent; after it the
-        // charge stands, the work stops and no release is made.
-        let this = self.clone();
-        let (call, who) = (call.clone(), who.clone());
-        let mut owned = std::mem::take(note);
+        let project = self.queryable_project(who, &req.project)?;
+        // From here the pipeline writes the event and settles any charge,
+        // in a task of its own that runs whatever the client does. A client
+        // that hangs up cancels it: before the charge nothing is spent;
+        // after it the charge stands, the work stops and no release is made.
         note.handed_off = true;
+        let caller = tre_release::Caller {
+            who: who.clone(),
+            client: call.client.clone(),
+            action: call.rpc.action(),
+        };
+        let query = convert::query(req);
+        let this = self.clone();
         let cancel = tokio_util::sync::CancellationToken::new();
         let _cancel_when_dropped = cancel.clone().drop_guard();
         let task = tokio::spawn(async move {
-            let work = unpanicked(this.submit_locked(&call, &who, &project, &plan, &mut owned));
-            let reply = tokio::select! {
+            let pipeline = this.pipeline();
+            tokio::select! {
                 biased;
-                reply = work => reply,
-                () = cancel.cancelled() => Err(GatewayError::Cancelled),
-            };
-            let reply = match this.record(&call, &mut owned, reply.as_ref().err()) {
-                Ok(()) => reply,
-                Err(e) => Err(e),
-            };
-            (reply, owned)
+                released = pipeline.submit(&caller, &project, &query) => released,
+                // Dropping the pipeline's future records the cancel.
+                () = cancel.cancelled() => Err(tre_release::ReleaseError::Cancelled),
+            }
         });
-        let (reply, owned) = task.await?;
-        *note = owned;
-        reply
-    }
-
-    /// One query per (project, plan hash) at a time: an identical query
-    /// waits and then gets the stored release.
-    async fn submit_locked(
-        &self,
-        call: &Call,
-        who: &Principal,
-        project: &tre_store::Project,
-        plan: &tre_query::PrivatePlan,
-        note: &mut Note,
-    ) -> Result<pb::QueryResponse, GatewayError> {
-        let key = format!("{}\n{}", project.id, plan.plan_hash());
-        let lock = {
-            let mut locks = self
-                .repeats
-                .lock()
-                .map_err(|_| ServerFault::Poisoned("repeated-query"))?;
-            Arc::clone(locks.entry(key.clone()).or_default())
-        };
-        let _guard = lock.lock().await;
-        let reply = self.submit_once(call, who, project, plan, note).await;
-        if let Ok(mut locks) = self.repeats.lock() {
-            // Drop the entry once nobody else holds or waits for it.
-            if Arc::strong_count(&lock) <= 2 {
-                locks.remove(&key);
-            }
-        }
-        reply
-    }
-
-    async fn submit_once(
-        &self,
-        call: &Call,
-        who: &Principal,
-        project: &tre_store::Project,
-        plan: &tre_query::PrivatePlan,
-        note: &mut Note,
-    ) -> Result<pb::QueryResponse, GatewayError> {
-        let store = &self.state.store;
-        // Re-releasing the same noisy answer is post-processing: free.
-        if let Some(stored) = store.find_release(&project.id, plan.plan_hash())? {
-            let release = stored_body(&stored)?;
-            let now = store.project(&project.id)?;
-            note.release_id = stored.id.clone();
-            note.release_hash = stored.body_hash.clone();
-            note.detail = format!(
-                "repeat of release {} ({}); no charge",
-                stored.id,
-                stored.status.as_str()
-            );
-            let mut reply = convert::release(
-                stored.id.clone(),
-                &release,
-                now.remaining(),
-                now.delta_remaining(),
-            );
-            convert::set_status(&mut reply, stored.status, &stored.hold_reason);
-            reply.repeated = true;
-            reply.epsilon_spent = 0.0;
-            reply.delta_spent = 0.0;
-            return Ok(reply);
-        }
-        // A slot before the charge: a full engine refuses for free.
-        let admission = self.state.engine.admit(project.id.as_str()).await?;
-        let policy = self.state.engine.policy();
-        let reserved = store.reserve(&Charge {
-            project: &project.id,
-            dataset: &policy.dataset,
-            user: &who.user,
-            epsilon: plan.epsilon(),
-            delta: plan.delta(),
-            plan_hash: plan.plan_hash(),
-            today: tre_store::today(),
-            lifetime_epsilon: policy.budget.lifetime_epsilon,
-            lifetime_delta: policy.budget.lifetime_delta,
-        })?;
-        // From here on the budget is spent, whatever happens.
-        note.ledger_id = Some(reserved.ledger_id);
-        note.epsilon_nanos = plan.epsilon().as_nanos();
-        note.delta_femtos = plan.delta().as_femtos();
-        fault("/*tre-fault:charged*/", plan.sql());
-        let release = match self.state.engine.execute_admitted(plan, &admission).await {
-            Ok(r) => r,
-            Err(e) => {
-                if let QueryError::Execution { detail } = &e {
-                    note.detail = detail.clone();
-                }
-                return Err(e.into());
-            }
-        };
-        let body = serde_json::to_string(&release)?;
-        let id = uuid::Uuid::new_v4().to_string();
-        let created_at = tre_store::now();
-        let body_hash = chain::sha256_hex(body.as_bytes());
-        let cells = cell_counts(&release);
-        let manifest = self.manifest(&Signed {
-            id: &id,
-            who,
-            project,
-            plan,
-            release: &release,
-            cells,
-            created_at: &created_at,
-            table_sha256: &body_hash,
-        })?;
-        let hold = policy.review.hold_reason(
-            (cells.released + cells.rounded + cells.suppressed) as usize,
-            cells.suppressed > 0,
-            release.exact_rules_applied,
-        );
-        let stored = StoredRelease {
-            id,
-            project: project.id.to_string(),
-            user: who.user.to_string(),
-            plan_hash: plan.plan_hash().to_owned(),
-            body_hash,
-            body,
-            created_at,
-            status: if hold.is_some() {
-                ReleaseStatus::Held
-            } else {
-                ReleaseStatus::Released
-            },
-            hold_reason: hold.unwrap_or_default(),
-            manifest,
-            reviews: vec![],
-            review_notes: release.review_notes.clone(),
-        };
-        note.release_id = stored.id.clone();
-        note.release_hash = stored.body_hash.clone();
-        if stored.status == ReleaseStatus::Held {
-            note.detail = format!("held for review: {}", stored.hold_reason);
-        }
-        let event = self.event(call, note, None);
-        store.commit_release(reserved.ledger_id, &stored, &event)?;
-        note.recorded = true;
-        let mut reply = convert::release(
-            stored.id.clone(),
-            &release,
-            reserved.epsilon_remaining,
-            reserved.delta_remaining,
-        );
-        convert::set_status(&mut reply, stored.status, &stored.hold_reason);
-        Ok(reply)
-    }
-
-    /// The signed manifest of a release, as JSON.
-    fn manifest(&self, s: &Signed<'_>) -> Result<String, GatewayError> {
-        let engine = &self.state.engine;
-        let signed = Manifest {
-            format: tre_store::manifest::FORMAT.to_owned(),
-            release_id: s.id.to_owned(),
-            project: s.project.id.to_string(),
-            user: s.who.user.to_string(),
-            created_at: s.created_at.to_owned(),
-            sql: s.plan.sql().to_owned(),
-            plan_hash: s.plan.plan_hash().to_owned(),
-            dataset: engine.policy().dataset.clone(),
-            policy_sha256: engine.policy().source_hash.clone(),
-            sdc_profile: engine.profile().name.clone(),
-            sdc_profile_sha256: engine.profile().hash.clone(),
-            dataset_snapshot_sha256: engine.snapshot_hash().to_owned(),
-            epsilon_nanos: s.plan.epsilon().as_nanos(),
-            delta_femtos: s.plan.delta().as_femtos(),
-            columns: s
-                .release
-                .columns
-                .iter()
-                .map(|c| ManifestColumn {
-                    name: c.name.clone(),
-                    kind: c.kind.clone(),
-                    mechanism: c.mechanism.clone(),
-                    noise_scale: c.noise_scale,
-                })
-                .collect(),
-            cells: s.cells,
-            cell_outcomes: s
-                .release
-                .rows
-                .iter()
-                .flatten()
-                .filter_map(|c| match c {
-                    tre_query::Cell::Value { status, reason, .. } if reason.is_empty() => {
-                        Some(status.as_str().to_owned())
-                    }
-                    tre_query::Cell::Value { status, reason, .. } => {
-                        Some(format!("{}: {reason}", status.as_str()))
-                    }
-                    tre_query::Cell::Key { .. } => None,
-                })
-                .collect(),
-            sdc_outcome: s.release.sdc_outcome.as_str().to_owned(),
-            exact_rules_applied: s.release.exact_rules_applied,
-            engine_version: concat!("tre ", env!("CARGO_PKG_VERSION")).to_owned(),
-            table_sha256: s.table_sha256.to_owned(),
-        }
-        .sign(&*self.state.notary)
-        .map_err(|e| ServerFault::Signing(format!("a release manifest: {e}")))?;
-        Ok(serde_json::to_string(&signed)?)
+        let released = task.await??;
+        Ok(convert::released(&released))
     }
 
     async fn dry_run(
@@ -627,7 +391,9 @@ impl Services {
         req: &pb::QueryRequest,
         note: &mut Note,
     ) -> Result<pb::DryRunResponse, GatewayError> {
-        let (project, plan) = self.compile(who, req, note).await?;
+        let project = self.queryable_project(who, &req.project)?;
+        let plan = self.pipeline().plan(&convert::query(req.clone())).await?;
+        note.plan_hash = plan.plan_hash().to_owned();
         Ok(pb::DryRunResponse {
             plan: plan.description().to_vec(),
             columns: plan.columns().iter().map(convert::column).collect(),
@@ -674,46 +440,6 @@ impl Services {
     }
 }
 
-/// Test builds only (`fault-injection`): panic where a query's SQL holds
-/// `marker`, so tests can show a panic still leaves its audit event and
-/// settles its charge. Compiled out of every other build.
-#[cfg(feature = "fault-injection")]
-fn fault(marker: &str, sql: &str) {
-    if sql.contains(marker) {
-        panic!("injected fault {marker}");
-    }
-}
-
-#[cfg(not(feature = "fault-injection"))]
-fn fault(_marker: &str, _sql: &str) {}
-
-/// The release a stored body holds; one that no longer parses means the
-/// store is damaged.
-pub(crate) fn stored_body(stored: &StoredRelease) -> Result<Release, GatewayError> {
-    serde_json::from_str(&stored.body).map_err(|source| {
-        ServerFault::StoredRelease {
-            id: stored.id.clone(),
-            source,
-        }
-        .into()
-    })
-}
-
-/// Value cells of a release by disclosure status.
-fn cell_counts(release: &Release) -> CellCounts {
-    let mut c = CellCounts::default();
-    for cell in release.rows.iter().flatten() {
-        if let tre_query::Cell::Value { status, .. } = cell {
-            match status {
-                tre_query::CellStatus::Suppressed => c.suppressed += 1,
-                tre_query::CellStatus::Rounded => c.rounded += 1,
-                tre_query::CellStatus::Released => c.released += 1,
-            }
-        }
-    }
-    c
-}
-
 #[tonic::async_trait]
 impl QueryService for Services {
     async fn submit(
@@ -721,7 +447,7 @@ impl QueryService for Services {
         request: Request<pb::QueryRequest>,
     ) -> Result<Response<pb::QueryResponse>, Status> {
         handle!(self, request, Rpc::Submit, |call, who, req, note| self
-            .submit(&call, &who, &req, note))
+            .submit(&call, &who, req, note))
     }
 
     async fn dry_run(
@@ -771,16 +497,4 @@ impl CatalogService for Services {
             |_call, _who, req, _note| async { self.describe_table(&req) }
         )
     }
-}
-
-/// What a release manifest is made from.
-struct Signed<'a> {
-    id: &'a str,
-    who: &'a Principal,
-    project: &'a tre_store::Project,
-    plan: &'a tre_query::PrivatePlan,
-    release: &'a Release,
-    cells: CellCounts,
-    created_at: &'a str,
-    table_sha256: &'a str,
 }
