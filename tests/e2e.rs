@@ -232,7 +232,7 @@ async fn refusals_return_their_code_and_cost_nothing() {
             Code::CrossJoin,
         ),
         (
-            "SELECT MAX(year_of_birth) FROM patients",
+            "SELECT MAX(DISTINCT year_of_birth) FROM patients",
             None,
             Code::UnsupportedAggregate,
         ),

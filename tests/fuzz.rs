@@ -525,7 +525,7 @@ impl Gen {
         } else {
             String::new()
         };
-        let agg = match self.rng.random_range(0..17) {
+        let agg = match self.rng.random_range(0..19) {
             0 | 1 => "COUNT(*)".to_owned(),
             2 => {
                 let ty = *self.pick(&[Ty::Int, Ty::Str, Ty::Date, Ty::Float]);
@@ -557,6 +557,9 @@ impl Gen {
                 self.pick(&["0.25", "0.75"]),
                 self.bounded_num(scope)
             ),
+            // DP MIN and MAX, as private quantiles (issue #12).
+            16 => format!("MIN({})", self.bounded_num(scope)),
+            17 => format!("MAX({})", self.bounded_num(scope)),
             _ => format!(
                 "AVG(CASE WHEN {} THEN 1.0 ELSE 0.0 END)",
                 self.boolean(scope, 2)
@@ -924,6 +927,8 @@ const PIECES: &[&str] = &[
     "SUM(",
     "AVG(",
     "MEDIAN(",
+    "MIN(",
+    "MAX(",
     "STDDEV(",
     "lpad(",
     "repeat(",

@@ -21,7 +21,7 @@ use tre_dp::CONFIDENCE;
 use tre_sdc::Profile;
 
 use crate::QueryError;
-use crate::compile::{FIXED_POINT_SCALE, Mechanism, OutputKind, PrivatePlan};
+use crate::compile::{Mechanism, Noisy as NoisyCells, PrivatePlan, value_cell};
 use crate::release::{Cell, Release};
 
 const CELL_ID: &str = "__tre_cell";
@@ -312,16 +312,14 @@ pub(crate) async fn execute(
         selected,
         values: noisy,
     } = noise(plan, &exact)?;
-    let dp = |e: tre_dp::DpError| QueryError::Internal(e.to_string());
     let alpha = 1.0 - CONFIDENCE;
 
     // Cells of the release aggregate, after SDC.
-    let slack = profile.rounding_slack();
-    let lap = |m: usize| match &plan.measurements[m].mechanism {
-        Mechanism::Laplace(l) => Ok(l),
-        Mechanism::Quantile(_) => Err(QueryError::Internal(
-            "expected a Laplace measurement".into(),
-        )),
+    let noisy_cells = NoisyCells {
+        profile,
+        measurements: &plan.measurements,
+        values: &noisy,
+        alpha,
     };
     let mut agg_cells: Vec<Vec<Cell>> = Vec::with_capacity(cells.len());
     for (ci, key) in cells.iter().enumerate() {
@@ -336,132 +334,7 @@ pub(crate) async fn execute(
             })
             .collect();
         for a in &plan.aggs {
-            let cell = match a.kind {
-                OutputKind::Count { m } => {
-                    let hw = lap(m)?.half_width(alpha).map_err(dp)? + slack;
-                    let out = profile.count_cell(noisy[m][ci] as i64);
-                    value_cell(
-                        out.value,
-                        out.value.map(|v| ((v - hw).max(0.0), v + hw)),
-                        out.status,
-                        out.reason,
-                    )
-                }
-                OutputKind::Sum {
-                    m,
-                    contributors,
-                    count_like,
-                } => {
-                    let hw = lap(m)?.half_width(alpha).map_err(dp)? / FIXED_POINT_SCALE;
-                    let v = noisy[m][ci] / FIXED_POINT_SCALE;
-                    // A sum is judged by how many rows contribute to it, and
-                    // a sum of values in [0, 1] is a count in disguise.
-                    let out = if count_like {
-                        profile.count_cell(v.round() as i64)
-                    } else {
-                        profile.derived_cell(v, noisy[contributors][ci] as i64)
-                    };
-                    let hw = if count_like { hw + slack } else { hw };
-                    value_cell(
-                        out.value,
-                        out.value.map(|v| (v - hw, v + hw)),
-                        out.status,
-                        out.reason,
-                    )
-                }
-                OutputKind::Avg {
-                    sum,
-                    count,
-                    mid,
-                    half,
-                } => {
-                    // Each half at alpha/2, so the ratio's interval covers
-                    // with probability at least 1 - alpha (Bonferroni).
-                    let hs = lap(sum)?.half_width(alpha / 2.0).map_err(dp)? / FIXED_POINT_SCALE;
-                    let hc = lap(count)?.half_width(alpha / 2.0).map_err(dp)?;
-                    let s = noisy[sum][ci] / FIXED_POINT_SCALE;
-                    let c = noisy[count][ci];
-                    let (lo, hi) = (mid - half, mid + half);
-                    if c <= 0.0 {
-                        value_cell(
-                            None,
-                            None,
-                            tre_sdc::Status::Suppressed,
-                            "noisy denominator is not positive".into(),
-                        )
-                    } else {
-                        let mean = (mid + s / c).clamp(lo, hi);
-                        let interval = ratio_interval(s, hs, c, hc).map_or((lo, hi), |(a, b)| {
-                            ((mid + a).clamp(lo, hi), (mid + b).clamp(lo, hi))
-                        });
-                        let out = profile.derived_cell(mean, c as i64);
-                        value_cell(
-                            out.value,
-                            out.value.map(|_| interval),
-                            out.status,
-                            out.reason,
-                        )
-                    }
-                }
-                OutputKind::Var {
-                    count,
-                    s1,
-                    s2,
-                    half,
-                    sample,
-                    sqrt,
-                } => {
-                    let third = alpha / 3.0;
-                    let hc = lap(count)?.half_width(third).map_err(dp)?;
-                    let h1 = lap(s1)?.half_width(third).map_err(dp)? / FIXED_POINT_SCALE;
-                    let h2 = lap(s2)?.half_width(third).map_err(dp)? / FIXED_POINT_SCALE;
-                    let c = noisy[count][ci];
-                    let (a1, a2) = (
-                        noisy[s1][ci] / FIXED_POINT_SCALE,
-                        noisy[s2][ci] / FIXED_POINT_SCALE,
-                    );
-                    if c <= 1.0 {
-                        value_cell(
-                            None,
-                            None,
-                            tre_sdc::Status::Suppressed,
-                            "noisy denominator is too small".into(),
-                        )
-                    } else {
-                        let max_var = half * half;
-                        let correction = if sample { c / (c - 1.0) } else { 1.0 };
-                        let var = ((a2 / c - (a1 / c).powi(2)) * correction).clamp(0.0, max_var);
-                        let interval =
-                            match (ratio_interval(a1, h1, c, hc), ratio_interval(a2, h2, c, hc)) {
-                                (Some((m1lo, m1hi)), Some((m2lo, m2hi))) => {
-                                    let sq_min = if m1lo <= 0.0 && m1hi >= 0.0 {
-                                        0.0
-                                    } else {
-                                        m1lo.powi(2).min(m1hi.powi(2))
-                                    };
-                                    let sq_max = m1lo.powi(2).max(m1hi.powi(2));
-                                    (
-                                        ((m2lo - sq_max) * correction).clamp(0.0, max_var),
-                                        ((m2hi - sq_min) * correction).clamp(0.0, max_var),
-                                    )
-                                }
-                                _ => (0.0, max_var),
-                            };
-                        let (v, iv) = if sqrt {
-                            (var.sqrt(), (interval.0.sqrt(), interval.1.sqrt()))
-                        } else {
-                            (var, interval)
-                        };
-                        let out = profile.derived_cell(v, c as i64);
-                        value_cell(out.value, out.value.map(|_| iv), out.status, out.reason)
-                    }
-                }
-                OutputKind::Quantile { m, count } => {
-                    let out = profile.derived_cell(noisy[m][ci], noisy[count][ci] as i64);
-                    value_cell(out.value, None, out.status, out.reason)
-                }
-            };
-            row.push(cell);
+            row.push(a.cell(&noisy_cells, ci)?);
         }
         agg_cells.push(row);
     }
@@ -471,15 +344,7 @@ pub(crate) async fn execute(
         None => Vec::new(),
     };
     let rows = if plan.totals {
-        let scales: Vec<f64> = plan
-            .aggs
-            .iter()
-            .map(|a| match a.kind {
-                OutputKind::Count { m } => Ok(lap(m)?.scale()),
-                _ => Err(QueryError::Internal("totals over a non-count".into())),
-            })
-            .collect::<Result<_, _>>()?;
-        with_totals(plan, agg_cells, &noisy, &scales, profile)?
+        with_totals(plan, agg_cells, &noisy, profile)?
     } else {
         post_process(ctx, plan, &cells, &agg_cells).await?
     };
@@ -539,23 +404,6 @@ pub(crate) async fn execute(
         notes,
         review_notes,
     })
-}
-
-/// The interval of `s / c` given `s ± hs` and `c ± hc`, when `c - hc > 0`.
-fn ratio_interval(s: f64, hs: f64, c: f64, hc: f64) -> Option<(f64, f64)> {
-    if c - hc <= 0.0 {
-        return None;
-    }
-    let r = [
-        (s - hs) / (c - hc),
-        (s - hs) / (c + hc),
-        (s + hs) / (c - hc),
-        (s + hs) / (c + hc),
-    ];
-    Some((
-        r.iter().copied().fold(f64::INFINITY, f64::min),
-        r.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-    ))
 }
 
 /// The researcher's plan with its release aggregate replaced by a table of
@@ -820,15 +668,16 @@ fn exact_rule_findings(
         .aggs
         .iter()
         .enumerate()
-        .filter_map(|(j, a)| match a.kind {
-            OutputKind::Sum { m, .. } => Some((
+        .filter_map(|(j, a)| {
+            let m = a.exact_sum()?.index();
+            let before = plan.measurements.get(..m)?;
+            Some((
                 j,
-                plan.measurements[..m]
+                before
                     .iter()
                     .filter(|x| matches!(x.mechanism, Mechanism::Laplace(_)))
                     .count(),
-            )),
-            _ => None,
+            ))
         })
         .collect();
     let n_keys = plan.keys.len();
@@ -887,7 +736,6 @@ fn with_totals(
     plan: &PrivatePlan,
     mut rows: Vec<Vec<Cell>>,
     noisy: &[Vec<f64>],
-    scales: &[f64],
     profile: &Profile,
 ) -> Result<Vec<Vec<Cell>>, QueryError> {
     use tre_sdc::secondary;
@@ -941,8 +789,13 @@ fn with_totals(
         .collect();
     let z = 1.959_963_985; // two-sided 95% normal quantile
     for (j, a) in plan.aggs.iter().enumerate() {
-        let OutputKind::Count { m } = a.kind else {
+        let Some(m) = a.total().map(|m| m.index()) else {
             return Err(QueryError::Internal("totals over a non-count".into()));
+        };
+        let Some(Mechanism::Laplace(lap)) = plan.measurements.get(m).map(|x| &x.mechanism) else {
+            return Err(QueryError::Internal(
+                "totals over a non-Laplace count".into(),
+            ));
         };
         let col = n_keys + j;
         let mut values: Vec<f64> = noisy[m].iter().map(|v| v.max(0.0)).collect();
@@ -951,7 +804,7 @@ fn with_totals(
             .map(|row| matches!(&row[col], Cell::Value { value: None, .. }))
             .collect();
         // Variance of the discrete Laplace noise per cell.
-        let q = (-1.0 / scales[j]).exp();
+        let q = (-1.0 / lap.scale()).exp();
         let var = 2.0 * q / (1.0 - q).powi(2);
         let mut total_cells = Vec::new();
         for members in &members_of[n_cells..] {
@@ -991,19 +844,4 @@ fn with_totals(
     }
     rows.extend(total_rows);
     Ok(rows)
-}
-
-fn value_cell(
-    value: Option<f64>,
-    interval: Option<(f64, f64)>,
-    status: tre_sdc::Status,
-    reason: String,
-) -> Cell {
-    Cell::Value {
-        value,
-        ci_low: interval.map(|i| i.0),
-        ci_high: interval.map(|i| i.1),
-        status,
-        reason,
-    }
 }

@@ -33,9 +33,7 @@ mod release;
 mod sandbox;
 mod udf;
 
-pub use compile::{
-    Budget, FIXED_POINT_SCALE, FunctionInfo, Measure, OutputKind, PrivatePlan, functions,
-};
+pub use compile::{Budget, FIXED_POINT_SCALE, FunctionInfo, Measure, PrivatePlan, functions};
 pub use release::{Cell, Release, ReleaseColumn};
 pub use sandbox::FACTORY_ID;
 /// The disclosure vocabulary a `Release` carries, so its users need not

@@ -19,6 +19,7 @@
 //! HAVING, ORDER BY, LIMIT and arithmetic over aggregates run afterwards,
 //! on noisy values only (see `execute`).
 
+mod aggregates;
 mod bounds;
 mod relation;
 mod total;
@@ -34,12 +35,10 @@ use datafusion::catalog::TableProvider;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{Column, DFSchemaRef, ScalarValue};
 use datafusion::datasource::provider_as_source;
-use datafusion::functions_aggregate::expr_fn::{count, count_distinct, sum};
+use datafusion::functions_aggregate::expr_fn::{count, count_distinct};
 use datafusion::functions_window::expr_fn::{dense_rank, row_number};
-use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
-    Aggregate, Expr, ExprFunctionExt, JoinType, LogicalPlan, LogicalPlanBuilder, lit, try_cast,
-    when,
+    Aggregate, Expr, ExprFunctionExt, JoinType, LogicalPlan, LogicalPlanBuilder, lit, when,
 };
 use datafusion::prelude::{SessionContext, col};
 use datafusion::sql::parser::Statement as DfStatement;
@@ -48,6 +47,8 @@ use tre_core::{Code, Delta, Epsilon};
 use tre_dp::{CONFIDENCE, DiscreteLaplace, KeySelection, Quantile};
 use tre_policy::{Policy, TablePolicy};
 
+use self::aggregates::{DpAggregate, Sensitivity};
+pub(crate) use self::aggregates::{Noisy, value_cell};
 use self::relation::{Analyzer, Info, Rel, expr_bounds, index};
 use crate::reference::RefTables;
 use crate::release::ReleaseColumn;
@@ -137,6 +138,18 @@ impl Measure {
             Measure::CenteredSquares { expr, mid, half } => {
                 format!("SUM(({expr} − {mid})²) clamped to {mid} ± {half}")
             }
+            // The 0- and 1-quantiles are how MIN and MAX are released; one
+            // patient decides an exact extreme, so say what comes out.
+            Measure::Quantile {
+                expr, alpha, lo, ..
+            } if *alpha <= 0.0 => format!(
+                "MIN({expr}) as the private 0-quantile: a value between the bound {lo} and the true minimum (narrower bounds, or a low percentile, answer more sharply)"
+            ),
+            Measure::Quantile {
+                expr, alpha, hi, ..
+            } if *alpha >= 1.0 => format!(
+                "MAX({expr}) as the private 1-quantile: a value between the true maximum and the bound {hi} (narrower bounds, or a high percentile, answer more sharply)"
+            ),
             Measure::Quantile {
                 expr,
                 alpha,
@@ -168,62 +181,6 @@ impl Mechanism {
 pub(crate) struct Measurement {
     pub(crate) measure: Measure,
     pub(crate) mechanism: Mechanism,
-}
-
-/// How an aggregate of the release is produced from measurements.
-#[derive(Debug, Clone, PartialEq)]
-pub enum OutputKind {
-    Count {
-        m: usize,
-    },
-    /// A sum, judged by the noisy number of rows contributing to it; a
-    /// sum of values in [0, 1] is a count and is judged like one.
-    Sum {
-        m: usize,
-        contributors: usize,
-        count_like: bool,
-    },
-    /// mean = mid + Σ(x − mid) / n
-    Avg {
-        sum: usize,
-        count: usize,
-        mid: f64,
-        half: f64,
-    },
-    /// From n, Σ(x − mid) and Σ(x − mid)².
-    Var {
-        count: usize,
-        s1: usize,
-        s2: usize,
-        half: f64,
-        sample: bool,
-        sqrt: bool,
-    },
-    /// A quantile, judged by the noisy count of its values.
-    Quantile {
-        m: usize,
-        count: usize,
-    },
-}
-
-impl OutputKind {
-    fn measurements(&self) -> Vec<usize> {
-        match *self {
-            OutputKind::Count { m } => vec![m],
-            OutputKind::Sum {
-                m, contributors, ..
-            } => vec![m, contributors],
-            OutputKind::Quantile { m, count } => vec![m, count],
-            OutputKind::Avg { sum, count, .. } => vec![sum, count],
-            OutputKind::Var { count, s1, s2, .. } => vec![count, s1, s2],
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub(crate) struct AggOutput {
-    pub(crate) kind: OutputKind,
-    pub(crate) aggregate: &'static str,
 }
 
 /// A group key of the release: a public domain released in full, or a key
@@ -264,7 +221,8 @@ pub struct PrivatePlan {
     pub(crate) selection: Option<Selection>,
     pub(crate) keys: Vec<GroupKey>,
     pub(crate) measurements: Vec<Measurement>,
-    pub(crate) aggs: Vec<AggOutput>,
+    /// The released aggregate columns, in the release aggregate's order.
+    pub(crate) aggs: Vec<Arc<dyn DpAggregate>>,
     /// The release aggregate's output schema (keys, then aggregates).
     pub(crate) agg_schema: DFSchemaRef,
     /// The researcher's plan; its release aggregate is replaced by the
@@ -301,11 +259,7 @@ impl PrivatePlan {
         if !(1..=2).contains(&self.keys.len()) || self.keys.iter().any(|k| k.domain.is_none()) {
             return Err(refuse_totals("one or two group keys with public domains"));
         }
-        if self
-            .aggs
-            .iter()
-            .any(|a| !matches!(a.kind, OutputKind::Count { .. }))
-        {
+        if self.aggs.iter().any(|a| a.total().is_none()) {
             return Err(refuse_totals("COUNT columns only"));
         }
         let pass_through = self.columns.len() == self.keys.len() + self.aggs.len()
@@ -401,7 +355,10 @@ impl PrivatePlan {
     /// The discrete Laplace scale of measurement `m`, in its integer units
     /// (`None` for a quantile).
     pub fn laplace_scale(&self, m: usize) -> Option<f64> {
-        self.laplace(m).map(DiscreteLaplace::scale)
+        match self.measurements.get(m).map(|x| &x.mechanism) {
+            Some(Mechanism::Laplace(l)) => Some(l.scale()),
+            _ => None,
+        }
     }
     /// Key selection's `(epsilon, delta)`.
     pub fn key_selection_cost(&self) -> Option<(f64, f64)> {
@@ -469,8 +426,8 @@ impl PrivatePlan {
                     Some(i) if i < n_keys => ("group_key".to_owned(), String::new(), 0.0, None),
                     Some(i) => match self.aggs.get(i - n_keys) {
                         Some(a) => {
-                            let (mech, scale, half) = self.describe_output(&a.kind, alpha);
-                            (a.aggregate.to_owned(), mech, scale, half)
+                            let (mech, scale, half) = a.describe(&self.measurements, alpha);
+                            (a.kind().to_owned(), mech, scale, half)
                         }
                         None => ("derived".to_owned(), String::new(), 0.0, None),
                     },
@@ -490,52 +447,6 @@ impl PrivatePlan {
                 }
             })
             .collect()
-    }
-
-    fn laplace(&self, m: usize) -> Option<&DiscreteLaplace> {
-        match self.measurements.get(m).map(|m| &m.mechanism) {
-            Some(Mechanism::Laplace(l)) => Some(l),
-            _ => None,
-        }
-    }
-
-    /// Mechanism, noise scale and (where data-independent) the expected
-    /// 95% half-width of a cell.
-    fn describe_output(&self, kind: &OutputKind, alpha: f64) -> (String, f64, Option<f64>) {
-        let hw = |m: usize, unit: f64| {
-            self.laplace(m)
-                .and_then(|l| l.half_width(alpha).ok())
-                .map(|h| h / unit)
-        };
-        let scale = |m: usize, unit: f64| self.laplace(m).map_or(0.0, |l| l.scale() / unit);
-        match *kind {
-            OutputKind::Count { m } => ("discrete Laplace".into(), scale(m, 1.0), hw(m, 1.0)),
-            OutputKind::Sum { m, .. } => (
-                "discrete Laplace (fixed point)".into(),
-                scale(m, FIXED_POINT_SCALE),
-                hw(m, FIXED_POINT_SCALE),
-            ),
-            OutputKind::Avg { sum, .. } => (
-                "noisy sum / noisy count (discrete Laplace)".into(),
-                scale(sum, FIXED_POINT_SCALE),
-                None,
-            ),
-            OutputKind::Var { s2, .. } => (
-                "from noisy count, sum and sum of squares (discrete Laplace)".into(),
-                scale(s2, FIXED_POINT_SCALE),
-                None,
-            ),
-            OutputKind::Quantile { m, .. } => {
-                match self.measurements.get(m).map(|m| &m.mechanism) {
-                    Some(Mechanism::Quantile(q)) => (
-                        "exponential mechanism (OpenDP private quantile)".into(),
-                        q.scale(),
-                        None,
-                    ),
-                    _ => (String::new(), 0.0, None),
-                }
-            }
-        }
     }
 }
 
@@ -677,20 +588,21 @@ pub(crate) async fn compile(
 
     // Aggregates → measures.
     let unit_col = unit_column(&rel, input_schema);
-    let mut drafts: Vec<Draft> = Vec::new();
-    let mut aggs = Vec::new();
-    for e in &agg.aggr_expr {
-        aggs.push(aggregate(
-            e,
-            input_schema,
-            &rel,
-            unit_col.as_ref(),
-            k_total,
-            touchable,
-            &policy.privacy_unit,
-            &mut drafts,
-        )?);
-    }
+    let scope = aggregates::Scope {
+        schema: input_schema,
+        rel: &rel,
+        unit_col: unit_col.as_ref(),
+        k: k_total,
+        touchable,
+        unit: &policy.privacy_unit,
+    };
+    let mut drafts = aggregates::Drafts::default();
+    let aggs = agg
+        .aggr_expr
+        .iter()
+        .map(|e| aggregates::aggregate(e, &scope, &mut drafts))
+        .collect::<Result<Vec<_>, _>>()?;
+    let drafts = drafts.all();
     if drafts.is_empty() {
         return Err(refuse(
             Code::RowLevelSelect,
@@ -704,7 +616,7 @@ pub(crate) async fn compile(
         .map_err(|e| QueryError::Internal(e.to_string()))?;
     let dp = |e: tre_dp::DpError| QueryError::Internal(e.to_string());
     let mut measurements = Vec::with_capacity(drafts.len());
-    for d in &drafts {
+    for d in drafts {
         let mechanism = match &d.sensitivity {
             Sensitivity::L1(s) => {
                 Mechanism::Laplace(DiscreteLaplace::new(*s, eps_each).map_err(dp)?)
@@ -1177,401 +1089,6 @@ fn unit_column(rel: &Rel, schema: &datafusion::common::DFSchema) -> Option<Colum
         .map(|i| Column::from(schema.qualified_field(i)))
 }
 
-#[derive(PartialEq)]
-enum Sensitivity {
-    /// L1 sensitivity over all cells, for discrete Laplace.
-    L1(i64),
-    /// Quantile: a patient changes at most `k_total` rows.
-    Rows,
-}
-
-struct Draft {
-    measure: Measure,
-    /// The aggregate computed per cell (Laplace), or the bucket expression
-    /// (quantile).
-    expr: Expr,
-    sensitivity: Sensitivity,
-}
-
-fn push(drafts: &mut Vec<Draft>, d: Draft) -> usize {
-    drafts.push(d);
-    drafts.len() - 1
-}
-
-/// A measurement that disclosure control needs (a cell's noisy count) may
-/// already be asked for, e.g. by AVG of the same value: share it.
-fn reuse_or_push(drafts: &mut Vec<Draft>, d: Draft) -> usize {
-    match drafts
-        .iter()
-        .position(|x| x.expr == d.expr && x.sensitivity == d.sensitivity)
-    {
-        Some(i) => i,
-        None => push(drafts, d),
-    }
-}
-
-fn fixed_sensitivity(k: u64, bound: f64) -> Result<i64, QueryError> {
-    let per_row = (bound * FIXED_POINT_SCALE).ceil().max(1.0);
-    let k = i64::try_from(k).ok();
-    let per_row = (per_row < 9.0e15).then_some(per_row as i64);
-    k.zip(per_row)
-        .and_then(|(k, p)| k.checked_mul(p))
-        .ok_or_else(|| {
-            refuse(
-                Code::UnboundedColumn,
-                "the value bounds times the rows per patient are too large to sum safely; clamp(expr, lo, hi) to a narrower range",
-            )
-        })
-}
-
-/// `x` as Float64, clamped to `[lo, hi]`. The cast cannot fail
-/// (`TRY_CAST`), and NaN (which compares above every number) becomes `hi`.
-fn clamped(x: Expr, lo: f64, hi: f64) -> Result<Expr, QueryError> {
-    let x = try_cast(x, DataType::Float64);
-    when(
-        x.clone().gt_eq(lit(lo)).and(x.clone().lt_eq(lit(hi))),
-        x.clone(),
-    )
-    .when(x.clone().lt(lit(lo)), lit(lo))
-    .when(x.gt(lit(hi)), lit(hi))
-    .end()
-    .map_err(|e| QueryError::Internal(e.to_string()))
-}
-
-/// Round to the fixed-point grid as an exact decimal. `x` is clamped to
-/// bounds whose fixed-point value fits an i64 (`fixed_sensitivity`), so
-/// the cast always succeeds; it is a `TRY_CAST` all the same.
-fn fixed(x: Expr) -> Expr {
-    let scaled = x * lit(FIXED_POINT_SCALE);
-    try_cast(
-        datafusion::functions::math::expr_fn::round(vec![scaled]),
-        DataType::Decimal128(38, 0),
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn aggregate(
-    e: &Expr,
-    schema: &datafusion::common::DFSchema,
-    rel: &Rel,
-    unit_col: Option<&Column>,
-    k: u64,
-    touchable: u64,
-    unit: &str,
-    drafts: &mut Vec<Draft>,
-) -> Result<AggOutput, QueryError> {
-    let Expr::AggregateFunction(AggregateFunction { func, params }) = unalias(e) else {
-        return Err(refuse(
-            Code::UnsupportedAggregate,
-            format!("{e} is not a supported aggregate"),
-        ));
-    };
-    let name = func.name().to_lowercase();
-    let kk =
-        i64::try_from(k).map_err(|_| QueryError::Internal("rows per patient overflow".into()))?;
-    // FILTER (WHERE c) becomes CASE WHEN c THEN arg END.
-    let filter = match &params.filter {
-        Some(f) => {
-            relation::check_no_identifiers(f, schema, rel, Code::IdentifierInFilter)?;
-            Some(f.as_ref().clone())
-        }
-        None => None,
-    };
-    let gate = |x: Expr| -> Result<Expr, QueryError> {
-        match &filter {
-            Some(f) => when(f.clone(), x)
-                .end()
-                .map_err(|e| QueryError::Internal(e.to_string())),
-            None => Ok(x),
-        }
-    };
-    let is_percentile = matches!(
-        name.as_str(),
-        "percentile_cont" | "quantile_cont" | "approx_percentile_cont" | "median" | "approx_median"
-    );
-    if !params.order_by.is_empty() && !is_percentile {
-        return Err(refuse(
-            Code::UnsupportedAggregate,
-            format!("{name} with ORDER BY is not supported"),
-        ));
-    }
-    let arg = params.args.first().map(unalias);
-    // Bounds of the aggregated value.
-    let value = |a: &Expr| -> Result<(Expr, f64, f64), QueryError> {
-        let b = expr_bounds(a, schema, rel)?;
-        match b.range {
-            Some((lo, hi)) if lo < hi => Ok((a.clone(), lo, hi)),
-            Some((lo, hi)) => Ok((a.clone(), lo - 0.5, hi + 0.5)),
-            None => Err(refuse(
-                Code::UnboundedColumn,
-                format!(
-                    "{name}({a}) needs bounds on its argument, and none can be derived from the policy; wrap it as clamp({a}, lo, hi)"
-                ),
-            )),
-        }
-    };
-    match name.as_str() {
-        "count" => {
-            let is_unit = matches!(arg, Some(Expr::Column(c)) if schema.index_of_column(c).ok().map(|i| &rel.cols[i]) == Some(&Info::Unit));
-            if params.distinct {
-                if !is_unit {
-                    return Err(refuse(
-                        Code::UnsupportedAggregate,
-                        format!(
-                            "COUNT(DISTINCT ...) is supported only for the privacy unit: COUNT(DISTINCT {unit}) counts patients"
-                        ),
-                    ));
-                }
-                let Some(u) = unit_col else {
-                    return Err(QueryError::Internal("unit column vanished".into()));
-                };
-                let s = kk.min(i64::try_from(touchable).unwrap_or(i64::MAX)).max(1);
-                let m = push(
-                    drafts,
-                    Draft {
-                        measure: Measure::CountDistinctUnits,
-                        expr: count_distinct(gate(Expr::Column(u.clone()))?),
-                        sensitivity: Sensitivity::L1(s),
-                    },
-                );
-                return Ok(AggOutput {
-                    kind: OutputKind::Count { m },
-                    aggregate: "count_distinct_units",
-                });
-            }
-            let (measure, x) = match arg {
-                None | Some(Expr::Literal(..)) => (Measure::CountRows, lit(1i64)),
-                Some(a) if is_unit => (Measure::CountRows, a.clone()),
-                // Counting non-null values of a column reveals no value.
-                Some(Expr::Column(c)) => (
-                    Measure::CountNonNull {
-                        expr: c.to_string(),
-                    },
-                    Expr::Column(c.clone()),
-                ),
-                Some(a) => {
-                    relation::check_no_identifiers(a, schema, rel, Code::IdentifierInExpression)?;
-                    (
-                        Measure::CountNonNull {
-                            expr: a.to_string(),
-                        },
-                        a.clone(),
-                    )
-                }
-            };
-            let m = push(
-                drafts,
-                Draft {
-                    measure,
-                    expr: count(gate(x)?),
-                    sensitivity: Sensitivity::L1(kk),
-                },
-            );
-            Ok(AggOutput {
-                kind: OutputKind::Count { m },
-                aggregate: "count",
-            })
-        }
-        _ if params.distinct => Err(refuse(
-            Code::UnsupportedAggregate,
-            format!("{name}(DISTINCT ...) is not supported; only COUNT(DISTINCT {unit}) is"),
-        )),
-        "sum" => {
-            let Some(a) = arg else {
-                return Err(refuse(Code::UnsupportedAggregate, "SUM needs an argument"));
-            };
-            // A sum of values in [0, 1] counts something, so it is judged
-            // like a count (threshold and rounding).
-            let count_like = expr_bounds(a, schema, rel)?
-                .range
-                .is_some_and(|(lo, hi)| lo >= 0.0 && hi <= 1.0);
-            let (x, lo, hi) = value(a)?;
-            let s = fixed_sensitivity(k, lo.abs().max(hi.abs()))?;
-            let value = fixed(gate(clamped(x, lo, hi)?)?);
-            let m = push(
-                drafts,
-                Draft {
-                    measure: Measure::Sum {
-                        expr: a.to_string(),
-                        lo,
-                        hi,
-                    },
-                    expr: sum(value.clone()),
-                    sensitivity: Sensitivity::L1(s),
-                },
-            );
-            let zero = lit(ScalarValue::Decimal128(Some(0), 38, 0));
-            let contributors = reuse_or_push(
-                drafts,
-                Draft {
-                    measure: Measure::Contributors {
-                        expr: a.to_string(),
-                    },
-                    expr: count(
-                        when(value.not_eq(zero), lit(1i64))
-                            .end()
-                            .map_err(|e| QueryError::Internal(e.to_string()))?,
-                    ),
-                    sensitivity: Sensitivity::L1(kk),
-                },
-            );
-            Ok(AggOutput {
-                kind: OutputKind::Sum {
-                    m,
-                    contributors,
-                    count_like,
-                },
-                aggregate: "sum",
-            })
-        }
-        "avg" | "mean" | "var" | "var_samp" | "var_sample" | "var_pop" | "var_population"
-        | "stddev" | "stddev_samp" | "stddev_pop" => {
-            let Some(a) = arg else {
-                return Err(refuse(
-                    Code::UnsupportedAggregate,
-                    format!("{name} needs an argument"),
-                ));
-            };
-            let (x, lo, hi) = value(a)?;
-            let (mid, half) = ((lo + hi) / 2.0, (hi - lo) / 2.0);
-            let c = gate(clamped(x.clone(), lo, hi)?)?;
-            let text = a.to_string();
-            let count_m = reuse_or_push(
-                drafts,
-                Draft {
-                    measure: Measure::CountNonNull { expr: text.clone() },
-                    expr: count(c.clone()),
-                    sensitivity: Sensitivity::L1(kk),
-                },
-            );
-            let s1 = push(
-                drafts,
-                Draft {
-                    measure: Measure::CenteredSum {
-                        expr: text.clone(),
-                        mid,
-                        half,
-                    },
-                    expr: sum(fixed(c.clone() - lit(mid))),
-                    sensitivity: Sensitivity::L1(fixed_sensitivity(k, half)?),
-                },
-            );
-            if matches!(name.as_str(), "avg" | "mean") {
-                return Ok(AggOutput {
-                    kind: OutputKind::Avg {
-                        sum: s1,
-                        count: count_m,
-                        mid,
-                        half,
-                    },
-                    aggregate: "avg",
-                });
-            }
-            let centred = c - lit(mid);
-            let s2 = push(
-                drafts,
-                Draft {
-                    measure: Measure::CenteredSquares {
-                        expr: text,
-                        mid,
-                        half,
-                    },
-                    expr: sum(fixed(centred.clone() * centred)),
-                    sensitivity: Sensitivity::L1(fixed_sensitivity(k, half * half)?),
-                },
-            );
-            let sqrt = name.starts_with("stddev");
-            let sample = !name.ends_with("pop") && !name.ends_with("population");
-            Ok(AggOutput {
-                kind: OutputKind::Var {
-                    count: count_m,
-                    s1,
-                    s2,
-                    half,
-                    sample,
-                    sqrt,
-                },
-                aggregate: if sqrt { "stddev" } else { "variance" },
-            })
-        }
-        "median"
-        | "approx_median"
-        | "percentile_cont"
-        | "quantile_cont"
-        | "approx_percentile_cont" => {
-            let Some(a) = arg else {
-                return Err(refuse(
-                    Code::UnsupportedAggregate,
-                    format!("{name} needs an argument"),
-                ));
-            };
-            let mut alpha = if name.contains("median") {
-                0.5
-            } else {
-                match params.args.get(1).map(unalias) {
-                    Some(Expr::Literal(v, _)) => relation::scalar_f64(v).filter(|p| (0.0..=1.0).contains(p)),
-                    _ => None,
-                }
-                .ok_or_else(|| {
-                    refuse(Code::UnsupportedAggregate, format!("{name} needs a literal fraction between 0 and 1, e.g. percentile_cont(0.9) WITHIN GROUP (ORDER BY x)"))
-                })?
-            };
-            if params.order_by.first().is_some_and(|s| !s.asc) {
-                alpha = 1.0 - alpha;
-            }
-            let (x, lo, hi) = value(a)?;
-            let width = (hi - lo) / QUANTILE_BUCKETS as f64;
-            let c = gate(clamped(x, lo, hi)?)?;
-            let bucket = try_cast(
-                datafusion::functions::math::expr_fn::floor(
-                    (c.clone() - lit(lo)) * lit(1.0 / width),
-                ),
-                DataType::Int64,
-            );
-            let m = push(
-                drafts,
-                Draft {
-                    measure: Measure::Quantile {
-                        expr: a.to_string(),
-                        alpha,
-                        lo,
-                        hi,
-                    },
-                    expr: bucket,
-                    sensitivity: Sensitivity::Rows,
-                },
-            );
-            let count = reuse_or_push(
-                drafts,
-                Draft {
-                    measure: Measure::CountNonNull {
-                        expr: a.to_string(),
-                    },
-                    expr: count(c),
-                    sensitivity: Sensitivity::L1(kk),
-                },
-            );
-            Ok(AggOutput {
-                kind: OutputKind::Quantile { m, count },
-                aggregate: "quantile",
-            })
-        }
-        "min" | "max" => Err(refuse(
-            Code::UnsupportedAggregate,
-            format!(
-                "{} is not released under differential privacy (one patient decides it); use a percentile instead, e.g. percentile_cont(0.95) WITHIN GROUP (ORDER BY x)",
-                name.to_uppercase()
-            ),
-        )),
-        other => Err(refuse(
-            Code::UnsupportedAggregate,
-            format!(
-                "aggregate '{other}' is not supported; use COUNT, COUNT(DISTINCT {unit}), SUM, AVG, VARIANCE, STDDEV, MEDIAN or percentile_cont"
-            ),
-        )),
-    }
-}
-
 /// Replace every private table scan with its bounded version.
 async fn bound_scans(
     ctx: &SessionContext,
@@ -1777,10 +1294,10 @@ fn verify(plan: &PrivatePlan, private_scans: usize, budget: Budget) -> Result<()
     let n = plan.measurements.len();
     let mut used = vec![false; n];
     for a in &plan.aggs {
-        for m in a.kind.measurements() {
-            match used.get_mut(m) {
+        for m in a.measurements() {
+            match used.get_mut(m.index()) {
                 Some(u) => *u = true,
-                None => return bug(format!("aggregate {} has no mechanism", a.aggregate)),
+                None => return bug(format!("aggregate {} has no mechanism", a.kind())),
             }
         }
     }
