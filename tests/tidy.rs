@@ -8,7 +8,9 @@
 //!   depend on"; every workspace crate has a row;
 //! - every error code in `tre-core/src/code.rs` is used or marked retired;
 //! - no `match` over one of our status types has a `_ =>` arm, so a new
-//!   status makes the compiler point at every place that must decide it.
+//!   status makes the compiler point at every place that must decide it;
+//! - exact aggregates stay behind tre-query's `soundness-testing` feature,
+//!   which only the tests enable.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -339,4 +341,55 @@ fn no_wildcard_arm_decides_a_status() {
     assert_eq!(wildcard_status_matches(bad), [1]);
     let good = "match s {\n    ReleaseStatus::Held => 1,\n    ReleaseStatus::Released => 0,\n}\n";
     assert!(wildcard_status_matches(good).is_empty());
+}
+
+/// ARCHITECTURE.md: "exact aggregates never cross the engine's API". The
+/// only public path to them is tre-query's `soundness` module, compiled
+/// only with the `soundness-testing` feature, and no crate but the tests
+/// turns that feature on (issue #12).
+#[test]
+fn exact_aggregates_stay_behind_the_test_feature() {
+    let lib = read(&root().join("crates/tre-query/src/lib.rs"));
+    let at = lib
+        .find("pub mod soundness")
+        .unwrap_or_else(|| panic!("tre-query has no soundness module"));
+    let before: Vec<&str> = lib[..at].lines().rev().take(1).collect();
+    assert_eq!(
+        before,
+        [r#"#[cfg(feature = "soundness-testing")]"#],
+        "tre-query's soundness module must be compiled only for tests"
+    );
+    let mut enabling = Vec::new();
+    for dir in ["crates", "tests"] {
+        let base = root().join(dir);
+        let manifests: Vec<PathBuf> = if dir == "tests" {
+            vec![base.join("Cargo.toml")]
+        } else {
+            std::fs::read_dir(&base)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .map(|e| {
+                    e.unwrap_or_else(|e| panic!("{e}"))
+                        .path()
+                        .join("Cargo.toml")
+                })
+                .filter(|p| p.exists())
+                .collect()
+        };
+        for m in manifests {
+            let text = read(&m);
+            let own = m
+                .parent()
+                .and_then(|p| p.file_name())
+                .and_then(|n| n.to_str());
+            // tre-query declares the feature; anyone else who names it enables it.
+            if own != Some("tre-query") && text.contains("soundness-testing") {
+                enabling.push(m.display().to_string());
+            }
+        }
+    }
+    assert_eq!(
+        enabling,
+        [root().join("tests/Cargo.toml").display().to_string()],
+        "only the tests may enable soundness-testing"
+    );
 }
