@@ -433,7 +433,7 @@ async fn authorisation_matrix() {
     assert_eq!(cells, 24 * 8);
     // Every refusal was logged with its code and role.
     let refused = ok(server.state.store.audit_events(&AuditFilter {
-        outcome: Some("refused".into()),
+        outcome: Some(tre_core::Outcome::Refused),
         ..AuditFilter::default()
     }));
     let allowed: usize = expected

@@ -275,6 +275,8 @@ const STATUS_TYPES: &[&str] = &[
     "ReleaseOutcome::",
     "Settle::",
     "LedgerStatus::",
+    // The audit log's `tre_core::Outcome` (and, by its suffix, `ReleaseOutcome`).
+    "Outcome::",
 ];
 
 /// The `match` blocks in `text` whose arms name a status type and which

@@ -296,6 +296,51 @@ impl fmt::Display for Role {
     }
 }
 
+/// What became of a call, as its audit event records it: the audit log's
+/// vocabulary, shared by every crate that writes or filters events
+/// (issue #12). The log keeps it as text, so that a tampered event stays
+/// readable and is reported as tampered by the chain check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// The call did what it asked (a release, a decision, a read).
+    Allowed,
+    /// Refused before anything was charged or changed.
+    Refused,
+    /// Failed after its charge: the charge stands, and it is an incident.
+    Failed,
+    /// The caller went away before the call finished.
+    Cancelled,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Allowed,
+        Outcome::Refused,
+        Outcome::Failed,
+        Outcome::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allowed => "allowed",
+            Outcome::Refused => "refused",
+            Outcome::Failed => "failed",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Outcome::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {

@@ -51,7 +51,14 @@ impl Services {
             user: text(req.user),
             project: text(req.project),
             action: text(req.action),
-            outcome: text(req.outcome),
+            outcome: match text(req.outcome) {
+                None => None,
+                Some(o) => Some(tre_core::Outcome::parse(&o).ok_or_else(|| {
+                    GatewayError::BadRequest(format!(
+                        "'{o}' is no outcome; filter by allowed, refused, failed or cancelled"
+                    ))
+                })?),
+            },
             since,
             until,
             after_seq: (req.after_seq > 0).then_some(req.after_seq),

@@ -275,13 +275,12 @@ impl Services {
         e.release_hash = note.release_hash.clone();
         e.detail = note.detail.clone();
         match error {
-            None => e.outcome = "allowed".into(),
+            None => e.set_outcome(tre_core::Outcome::Allowed),
             Some(err) => {
-                e.outcome = match err {
-                    GatewayError::Cancelled => "cancelled",
-                    _ => "refused",
-                }
-                .into();
+                e.set_outcome(match err {
+                    GatewayError::Cancelled => tre_core::Outcome::Cancelled,
+                    _ => tre_core::Outcome::Refused,
+                });
                 e.code = err.code().as_str().into();
                 if e.detail.is_empty() {
                     e.detail = err.to_string();

@@ -13,6 +13,7 @@
 //! Before this guard the gateway settled a reservation in two places, and
 //! an event written after a panic lost the project and the SQL (issue #12).
 
+use tre_core::Outcome;
 use tre_store::{AuditEvent, Settle, Store, StoredRelease};
 
 use crate::{Caller, Fault, ReleaseError};
@@ -79,7 +80,7 @@ impl<'a> Record<'a> {
         if stored.status == tre_store::ReleaseStatus::Held {
             event.detail = format!("held for review: {}", stored.hold_reason);
         }
-        event.outcome = "allowed".into();
+        event.set_outcome(Outcome::Allowed);
         self.store.commit_release(ledger_id, stored, &event)?;
         self.written = true;
         Ok(())
@@ -110,14 +111,13 @@ impl<'a> Record<'a> {
         };
         let mut event = self.event.clone();
         match error {
-            None => event.outcome = "allowed".into(),
+            None => event.set_outcome(Outcome::Allowed),
             Some(e) => {
-                event.outcome = match (e, self.ledger_id) {
-                    (ReleaseError::Cancelled, _) => "cancelled",
-                    (_, Some(_)) => "failed",
-                    (_, None) => "refused",
-                }
-                .into();
+                event.set_outcome(match (e, self.ledger_id) {
+                    (ReleaseError::Cancelled, _) => Outcome::Cancelled,
+                    (_, Some(_)) => Outcome::Failed,
+                    (_, None) => Outcome::Refused,
+                });
                 event.code = e.code().as_str().into();
                 if event.detail.is_empty() {
                     event.detail = e.audit_detail();

@@ -39,7 +39,8 @@ pub struct AuditEvent {
     pub plan_hash: String,
     pub epsilon_nanos: i64,
     pub delta_femtos: i64,
-    /// allowed | refused | failed
+    /// A `tre_core::Outcome` as text; set it with `set_outcome`. Text, so
+    /// that a tampered value is still read and reported by the chain check.
     pub outcome: String,
     pub code: String,
     pub release_id: String,

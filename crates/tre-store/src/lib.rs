@@ -480,7 +480,7 @@ pub struct AuditFilter {
     pub user: Option<String>,
     pub project: Option<String>,
     pub action: Option<String>,
-    pub outcome: Option<String>,
+    pub outcome: Option<tre_core::Outcome>,
     /// Inclusive. A time, not text: offsets and sub-second boundaries
     /// compare as instants (issue #11).
     pub since: Option<chrono::DateTime<chrono::Utc>>,
@@ -663,6 +663,16 @@ impl AuditEvent {
             action: action.to_owned(),
             ..Self::default()
         }
+    }
+
+    pub fn set_outcome(&mut self, outcome: tre_core::Outcome) {
+        self.outcome = outcome.as_str().to_owned();
+    }
+
+    /// The recorded outcome; `None` for text that is no outcome (a damaged
+    /// or tampered event).
+    pub fn outcome(&self) -> Option<tre_core::Outcome> {
+        tre_core::Outcome::parse(&self.outcome)
     }
 }
 

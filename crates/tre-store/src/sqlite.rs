@@ -152,7 +152,7 @@ impl SqliteStore {
         );
         history(tx, &id, INCIDENT_ACTOR, "suspend", &reason, 0, 0)?;
         let mut e = AuditEvent::new(INCIDENT_ACTOR, "system", id.as_str(), "project.suspend");
-        e.outcome = "allowed".into();
+        e.set_outcome(tre_core::Outcome::Allowed);
         e.detail = reason;
         self.append(tx, &e)?;
         Ok(())
@@ -283,7 +283,7 @@ impl SqliteStore {
                 filter.user,
                 filter.project,
                 filter.action,
-                filter.outcome,
+                filter.outcome.map(tre_core::Outcome::as_str),
                 filter.since.map(crate::log_time_at_or_after),
                 filter.until.map(crate::log_time_at_or_after),
                 limit,
@@ -497,7 +497,7 @@ impl crate::Store for SqliteStore {
                 seed.delta.as_femtos(),
             )?;
             let mut e = AuditEvent::new(operator, "admin", seed.id.as_str(), "project.seed");
-            e.outcome = "allowed".into();
+            e.set_outcome(tre_core::Outcome::Allowed);
             e.epsilon_nanos = seed.epsilon.as_nanos();
             e.delta_femtos = seed.delta.as_femtos();
             e.detail = format!(
@@ -850,7 +850,7 @@ impl crate::Store for SqliteStore {
                 [id],
             )?;
             let mut e = AuditEvent::new(user, "researcher", project, "query.submit");
-            e.outcome = "failed".into();
+            e.set_outcome(tre_core::Outcome::Failed);
             e.code = tre_core::Code::ExecutionFailed.as_str().into();
             e.plan_hash = plan_hash.clone();
             e.epsilon_nanos = *eps;

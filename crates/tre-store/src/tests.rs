@@ -266,7 +266,7 @@ fn interrupted_reservations_keep_their_charge_and_are_audited() {
     assert_eq!(ledger[0].status, LedgerStatus::Interrupted);
     assert_eq!(ok(s.project(&p)).epsilon_spent_nanos, 500_000_000);
     let events = ok(s.audit_events(&AuditFilter {
-        outcome: Some("failed".into()),
+        outcome: Some(tre_core::Outcome::Failed),
         ..AuditFilter::default()
     }));
     assert_eq!(events.len(), 1);
@@ -282,12 +282,11 @@ fn event(i: usize) -> AuditEvent {
         ["query.submit", "query.dry_run", "budget.show"][i % 3],
     );
     e.sql = format!("SELECT sex, COUNT(*) FROM patients WHERE year_of_birth > {i} GROUP BY sex");
-    e.outcome = if i.is_multiple_of(4) {
-        "refused"
+    e.set_outcome(if i.is_multiple_of(4) {
+        tre_core::Outcome::Refused
     } else {
-        "allowed"
-    }
-    .into();
+        tre_core::Outcome::Allowed
+    });
     e.epsilon_nanos = (i as i64) * 1_000_000;
     e.client = "127.0.0.1:5000".into();
     e
@@ -317,7 +316,7 @@ fn audit_filter_and_checkpoints() {
     assert!(bob.iter().all(|e| e.event.user == "bob"));
     let refused_submits = ok(s.audit_events(&AuditFilter {
         action: Some("query.submit".into()),
-        outcome: Some("refused".into()),
+        outcome: Some(tre_core::Outcome::Refused),
         ..AuditFilter::default()
     }));
     // i ≡ 0 (mod 3) and i ≡ 0 (mod 4): 0, 12, 24.
