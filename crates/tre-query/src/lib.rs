@@ -33,12 +33,13 @@ mod release;
 mod sandbox;
 mod udf;
 
-pub use compile::{Budget, FIXED_POINT_SCALE, FunctionInfo, Measure, PrivatePlan, functions};
+pub use compile::{Budget, FIXED_POINT_SCALE, Measure, PrivatePlan};
 pub use release::{Cell, Release, ReleaseColumn};
 pub use sandbox::FACTORY_ID;
 /// The disclosure vocabulary a `Release` carries, so its users need not
 /// depend on tre-sdc.
 pub use tre_sdc::{ReleaseOutcome, Status as CellStatus};
+pub use udf::{FunctionInfo, functions};
 
 /// One error enum for the engine, keeping the kinds apart: refusals are the
 /// researcher's to fix and cost nothing; execution failures happen after

@@ -1,9 +1,18 @@
-//! Every function tre adds to DataFusion, in one place: the internal ones
-//! the rewrite inserts (never callable by a researcher: the compiler
-//! refuses any function its allow-list in `compile/total.rs` does not
-//! name, and these names are not in it), `clamp`, which researchers may
-//! call, and the registration of all of them together with tre's total
-//! versions of DataFusion's partial functions (`functions.rs`). Issue #12.
+//! Every function tre adds to DataFusion, and every function a researcher
+//! may call, in one place (issue #12):
+//! - the researcher-callable list (`FUNCTIONS`): each function a query may
+//!   call, with the argument rules that make it total and cheap and the
+//!   reason it cannot fail; the compiler (`compile/total.rs`) refuses any
+//!   other function, and the catalog lists these;
+//! - the internal functions the rewrite inserts (`Internal`), looked up by
+//!   type and never callable: their names are not on the list;
+//! - `clamp`, which researchers may call;
+//! - the registration of all of them together with tre's total versions of
+//!   DataFusion's partial functions (`functions.rs`).
+//!
+//! The test `the_callable_list_and_the_registry_agree` checks that every
+//! listed function resolves in the sandbox and that no internal one is
+//! listed.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
@@ -22,6 +31,348 @@ use ring::rand::{SecureRandom, SystemRandom};
 /// `clamp(expr, lo, hi)`: bounds a researcher can give where the compiler
 /// cannot derive them.
 pub(crate) const CLAMP_UDF: &str = "clamp";
+
+// The researcher-callable list: every function a query may call, with
+// the argument rules that make each one total. The compiler refuses any
+// other function (`compile/total.rs` checks calls against it).
+
+/// Longest text a literal argument (a pad, a replacement, a LIKE
+/// pattern, a date format) may have.
+pub(crate) const MAX_LITERAL_TEXT: usize = 256;
+/// Largest length `lpad`/`rpad`/`left`/`right` may ask for.
+pub(crate) const MAX_PAD: i64 = 1_000;
+
+/// How an argument must look for the call to be total and cheap.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Arg {
+    /// Any value of an allowed type.
+    Value,
+    /// An integer literal within the bounds.
+    Int(i64, i64),
+    /// A non-null text literal of at most [`MAX_LITERAL_TEXT`] characters.
+    Text,
+    /// A text literal naming one of these date parts (any case).
+    Part(&'static [&'static str]),
+    /// A date or a timestamp (not an untyped NULL, which the date kernels
+    /// reject).
+    Temporal,
+}
+
+/// How long a function's text result can be, from its arguments' lengths.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Size {
+    /// Not text.
+    Value,
+    /// At most `factor` times argument `i`.
+    Arg(usize, f64),
+    /// At most the longest argument.
+    Longest,
+    /// At most the sum of the arguments (separator repeated for concat_ws).
+    Sum,
+    /// At most the integer literal in argument `i`.
+    Literal(usize),
+    /// `replace(s, from, to)`.
+    Replace,
+}
+
+/// One allow-listed function.
+#[derive(Debug)]
+pub(crate) struct Rule {
+    pub(crate) name: &'static str,
+    /// Positional argument rules; the last repeats for variadic functions.
+    pub(crate) args: &'static [Arg],
+    pub(crate) min_args: usize,
+    pub(crate) max_args: usize,
+    pub(crate) size: Size,
+    /// Why no value of its arguments can make it fail.
+    pub(crate) total_because: &'static str,
+}
+
+const TRUNC_PARTS: &[&str] = &[
+    "year", "quarter", "month", "week", "day", "hour", "minute", "second",
+];
+const DATE_PARTS: &[&str] = &[
+    "year", "quarter", "month", "week", "day", "dow", "doy", "isodow", "hour", "minute", "second",
+];
+
+const fn rule(
+    name: &'static str,
+    args: &'static [Arg],
+    min_args: usize,
+    max_args: usize,
+    size: Size,
+    total_because: &'static str,
+) -> Rule {
+    Rule {
+        name,
+        args,
+        min_args,
+        max_args,
+        size,
+        total_because,
+    }
+}
+
+const FLOAT_MATH: &str = "floating-point arithmetic: NaN or infinity instead of an error; integers are cast to float first (TRY_CAST)";
+const NO_ERROR_PATH: &str =
+    "DataFusion's implementation has no error path for values of the allowed types";
+const TRE_TOTAL: &str =
+    "tre's own total implementation (crate::functions) returns NULL where DataFusion's would fail";
+
+/// Every function a query may call. Anything else is refused (TRE-Q020).
+pub(crate) const FUNCTIONS: &[Rule] = &[
+    rule("abs", &[Arg::Value], 1, 1, Size::Value, TRE_TOTAL),
+    rule(
+        "round",
+        &[Arg::Value, Arg::Int(-16, 16)],
+        1,
+        2,
+        Size::Value,
+        "the number of decimal places is a small literal",
+    ),
+    rule("floor", &[Arg::Value], 1, 1, Size::Value, NO_ERROR_PATH),
+    rule("ceil", &[Arg::Value], 1, 1, Size::Value, NO_ERROR_PATH),
+    rule(
+        "trunc",
+        &[Arg::Value, Arg::Int(-16, 16)],
+        1,
+        2,
+        Size::Value,
+        "the precision is a small literal",
+    ),
+    rule("sqrt", &[Arg::Value], 1, 1, Size::Value, TRE_TOTAL),
+    rule("ln", &[Arg::Value], 1, 1, Size::Value, FLOAT_MATH),
+    rule("log", &[Arg::Value], 1, 2, Size::Value, FLOAT_MATH),
+    rule("log10", &[Arg::Value], 1, 1, Size::Value, FLOAT_MATH),
+    rule("log2", &[Arg::Value], 1, 1, Size::Value, FLOAT_MATH),
+    rule("exp", &[Arg::Value], 1, 1, Size::Value, FLOAT_MATH),
+    rule("signum", &[Arg::Value], 1, 1, Size::Value, FLOAT_MATH),
+    rule("power", &[Arg::Value], 2, 2, Size::Value, TRE_TOTAL),
+    rule(
+        "greatest",
+        &[Arg::Value],
+        1,
+        32,
+        Size::Longest,
+        NO_ERROR_PATH,
+    ),
+    rule("least", &[Arg::Value], 1, 32, Size::Longest, NO_ERROR_PATH),
+    rule("nanvl", &[Arg::Value], 2, 2, Size::Value, NO_ERROR_PATH),
+    rule("isnan", &[Arg::Value], 1, 1, Size::Value, NO_ERROR_PATH),
+    rule("iszero", &[Arg::Value], 1, 1, Size::Value, NO_ERROR_PATH),
+    rule(
+        CLAMP_UDF,
+        &[Arg::Value],
+        3,
+        3,
+        Size::Value,
+        "tre's own clamp: NULL for NULL or NaN",
+    ),
+    rule(
+        "coalesce",
+        &[Arg::Value],
+        1,
+        32,
+        Size::Longest,
+        NO_ERROR_PATH,
+    ),
+    rule("nullif", &[Arg::Value], 2, 2, Size::Longest, NO_ERROR_PATH),
+    rule("nvl", &[Arg::Value], 2, 2, Size::Longest, NO_ERROR_PATH),
+    rule("ifnull", &[Arg::Value], 2, 2, Size::Longest, NO_ERROR_PATH),
+    rule(
+        "lower",
+        &[Arg::Value],
+        1,
+        1,
+        Size::Arg(0, 3.0),
+        "Unicode case mapping of valid UTF-8",
+    ),
+    rule(
+        "upper",
+        &[Arg::Value],
+        1,
+        1,
+        Size::Arg(0, 3.0),
+        "Unicode case mapping of valid UTF-8",
+    ),
+    rule(
+        "btrim",
+        &[Arg::Value, Arg::Text],
+        1,
+        2,
+        Size::Arg(0, 1.0),
+        NO_ERROR_PATH,
+    ),
+    rule(
+        "ltrim",
+        &[Arg::Value, Arg::Text],
+        1,
+        2,
+        Size::Arg(0, 1.0),
+        NO_ERROR_PATH,
+    ),
+    rule(
+        "rtrim",
+        &[Arg::Value, Arg::Text],
+        1,
+        2,
+        Size::Arg(0, 1.0),
+        NO_ERROR_PATH,
+    ),
+    rule(
+        "character_length",
+        &[Arg::Value],
+        1,
+        1,
+        Size::Value,
+        NO_ERROR_PATH,
+    ),
+    rule("length", &[Arg::Value], 1, 1, Size::Value, NO_ERROR_PATH),
+    rule("substr", &[Arg::Value], 2, 3, Size::Arg(0, 1.0), TRE_TOTAL),
+    rule(
+        "starts_with",
+        &[Arg::Value],
+        2,
+        2,
+        Size::Value,
+        NO_ERROR_PATH,
+    ),
+    rule("ends_with", &[Arg::Value], 2, 2, Size::Value, NO_ERROR_PATH),
+    rule("concat", &[Arg::Value], 1, 32, Size::Sum, NO_ERROR_PATH),
+    rule("concat_ws", &[Arg::Value], 2, 32, Size::Sum, NO_ERROR_PATH),
+    rule("strpos", &[Arg::Value], 2, 2, Size::Value, NO_ERROR_PATH),
+    rule(
+        "left",
+        &[Arg::Value, Arg::Int(-MAX_PAD, MAX_PAD)],
+        2,
+        2,
+        Size::Arg(0, 1.0),
+        "the length is a literal within ±1000",
+    ),
+    rule(
+        "right",
+        &[Arg::Value, Arg::Int(-MAX_PAD, MAX_PAD)],
+        2,
+        2,
+        Size::Arg(0, 1.0),
+        "the length is a literal within ±1000",
+    ),
+    rule(
+        "replace",
+        &[Arg::Value, Arg::Text, Arg::Text],
+        3,
+        3,
+        Size::Replace,
+        "the pattern and the replacement are short literals",
+    ),
+    rule(
+        "lpad",
+        &[Arg::Value, Arg::Int(0, MAX_PAD), Arg::Text],
+        2,
+        3,
+        Size::Literal(1),
+        "the length is a literal in 0..=1000 and the fill a short literal",
+    ),
+    rule(
+        "rpad",
+        &[Arg::Value, Arg::Int(0, MAX_PAD), Arg::Text],
+        2,
+        3,
+        Size::Literal(1),
+        "the length is a literal in 0..=1000 and the fill a short literal",
+    ),
+    rule(
+        "date_trunc",
+        &[Arg::Part(TRUNC_PARTS), Arg::Temporal],
+        2,
+        2,
+        Size::Value,
+        "the unit is a literal from a fixed list; dates outside the timestamp range become NULL by TRY_CAST",
+    ),
+    rule(
+        "date_part",
+        &[Arg::Part(DATE_PARTS), Arg::Temporal],
+        2,
+        2,
+        Size::Value,
+        "the part is a literal from a fixed list",
+    ),
+    rule(
+        "to_date",
+        &[Arg::Value, Arg::Text],
+        1,
+        5,
+        Size::Value,
+        TRE_TOTAL,
+    ),
+    rule("make_date", &[Arg::Value], 3, 3, Size::Value, TRE_TOTAL),
+];
+
+/// A function a query may call, for the catalog.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FunctionInfo {
+    pub name: &'static str,
+    /// The rule for each argument, in words; the last one repeats up to
+    /// `max_args`.
+    pub arguments: Vec<String>,
+    pub min_args: usize,
+    pub max_args: usize,
+    pub total_because: &'static str,
+}
+
+impl FunctionInfo {
+    /// e.g. `lpad(value; integer literal 0..=1000; text literal)`.
+    pub fn signature(&self) -> String {
+        let more = if self.max_args > self.arguments.len() {
+            format!("; ... up to {} arguments", self.max_args)
+        } else {
+            String::new()
+        };
+        format!("{}({}{more})", self.name, self.arguments.join("; "))
+    }
+}
+
+/// Every allow-listed function with its argument rules, for the catalog
+/// and for the test that calls each on adversarial values.
+pub fn functions() -> Vec<FunctionInfo> {
+    FUNCTIONS
+        .iter()
+        .map(|r| FunctionInfo {
+            name: r.name,
+            arguments: r
+                .args
+                .iter()
+                .take(r.max_args)
+                .map(|a| match a {
+                    Arg::Value => "value".to_owned(),
+                    Arg::Int(lo, hi) => format!("integer literal {lo}..={hi}"),
+                    Arg::Text => {
+                        format!("text literal of at most {MAX_LITERAL_TEXT} characters")
+                    }
+                    Arg::Part(parts) => format!("one of '{}'", parts.join("', '")),
+                    Arg::Temporal => "date or timestamp".to_owned(),
+                })
+                .collect(),
+            min_args: r.min_args,
+            max_args: r.max_args,
+            total_because: r.total_because,
+        })
+        .collect()
+}
+
+/// The rule for a function, by the name DataFusion resolved it to (aliases
+/// resolve to the canonical name).
+pub(crate) fn function_rule(name: &str) -> Option<&'static Rule> {
+    let name = match name {
+        "pow" => "power",
+        "substring" => "substr",
+        "char_length" => "character_length",
+        "datepart" => "date_part",
+        "trim" => "btrim",
+        other => other,
+    };
+    FUNCTIONS.iter().find(|r| r.name == name)
+}
 
 /// The functions only the rewrite inserts, by type rather than by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

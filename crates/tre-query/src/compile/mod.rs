@@ -24,8 +24,6 @@ mod bounds;
 mod relation;
 mod total;
 
-pub use self::total::{FunctionInfo, functions};
-
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
