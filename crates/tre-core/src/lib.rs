@@ -17,26 +17,38 @@ pub use code::Code;
 /// Errors raised while validating raw values into domain types.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum CoreError {
-    #[error("{code} epsilon must be a finite number greater than 0 and at most 1e6, got {value}; pass a positive epsilon such as 0.5", code = Code::InvalidEpsilon)]
+    #[error("{code} epsilon must be a finite number greater than 0 and at most 1e6, got {value}; pass a positive epsilon such as 0.5", code = self.code())]
     InvalidEpsilon { value: f64 },
-    #[error("{code} {what} '{value}' is not valid: {why}", code = Code::InvalidIdentifier)]
+    #[error("{code} {what} '{value}' is not valid: {why}", code = self.code())]
     InvalidId {
         what: &'static str,
         value: String,
         why: &'static str,
     },
-    #[error("{code} delta must be a finite number in [0, 1e-3], got {value}; pass a small delta such as 1e-7, or 0 for pure epsilon", code = Code::InvalidEpsilon)]
+    #[error("{code} delta must be a finite number in [0, 1e-3], got {value}; pass a small delta such as 1e-7, or 0 for pure epsilon", code = self.code())]
     InvalidDelta { value: f64 },
     /// A budget someone asked for, smaller than the ledger can record.
-    #[error("{code} {what} {value} is below the smallest amount the ledger records, {min}; ask for at least {min}{or_zero}", code = Code::InvalidEpsilon)]
+    #[error("{code} {what} {value} is below the smallest amount the ledger records, {min}; ask for at least {min}{or_zero}", code = self.code())]
     BelowLedgerGrain {
         what: &'static str,
         value: f64,
         min: f64,
         or_zero: &'static str,
     },
-    #[error("{code} unknown role '{0}'; use one of researcher, custodian, auditor, admin", code = Code::InvalidIdentifier)]
+    #[error("{code} unknown role '{0}'; use one of researcher, custodian, auditor, admin", code = self.code())]
     UnknownRole(String),
+}
+
+impl CoreError {
+    /// The stable code, written once: the message's prefix comes from here.
+    pub fn code(&self) -> Code {
+        match self {
+            CoreError::InvalidEpsilon { .. }
+            | CoreError::InvalidDelta { .. }
+            | CoreError::BelowLedgerGrain { .. } => Code::InvalidEpsilon,
+            CoreError::InvalidId { .. } | CoreError::UnknownRole(_) => Code::InvalidIdentifier,
+        }
+    }
 }
 
 /// A privacy-loss parameter: finite and strictly positive.

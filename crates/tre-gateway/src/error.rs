@@ -11,28 +11,44 @@ use tre_store::StoreError;
 pub enum ServerFault {
     /// The server cannot start or keep serving (listening address, TLS,
     /// plaintext off loopback). The operator's to fix.
-    #[error("{code} the server cannot serve: {0}", code = Code::Internal)]
+    #[error("{code} the server cannot serve: {0}", code = self.code())]
     Startup(String),
     /// A key file could not be read, created or parsed.
-    #[error("{code} key file {path}: {reason}", code = Code::Internal)]
+    #[error("{code} key file {path}: {reason}", code = self.code())]
     KeyFile { path: String, reason: String },
-    #[error("{code} the system random source failed", code = Code::Internal)]
+    #[error("{code} the system random source failed", code = self.code())]
     Random,
-    #[error("{code} cannot sign: {0}", code = Code::Internal)]
+    #[error("{code} cannot sign: {0}", code = self.code())]
     Signing(String),
     /// A release, manifest or log page could not be written as JSON.
-    #[error("{code} cannot encode JSON: {0}", code = Code::Internal)]
+    #[error("{code} cannot encode JSON: {0}", code = self.code())]
     Json(#[from] serde_json::Error),
     /// The release pipeline's own failure (a stored release unreadable, a
     /// manifest unsigned, a panic in a query).
     #[error(transparent)]
     Release(#[from] tre_release::Fault),
     /// The task running a Submit ended without an answer.
-    #[error("{code} the query task failed: {0}", code = Code::Internal)]
+    #[error("{code} the query task failed: {0}", code = self.code())]
     TaskFailed(#[from] tokio::task::JoinError),
     /// A bug: the handler panicked. The details go to the audit log.
-    #[error("{code} internal error: the handler panicked: {0}", code = Code::Internal)]
+    #[error("{code} internal error: the handler panicked: {0}", code = self.code())]
     Panicked(String),
+}
+
+impl ServerFault {
+    /// Every server fault shows the caller only `TRE-I001`.
+    pub fn code(&self) -> Code {
+        match self {
+            ServerFault::Startup(_)
+            | ServerFault::KeyFile { .. }
+            | ServerFault::Random
+            | ServerFault::Signing(_)
+            | ServerFault::Json(_)
+            | ServerFault::Release(_)
+            | ServerFault::TaskFailed(_)
+            | ServerFault::Panicked(_) => Code::Internal,
+        }
+    }
 }
 
 impl From<serde_json::Error> for GatewayError {
@@ -62,19 +78,19 @@ impl From<tokio::task::JoinError> for GatewayError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    #[error("{code} {0}", code = Code::Unauthenticated)]
+    #[error("{code} {0}", code = self.code())]
     Unauthenticated(String),
-    #[error("{code} the token has expired; ask the operator for a new one", code = Code::TokenExpired)]
+    #[error("{code} the token has expired; ask the operator for a new one", code = self.code())]
     TokenExpired,
-    #[error("{code} the token has been revoked; ask the operator for a new one", code = Code::TokenRevoked)]
+    #[error("{code} the token has been revoked; ask the operator for a new one", code = self.code())]
     TokenRevoked,
-    #[error("{code} {0}", code = Code::PermissionDenied)]
+    #[error("{code} {0}", code = self.code())]
     PermissionDenied(String),
-    #[error("{code} {0}", code = Code::OwnProject)]
+    #[error("{code} {0}", code = self.code())]
     OwnProject(String),
-    #[error("{code} {0}", code = Code::UnknownTable)]
+    #[error("{code} {0}", code = self.code())]
     NotFound(String),
-    #[error("{code} {0}", code = Code::InvalidArgument)]
+    #[error("{code} {0}", code = self.code())]
     BadRequest(String),
     #[error(transparent)]
     Core(#[from] tre_core::CoreError),
@@ -87,10 +103,10 @@ pub enum GatewayError {
     Server(#[from] ServerFault),
     /// The client cancelled the call, or its deadline passed, before the
     /// call finished.
-    #[error("{code} the call was cancelled by the client before it finished; anything charged stays charged and any release can be fetched with `tre release list`", code = Code::Cancelled)]
+    #[error("{code} the call was cancelled by the client before it finished; anything charged stays charged and any release can be fetched with `tre release list`", code = self.code())]
     Cancelled,
     /// The transport refused the request before a handler read it.
-    #[error("{code} the request was refused before it was read ({message}); send a well-formed request, within the server's size limit, to a method tre serves", code = Code::RequestRejected)]
+    #[error("{code} the request was refused before it was read ({message}); send a well-formed request, within the server's size limit, to a method tre serves", code = self.code())]
     Rejected { grpc: GrpcCode, message: String },
 }
 
@@ -104,17 +120,10 @@ impl GatewayError {
             GatewayError::OwnProject(_) => Code::OwnProject,
             GatewayError::NotFound(_) => Code::UnknownTable,
             GatewayError::BadRequest(_) => Code::InvalidArgument,
-            GatewayError::Core(e) => match e {
-                tre_core::CoreError::InvalidEpsilon { .. }
-                | tre_core::CoreError::InvalidDelta { .. }
-                | tre_core::CoreError::BelowLedgerGrain { .. } => Code::InvalidEpsilon,
-                tre_core::CoreError::InvalidId { .. } | tre_core::CoreError::UnknownRole(_) => {
-                    Code::InvalidIdentifier
-                }
-            },
+            GatewayError::Core(e) => e.code(),
             GatewayError::Query(q) => q.code(),
             GatewayError::Store(s) => s.code(),
-            GatewayError::Server(_) => Code::Internal,
+            GatewayError::Server(f) => f.code(),
             GatewayError::Cancelled => Code::Cancelled,
             GatewayError::Rejected { .. } => Code::RequestRejected,
         }

@@ -52,7 +52,7 @@ pub enum QueryError {
     Refused { code: Code, message: String },
     /// Something failed after the query touched data. `detail` is for the
     /// audit log only and must never reach the researcher.
-    #[error("{code} the query failed while running; its cost has been charged and the details are in the audit log", code = Code::ExecutionFailed)]
+    #[error("{code} the query failed while running; its cost has been charged and the details are in the audit log", code = self.code())]
     Execution { detail: String },
     /// The engine could not start: a bad extract, key or policy mismatch.
     #[error("{code} {message}")]
@@ -60,7 +60,7 @@ pub enum QueryError {
     #[error(transparent)]
     Vault(#[from] tre_vault::VaultError),
     /// A bug: an invariant of the compiler or the release was broken.
-    #[error("{code} internal error: {0}", code = Code::Internal)]
+    #[error("{code} internal error: {0}", code = self.code())]
     Internal(String),
 }
 
@@ -77,12 +77,7 @@ impl QueryError {
         match self {
             QueryError::Refused { code, .. } | QueryError::Setup { code, .. } => *code,
             QueryError::Execution { .. } => Code::ExecutionFailed,
-            QueryError::Vault(v) => match v {
-                tre_vault::VaultError::MasterKey(_) => Code::MasterKey,
-                tre_vault::VaultError::WrongMasterKey { .. } => Code::WrongMasterKey,
-                tre_vault::VaultError::Unreadable { .. } => Code::ExtractUnreadable,
-                tre_vault::VaultError::Crypto(_) => Code::Internal,
-            },
+            QueryError::Vault(v) => v.code(),
             QueryError::Internal(_) => Code::Internal,
         }
     }

@@ -38,7 +38,7 @@ pub enum ReleaseError {
     Store(#[from] StoreError),
     /// The caller went away (the pipeline's future was dropped) before
     /// the query finished.
-    #[error("{code} the call was cancelled by the client before it finished; anything charged stays charged and any release can be fetched with `tre release list`", code = Code::Cancelled)]
+    #[error("{code} the call was cancelled by the client before it finished; anything charged stays charged and any release can be fetched with `tre release list`", code = self.code())]
     Cancelled,
     #[error(transparent)]
     Fault(#[from] Fault),
@@ -48,33 +48,48 @@ pub enum ReleaseError {
 #[derive(Debug, thiserror::Error)]
 pub enum Fault {
     /// A release or its manifest could not be written as JSON.
-    #[error("{code} cannot encode a release as JSON: {0}", code = Code::Internal)]
+    #[error("{code} cannot encode a release as JSON: {0}", code = self.code())]
     Json(#[from] serde_json::Error),
     /// A stored release body no longer parses: the store is damaged.
-    #[error("{code} stored release {id} is unreadable: {source}", code = Code::Internal)]
+    #[error("{code} stored release {id} is unreadable: {source}", code = self.code())]
     StoredRelease {
         id: String,
         source: serde_json::Error,
     },
-    #[error("{code} cannot sign a release manifest: {0}", code = Code::Internal)]
+    #[error("{code} cannot sign a release manifest: {0}", code = self.code())]
     Signing(String),
-    #[error("{code} the {0} lock is poisoned", code = Code::Internal)]
+    #[error("{code} the {0} lock is poisoned", code = self.code())]
     Poisoned(&'static str),
     /// A bug: the pipeline panicked. The message goes to the audit log.
-    #[error("{code} internal error: the query panicked: {0}", code = Code::Internal)]
+    #[error("{code} internal error: the query panicked: {0}", code = self.code())]
     Panicked(String),
     /// A bug: a reservation was left neither committed nor failed.
-    #[error("{code} internal error: a reservation ended without a release", code = Code::Internal)]
+    #[error("{code} internal error: a reservation ended without a release", code = self.code())]
     Unsettled,
 }
 
+impl Fault {
+    /// Every fault is the server's: the caller sees only `TRE-I001`.
+    pub fn code(&self) -> Code {
+        match self {
+            Fault::Json(_)
+            | Fault::StoredRelease { .. }
+            | Fault::Signing(_)
+            | Fault::Poisoned(_)
+            | Fault::Panicked(_)
+            | Fault::Unsettled => Code::Internal,
+        }
+    }
+}
+
 impl ReleaseError {
+    /// The stable code, written once: the message's prefix comes from here.
     pub fn code(&self) -> Code {
         match self {
             ReleaseError::Query(e) => e.code(),
             ReleaseError::Store(e) => e.code(),
             ReleaseError::Cancelled => Code::Cancelled,
-            ReleaseError::Fault(_) => Code::Internal,
+            ReleaseError::Fault(f) => f.code(),
         }
     }
 

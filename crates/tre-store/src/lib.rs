@@ -30,51 +30,51 @@ pub use sqlite::{INCIDENT_ACTOR, SqliteStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{code} unknown project '{0}'; ask a custodian which projects you belong to", code = Code::UnknownProject)]
+    #[error("{code} unknown project '{0}'; ask a custodian which projects you belong to", code = self.code())]
     UnknownProject(String),
-    #[error("{code} project '{0}' already exists; choose another id", code = Code::ProjectExists)]
+    #[error("{code} project '{0}' already exists; choose another id", code = self.code())]
     ProjectExists(String),
-    #[error("{code} project '{project}' is {status}, not active; only an approved, active project can be queried", code = Code::ProjectNotActive)]
+    #[error("{code} project '{project}' is {status}, not active; only an approved, active project can be queried", code = self.code())]
     ProjectNotActive { project: String, status: String },
-    #[error("{code} project '{project}' ended on {end}; ask a custodian to extend it", code = Code::ProjectExpired)]
+    #[error("{code} project '{project}' ended on {end}; ask a custodian to extend it", code = self.code())]
     ProjectExpired { project: String, end: NaiveDate },
-    #[error("{code} project '{project}' is not approved for dataset '{dataset}'; request it from a custodian", code = Code::DatasetNotApproved)]
+    #[error("{code} project '{project}' is not approved for dataset '{dataset}'; request it from a custodian", code = self.code())]
     DatasetNotApproved { project: String, dataset: String },
-    #[error("{code} cannot {action} project '{project}' while it is {status}", code = Code::InvalidTransition)]
+    #[error("{code} cannot {action} project '{project}' while it is {status}", code = self.code())]
     InvalidTransition {
         project: String,
         status: String,
         action: &'static str,
     },
-    #[error("{code} {0}", code = Code::InvalidProjectRequest)]
+    #[error("{code} {0}", code = self.code())]
     InvalidRequest(String),
-    #[error("{code} no release '{0}'; check the id", code = Code::UnknownRelease)]
+    #[error("{code} no release '{0}'; check the id", code = self.code())]
     UnknownRelease(String),
-    #[error("{code} release '{id}' is {status}, not held for review", code = Code::ReleaseNotHeld)]
+    #[error("{code} release '{id}' is {status}, not held for review", code = self.code())]
     ReleaseNotHeld { id: String, status: &'static str },
-    #[error("{code} privacy budget exhausted: this query costs epsilon {cost} but project '{project}' has {remaining} left; ask for less epsilon or ask a custodian for more budget", code = Code::BudgetExhausted)]
+    #[error("{code} privacy budget exhausted: this query costs epsilon {cost} but project '{project}' has {remaining} left; ask for less epsilon or ask a custodian for more budget", code = self.code())]
     BudgetExhausted {
         project: String,
         cost: f64,
         remaining: f64,
     },
-    #[error("{code} delta budget exhausted: this query costs delta {cost:e} but project '{project}' has {remaining:e} left; ask for less delta or ask a custodian for more", code = Code::DeltaBudgetExhausted)]
+    #[error("{code} delta budget exhausted: this query costs delta {cost:e} but project '{project}' has {remaining:e} left; ask for less delta or ask a custodian for more", code = self.code())]
     DeltaExhausted {
         project: String,
         cost: f64,
         remaining: f64,
     },
-    #[error("{code} the lifetime privacy budget of dataset '{0}' across all projects cannot pay for this query; a custodian must decide whether the dataset may be queried further", code = Code::DatasetLifetimeExhausted)]
+    #[error("{code} the lifetime privacy budget of dataset '{0}' across all projects cannot pay for this query; a custodian must decide whether the dataset may be queried further", code = self.code())]
     LifetimeExhausted(String),
-    #[error("{code} storage failure: {0}", code = Code::Storage)]
+    #[error("{code} storage failure: {0}", code = self.code())]
     Sqlite(#[from] rusqlite::Error),
-    #[error("{code} stored data is inconsistent: {0}", code = Code::Storage)]
+    #[error("{code} stored data is inconsistent: {0}", code = self.code())]
     Corrupt(String),
-    #[error("{code} storage lock poisoned", code = Code::Internal)]
+    #[error("{code} storage lock poisoned", code = self.code())]
     Poisoned,
     /// The state directory was written by a tre from before signed audit
     /// events; a caller that may discard it (the demo) matches on this.
-    #[error("{code} {PRE_GOVERNANCE}", code = Code::Storage)]
+    #[error("{code} {PRE_GOVERNANCE}", code = self.code())]
     PreGovernanceState,
 }
 

@@ -33,14 +33,26 @@ const TAG_LEN: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VaultError {
-    #[error("{code} master key: {0}", code = Code::MasterKey)]
+    #[error("{code} master key: {0}", code = self.code())]
     MasterKey(String),
-    #[error("{code} the master key does not match the key that encrypted {file}; check --key-file or {MASTER_KEY_ENV}", code = Code::WrongMasterKey)]
+    #[error("{code} the master key does not match the key that encrypted {file}; check --key-file or {MASTER_KEY_ENV}", code = self.code())]
     WrongMasterKey { file: String },
-    #[error("{code} could not read the encrypted extract {file}: {reason}", code = Code::ExtractUnreadable)]
+    #[error("{code} could not read the encrypted extract {file}: {reason}", code = self.code())]
     Unreadable { file: String, reason: String },
-    #[error("{code} cryptographic failure: {0}", code = Code::Internal)]
+    #[error("{code} cryptographic failure: {0}", code = self.code())]
     Crypto(String),
+}
+
+impl VaultError {
+    /// The stable code, written once: the message's prefix comes from here.
+    pub fn code(&self) -> Code {
+        match self {
+            VaultError::MasterKey(_) => Code::MasterKey,
+            VaultError::WrongMasterKey { .. } => Code::WrongMasterKey,
+            VaultError::Unreadable { .. } => Code::ExtractUnreadable,
+            VaultError::Crypto(_) => Code::Internal,
+        }
+    }
 }
 
 /// The key-encryption key. Never printed, never serialised.
@@ -223,23 +235,28 @@ impl KeyRetriever for Unwrapper {
     fn retrieve_key(&self, key_metadata: &[u8]) -> parquet::errors::Result<Vec<u8>> {
         self.master
             .unwrap_key(key_metadata, &self.file_id)
-            .map_err(|e| ParquetError::General(e.to_string()))
+            // Boxed whole, so the caller can find it again by type.
+            .map_err(|e| ParquetError::External(Box::new(e)))
     }
 }
 
-/// Classify a parquet error raised while opening an extract, so that a wrong
+/// Classify an error raised while opening an extract, so that a wrong
 /// master key is reported as such rather than as a generic read failure.
-pub fn classify_open_error(file: &str, err: &dyn std::error::Error) -> VaultError {
-    let text = err.to_string();
-    if text.contains(Code::WrongMasterKey.as_str()) {
-        VaultError::WrongMasterKey {
-            file: file.to_owned(),
+/// The key retriever's own `VaultError` travels inside parquet's error and
+/// is found by type along the source chain, not by its text (issue #12).
+pub fn classify_open_error(file: &str, err: &(dyn std::error::Error + 'static)) -> VaultError {
+    let mut cause = Some(err);
+    while let Some(e) = cause {
+        if let Some(VaultError::WrongMasterKey { .. }) = e.downcast_ref::<VaultError>() {
+            return VaultError::WrongMasterKey {
+                file: file.to_owned(),
+            };
         }
-    } else {
-        VaultError::Unreadable {
-            file: file.to_owned(),
-            reason: text,
-        }
+        cause = e.source();
+    }
+    VaultError::Unreadable {
+        file: file.to_owned(),
+        reason: err.to_string(),
     }
 }
 
