@@ -252,13 +252,14 @@ impl Pipeline<'_> {
             .turn(project.id.as_str(), plan.plan_hash())
             .await?;
         // Re-releasing the same noisy answer is post-processing: free.
-        if let Some(stored) = self.store.find_release(&project.id, plan.plan_hash())? {
+        if let Some(stored) = off_worker(|| self.store.find_release(&project.id, plan.plan_hash()))?
+        {
             return self.repeat(project, stored, record);
         }
         // A slot before the charge: a full engine refuses for free.
         let admission = self.engine.admit(project.id.as_str()).await?;
         let policy = self.engine.policy();
-        let reserved = self.store.reserve(&Charge {
+        let charge = Charge {
             project: &project.id,
             dataset: &policy.dataset,
             user: &caller.who.user,
@@ -268,7 +269,8 @@ impl Pipeline<'_> {
             today: tre_store::today(),
             lifetime_epsilon: policy.budget.lifetime_epsilon,
             lifetime_delta: policy.budget.lifetime_delta,
-        })?;
+        };
+        let reserved = off_worker(|| self.store.reserve(&charge))?;
         // From here on the budget is spent, whatever happens: the record
         // settles the reservation on every path.
         record.reserved(reserved.ledger_id, &plan);
@@ -296,7 +298,7 @@ impl Pipeline<'_> {
         record: &mut Record<'_>,
     ) -> Result<Released, ReleaseError> {
         let release = stored_body(&stored)?;
-        let now = self.store.project(&project.id)?;
+        let now = off_worker(|| self.store.project(&project.id))?;
         record.repeated(&stored);
         Ok(Released {
             id: stored.id,
@@ -447,6 +449,22 @@ fn cell_counts(release: &Release) -> CellCounts {
         }
     }
     c
+}
+
+/// Run a synchronous store call (SQLite, with a full fsync per commit)
+/// without holding up the async worker it is called on: on a
+/// multi-threaded runtime the worker first hands its other tasks to
+/// another thread (`block_in_place`), so calls being served are not
+/// starved while a commit waits for the disk. Elsewhere (a current-thread
+/// runtime, no runtime, or while unwinding from a panic) it simply runs.
+pub(crate) fn off_worker<T>(call: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread && !std::thread::panicking() => {
+            tokio::task::block_in_place(call)
+        }
+        _ => call(),
+    }
 }
 
 /// A panic's message, for the audit log.

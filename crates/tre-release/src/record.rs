@@ -81,7 +81,7 @@ impl<'a> Record<'a> {
             event.detail = format!("held for review: {}", stored.hold_reason);
         }
         event.set_outcome(Outcome::Allowed);
-        self.store.commit_release(ledger_id, stored, &event)?;
+        crate::off_worker(|| self.store.commit_release(ledger_id, stored, &event))?;
         self.written = true;
         Ok(())
     }
@@ -90,13 +90,17 @@ impl<'a> Record<'a> {
     /// the result back; if the event cannot be written the call fails:
     /// nothing may happen without a record.
     pub(crate) fn finish<T>(mut self, result: Result<T, ReleaseError>) -> Result<T, ReleaseError> {
-        match self.write(result.as_ref().err()) {
+        match self.write(result.as_ref().err(), true) {
             Ok(()) => result,
             Err(e) => Err(e),
         }
     }
 
-    fn write(&mut self, error: Option<&ReleaseError>) -> Result<(), ReleaseError> {
+    /// Write the event (and settle it with any reservation). From async
+    /// code the store call runs `off_worker`; from `Drop`, which may run
+    /// where blocking in place is not allowed (a runtime shutting down),
+    /// it is a plain call.
+    fn write(&mut self, error: Option<&ReleaseError>, offload: bool) -> Result<(), ReleaseError> {
         if self.written {
             return Ok(());
         }
@@ -124,6 +128,13 @@ impl<'a> Record<'a> {
                 }
             }
         }
+        let run = |call: &mut dyn FnMut() -> Result<i64, tre_store::StoreError>| {
+            if offload {
+                crate::off_worker(call)
+            } else {
+                call()
+            }
+        };
         match (self.ledger_id, error) {
             (Some(id), Some(e)) => {
                 let settle = match e {
@@ -132,10 +143,10 @@ impl<'a> Record<'a> {
                         Settle::Incident
                     }
                 };
-                self.store.fail_reservation(id, &event, settle)?;
+                run(&mut || self.store.fail_reservation(id, &event, settle))?;
             }
             _ => {
-                self.store.append_audit(&event)?;
+                run(&mut || self.store.append_audit(&event))?;
             }
         }
         Ok(())
@@ -152,7 +163,7 @@ impl Drop for Record<'_> {
         } else {
             ReleaseError::Cancelled
         };
-        if let Err(e) = self.write(Some(&error)) {
+        if let Err(e) = self.write(Some(&error), false) {
             tracing::error!("cannot record an unfinished query: {e}");
         }
     }

@@ -25,7 +25,7 @@ mod sqlite;
 
 pub use chain::{AuditEvent, Checkpoint, Entry, Notary, StoredEvent, Tamper, VerifyReport};
 pub use migrations::PRE_GOVERNANCE;
-pub use rules::Transition;
+pub use rules::{Admitted, Transition};
 pub use sqlite::{INCIDENT_ACTOR, SqliteStore};
 
 #[derive(Debug, thiserror::Error)]

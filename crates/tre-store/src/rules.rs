@@ -1,11 +1,16 @@
 //! The store's business rules as pure functions on the domain types: what
-//! a project request must satisfy, and what each custodian decision does
-//! to a project. The SQLite implementation only applies their answers, so
-//! the rules are unit-tested without a database (issue #12).
+//! a project request must satisfy, what each custodian decision does to a
+//! project, whether a project can pay for a query (admission), and where
+//! an airlock review leaves a release. The SQLite implementation only
+//! applies their answers, so the rules are unit-tested without a database
+//! (issue #12).
 
 use chrono::NaiveDate;
 
-use crate::{Decision, Project, ProjectRequest, ProjectStatus, StoreError};
+use crate::{
+    Charge, DatasetUsage, Decision, Project, ProjectRequest, ProjectStatus, ReleaseStatus,
+    ReviewAction, StoreError,
+};
 
 /// `a + b`, or a coded refusal when a budget would overflow the ledger.
 pub(crate) fn checked_add(a: i64, b: i64) -> Result<i64, StoreError> {
@@ -118,6 +123,74 @@ impl Project {
                 action: decision.action(),
             }),
         }
+    }
+}
+
+/// What a project is left with once a charge is admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admitted {
+    pub epsilon_remaining_nanos: i64,
+    pub delta_remaining_femtos: i64,
+}
+
+impl Project {
+    /// Whether this project may pay for `charge`, given what the dataset
+    /// has spent over its lifetime (`used`): queryable today on the
+    /// charge's dataset, within its ε and δ budgets, and within the
+    /// dataset's lifetime caps. Checked in this order, so a project that
+    /// cannot query is told that before anything about budgets.
+    pub fn admit(&self, charge: &Charge<'_>, used: &DatasetUsage) -> Result<Admitted, StoreError> {
+        self.check_queryable(charge.dataset, charge.today)?;
+        let (eps, delta) = (charge.epsilon.as_nanos(), charge.delta.as_femtos());
+        if checked_add(self.epsilon_spent_nanos, eps)? > self.epsilon_budget_nanos {
+            return Err(StoreError::BudgetExhausted {
+                project: self.id.to_string(),
+                cost: charge.epsilon.value(),
+                remaining: self.remaining(),
+            });
+        }
+        if checked_add(self.delta_spent_femtos, delta)? > self.delta_budget_femtos {
+            return Err(StoreError::DeltaExhausted {
+                project: self.id.to_string(),
+                cost: charge.delta.value(),
+                remaining: self.delta_remaining(),
+            });
+        }
+        if checked_add(used.epsilon_nanos, eps)? > charge.lifetime_epsilon.as_nanos()
+            || checked_add(used.delta_femtos, delta)? > charge.lifetime_delta.as_femtos()
+        {
+            return Err(StoreError::LifetimeExhausted(charge.dataset.to_owned()));
+        }
+        Ok(Admitted {
+            epsilon_remaining_nanos: self.epsilon_budget_nanos - self.epsilon_spent_nanos - eps,
+            delta_remaining_femtos: self.delta_budget_femtos - self.delta_spent_femtos - delta,
+        })
+    }
+}
+
+impl ReleaseStatus {
+    /// Where a held release stands after a review `action`, given how many
+    /// distinct custodians (this one included) have now approved it and
+    /// how many the policy requires (at least one). Only a held release
+    /// can be reviewed.
+    pub fn after(
+        self,
+        action: ReviewAction,
+        approvers: u32,
+        required: u8,
+    ) -> Result<ReleaseStatus, ReleaseStatus> {
+        if self != ReleaseStatus::Held {
+            return Err(self);
+        }
+        Ok(match action {
+            ReviewAction::Approve if approvers >= u32::from(required.max(1)) => {
+                ReleaseStatus::Released
+            }
+            ReviewAction::Approve => ReleaseStatus::Held,
+            ReviewAction::Reject => ReleaseStatus::Rejected,
+            ReviewAction::RequestChanges => ReleaseStatus::ChangesRequested,
+            ReviewAction::Withdraw => ReleaseStatus::Withdrawn,
+        })
     }
 }
 
@@ -292,6 +365,74 @@ mod tests {
                 r.validate(today()),
                 Err(StoreError::InvalidRequest(_))
             ));
+        }
+    }
+
+    fn charge<'a>(p: &'a Project, epsilon: f64, delta: f64, lifetime: f64) -> Charge<'a> {
+        Charge {
+            project: &p.id,
+            dataset: "nhs_epr",
+            user: &p.members[0],
+            epsilon: ok(Epsilon::new(epsilon)),
+            delta: ok(Delta::new(delta)),
+            plan_hash: "h",
+            today: today(),
+            lifetime_epsilon: ok(Epsilon::new(lifetime)),
+            lifetime_delta: ok(Delta::new(1e-3)),
+        }
+    }
+
+    #[test]
+    fn admission_checks_status_then_budgets_then_the_lifetime_cap() {
+        let mut p = project(Active);
+        p.end_date = Some(today() + Days::new(1));
+        p.epsilon_spent_nanos = 600_000_000;
+        p.delta_budget_femtos = 1_000;
+        let none = DatasetUsage::default();
+        let admitted = ok(p.admit(&charge(&p, 0.4, 0.0, 10.0), &none));
+        assert_eq!(admitted.epsilon_remaining_nanos, 0, "exactly the budget");
+        assert!(matches!(
+            p.admit(&charge(&p, 0.5, 0.0, 10.0), &none),
+            Err(StoreError::BudgetExhausted { .. })
+        ));
+        assert!(matches!(
+            p.admit(&charge(&p, 0.1, 1e-9, 10.0), &none),
+            Err(StoreError::DeltaExhausted { .. })
+        ));
+        let spent = DatasetUsage {
+            epsilon_nanos: 9_950_000_000,
+            delta_femtos: 0,
+        };
+        assert!(matches!(
+            p.admit(&charge(&p, 0.1, 0.0, 10.0), &spent),
+            Err(StoreError::LifetimeExhausted(_))
+        ));
+        // A project that cannot query is told so first.
+        p.status = Suspended;
+        assert!(matches!(
+            p.admit(&charge(&p, 5.0, 0.0, 10.0), &spent),
+            Err(StoreError::ProjectNotActive { .. })
+        ));
+    }
+
+    #[test]
+    fn a_review_moves_only_a_held_release() {
+        use ReleaseStatus::{ChangesRequested, Held, Rejected, Released, Withdrawn};
+        assert_eq!(Held.after(ReviewAction::Approve, 1, 2), Ok(Held));
+        assert_eq!(Held.after(ReviewAction::Approve, 2, 2), Ok(Released));
+        assert_eq!(
+            Held.after(ReviewAction::Approve, 1, 0),
+            Ok(Released),
+            "at least one"
+        );
+        assert_eq!(Held.after(ReviewAction::Reject, 0, 1), Ok(Rejected));
+        assert_eq!(
+            Held.after(ReviewAction::RequestChanges, 0, 1),
+            Ok(ChangesRequested)
+        );
+        assert_eq!(Held.after(ReviewAction::Withdraw, 0, 1), Ok(Withdrawn));
+        for s in [Released, Rejected, ChangesRequested, Withdrawn] {
+            assert_eq!(s.after(ReviewAction::Approve, 5, 1), Err(s));
         }
     }
 }

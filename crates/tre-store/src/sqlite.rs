@@ -8,7 +8,6 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehav
 use tre_core::{Delta, Epsilon, ProjectId, UserId};
 
 use crate::chain::{self, GENESIS};
-use crate::rules::checked_add;
 use crate::{
     AuditEvent, AuditFilter, AuditPage, Charge, Checkpoint, DatasetUsage, Decision, Entry,
     ExportPage, HistoryEntry, LedgerEntry, LedgerStatus, Notary, Project, ProjectRequest,
@@ -575,28 +574,8 @@ impl crate::Store for SqliteStore {
         let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let p = Self::load_project(&tx, c.project)?;
-        p.check_queryable(c.dataset, c.today)?;
+        let admitted = p.admit(c, &usage(&tx, c.dataset)?)?;
         let (eps, delta) = (c.epsilon.as_nanos(), c.delta.as_femtos());
-        if checked_add(p.epsilon_spent_nanos, eps)? > p.epsilon_budget_nanos {
-            return Err(StoreError::BudgetExhausted {
-                project: p.id.to_string(),
-                cost: c.epsilon.value(),
-                remaining: p.remaining(),
-            });
-        }
-        if checked_add(p.delta_spent_femtos, delta)? > p.delta_budget_femtos {
-            return Err(StoreError::DeltaExhausted {
-                project: p.id.to_string(),
-                cost: c.delta.value(),
-                remaining: p.delta_remaining(),
-            });
-        }
-        let used = usage(&tx, c.dataset)?;
-        if checked_add(used.epsilon_nanos, eps)? > c.lifetime_epsilon.as_nanos()
-            || checked_add(used.delta_femtos, delta)? > c.lifetime_delta.as_femtos()
-        {
-            return Err(StoreError::LifetimeExhausted(c.dataset.to_owned()));
-        }
         tx.execute(
             "UPDATE projects SET epsilon_spent_nanos = epsilon_spent_nanos + ?2,
                     delta_spent_femtos = delta_spent_femtos + ?3 WHERE id = ?1",
@@ -626,12 +605,8 @@ impl crate::Store for SqliteStore {
         tx.commit()?;
         Ok(Reserved {
             ledger_id,
-            epsilon_remaining: Epsilon::from_nanos(
-                p.epsilon_budget_nanos - p.epsilon_spent_nanos - eps,
-            ),
-            delta_remaining: Delta::from_femtos(
-                p.delta_budget_femtos - p.delta_spent_femtos - delta,
-            ),
+            epsilon_remaining: Epsilon::from_nanos(admitted.epsilon_remaining_nanos),
+            delta_remaining: Delta::from_femtos(admitted.delta_remaining_femtos),
         })
     }
 
@@ -759,24 +734,19 @@ impl crate::Store for SqliteStore {
              VALUES (?1, ?2, ?3, ?4, ?5)",
             params![id, by.as_str(), action.as_str(), reason, now()],
         )?;
-        let status = match action {
-            ReviewAction::Approve => {
-                let approvers: i64 = tx.query_row(
-                    "SELECT COUNT(DISTINCT reviewer) FROM release_reviews
-                     WHERE release_id = ?1 AND decision = 'approve'",
-                    [id],
-                    |r| r.get(0),
-                )?;
-                if approvers >= i64::from(required.max(1)) {
-                    ReleaseStatus::Released
-                } else {
-                    ReleaseStatus::Held
-                }
-            }
-            ReviewAction::Reject => ReleaseStatus::Rejected,
-            ReviewAction::RequestChanges => ReleaseStatus::ChangesRequested,
-            ReviewAction::Withdraw => ReleaseStatus::Withdrawn,
-        };
+        let approvers: u32 = tx.query_row(
+            "SELECT COUNT(DISTINCT reviewer) FROM release_reviews
+             WHERE release_id = ?1 AND decision = 'approve'",
+            [id],
+            |r| r.get(0),
+        )?;
+        let status = r
+            .status
+            .after(action, approvers, required)
+            .map_err(|status| StoreError::ReleaseNotHeld {
+                id: id.to_owned(),
+                status: status.as_str(),
+            })?;
         tx.execute(
             "UPDATE releases SET status = ?2 WHERE id = ?1",
             params![id, status.as_str()],
