@@ -448,3 +448,30 @@ async fn min_and_max_land_between_the_bound_and_the_extreme() {
         "only {close} of {RUNS} runs released MIN ≤ {low} + {step} and MAX ≥ {high} − {step}"
     );
 }
+
+/// The compiler's check that every private scan is bounded (issue #12:
+/// it used to count window nodes) finds an unbounded scan in a plain
+/// DataFusion plan, and none in any plan it accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_private_scan_is_bounded() {
+    use tre_query::soundness::{executed_plan, unbounded_scans};
+    let engine = engine_with(Arc::clone(&fixture().master)).unwrap_or_else(|e| panic!("{e}"));
+    let sql = "SELECT p.sex, COUNT(*) FROM patients p JOIN admissions a ON p.person_id = a.person_id GROUP BY p.sex";
+    let raw = engine
+        .sandbox_context()
+        .sql(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_unoptimized_plan();
+    let mut found = unbounded_scans(engine.policy(), &raw);
+    found.sort();
+    assert_eq!(found, ["admissions", "patients"]);
+    let budget = engine
+        .budget(Some(1.0), None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let plan = engine
+        .compile(sql, budget)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(unbounded_scans(engine.policy(), executed_plan(&plan)).is_empty());
+}

@@ -530,6 +530,20 @@ pub mod soundness {
         pub selection: std::collections::HashMap<String, i64>,
     }
 
+    /// The dataset tables `plan` scans without a bounding step above
+    /// them: what the compiler's `verify` refuses (issue #12).
+    pub fn unbounded_scans(
+        policy: &Policy,
+        plan: &datafusion::logical_expr::LogicalPlan,
+    ) -> Vec<String> {
+        compile::unbounded_scans_of(policy, plan)
+    }
+
+    /// The aggregate a private plan executes (over bounded scans).
+    pub fn executed_plan(plan: &PrivatePlan) -> &datafusion::logical_expr::LogicalPlan {
+        &plan.main
+    }
+
     impl Engine {
         /// Make contribution bounding a deterministic function of each row
         /// (so neighbouring datasets keep every other patient's rows).

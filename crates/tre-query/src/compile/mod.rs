@@ -740,7 +740,7 @@ pub(crate) async fn compile(
         totals: false,
         unit: unit_col.clone(),
     };
-    verify(&plan, analyzer.private_scans.len(), budget)?;
+    verify(&plan, policy, analyzer.private_scans.len(), budget)?;
     plan.description = describe(&plan, policy, &analyzer, budget);
     Ok(plan)
 }
@@ -1283,7 +1283,12 @@ fn bound_groups(
 }
 
 /// The checks that make the rewrite trustworthy.
-fn verify(plan: &PrivatePlan, private_scans: usize, budget: Budget) -> Result<(), QueryError> {
+fn verify(
+    plan: &PrivatePlan,
+    policy: &Policy,
+    private_scans: usize,
+    budget: Budget,
+) -> Result<(), QueryError> {
     let bug = |m: String| {
         Err(QueryError::Internal(format!(
             "private plan check failed: {m}"
@@ -1341,6 +1346,19 @@ fn verify(plan: &PrivatePlan, private_scans: usize, budget: Budget) -> Result<()
     if plan.quantiles.len() + laplace != n {
         return bug("every quantile needs its own histogram plan".into());
     }
+    // Every scan of a dataset table, in every plan that reads data, sits
+    // under a bounding step: a filter on the shuffled row number per
+    // patient (issue #12: this used to be a count of window nodes).
+    let reads = std::iter::once(&plan.main)
+        .chain(plan.quantiles.iter().map(|(_, p)| p))
+        .chain(plan.selection.iter().map(|s| &s.plan));
+    for p in reads {
+        let mut unbounded = Vec::new();
+        unbounded_scans(p, policy, false, &mut unbounded);
+        if !unbounded.is_empty() {
+            return bug(format!("unbounded scans of {}", unbounded.join(", ")));
+        }
+    }
     let mut windows = 0;
     let _ = plan.main.apply_with_subqueries(|node| {
         if matches!(node, LogicalPlan::Window(_)) {
@@ -1386,6 +1404,63 @@ fn verify(plan: &PrivatePlan, private_scans: usize, budget: Budget) -> Result<()
         return bug(format!("a partial operation survived the rewrite: {e}"));
     }
     Ok(())
+}
+
+/// The dataset tables scanned in `plan` without a bounding step above
+/// them. A bounding step is `bounded_scan`'s filter `__tre_rn <= k` over a
+/// window that numbers each patient's rows in the order of the internal
+/// shuffle key; everything under it, the opt-out semi-join included, is
+/// bounded.
+fn unbounded_scans(plan: &LogicalPlan, policy: &Policy, bounded: bool, out: &mut Vec<String>) {
+    let bounded = bounded || is_bounding_step(plan);
+    if let LogicalPlan::TableScan(scan) = plan
+        && !bounded
+        && policy.tables.contains_key(scan.table_name.table())
+    {
+        out.push(scan.table_name.to_string());
+    }
+    for input in plan.inputs() {
+        unbounded_scans(input, policy, bounded, out);
+    }
+}
+
+/// `unbounded_scans` from the top of `plan`, for the soundness tests.
+#[cfg(feature = "soundness-testing")]
+pub(crate) fn unbounded_scans_of(policy: &Policy, plan: &LogicalPlan) -> Vec<String> {
+    let mut out = Vec::new();
+    unbounded_scans(plan, policy, false, &mut out);
+    out
+}
+
+fn is_bounding_step(plan: &LogicalPlan) -> bool {
+    let LogicalPlan::Filter(filter) = plan else {
+        return false;
+    };
+    let caps_row_number = matches!(
+        &filter.predicate,
+        Expr::BinaryExpr(datafusion::logical_expr::BinaryExpr {
+            left,
+            op: datafusion::logical_expr::Operator::LtEq,
+            right,
+        }) if matches!(left.as_ref(), Expr::Column(c) if c.name == "__tre_rn")
+            && matches!(right.as_ref(), Expr::Literal(..))
+    );
+    let LogicalPlan::Window(window) = filter.input.as_ref() else {
+        return false;
+    };
+    let mut shuffled = false;
+    for e in &window.window_expr {
+        let _ = e.apply(|x| {
+            if let Expr::ScalarFunction(f) = x
+                && f.func.name() == Internal::Shuffle.name()
+            {
+                shuffled = true;
+                return Ok(TreeNodeRecursion::Stop);
+            }
+            Ok(TreeNodeRecursion::Continue)
+        });
+    }
+    caps_row_number && shuffled
 }
 
 fn describe(
