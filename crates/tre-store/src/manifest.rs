@@ -63,7 +63,8 @@ pub struct Manifest {
 #[serde(deny_unknown_fields)]
 pub struct SignedManifest {
     pub manifest: Manifest,
-    /// Hex Ed25519 signature over `FORMAT ‖ '\n' ‖ canonical JSON`.
+    /// Hex Ed25519 signature over `FORMAT ‖ '\n' ‖ JSON`, the JSON being
+    /// serde_json's compact output of `Manifest` (fields in declaration order).
     pub signature: String,
 }
 

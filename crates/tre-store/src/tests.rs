@@ -836,3 +836,29 @@ fn manifests_fail_on_any_change() {
         "another key"
     );
 }
+
+/// The form an event is hashed in is a format that offline verifiers
+/// re-implement, so it is pinned (issue #12): serde_json's compact output
+/// of `AuditEvent`, fields in declaration order, ε and δ as integer ledger
+/// units. Reordering or renaming a field breaks every stored chain; this
+/// test fails first.
+#[test]
+fn the_hashed_form_of_an_event_is_pinned() {
+    let mut e = AuditEvent::new("alice", "researcher", "p1", "query.submit");
+    e.at = "2026-12-02T10:00:00.000Z".into();
+    e.client = "127.0.0.1:5000".into();
+    e.sql = "SELECT COUNT(*) FROM patients".into();
+    e.plan_hash = "ab".into();
+    e.epsilon_nanos = 500_000_000;
+    e.set_outcome(tre_core::Outcome::Allowed);
+    e.release_id = "r1".into();
+    assert_eq!(
+        ok(serde_json::to_string(&e)),
+        r#"{"at":"2026-12-02T10:00:00.000Z","user":"alice","role":"researcher","client":"127.0.0.1:5000","project":"p1","action":"query.submit","sql":"SELECT COUNT(*) FROM patients","plan_hash":"ab","epsilon_nanos":500000000,"delta_femtos":0,"outcome":"allowed","code":"","release_id":"r1","release_hash":"","detail":""}"#
+    );
+    assert_eq!(
+        chain::event_hash("", 1, &e),
+        chain::event_hash("", 1, &e.clone()),
+        "deterministic"
+    );
+}
