@@ -678,3 +678,27 @@ fn expr_work(e: &Expr, schema: Option<&DFSchema>, lens: &[f64]) -> (f64, f64) {
     };
     (len, child_work + 1.0 + read + len)
 }
+
+/// The work one row of the release aggregate's input can cost, refused
+/// (`TRE-Q029`) when one patient's `k_total` rows could cost more than
+/// [`MAX_PATIENT_WORK`]: the bound on how far one patient can move the
+/// run time.
+pub(crate) fn bounded_row_work(
+    agg: &datafusion::logical_expr::Aggregate,
+    policy: &Policy,
+    reference: &RefTables,
+    k_total: u64,
+) -> Result<f64, QueryError> {
+    let row_work = row_work(&LogicalPlan::Aggregate(agg.clone()), policy, reference)?;
+    let patient_work = row_work * k_total as f64;
+    if patient_work > MAX_PATIENT_WORK {
+        return Err(refuse(
+            Code::TooMuchWork,
+            format!(
+                "one patient's {k_total} row(s) could cost {patient_work:.0} units of work, more than the {:.0} allowed (a bound that keeps one patient from changing how long a query takes); join fewer tables or simplify the expressions",
+                MAX_PATIENT_WORK
+            ),
+        ));
+    }
+    Ok(row_work)
+}

@@ -258,6 +258,45 @@ impl Drafts {
     }
 }
 
+/// Each drafted measurement's mechanism at its share `eps_each` of ε:
+/// discrete Laplace at its L1 sensitivity, or OpenDP's private quantile
+/// calibrated for `k_total` rows per patient.
+pub(crate) fn mechanisms(
+    drafts: &[Draft],
+    eps_each: tre_core::Epsilon,
+    k_total: u64,
+) -> Result<Vec<Measurement>, QueryError> {
+    let dp = |e: tre_dp::DpError| QueryError::Internal(e.to_string());
+    let mut measurements = Vec::with_capacity(drafts.len());
+    for d in drafts {
+        let mechanism = match &d.sensitivity {
+            Sensitivity::L1(s) => {
+                Mechanism::Laplace(DiscreteLaplace::new(*s, eps_each).map_err(dp)?)
+            }
+            Sensitivity::Rows => {
+                let rows = u32::try_from(k_total).map_err(|_| {
+                    refuse(
+                        Code::UnsupportedAggregate,
+                        "too many rows per patient for a quantile; join fewer tables",
+                    )
+                })?;
+                let Measure::Quantile { alpha, .. } = d.measure else {
+                    return Err(QueryError::Internal("quantile sensitivity on a sum".into()));
+                };
+                Mechanism::Quantile(
+                    tre_dp::Quantile::new(alpha, super::QUANTILE_BUCKETS, rows, eps_each)
+                        .map_err(dp)?,
+                )
+            }
+        };
+        measurements.push(Measurement {
+            measure: d.measure.clone(),
+            mechanism,
+        });
+    }
+    Ok(measurements)
+}
+
 /// The L1 sensitivity of a fixed-point sum of values within `±bound`.
 fn fixed_sensitivity(k: u64, bound: f64) -> Result<i64, QueryError> {
     let per_row = (bound * FIXED_POINT_SCALE).ceil().max(1.0);

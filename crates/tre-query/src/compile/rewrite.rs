@@ -1,0 +1,312 @@
+//! Stage 5: the rewrite. Every private scan becomes a bounded scan (opt-outs
+//! removed, out-of-bounds dates and over-long text NULL, at most
+//! `max_rows_per_unit` rows per patient chosen by the shuffle key), and
+//! selected keys are bounded per patient.
+
+use super::*;
+
+/// Replace every private table scan with its bounded version.
+pub(super) async fn bound_scans(
+    ctx: &SessionContext,
+    policy: &Policy,
+    input: &LogicalPlan,
+    exclusion: &Exclusion,
+) -> Result<LogicalPlan, QueryError> {
+    let internal =
+        |e: datafusion::error::DataFusionError| QueryError::Internal(format!("bounding: {e}"));
+    let mut providers: HashMap<String, Arc<dyn TableProvider>> = HashMap::new();
+    for name in policy.tables.keys() {
+        let p = ctx.table_provider(name.as_str()).await.map_err(internal)?;
+        providers.insert(name.clone(), p);
+    }
+    let shuffle = Internal::Shuffle.udf(ctx).map_err(internal)?;
+    let mut bounded: HashMap<String, LogicalPlan> = HashMap::new();
+    for (name, table) in &policy.tables {
+        bounded.insert(
+            name.clone(),
+            bounded_scan(policy, table, &providers, &shuffle, exclusion).map_err(internal)?,
+        );
+    }
+    input
+        .clone()
+        .transform_up_with_subqueries(|node| match node {
+            LogicalPlan::TableScan(scan) => match bounded.get(scan.table_name.table()) {
+                // Keep the researcher's qualifier (alias or table name).
+                Some(plan) => LogicalPlanBuilder::from(plan.clone())
+                    .alias(scan.table_name.clone())
+                    .and_then(|b| b.build())
+                    .map(Transformed::yes),
+                None => Ok(Transformed::no(LogicalPlan::TableScan(scan))),
+            },
+            other => other.recompute_schema().map(Transformed::yes),
+        })
+        .map(|t| t.data)
+        .map_err(internal)
+}
+
+pub(super) fn bounded_scan(
+    policy: &Policy,
+    table: &TablePolicy,
+    providers: &HashMap<String, Arc<dyn TableProvider>>,
+    shuffle: &Arc<datafusion::logical_expr::ScalarUDF>,
+    exclusion: &Exclusion,
+) -> datafusion::error::Result<LogicalPlan> {
+    let source = |name: &str| {
+        providers
+            .get(name)
+            .map(|p| provider_as_source(Arc::clone(p)))
+            .ok_or_else(|| {
+                datafusion::error::DataFusionError::Plan(format!("no provider for {name}"))
+            })
+    };
+    let qcol = |t: &str, c: &str| Expr::Column(Column::new(Some(t), c));
+    let unit = &policy.privacy_unit;
+    let name = table.name.as_str();
+    let scan = LogicalPlanBuilder::scan(name, source(name)?, None)?;
+    let scan_schema = Arc::clone(scan.schema());
+    let columns: Vec<Expr> = scan
+        .schema()
+        .columns()
+        .into_iter()
+        .map(Expr::Column)
+        .collect();
+    let mut b = scan;
+    if !exclusion.0.is_empty() {
+        let list: Vec<Expr> = exclusion.0.iter().map(|p| lit(p.as_str())).collect();
+        b = b.filter(qcol(name, unit).in_list(list, true))?;
+    }
+    if let Some(opt) = &policy.opt_out {
+        if opt.table == name {
+            b = b.filter(qcol(name, &opt.column).eq(lit(false)))?;
+        } else {
+            let opted_in = LogicalPlanBuilder::scan(opt.table.as_str(), source(&opt.table)?, None)?
+                .filter(qcol(&opt.table, &opt.column).eq(lit(false)))?
+                .project(vec![qcol(&opt.table, unit).alias("__tre_opted_in")])?
+                .build()?;
+            b = b.join(
+                opted_in,
+                JoinType::LeftSemi,
+                (
+                    vec![Column::new(Some(name), unit.as_str())],
+                    vec![Column::from_name("__tre_opted_in")],
+                ),
+                None,
+            )?;
+        }
+    }
+    // Dates outside the policy's bounds, and text longer than its column's
+    // limit, become NULL here, before any expression sees them: a date at
+    // the end of the Date32 range cannot even be printed, and the work
+    // bound assumes the limit. Bounds are enforced at the source, below the
+    // row cap, so that a query's filters see plain columns: DataFusion
+    // loses a filter's constants on a computed expression when it embeds a
+    // projection in the filter, then rejects its own plan (issue #10).
+    let text = |c: &Column| {
+        scan_schema
+            .field_with_unqualified_name(&c.name)
+            .is_ok_and(|f| {
+                matches!(
+                    f.data_type(),
+                    DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+                )
+            })
+    };
+    let bounded: Vec<Expr> = columns
+        .iter()
+        .cloned()
+        .map(|c| {
+            let Expr::Column(column) = &c else {
+                return Ok(c);
+            };
+            let keep = match table.column(&column.name).map(|p| &p.class) {
+                Some(tre_policy::ColumnClass::Date { lo, hi }) => {
+                    let day = |d: i32| lit(ScalarValue::Date32(Some(d)));
+                    c.clone().between(day(*lo), day(*hi))
+                }
+                Some(class) if text(column) => match total::text_limit(class) {
+                    Some(limit) => {
+                        datafusion::functions::unicode::expr_fn::character_length(c.clone())
+                            .lt_eq(lit(i32::try_from(limit).unwrap_or(i32::MAX)))
+                    }
+                    None => return Ok(c),
+                },
+                _ => return Ok(c),
+            };
+            let (relation, name) = (column.relation.clone(), column.name.clone());
+            when(keep, c)
+                .end()
+                .map(|e| e.alias_qualified(relation, name))
+        })
+        .collect::<datafusion::error::Result<_>>()?;
+    // The shuffle key sees the whole row so that a deterministic (test)
+    // sampler picks the same rows whoever else is in the dataset.
+    let rn = row_number()
+        .partition_by(vec![qcol(name, unit)])
+        .order_by(vec![shuffle.call(columns.clone()).sort(true, false)])
+        .build()?
+        .alias("__tre_rn");
+    b.project(bounded)?
+        .window(vec![rn])?
+        .filter(col("__tre_rn").lt_eq(lit(u64::from(table.max_rows_per_unit))))?
+        .project(columns)?
+        .build()
+}
+
+/// Keep at most `g` groups (of the selected keys) per patient, chosen at
+/// random per query by a salted hash, so that key selection's sensitivity
+/// follows from `max_groups_per_unit`.
+pub(super) fn bound_groups(
+    ctx: &SessionContext,
+    input: LogicalPlan,
+    unit: &Column,
+    group_exprs: &[Expr],
+    selected: &[usize],
+    g: u32,
+) -> Result<LogicalPlan, QueryError> {
+    let internal = |e: datafusion::error::DataFusionError| {
+        QueryError::Internal(format!("group bounding: {e}"))
+    };
+    let hash = Internal::GroupHash.udf(ctx).map_err(internal)?;
+    let mut salt = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt)
+        .map_err(|_| QueryError::Internal("system random source failed".into()))?;
+    let keys: Vec<Expr> = selected
+        .iter()
+        .map(|i| unalias(&group_exprs[*i]).clone())
+        .collect();
+    let mut args = vec![lit(u64::from_le_bytes(salt))];
+    args.extend(keys.iter().cloned());
+    let mut order = vec![hash.call(args).sort(true, false)];
+    // Ties on the hash fall back to the key itself, so distinct keys
+    // always get distinct ranks.
+    order.extend(keys.iter().map(|k| k.clone().sort(true, false)));
+    let columns: Vec<Expr> = input
+        .schema()
+        .columns()
+        .into_iter()
+        .map(Expr::Column)
+        .collect();
+    let rank = dense_rank()
+        .partition_by(vec![Expr::Column(unit.clone())])
+        .order_by(order)
+        .build()
+        .map_err(internal)?
+        .alias("__tre_group_rank");
+    LogicalPlanBuilder::from(input)
+        .window(vec![rank])
+        .and_then(|b| b.filter(col("__tre_group_rank").lt_eq(lit(u64::from(g)))))
+        .and_then(|b| b.project(columns))
+        .and_then(|b| b.build())
+        .map_err(internal)
+}
+
+/// What the rewrite needs beyond the plan it rewrites.
+#[derive(Clone, Copy)]
+pub(super) struct Rewrite<'a> {
+    pub(super) ctx: &'a SessionContext,
+    pub(super) policy: &'a Policy,
+    pub(super) exclusion: &'a Exclusion,
+    /// The release aggregate's group keys.
+    pub(super) group_exprs: &'a [Expr],
+    /// Which of them DP key selection chooses.
+    pub(super) selected: &'a [usize],
+    pub(super) unit_col: Option<&'a Column>,
+    /// Groups one patient may count towards under key selection.
+    pub(super) max_groups: u64,
+    pub(super) eps_each: Epsilon,
+    pub(super) delta: Delta,
+    pub(super) drafts: &'a [aggregates::Draft],
+}
+
+/// The plans that read data: the release aggregate over bounded scans,
+/// one histogram plan per quantile, and key selection's plan.
+pub(super) struct Rewritten {
+    pub(super) main: LogicalPlan,
+    pub(super) quantiles: Vec<(usize, LogicalPlan)>,
+    pub(super) selection: Option<Selection>,
+}
+
+impl Rewrite<'_> {
+    /// Rewrite the release aggregate's `input` (its domains already
+    /// enforced) into the plans that read data.
+    pub(super) async fn run(&self, input: &LogicalPlan) -> Result<Rewritten, QueryError> {
+        let Rewrite {
+            ctx,
+            policy,
+            exclusion,
+            group_exprs,
+            selected,
+            unit_col,
+            max_groups,
+            eps_each,
+            delta,
+            drafts,
+        } = *self;
+        let mut bounded = bound_scans(ctx, policy, input, exclusion).await?;
+        let mut selection = None;
+        if !selected.is_empty() {
+            let Some(unit) = unit_col.cloned() else {
+                return Err(refuse(
+                    Code::PrivacyUnitLost,
+                    format!(
+                        "DP key selection needs {} in FROM; keep it in every CTE",
+                        policy.privacy_unit
+                    ),
+                ));
+            };
+            let g = u32::try_from(max_groups).unwrap_or(u32::MAX);
+            bounded = bound_groups(ctx, bounded, &unit, group_exprs, selected, g)?;
+            let sel_exprs: Vec<Expr> = selected.iter().map(|i| group_exprs[*i].clone()).collect();
+            let plan = LogicalPlanBuilder::from(bounded.clone())
+                .aggregate(
+                    sel_exprs,
+                    vec![count_distinct(Expr::Column(unit)).alias("__units")],
+                )
+                .and_then(|b| b.build())
+                .map_err(|e| QueryError::Internal(format!("building key selection: {e}")))?;
+            let mechanism = KeySelection::new(g, eps_each, delta)
+                .map_err(|e| QueryError::Internal(e.to_string()))?;
+            selection = Some(Selection {
+                plan,
+                keys: selected.to_vec(),
+                mechanism,
+            });
+        }
+        let build = |b: datafusion::error::Result<LogicalPlanBuilder>| {
+            b.and_then(|b| b.build())
+                .map_err(|e| QueryError::Internal(format!("building the private plan: {e}")))
+        };
+        let mut laplace_exprs: Vec<Expr> = drafts
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| matches!(d.sensitivity, Sensitivity::L1(_)))
+            .map(|(i, d)| d.expr.clone().alias(format!("__m{i}")))
+            .collect();
+        if laplace_exprs.is_empty() && group_exprs.is_empty() {
+            // Only quantiles and no keys: DataFusion needs one aggregate here.
+            // It is never read.
+            laplace_exprs.push(count(lit(1i64)).alias("__unused"));
+        }
+        let main = build(
+            LogicalPlanBuilder::from(bounded.clone())
+                .aggregate(group_exprs.to_vec(), laplace_exprs),
+        )?;
+        let mut quantiles = Vec::new();
+        for (i, d) in drafts.iter().enumerate() {
+            if matches!(d.sensitivity, Sensitivity::Rows) {
+                let mut g = group_exprs.to_vec();
+                g.push(d.expr.clone().alias("__bucket"));
+                let p = build(
+                    LogicalPlanBuilder::from(bounded.clone())
+                        .aggregate(g, vec![count(lit(1i64)).alias("__n")]),
+                )?;
+                quantiles.push((i, p));
+            }
+        }
+        Ok(Rewritten {
+            main,
+            quantiles,
+            selection,
+        })
+    }
+}

@@ -1,0 +1,191 @@
+//! Stage 6: the private plan's own checks, after the rewrite: every released
+//! column passes through a mechanism, the cost charged is the cost built,
+//! every private scan is bounded, and no partial operation is left.
+
+use super::*;
+
+/// The checks that make the rewrite trustworthy.
+pub(super) fn verify(
+    plan: &PrivatePlan,
+    policy: &Policy,
+    private_scans: usize,
+    budget: Budget,
+) -> Result<(), QueryError> {
+    let bug = |m: String| {
+        Err(QueryError::Internal(format!(
+            "private plan check failed: {m}"
+        )))
+    };
+    let n = plan.measurements.len();
+    let mut used = vec![false; n];
+    for a in &plan.aggs {
+        for m in a.measurements() {
+            match used.get_mut(m.index()) {
+                Some(u) => *u = true,
+                None => return bug(format!("aggregate {} has no mechanism", a.kind())),
+            }
+        }
+    }
+    if used.iter().any(|u| !u) {
+        return bug("a measurement is charged but never released".into());
+    }
+    let n_keys = plan.keys.len();
+    for c in &plan.columns {
+        if let Some(i) = c.source
+            && i >= n_keys + plan.aggs.len()
+        {
+            return bug(format!("column {} has no source", c.name));
+        }
+    }
+    let mut charged: f64 = plan
+        .measurements
+        .iter()
+        .map(|m| m.mechanism.epsilon())
+        .sum();
+    if let Some(s) = &plan.selection {
+        charged += s.mechanism.epsilon();
+        if s.mechanism.delta() > plan.delta.value() || plan.delta > budget.delta {
+            return bug("key selection's delta exceeds the delta charged".into());
+        }
+    } else if !plan.delta.is_zero() {
+        return bug("delta charged without key selection".into());
+    }
+    if charged > plan.epsilon.value() * (1.0 + 1e-9) {
+        return bug(format!(
+            "mechanisms cost {charged} but the plan charges {}",
+            plan.epsilon
+        ));
+    }
+    let laplace = plan
+        .measurements
+        .iter()
+        .filter(|m| matches!(m.mechanism, Mechanism::Laplace(_)))
+        .count();
+    let placeholder = usize::from(laplace == 0 && n_keys == 0);
+    if plan.main.schema().fields().len() != n_keys + laplace + placeholder {
+        return bug("the executed aggregate does not match keys and measurements".into());
+    }
+    if plan.quantiles.len() + laplace != n {
+        return bug("every quantile needs its own histogram plan".into());
+    }
+    // Every scan of a dataset table, in every plan that reads data, sits
+    // under a bounding step: a filter on the shuffled row number per
+    // patient (issue #12: this used to be a count of window nodes).
+    let reads = std::iter::once(&plan.main)
+        .chain(plan.quantiles.iter().map(|(_, p)| p))
+        .chain(plan.selection.iter().map(|s| &s.plan));
+    for p in reads {
+        let mut unbounded = Vec::new();
+        unbounded_scans(p, policy, false, &mut unbounded);
+        if !unbounded.is_empty() {
+            return bug(format!("unbounded scans of {}", unbounded.join(", ")));
+        }
+    }
+    let mut windows = 0;
+    let _ = plan.main.apply_with_subqueries(|node| {
+        if matches!(node, LogicalPlan::Window(_)) {
+            windows += 1;
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    let expected = private_scans + usize::from(plan.selection.is_some());
+    if windows != expected {
+        return bug(format!(
+            "{expected} bounding steps expected but {windows} planned"
+        ));
+    }
+    // Totality: no operation that can fail on a value survives the rewrite.
+    let mut partial = None;
+    let plans = std::iter::once(&plan.main)
+        .chain(plan.quantiles.iter().map(|(_, p)| p))
+        .chain(plan.selection.iter().map(|s| &s.plan))
+        .chain(std::iter::once(&plan.post));
+    for p in plans {
+        let _ = p.apply_with_subqueries(|node| {
+            let _ = node.apply_expressions(|e| {
+                e.apply(|e| {
+                    if matches!(
+                        e,
+                        Expr::Cast(_)
+                            | Expr::BinaryExpr(datafusion::logical_expr::BinaryExpr {
+                                op: datafusion::logical_expr::Operator::Divide
+                                    | datafusion::logical_expr::Operator::Modulo,
+                                ..
+                            })
+                    ) {
+                        partial = Some(e.to_string());
+                        return Ok(TreeNodeRecursion::Stop);
+                    }
+                    Ok(TreeNodeRecursion::Continue)
+                })
+            });
+            Ok(TreeNodeRecursion::Continue)
+        });
+    }
+    if let Some(e) = partial {
+        return bug(format!("a partial operation survived the rewrite: {e}"));
+    }
+    Ok(())
+}
+
+/// The dataset tables scanned in `plan` without a bounding step above
+/// them. A bounding step is `bounded_scan`'s filter `__tre_rn <= k` over a
+/// window that numbers each patient's rows in the order of the internal
+/// shuffle key; everything under it, the opt-out semi-join included, is
+/// bounded.
+pub(super) fn unbounded_scans(
+    plan: &LogicalPlan,
+    policy: &Policy,
+    bounded: bool,
+    out: &mut Vec<String>,
+) {
+    let bounded = bounded || is_bounding_step(plan);
+    if let LogicalPlan::TableScan(scan) = plan
+        && !bounded
+        && policy.tables.contains_key(scan.table_name.table())
+    {
+        out.push(scan.table_name.to_string());
+    }
+    for input in plan.inputs() {
+        unbounded_scans(input, policy, bounded, out);
+    }
+}
+
+/// `unbounded_scans` from the top of `plan`, for the soundness tests.
+#[cfg(feature = "soundness-testing")]
+pub(crate) fn unbounded_scans_of(policy: &Policy, plan: &LogicalPlan) -> Vec<String> {
+    let mut out = Vec::new();
+    unbounded_scans(plan, policy, false, &mut out);
+    out
+}
+
+pub(super) fn is_bounding_step(plan: &LogicalPlan) -> bool {
+    let LogicalPlan::Filter(filter) = plan else {
+        return false;
+    };
+    let caps_row_number = matches!(
+        &filter.predicate,
+        Expr::BinaryExpr(datafusion::logical_expr::BinaryExpr {
+            left,
+            op: datafusion::logical_expr::Operator::LtEq,
+            right,
+        }) if matches!(left.as_ref(), Expr::Column(c) if c.name == "__tre_rn")
+            && matches!(right.as_ref(), Expr::Literal(..))
+    );
+    let LogicalPlan::Window(window) = filter.input.as_ref() else {
+        return false;
+    };
+    let mut shuffled = false;
+    for e in &window.window_expr {
+        let _ = e.apply(|x| {
+            if let Expr::ScalarFunction(f) = x
+                && f.func.name() == Internal::Shuffle.name()
+            {
+                shuffled = true;
+                return Ok(TreeNodeRecursion::Stop);
+            }
+            Ok(TreeNodeRecursion::Continue)
+        });
+    }
+    caps_row_number && shuffled
+}
