@@ -378,7 +378,7 @@ async fn authorisation_matrix() {
         ))
         .await)
     .into_inner();
-    assert_eq!(r0.status, "released");
+    assert_eq!(r0.status(), pb::ReleaseStatus::Released);
     rename_release(&server, &r0.release_id, "r0");
     for i in 0..identities.len() {
         let tag = format!("{i}");
@@ -753,6 +753,18 @@ async fn auditor_verifies_and_exports_a_signed_log() {
             .iter()
             .all(|e| e.code == "TRE-Q010" && e.epsilon == 0.0)
     );
+    // An outcome that is none is refused, not matched against nothing
+    // (issue #12).
+    let bogus = a
+        .list_events(authed(
+            pb::ListEventsRequest {
+                outcome: "forged".into(),
+                ..Default::default()
+            },
+            &auditor,
+        ))
+        .await;
+    assert_eq!(tre_e2e::code_of(bogus), "TRE-C003");
     let released: Vec<_> = all.iter().filter(|e| !e.release_id.is_empty()).collect();
     assert_eq!(released.len(), 8);
     for e in &released {
@@ -1121,7 +1133,7 @@ async fn airlock_holds_flagged_releases_until_a_custodian_approves() {
     // Young patients by age band and sex: most cells are small.
     let small = "SELECT age_band, sex, COUNT(*) AS n FROM patients WHERE year_of_birth > 2010 GROUP BY age_band, sex";
     let held = ok(q.submit(authed(ask(small), &alice)).await).into_inner();
-    assert_eq!(held.status, "held");
+    assert_eq!(held.status(), pb::ReleaseStatus::Held);
     assert!(held.rows.is_empty() && held.hold_reason.contains("suppressed"));
     assert!(
         held.notes[0].starts_with("awaiting review"),
@@ -1151,7 +1163,7 @@ async fn airlock_holds_flagged_releases_until_a_custodian_approves() {
         mine_release.rows.is_empty() && mine.table_json.is_empty() && mine.manifest_json.is_empty()
     );
     let again = ok(q.submit(authed(ask(small), &alice)).await).into_inner();
-    assert!(again.repeated && again.rows.is_empty() && again.status == "held");
+    assert!(again.repeated && again.rows.is_empty() && again.status() == pb::ReleaseStatus::Held);
     // The reviewing custodian sees the table; a custodian on the project
     // does not get round the airlock.
     let theirs = ok(get(&carol).await);
@@ -1162,7 +1174,7 @@ async fn airlock_holds_flagged_releases_until_a_custodian_approves() {
         .list_releases(authed(
             pb::ListReleasesRequest {
                 project: String::new(),
-                status: "held".into(),
+                status: pb::ReleaseStatus::Held as i32,
             },
             &carol,
         ))
@@ -1170,6 +1182,18 @@ async fn airlock_holds_flagged_releases_until_a_custodian_approves() {
     .into_inner();
     assert_eq!(queue.releases.len(), 1);
     assert_eq!(queue.releases[0].sql, small);
+    // A status number this server does not know is refused, never read as
+    // "all releases" (issue #12).
+    let unknown = r
+        .list_releases(authed(
+            pb::ListReleasesRequest {
+                project: String::new(),
+                status: 99,
+            },
+            &carol,
+        ))
+        .await;
+    assert_eq!(tre_e2e::code_of(unknown), "TRE-C003");
 
     let review = |reason: &str| pb::ReviewReleaseRequest {
         id: id.clone(),
@@ -1194,7 +1218,7 @@ async fn airlock_holds_flagged_releases_until_a_custodian_approves() {
         .approve_release(authed(review("suppression pattern is safe"), &carol))
         .await)
     .into_inner();
-    assert_eq!(done.status, "released");
+    assert_eq!(done.status(), pb::ReleaseStatus::Released);
     let s = r
         .approve_release(authed(review("again"), &carol))
         .await
@@ -1266,7 +1290,7 @@ async fn airlock_holds_flagged_releases_until_a_custodian_approves() {
             2011 + i
         );
         let h = ok(q.submit(authed(ask(&sql), &alice)).await).into_inner();
-        assert_eq!(h.status, "held");
+        assert_eq!(h.status(), pb::ReleaseStatus::Held);
         let req = pb::ReviewReleaseRequest {
             id: h.release_id.clone(),
             reason: "not this one".into(),
@@ -1277,14 +1301,18 @@ async fn airlock_holds_flagged_releases_until_a_custodian_approves() {
             _ => ok(r.withdraw_release(authed(req, &alice)).await),
         }
         .into_inner();
-        let want = ["rejected", "changes_requested", "withdrawn"][i];
-        assert_eq!(out.status, want);
+        let want = [
+            pb::ReleaseStatus::Rejected,
+            pb::ReleaseStatus::ChangesRequested,
+            pb::ReleaseStatus::Withdrawn,
+        ][i];
+        assert_eq!(out.status(), want);
         let seen = ok(r
             .get_release(authed(pb::GetReleaseRequest { id: h.release_id }, &alice))
             .await)
         .into_inner();
         let seen = seen.release.unwrap_or_default();
-        assert!(seen.rows.is_empty() && seen.status == want);
+        assert!(seen.rows.is_empty() && seen.status() == want);
     }
 }
 
@@ -1327,7 +1355,7 @@ async fn totals_keep_suppressed_cells_unsolvable() {
 
     let held = ok(q.submit(authed(ask(sql, true), &alice)).await).into_inner();
     // Small cells: the release is held; the custodian sees the table.
-    assert_eq!(held.status, "held");
+    assert_eq!(held.status(), pb::ReleaseStatus::Held);
     let got = ok(r
         .get_release(authed(
             pb::GetReleaseRequest {
@@ -1484,7 +1512,7 @@ async fn exact_rules_never_decide_what_the_researcher_sees() {
     }
     // Identical to the researcher, whatever the exact counts.
     for reply in &replies {
-        assert_eq!(reply.status, "held");
+        assert_eq!(reply.status(), pb::ReleaseStatus::Held);
         assert!(reply.rows.is_empty());
         assert_eq!(reply.hold_reason, replies[0].hold_reason);
         assert_eq!(reply.notes, replies[0].notes);
@@ -1562,7 +1590,8 @@ async fn two_custodians_must_approve_when_the_policy_says_so() {
         .await)
     .into_inner();
     assert_eq!(
-        held.status, "held",
+        held.status(),
+        pb::ReleaseStatus::Held,
         "always reviewed, even with nothing suppressed"
     );
     assert!(held.hold_reason.contains("every release"));
@@ -1573,9 +1602,13 @@ async fn two_custodians_must_approve_when_the_policy_says_so() {
     let carol = server.token("carol", Role::Custodian);
     let dan = server.token("dan", Role::Custodian);
     // (reviewer, status afterwards)
-    for (who, want) in [(&carol, "held"), (&carol, "held"), (&dan, "released")] {
+    for (who, want) in [
+        (&carol, pb::ReleaseStatus::Held),
+        (&carol, pb::ReleaseStatus::Held),
+        (&dan, pb::ReleaseStatus::Released),
+    ] {
         let s = ok(r.approve_release(authed(review(), who)).await).into_inner();
-        assert_eq!(s.status, want);
+        assert_eq!(s.status(), want);
     }
     let got = ok(r
         .get_release(authed(

@@ -301,7 +301,7 @@ async fn rollups_windows_and_withdrawn_releases() {
         .await
         .unwrap_or_else(|e| panic!("{e:?}"))
         .into_inner();
-    assert_eq!(reply.status, "released");
+    assert_eq!(reply.status(), pb::ReleaseStatus::Released);
     assert_eq!(reply.rows.len(), 7);
     let total: f64 = reply
         .rows
@@ -323,7 +323,7 @@ async fn rollups_windows_and_withdrawn_releases() {
         .await
         .unwrap_or_else(|e| panic!("{e:?}"))
         .into_inner();
-    assert_eq!(first.status, "held");
+    assert_eq!(first.status(), pb::ReleaseStatus::Held);
     r.withdraw_release(authed(
         pb::ReviewReleaseRequest {
             id: first.release_id.clone(),

@@ -336,7 +336,7 @@ pub fn render_release(r: &pb::QueryResponse, max_rows: Option<usize>) -> String 
         "{} rows · sdc {} ({}): {} cells rounded, {} suppressed · epsilon spent {} · remaining {} · release {}\n",
         r.rows.len(),
         r.sdc_profile,
-        r.sdc_outcome,
+        sdc_outcome_name(r.sdc_outcome),
         rounded,
         suppressed,
         r.epsilon_spent,
@@ -433,6 +433,44 @@ fn render_csv(r: &pb::QueryResponse) -> String {
     out
 }
 
+/// A release's airlock status, as the CLI prints it (`held`).
+pub fn release_status_name(s: i32) -> String {
+    match pb::ReleaseStatus::try_from(s) {
+        Ok(s) => s
+            .as_str_name()
+            .trim_start_matches("RELEASE_STATUS_")
+            .to_lowercase(),
+        Err(_) => "unknown".into(),
+    }
+}
+
+/// A `--status` filter (`held`, `released`, ...; empty for all) as the
+/// wire's enum.
+pub fn release_status_arg(s: &str) -> Result<i32> {
+    if s.is_empty() {
+        return Ok(pb::ReleaseStatus::Unspecified as i32);
+    }
+    pb::ReleaseStatus::from_str_name(&format!("RELEASE_STATUS_{}", s.to_uppercase()))
+        .filter(|s| *s != pb::ReleaseStatus::Unspecified)
+        .map(|s| s as i32)
+        .with_context(|| {
+            format!(
+                "unknown status '{s}'; use released, held, rejected, withdrawn or changes_requested"
+            )
+        })
+}
+
+/// A release's disclosure-control outcome, as the CLI prints it (`pass`).
+fn sdc_outcome_name(s: i32) -> String {
+    match pb::SdcOutcome::try_from(s) {
+        Ok(o) => o
+            .as_str_name()
+            .trim_start_matches("SDC_OUTCOME_")
+            .to_lowercase(),
+        Err(_) => "unknown".into(),
+    }
+}
+
 fn status_name(s: i32) -> &'static str {
     match pb::SdcStatus::try_from(s) {
         Ok(pb::SdcStatus::Released) => "released",
@@ -473,7 +511,8 @@ fn release_json(r: &pb::QueryResponse) -> serde_json::Value {
         "repeated": r.repeated,
         "confidence": r.confidence,
         "sdc_profile": r.sdc_profile,
-        "sdc_outcome": r.sdc_outcome,
+        "sdc_outcome": sdc_outcome_name(r.sdc_outcome),
+        "status": release_status_name(r.status),
         "notes": r.notes,
     })
 }

@@ -238,7 +238,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         );
         let t = Instant::now();
         let r = rpc(researcher.query.submit(ask(sql, Some(*eps))).await)?;
-        if r.status == "held" {
+        if r.status() == pb::ReleaseStatus::Held {
             println!(
                 "  held in the airlock ({}); rhea sees only: {}",
                 r.hold_reason,
@@ -256,7 +256,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         .releases
         .list_releases(pb::ListReleasesRequest {
             project: project.clone(),
-            status: "held".into(),
+            status: pb::ReleaseStatus::Held as i32,
         })
         .await)?;
     println!("  {} release(s) held", queue.releases.len());
@@ -268,7 +268,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 reason: "small cells are suppressed consistently; safe to release".into(),
             })
             .await)?;
-        println!("  Q{q}: {} → {}", decided.id, decided.status);
+        println!(
+            "  Q{q}: {} → {}",
+            decided.id,
+            crate::client::release_status_name(decided.status)
+        );
     }
     if let Some((q, id)) = held.first() {
         let got = rpc(researcher

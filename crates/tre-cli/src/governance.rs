@@ -595,7 +595,7 @@ fn summary_table(releases: &[pb::ReleaseSummary]) -> String {
             r.id.clone(),
             r.project.clone(),
             r.user.clone(),
-            r.status.clone(),
+            crate::client::release_status_name(r.status),
             r.hold_reason.clone(),
             r.sql.clone(),
         ]);
@@ -644,7 +644,7 @@ pub async fn review(cmd: ReviewCommand) -> Result<()> {
                 .releases
                 .list_releases(pb::ListReleasesRequest {
                     project: String::new(),
-                    status: "held".into(),
+                    status: pb::ReleaseStatus::Held as i32,
                 })
                 .await)?;
             print!("{}", summary_table(&r.releases));
@@ -684,7 +684,10 @@ pub async fn release(cmd: ReleaseCommand) -> Result<()> {
             let mut c = Client::from_conn(&conn).await?;
             let r = rpc(c
                 .releases
-                .list_releases(pb::ListReleasesRequest { project, status })
+                .list_releases(pb::ListReleasesRequest {
+                    project,
+                    status: crate::client::release_status_arg(&status)?,
+                })
                 .await)?;
             print!("{}", summary_table(&r.releases));
         }

@@ -151,9 +151,11 @@ impl Services {
             ));
         }
         note.detail = format!("revoked token {}: {}", req.jti, req.reason);
-        self.state
-            .store
-            .revoke_token(&req.jti, &who.user, &req.reason)?;
+        tre_release::off_worker(|| {
+            self.state
+                .store
+                .revoke_token(&req.jti, &who.user, &req.reason)
+        })?;
         Ok(pb::RevokeTokenResponse {})
     }
 }

@@ -3,7 +3,7 @@
 use tre_core::{Delta, Epsilon};
 use tre_policy::{ColumnClass, Policy, TablePolicy};
 use tre_proto::v1 as pb;
-use tre_query::{Cell, CellStatus, Release, ReleaseColumn};
+use tre_query::{Cell, CellStatus, Release, ReleaseColumn, ReleaseOutcome};
 use tre_store::{Project, ReleaseReview, ReleaseStatus, StoredEvent, StoredRelease};
 
 pub(crate) fn column(c: &ReleaseColumn) -> pb::Column {
@@ -71,11 +71,11 @@ pub(crate) fn release(
         epsilon_remaining: remaining,
         delta_remaining,
         repeated: false,
-        status: ReleaseStatus::Released.as_str().to_owned(),
+        status: release_status(ReleaseStatus::Released) as i32,
         hold_reason: String::new(),
         confidence: r.confidence,
         sdc_profile: r.sdc_profile.clone(),
-        sdc_outcome: r.sdc_outcome.as_str().to_owned(),
+        sdc_outcome: sdc_outcome(r.sdc_outcome) as i32,
         notes: r.notes.clone(),
     }
 }
@@ -237,8 +237,38 @@ pub(crate) fn released(r: &tre_release::Released) -> pb::QueryResponse {
     reply
 }
 
+fn sdc_outcome(o: ReleaseOutcome) -> pb::SdcOutcome {
+    match o {
+        ReleaseOutcome::Pass => pb::SdcOutcome::Pass,
+        ReleaseOutcome::Review => pb::SdcOutcome::Review,
+        ReleaseOutcome::Fail => pb::SdcOutcome::Fail,
+    }
+}
+
+pub(crate) fn release_status(s: ReleaseStatus) -> pb::ReleaseStatus {
+    match s {
+        ReleaseStatus::Released => pb::ReleaseStatus::Released,
+        ReleaseStatus::Held => pb::ReleaseStatus::Held,
+        ReleaseStatus::Rejected => pb::ReleaseStatus::Rejected,
+        ReleaseStatus::ChangesRequested => pb::ReleaseStatus::ChangesRequested,
+        ReleaseStatus::Withdrawn => pb::ReleaseStatus::Withdrawn,
+    }
+}
+
+/// A status filter from the wire; `UNSPECIFIED` is no filter.
+pub(crate) fn release_status_filter(s: pb::ReleaseStatus) -> Option<ReleaseStatus> {
+    match s {
+        pb::ReleaseStatus::Unspecified => None,
+        pb::ReleaseStatus::Released => Some(ReleaseStatus::Released),
+        pb::ReleaseStatus::Held => Some(ReleaseStatus::Held),
+        pb::ReleaseStatus::Rejected => Some(ReleaseStatus::Rejected),
+        pb::ReleaseStatus::ChangesRequested => Some(ReleaseStatus::ChangesRequested),
+        pb::ReleaseStatus::Withdrawn => Some(ReleaseStatus::Withdrawn),
+    }
+}
+
 pub(crate) fn set_status(reply: &mut pb::QueryResponse, status: ReleaseStatus, reason: &str) {
-    reply.status = status.as_str().to_owned();
+    reply.status = release_status(status) as i32;
     reply.hold_reason = reason.to_owned();
     if status != ReleaseStatus::Released {
         reply.rows.clear();
@@ -265,7 +295,7 @@ pub(crate) fn release_summary(r: &StoredRelease) -> pb::ReleaseSummary {
         id: r.id.clone(),
         project: r.project.clone(),
         user: r.user.clone(),
-        status: r.status.as_str().to_owned(),
+        status: release_status(r.status) as i32,
         hold_reason: r.hold_reason.clone(),
         created_at: r.created_at.clone(),
         sql: serde_json::from_str::<tre_store::manifest::SignedManifest>(&r.manifest)

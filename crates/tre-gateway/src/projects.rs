@@ -6,6 +6,7 @@ use tonic::{Request, Response, Status};
 use tre_core::{Delta, Epsilon, Principal, ProjectId, UserId};
 use tre_proto::v1 as pb;
 use tre_proto::v1::project_service_server::ProjectService;
+use tre_release::off_worker;
 use tre_store::{Decision, Project, ProjectRequest, ProjectStatus};
 
 use crate::authz::{self, Rpc};
@@ -67,10 +68,11 @@ impl Services {
             request.end_date,
             request.datasets.join(",")
         );
-        let p = self
-            .state
-            .store
-            .request_project(&request, tre_store::today())?;
+        let p = off_worker(|| {
+            self.state
+                .store
+                .request_project(&request, tre_store::today())
+        })?;
         Ok(convert::project(&p))
     }
 
@@ -132,10 +134,11 @@ impl Services {
             d => format!("{}: {reason}", d.action()),
         };
         let event = self.event(call, note, None);
-        let p = self
-            .state
-            .store
-            .decide(&id, &decision, &who.user, reason, &event)?;
+        let p = off_worker(|| {
+            self.state
+                .store
+                .decide(&id, &decision, &who.user, reason, &event)
+        })?;
         note.recorded = true;
         Ok(convert::project(&p))
     }

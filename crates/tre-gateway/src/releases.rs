@@ -71,14 +71,16 @@ impl Services {
         who: &Principal,
         req: &pb::ListReleasesRequest,
     ) -> Result<pb::ListReleasesResponse, GatewayError> {
-        let status = match req.status.as_str() {
-            "" => None,
-            s => Some(ReleaseStatus::parse(s).ok_or_else(|| {
+        // An unknown number (a newer client) is refused, never read as
+        // "no filter".
+        let status = pb::ReleaseStatus::try_from(req.status)
+            .map(convert::release_status_filter)
+            .map_err(|_| {
                 GatewayError::BadRequest(format!(
-                    "unknown status '{s}'; use released, held, rejected, withdrawn or changes_requested"
+                    "unknown release status {}; use released, held, rejected, withdrawn or changes_requested",
+                    req.status
                 ))
-            })?),
-        };
+            })?;
         let project = (!req.project.is_empty()).then_some(req.project.as_str());
         let mut out = Vec::new();
         for r in self.state.store.releases(project, status)? {
@@ -115,14 +117,16 @@ impl Services {
         let required = self.state.engine.policy().review.approvals;
         // The decision and its audit event commit together.
         let event = self.event(call, note, None);
-        let r = self.state.store.review_release(
-            &req.id,
-            action,
-            &who.user,
-            &req.reason,
-            required,
-            &event,
-        )?;
+        let r = tre_release::off_worker(|| {
+            self.state.store.review_release(
+                &req.id,
+                action,
+                &who.user,
+                &req.reason,
+                required,
+                &event,
+            )
+        })?;
         note.recorded = true;
         Ok(convert::release_summary(&r))
     }

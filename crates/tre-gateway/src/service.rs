@@ -299,7 +299,11 @@ impl Services {
         mut note: Note,
         result: Result<R, GatewayError>,
     ) -> Result<Response<R>, Status> {
-        if let Err(e) = self.record(call, &mut note, result.as_ref().err()) {
+        // Off the async worker: the event's commit waits for the disk. The
+        // dropped-`Pending` path writes with a plain call instead.
+        if let Err(e) =
+            tre_release::off_worker(|| self.record(call, &mut note, result.as_ref().err()))
+        {
             return Err(e.into_status());
         }
         result.map(Response::new).map_err(GatewayError::into_status)

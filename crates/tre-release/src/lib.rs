@@ -457,7 +457,7 @@ fn cell_counts(release: &Release) -> CellCounts {
 /// another thread (`block_in_place`), so calls being served are not
 /// starved while a commit waits for the disk. Elsewhere (a current-thread
 /// runtime, no runtime, or while unwinding from a panic) it simply runs.
-pub(crate) fn off_worker<T>(call: impl FnOnce() -> T) -> T {
+pub fn off_worker<T>(call: impl FnOnce() -> T) -> T {
     use tokio::runtime::{Handle, RuntimeFlavor};
     match Handle::try_current() {
         Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread && !std::thread::panicking() => {
