@@ -40,7 +40,7 @@ pub struct DemoArgs {
 }
 
 /// (title, SQL, epsilon)
-const QUESTIONS: &[(&str, &str, f64)] = &[
+pub(crate) const QUESTIONS: &[(&str, &str, f64)] = &[
     (
         "Emergency admissions by NHS region and month, 2024",
         "SELECT p.region, a.admission_month, COUNT(*) AS admissions \
