@@ -1,7 +1,8 @@
 //! `tre bench`: on the same generated data, in one run, report ratios, not
 //! absolute times:
 //! - per query of a suite (the benchmark join and every question of the
-//!   demo), the DP pipeline's time over plain DataFusion's for the same SQL,
+//!   demo), the compile time alone, and the DP pipeline's time (compile
+//!   and execute) over plain DataFusion's for the same SQL,
 //!   run in a context of the sandbox's own factory (same session
 //!   configuration, same decrypted extracts);
 //! - encrypted over plaintext scan time, the plaintext side in a context
@@ -83,6 +84,12 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             // Charged only where key selection needs it.
             delta: Delta::new(1e-6)?,
         };
+        let compile = median(args.runs, || async {
+            engine.compile(sql, budget).await?;
+            Ok(())
+        })
+        .await
+        .with_context(|| format!("compile: {title}"))?;
         let dp = median(args.runs, || async {
             let plan = engine.compile(sql, budget).await?;
             engine.execute(&plan).await?;
@@ -96,7 +103,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         })
         .await
         .with_context(|| format!("plain DataFusion: {title}"))?;
-        rows.push((*title, dp, plain));
+        rows.push((*title, compile, dp, plain));
     }
     let enc_scan = median(args.runs, || async {
         engine
@@ -131,16 +138,18 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED).set_header([
         "query",
+        "compile ms",
         "DP pipeline ms",
         "plain DataFusion ms",
         "DP / plain",
     ]);
     let mut log_sum = 0.0;
-    for (title, dp, plain) in &rows {
+    for (title, compile, dp, plain) in &rows {
         let ratio = dp.as_secs_f64() / plain.as_secs_f64();
         log_sum += ratio.ln();
         t.add_row([
             (*title).to_owned(),
+            format!("{:.2}", ms(*compile)),
             format!("{:.1}", ms(*dp)),
             format!("{:.1}", ms(*plain)),
             format!("{ratio:.2}x"),
