@@ -435,13 +435,10 @@ fn render_csv(r: &pb::QueryResponse) -> String {
 
 /// A release's airlock status, as the CLI prints it (`held`).
 pub fn release_status_name(s: i32) -> String {
-    match pb::ReleaseStatus::try_from(s) {
-        Ok(s) => s
-            .as_str_name()
-            .trim_start_matches("RELEASE_STATUS_")
-            .to_lowercase(),
-        Err(_) => "unknown".into(),
-    }
+    wire_word(
+        pb::ReleaseStatus::try_from(s).map(|s| s.as_str_name()),
+        "RELEASE_STATUS_",
+    )
 }
 
 /// A `--status` filter (`held`, `released`, ...; empty for all) as the
@@ -462,11 +459,17 @@ pub fn release_status_arg(s: &str) -> Result<i32> {
 
 /// A release's disclosure-control outcome, as the CLI prints it (`pass`).
 fn sdc_outcome_name(s: i32) -> String {
-    match pb::SdcOutcome::try_from(s) {
-        Ok(o) => o
-            .as_str_name()
-            .trim_start_matches("SDC_OUTCOME_")
-            .to_lowercase(),
+    wire_word(
+        pb::SdcOutcome::try_from(s).map(|o| o.as_str_name()),
+        "SDC_OUTCOME_",
+    )
+}
+
+/// A proto enum value's name as the CLI prints it: `RELEASE_STATUS_HELD`
+/// is `held`; a number this CLI does not know is `unknown`.
+fn wire_word<E>(name: Result<&str, E>, prefix: &str) -> String {
+    match name {
+        Ok(n) => n.trim_start_matches(prefix).to_lowercase(),
         Err(_) => "unknown".into(),
     }
 }

@@ -345,6 +345,16 @@ impl Outcome {
     pub fn parse(s: &str) -> Option<Self> {
         Outcome::ALL.into_iter().find(|o| o.as_str() == s)
     }
+
+    /// The outcome of a call that did not succeed: cancelled if the caller
+    /// went away, failed once something was charged, refused otherwise.
+    pub fn of_failure(cancelled: bool, charged: bool) -> Self {
+        match (cancelled, charged) {
+            (true, _) => Outcome::Cancelled,
+            (false, true) => Outcome::Failed,
+            (false, false) => Outcome::Refused,
+        }
+    }
 }
 
 impl fmt::Display for Outcome {
@@ -363,6 +373,14 @@ pub struct Principal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_call_is_cancelled_then_failed_then_refused() {
+        assert_eq!(Outcome::of_failure(true, true), Outcome::Cancelled);
+        assert_eq!(Outcome::of_failure(true, false), Outcome::Cancelled);
+        assert_eq!(Outcome::of_failure(false, true), Outcome::Failed);
+        assert_eq!(Outcome::of_failure(false, false), Outcome::Refused);
+    }
 
     #[test]
     fn epsilon_rejects_non_positive_and_non_finite() {

@@ -103,7 +103,7 @@ pub enum GatewayError {
     Server(#[from] ServerFault),
     /// The client cancelled the call, or its deadline passed, before the
     /// call finished.
-    #[error("{code} the call was cancelled by the client before it finished; anything charged stays charged and any release can be fetched with `tre release list`", code = self.code())]
+    #[error("{code} {}", tre_release::CANCELLED, code = self.code())]
     Cancelled,
     /// The transport refused the request before a handler read it.
     #[error("{code} the request was refused before it was read ({message}); send a well-formed request, within the server's size limit, to a method tre serves", code = self.code())]

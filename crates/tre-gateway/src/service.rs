@@ -277,10 +277,11 @@ impl Services {
         match error {
             None => e.set_outcome(tre_core::Outcome::Allowed),
             Some(err) => {
-                e.set_outcome(match err {
-                    GatewayError::Cancelled => tre_core::Outcome::Cancelled,
-                    _ => tre_core::Outcome::Refused,
-                });
+                // The gateway never holds a charge: the pipeline settles it.
+                e.set_outcome(tre_core::Outcome::of_failure(
+                    matches!(err, GatewayError::Cancelled),
+                    false,
+                ));
                 e.code = err.code().as_str().into();
                 if e.detail.is_empty() {
                     e.detail = err.to_string();

@@ -219,10 +219,10 @@ impl Seen {
         let action = Rpc::from_method(&self.method).map_or("transport", Rpc::action);
         let mut e = tre_store::AuditEvent::new(user, role, "", action);
         e.client = self.client.clone();
-        e.set_outcome(match error {
-            GatewayError::Cancelled => tre_core::Outcome::Cancelled,
-            _ => tre_core::Outcome::Refused,
-        });
+        e.set_outcome(tre_core::Outcome::of_failure(
+            matches!(error, GatewayError::Cancelled),
+            false,
+        ));
         e.code = error.code().as_str().into();
         e.detail = format!("{error} (method {})", self.method);
         if let Err(err) = self.state.store.append_audit(&e) {

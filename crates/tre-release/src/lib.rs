@@ -27,6 +27,10 @@ mod record;
 
 use record::Record;
 
+/// What a caller who went away is told, by the pipeline and by the gateway
+/// alike.
+pub const CANCELLED: &str = "the call was cancelled by the client before it finished; anything charged stays charged and any release can be fetched with `tre release list`";
+
 /// What went wrong in the pipeline. A refusal (`Query`, `Store`) is the
 /// caller's to act on; `Cancelled` is the caller going away; a `Fault` is
 /// the server's and is shown only as `TRE-I001`.
@@ -38,7 +42,7 @@ pub enum ReleaseError {
     Store(#[from] StoreError),
     /// The caller went away (the pipeline's future was dropped) before
     /// the query finished.
-    #[error("{code} the call was cancelled by the client before it finished; anything charged stays charged and any release can be fetched with `tre release list`", code = self.code())]
+    #[error("{code} {CANCELLED}", code = self.code())]
     Cancelled,
     #[error(transparent)]
     Fault(#[from] Fault),

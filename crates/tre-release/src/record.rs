@@ -117,11 +117,10 @@ impl<'a> Record<'a> {
         match error {
             None => event.set_outcome(Outcome::Allowed),
             Some(e) => {
-                event.set_outcome(match (e, self.ledger_id) {
-                    (ReleaseError::Cancelled, _) => Outcome::Cancelled,
-                    (_, Some(_)) => Outcome::Failed,
-                    (_, None) => Outcome::Refused,
-                });
+                event.set_outcome(Outcome::of_failure(
+                    matches!(e, ReleaseError::Cancelled),
+                    self.ledger_id.is_some(),
+                ));
                 event.code = e.code().as_str().into();
                 if event.detail.is_empty() {
                     event.detail = e.audit_detail();
