@@ -476,14 +476,7 @@ async fn budget_exhaustion_is_refused() {
 /// depended on data could leak at most once per project.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failure_after_touching_data_is_charged_and_generic() {
-    let f = fixture();
-    let copy = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let data = copy.path().join("nhs_epr");
-    std::fs::create_dir_all(&data).unwrap_or_else(|e| panic!("{e}"));
-    for table in tre_synth::TABLES {
-        let name = format!("{table}.parquet");
-        std::fs::copy(f.data.join(&name), data.join(&name)).unwrap_or_else(|e| panic!("{e}"));
-    }
+    let (_copy, data) = tre_e2e::copy_of_fixture();
     let server = tre_e2e::start_on(&data, &[(PROJECT, &["alice"], 5.0)]).await;
     // Damage the ciphertext of the admissions extract after start-up: the
     // footer still decrypts, the column pages no longer authenticate.
@@ -653,6 +646,94 @@ async fn dry_run_describes_and_costs_nothing() {
         .find(|c| c.name == "year_of_birth")
         .map(|c| (c.lower_bound, c.upper_bound));
     assert_eq!(yob, Some((Some(1920.0), Some(2024.0))));
+}
+
+/// Issue #13: every generated extract is sorted by person_id and holds at
+/// most the policy's rows per patient, as its authenticated layout says.
+#[test]
+fn generated_extracts_are_sorted_and_bounded_as_their_layouts_say() {
+    let f = fixture();
+    let policy = tre_e2e::policy();
+    for table in tre_synth::TABLES {
+        let path = f.data.join(format!("{table}.parquet"));
+        let layout = tre_extract::open(&path, &tre_synth::file_id("nhs_epr", table), &f.master)
+            .unwrap_or_else(|e| panic!("{table}: {e}"))
+            .layout;
+        let bound = policy.tables[table].max_rows_per_unit;
+        assert_eq!(
+            (layout.sorted_by.as_str(), layout.max_rows_per_unit),
+            ("person_id", bound)
+        );
+        let mut ids: Vec<String> = Vec::new();
+        for batch in tre_e2e::read_extract(&f.data, table, &f.master) {
+            let col = batch
+                .column_by_name("person_id")
+                .unwrap_or_else(|| panic!("{table}: no person_id"));
+            ids.extend(
+                col.as_string::<i32>()
+                    .iter()
+                    .map(|v| v.unwrap_or_default().to_owned()),
+            );
+        }
+        assert!(ids.is_sorted(), "{table} is not sorted by person_id");
+        let mut most = 0;
+        for run in ids.chunk_by(|a, b| a == b) {
+            most = most.max(run.len());
+        }
+        assert!(
+            most <= bound as usize,
+            "{table}: {most} rows for one patient"
+        );
+        assert_eq!(
+            (layout.rows, layout.units),
+            (ids.len() as u64, ids.chunk_by(|a, b| a == b).count() as u64),
+            "{table}"
+        );
+    }
+    assert_eq!(policy.tables["patients"].max_rows_per_unit, 1);
+}
+
+/// Issue #13: the server serves only extracts tre's writer wrote. A
+/// plaintext file, or an encrypted one written around the writer (so with
+/// no layout, and no checked order), stops start-up with `TRE-V004`.
+#[test]
+fn extracts_tre_did_not_write_are_not_served() {
+    use datafusion::parquet::arrow::ArrowWriter;
+    use datafusion::parquet::file::properties::WriterProperties;
+    let f = fixture();
+    for case in ["plaintext", "no layout"] {
+        let (_copy, data) = tre_e2e::copy_of_fixture();
+        let target = data.join("admissions.parquet");
+        if case == "plaintext" {
+            std::fs::copy(f.plaintext.join("admissions.parquet"), &target)
+                .unwrap_or_else(|e| panic!("{e}"));
+        } else {
+            let batches = tre_e2e::read_extract(&f.data, "admissions", &f.master);
+            let props = WriterProperties::builder()
+                .with_file_encryption_properties(
+                    f.master
+                        .file_encryption("nhs_epr/admissions.parquet")
+                        .unwrap_or_else(|e| panic!("{e}")),
+                )
+                .build();
+            let file = std::fs::File::create(&target).unwrap_or_else(|e| panic!("{e}"));
+            let mut w = ArrowWriter::try_new(file, tre_synth::schema("admissions"), Some(props))
+                .unwrap_or_else(|e| panic!("{e}"));
+            for b in &batches {
+                w.write(b).unwrap_or_else(|e| panic!("{e}"));
+            }
+            w.close().unwrap_or_else(|e| panic!("{e}"));
+        }
+        let err = match tre_e2e::engine_on(&data, std::sync::Arc::clone(&f.master)) {
+            Ok(_) => panic!("{case}: served"),
+            Err(e) => e,
+        };
+        assert_eq!(err.code(), Code::ExtractLayout, "{case}: {err}");
+        assert!(
+            err.to_string().contains("admissions.parquet"),
+            "{case}: {err}"
+        );
+    }
 }
 
 /// A wrong master key stops the engine with a clear, coded error.

@@ -46,6 +46,7 @@ pub fn fixture() -> &'static Fixture {
             11,
             Protection::Encrypted(&master),
             &master,
+            bound,
             |_| {},
         )
         .unwrap_or_else(|e| panic!("{e}"));
@@ -55,6 +56,7 @@ pub fn fixture() -> &'static Fixture {
             11,
             Protection::Plaintext,
             &master,
+            bound,
             |_| {},
         )
         .unwrap_or_else(|e| panic!("{e}"));
@@ -65,6 +67,20 @@ pub fn fixture() -> &'static Fixture {
             master,
         }
     })
+}
+
+/// A copy of the fixture's encrypted extracts in a new `nhs_epr`
+/// directory, for a test that damages or replaces one of them.
+pub fn copy_of_fixture() -> (TempDir, PathBuf) {
+    let f = fixture();
+    let copy = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let data = copy.path().join("nhs_epr");
+    std::fs::create_dir_all(&data).unwrap_or_else(|e| panic!("{e}"));
+    for table in tre_synth::TABLES {
+        let name = format!("{table}.parquet");
+        std::fs::copy(f.data.join(&name), data.join(&name)).unwrap_or_else(|e| panic!("{e}"));
+    }
+    (copy, data)
 }
 
 /// The batches of one encrypted extract, `dir/<table>.parquet`.
@@ -91,32 +107,65 @@ pub fn read_extract(
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The shipped policy's bound on `table`'s rows per patient, as the
+/// generator applies it.
+pub fn bound(table: &str) -> Option<u32> {
+    policy().tables.get(table).map(|t| t.max_rows_per_unit)
+}
+
 /// Write `batches` as the encrypted extract `dir/<table>.parquet`, as the
-/// generator would.
+/// generator would: sorted by `person_id` (stably), then bounded to the
+/// policy's rows per patient by the extract writer.
 pub fn write_extract(
     dir: &std::path::Path,
     table: &str,
     master: &MasterKey,
     batches: &[datafusion::arrow::array::RecordBatch],
 ) {
-    use datafusion::parquet::arrow::ArrowWriter;
-    use datafusion::parquet::file::properties::WriterProperties;
+    use datafusion::arrow::compute::{
+        SortColumn, SortOptions, concat_batches, lexsort_to_indices, take_record_batch,
+    };
     std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{e}"));
     let dataset = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-    let props = WriterProperties::builder()
-        .with_file_encryption_properties(
-            master
-                .file_encryption(&tre_synth::file_id(dataset, table))
-                .unwrap_or_else(|e| panic!("{e}")),
-        )
-        .build();
-    let file = std::fs::File::create(dir.join(format!("{table}.parquet")))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let mut w = ArrowWriter::try_new(file, tre_synth::schema(table), Some(props))
-        .unwrap_or_else(|e| panic!("{e}"));
-    for b in batches {
-        w.write(b).unwrap_or_else(|e| panic!("{e}"));
-    }
+    let schema = tre_synth::schema(table);
+    let all = concat_batches(&schema, batches).unwrap_or_else(|e| panic!("{e}"));
+    let unit = all
+        .column_by_name("person_id")
+        .unwrap_or_else(|| panic!("{table} has no person_id"));
+    // Sorting on the unit and then the row number keeps each patient's
+    // rows in their original order.
+    let position = std::sync::Arc::new(datafusion::arrow::array::UInt64Array::from_iter_values(
+        0..all.num_rows() as u64,
+    ));
+    let order = lexsort_to_indices(
+        &[
+            SortColumn {
+                values: std::sync::Arc::clone(unit),
+                options: Some(SortOptions::default()),
+            },
+            SortColumn {
+                values: position,
+                options: None,
+            },
+        ],
+        None,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let sorted = take_record_batch(&all, &order).unwrap_or_else(|e| panic!("{e}"));
+    let file_id = tre_synth::file_id(dataset, table);
+    let mut w = tre_extract::ExtractWriter::create(
+        &dir.join(format!("{table}.parquet")),
+        schema,
+        "person_id",
+        bound(table).unwrap_or_else(|| panic!("no bound for {table}")),
+        tre_extract::Protection::Encrypted {
+            master,
+            file_id: &file_id,
+        },
+        [5; 32],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    w.write(&sorted).unwrap_or_else(|e| panic!("{e}"));
     w.close().unwrap_or_else(|e| panic!("{e}"));
 }
 

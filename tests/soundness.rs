@@ -463,7 +463,7 @@ async fn every_private_scan_is_bounded() {
         .await
         .unwrap_or_else(|e| panic!("{e}"))
         .into_unoptimized_plan();
-    let mut found = unbounded_scans(engine.policy(), &raw);
+    let mut found = unbounded_scans(&engine, &raw);
     found.sort();
     assert_eq!(found, ["admissions", "patients"]);
     let budget = engine
@@ -473,5 +473,75 @@ async fn every_private_scan_is_bounded() {
         .compile(sql, budget)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    assert!(unbounded_scans(engine.policy(), executed_plan(&plan)).is_empty());
+    assert!(unbounded_scans(&engine, executed_plan(&plan)).is_empty());
+}
+
+/// Issue #13: a policy tightened below the extract's stored bound is
+/// enforced per query. The tightened table's scan gets the shuffled window
+/// again, no patient contributes more rows than the new bound, and a table
+/// whose stored bound is within the policy needs no window at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_tighter_than_the_extract_is_bounded_per_query() {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    use datafusion::logical_expr::LogicalPlan;
+    use tre_query::soundness::{executed_plan, unbounded_scans};
+    let master = Arc::clone(&fixture().master);
+    let tight_text = tre_e2e::POLICY.replace("max_rows_per_unit = 6", "max_rows_per_unit = 1");
+    assert_ne!(tight_text, tre_e2e::POLICY, "the lab results bound is 6");
+    let tight_policy =
+        tre_policy::Policy::from_toml("tight.toml", &tight_text).unwrap_or_else(|e| panic!("{e}"));
+    let profile = tre_sdc::Profile::from_toml("nhs_sde.toml", tre_e2e::NHS_SDE)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let tight = tre_query::Engine::open(
+        tight_policy,
+        profile,
+        &fixture().data,
+        Arc::clone(&master),
+        tre_query::Limits::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let normal = engine_with(master).unwrap_or_else(|e| panic!("{e}"));
+    let sql =
+        "SELECT COUNT(*) AS n FROM lab_results l JOIN patients p ON l.person_id = p.person_id";
+    let mut rows = Vec::new();
+    for engine in [&tight, &normal] {
+        let budget = engine
+            .budget(Some(1.0), None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let plan = engine
+            .compile(sql, budget)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let executed = executed_plan(&plan);
+        assert!(unbounded_scans(engine, executed).is_empty());
+        let mut windows = 0;
+        let _ = executed.apply(|node| {
+            if matches!(node, LogicalPlan::Window(_)) {
+                windows += 1;
+            }
+            Ok(TreeNodeRecursion::Continue)
+        });
+        rows.push(windows);
+        let exact = engine
+            .exact(sql, budget, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let n = exact
+            .laplace
+            .values()
+            .next()
+            .and_then(|v| v.first().copied())
+            .unwrap_or_else(|| panic!("one cell: {exact:?}"));
+        rows.push(usize::try_from(n).unwrap_or_else(|e| panic!("{e}")));
+    }
+    let (tight_windows, tight_n, normal_windows, normal_n) = (rows[0], rows[1], rows[2], rows[3]);
+    assert_eq!(
+        (tight_windows, normal_windows),
+        (1, 0),
+        "only lab_results is bounded again"
+    );
+    assert!(
+        tight_n <= tre_e2e::PATIENTS as usize && tight_n < normal_n,
+        "{tight_n} lab results under a bound of 1 (of {normal_n})"
+    );
 }

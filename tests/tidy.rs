@@ -10,7 +10,9 @@
 //! - no `match` over one of our status types has a `_ =>` arm, so a new
 //!   status makes the compiler point at every place that must decide it;
 //! - exact aggregates stay behind tre-query's `soundness-testing` feature,
-//!   which only the tests enable.
+//!   which only the tests enable;
+//! - one arrow: tre-extract's direct arrow dependency resolves to the
+//!   version DataFusion uses (issue #13).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -394,4 +396,29 @@ fn exact_aggregates_stay_behind_the_test_feature() {
         [root().join("tests/Cargo.toml").display().to_string()],
         "only the tests may enable soundness-testing"
     );
+}
+
+/// tre-extract uses arrow without DataFusion (issue #13); the lockfile
+/// must still hold a single version of every arrow crate, or batches
+/// would not pass between the writer and the engine.
+#[test]
+fn one_arrow_version_in_the_lockfile() {
+    let lock = read(&root().join("Cargo.lock"));
+    let mut versions: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut name = None;
+    for line in lock.lines() {
+        if let Some(n) = line.strip_prefix("name = ") {
+            name = Some(n.trim_matches('"').to_owned());
+        } else if let (Some(v), Some(n)) = (line.strip_prefix("version = "), name.take())
+            && (n == "arrow" || n.starts_with("arrow-") || n == "parquet")
+        {
+            versions
+                .entry(n)
+                .or_default()
+                .insert(v.trim_matches('"').to_owned());
+        }
+    }
+    assert!(versions.contains_key("arrow"), "no arrow in Cargo.lock");
+    let several: Vec<_> = versions.iter().filter(|(_, v)| v.len() > 1).collect();
+    assert!(several.is_empty(), "more than one version of {several:?}");
 }

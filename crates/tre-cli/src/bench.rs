@@ -67,6 +67,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             out: out.clone(),
             key_file: key_file.clone(),
             plaintext,
+            policy: None,
             quiet: true,
         })?;
     }

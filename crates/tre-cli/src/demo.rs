@@ -102,7 +102,9 @@ fn ensure_data(args: &DemoArgs, data: &Path, key_file: &Path) -> Result<()> {
     let key = setup::master_key(key_file, true)?;
     let marker = data.join(".generated");
     let expected = format!(
-        "patients={} seed={} key={}\n",
+        // The extract format is part of the marker: extracts written
+        // before issue #13 carry no layout and are not served.
+        "patients={} seed={} key={} layout=1\n",
         args.patients,
         args.seed,
         key.key_id()
@@ -122,6 +124,7 @@ fn ensure_data(args: &DemoArgs, data: &Path, key_file: &Path) -> Result<()> {
         out: data.to_path_buf(),
         key_file: key_file.to_path_buf(),
         plaintext: false,
+        policy: None,
         quiet: false,
     })?;
     std::fs::write(&marker, expected)?;

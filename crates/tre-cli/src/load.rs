@@ -220,7 +220,7 @@ pub async fn run(args: LoadArgs) -> Result<()> {
     let key_file = args.dir.join("master.key");
     let data = args.dir.join("data/nhs_epr");
     let marker = data.join(".generated");
-    let expected = format!("patients={}\n", args.patients);
+    let expected = format!("patients={} layout=1\n", args.patients);
     if std::fs::read_to_string(&marker).ok().as_deref() != Some(expected.as_str()) {
         setup::generate(&GenerateArgs {
             patients: args.patients,
@@ -228,6 +228,7 @@ pub async fn run(args: LoadArgs) -> Result<()> {
             out: data.clone(),
             key_file: key_file.clone(),
             plaintext: false,
+            policy: None,
             quiet: true,
         })?;
         std::fs::write(&marker, &expected)?;

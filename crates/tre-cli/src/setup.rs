@@ -62,6 +62,10 @@ pub struct GenerateArgs {
     /// Write UNENCRYPTED Parquet, for benchmark baselines only.
     #[arg(long)]
     pub plaintext: bool,
+    /// Dataset policy whose `max_rows_per_unit` each table is bounded to
+    /// when written (defaults to the embedded policies/nhs_epr.toml).
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
     #[arg(long)]
     pub quiet: bool,
 }
@@ -80,6 +84,8 @@ pub fn master_key(key_file: &Path, create: bool) -> Result<MasterKey> {
 
 pub fn generate(args: &GenerateArgs) -> Result<tre_synth::Counts> {
     let key = master_key(&args.key_file, true)?;
+    let policy = load_policy(args.policy.as_deref())?;
+    let started = std::time::Instant::now();
     if args.plaintext {
         eprintln!(
             "WARNING: writing PLAINTEXT extracts to {} — for benchmark baselines only, never for real data",
@@ -108,25 +114,38 @@ pub fn generate(args: &GenerateArgs) -> Result<tre_synth::Counts> {
         args.seed,
         protection,
         &key,
+        |table| policy.tables.get(table).map(|t| t.max_rows_per_unit),
         |done| bar.set_position(done),
     )?;
     bar.finish_and_clear();
     if !args.quiet {
         eprintln!(
-            "wrote {} patients, {} admissions, {} lab results, {} waiting-list pathways to {} ({})",
+            "wrote {} patients, {} admissions, {} lab results, {} waiting-list pathways to {} in {:.1}s, {} bytes ({}); sorted by person_id, {} rows over the policy's per-patient bounds left out",
             counts.patients,
             counts.admissions,
             counts.lab_results,
             counts.waiting_list,
             args.out.display(),
+            started.elapsed().as_secs_f64(),
+            dir_bytes(&args.out),
             if args.plaintext {
                 "plaintext"
             } else {
                 "encrypted, AES-256-GCM, footer encrypted"
-            }
+            },
+            counts.dropped
         );
     }
     Ok(counts)
+}
+
+/// Bytes of the extracts in `dir`, for the operator's record.
+fn dir_bytes(dir: &Path) -> u64 {
+    tre_synth::extract_paths(dir)
+        .iter()
+        .filter_map(|(_, p)| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum()
 }
 
 #[derive(Args, Clone)]

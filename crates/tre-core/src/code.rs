@@ -113,6 +113,9 @@ codes! {
     MasterKey = "TRE-V001",
     WrongMasterKey = "TRE-V002",
     ExtractUnreadable = "TRE-V003",
+    /// An extract tre's writer did not write: plaintext, a plaintext
+    /// footer, no layout, or rows out of order or without a unit.
+    ExtractLayout = "TRE-V004",
 
     // Failures after data was touched: generic by design.
     ExecutionFailed = "TRE-E001",

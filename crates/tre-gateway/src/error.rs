@@ -174,9 +174,10 @@ impl GatewayError {
                 } => GrpcCode::Unavailable,
                 QueryError::Refused { .. } => GrpcCode::InvalidArgument,
                 QueryError::Execution { .. } => GrpcCode::Internal,
-                QueryError::Setup { .. } | QueryError::Vault(_) | QueryError::Internal(_) => {
-                    GrpcCode::Internal
-                }
+                QueryError::Setup { .. }
+                | QueryError::Vault(_)
+                | QueryError::Extract(_)
+                | QueryError::Internal(_) => GrpcCode::Internal,
             },
             GatewayError::Store(s) => match s {
                 StoreError::UnknownProject(_) | StoreError::DatasetNotApproved { .. } => {

@@ -59,6 +59,9 @@ pub enum QueryError {
     Setup { code: Code, message: String },
     #[error(transparent)]
     Vault(#[from] tre_vault::VaultError),
+    /// An extract tre's writer did not write, or one that does not open.
+    #[error(transparent)]
+    Extract(#[from] tre_extract::ExtractError),
     /// A bug: an invariant of the compiler or the release was broken.
     #[error("{code} internal error: {0}", code = self.code())]
     Internal(String),
@@ -78,6 +81,7 @@ impl QueryError {
             QueryError::Refused { code, .. } | QueryError::Setup { code, .. } => *code,
             QueryError::Execution { .. } => Code::ExecutionFailed,
             QueryError::Vault(v) => v.code(),
+            QueryError::Extract(e) => e.code(),
             QueryError::Internal(_) => Code::Internal,
         }
     }
@@ -88,7 +92,10 @@ impl QueryError {
     /// decide (issue #12).
     pub fn is_internal(&self) -> bool {
         match self {
-            QueryError::Setup { .. } | QueryError::Vault(_) | QueryError::Internal(_) => true,
+            QueryError::Setup { .. }
+            | QueryError::Vault(_)
+            | QueryError::Extract(_)
+            | QueryError::Internal(_) => true,
             QueryError::Refused { .. } | QueryError::Execution { .. } => false,
         }
     }
@@ -351,10 +358,10 @@ impl Engine {
         );
         let exact_rules = self.profile.exact_rules;
         let sql = sql.to_owned();
+        let extracts = self.extracts(Vec::new());
         let work = async move {
-            let exclusion = compile::Exclusion::default();
             let plan =
-                compile::compile(&ctx, &policy, &reference, &limits, &sql, budget, &exclusion)
+                compile::compile(&ctx, &policy, &reference, &limits, &sql, budget, &extracts)
                     .await?;
             execute::preflight(&ctx, &plan, exact_rules).await?;
             Ok(plan)
@@ -380,7 +387,7 @@ impl Engine {
         ctx: &datafusion::prelude::SessionContext,
         sql: &str,
         budget: Budget,
-        exclusion: &compile::Exclusion,
+        extracts: &compile::Extracts,
     ) -> Result<PrivatePlan, QueryError> {
         compile::compile(
             ctx,
@@ -389,9 +396,18 @@ impl Engine {
             &self.limits,
             sql,
             budget,
-            exclusion,
+            extracts,
         )
         .await
+    }
+
+    /// What the compiler needs to know about the served extracts, with
+    /// `excluded` patients (tests only) left out.
+    fn extracts(&self, excluded: Vec<String>) -> compile::Extracts {
+        compile::Extracts {
+            bounded_at_write: self.sandbox.bounded_at_write().clone(),
+            excluded,
+        }
     }
 
     /// The privacy parameters for one query: the researcher's request
@@ -533,10 +549,10 @@ pub mod soundness {
     /// The dataset tables `plan` scans without a bounding step above
     /// them: what the compiler's `verify` refuses (issue #12).
     pub fn unbounded_scans(
-        policy: &Policy,
+        engine: &Engine,
         plan: &datafusion::logical_expr::LogicalPlan,
     ) -> Vec<String> {
-        compile::unbounded_scans_of(policy, plan)
+        compile::unbounded_scans_of(&engine.policy, &engine.extracts(Vec::new()), plan)
     }
 
     /// The aggregate a private plan executes (over bounded scans).
@@ -574,7 +590,7 @@ pub mod soundness {
             // Not preflighted: tests compile the query itself first.
             let ctx = self.sandbox.context();
             let plan = self
-                .compile_in(&ctx, sql, budget, &compile::Exclusion(excluded.to_vec()))
+                .compile_in(&ctx, sql, budget, &self.extracts(excluded.to_vec()))
                 .await?;
             let e = execute::exact(&ctx, &plan).await?;
             Ok((plan, Exact(e)))

@@ -3,12 +3,14 @@
 //! memory), has no table functions, no URL tables, no spill files and a
 //! memory cap.
 
+use std::collections::{BTreeSet, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use datafusion::arrow::array::AsArray;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::config::{EncryptionFactoryOptions, TableParquetOptions};
 use datafusion::datasource::MemTable;
@@ -23,6 +25,7 @@ use datafusion::execution::parquet_encryption::EncryptionFactory;
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::object_store::path::Path as ObjectPath;
 use datafusion::prelude::{SessionConfig, SessionContext};
+use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
 use parquet::encryption::decrypt::FileDecryptionProperties;
 use parquet::encryption::encrypt::FileEncryptionProperties;
@@ -31,6 +34,7 @@ use tre_policy::{ColumnClass, Policy};
 use tre_vault::MasterKey;
 
 use crate::reference::RefTables;
+use crate::udf::OptedOut;
 use crate::{Limits, QueryError};
 
 /// Name under which the vault's decryption factory is registered.
@@ -47,6 +51,8 @@ pub(crate) struct Sandbox {
     target_partitions: usize,
     /// Test hook: a seed makes the bounding sampler a function of the row.
     deterministic_seed: Option<u64>,
+    bounded_at_write: BTreeSet<String>,
+    opted_out: OptedOut,
 }
 
 impl Sandbox {
@@ -70,21 +76,30 @@ impl Sandbox {
             ),
         })?;
         let mut tables = Vec::new();
+        let mut bounded_at_write = BTreeSet::new();
         for (name, table) in &policy.tables {
             let path = data_dir.join(format!("{name}.parquet"));
             let file_id = format!("{dataset}/{name}.parquet");
             let shown = path.display().to_string();
-            let file = File::open(&path).map_err(|e| QueryError::Setup {
-                code: Code::ExtractUnreadable,
-                message: format!("extract {shown}: {e}"),
-            })?;
-            let options = ArrowReaderOptions::new()
-                .with_file_decryption_properties(master.file_decryption(&file_id)?);
-            let schema = ParquetRecordBatchReaderBuilder::try_new_with_options(file, options)
-                .map_err(|e| tre_vault::classify_open_error(&shown, &e))?
-                .schema()
-                .clone();
+            let opened = tre_extract::open(&path, &file_id, &master)?;
+            let schema = opened.schema;
             check_schema(policy, name, table, &schema, &shown)?;
+            let layout = opened.layout;
+            if layout.sorted_by != policy.privacy_unit {
+                return Err(QueryError::Setup {
+                    code: Code::ExtractLayout,
+                    message: format!(
+                        "extract {shown} is bounded per {} but the policy's privacy unit is {}; write it again with `tre dataset generate`",
+                        layout.sorted_by, policy.privacy_unit
+                    ),
+                });
+            }
+            // A stored bound within the policy's needs nothing per query;
+            // a policy tightened since the extract was written is enforced
+            // per query, as before issue #13.
+            if layout.max_rows_per_unit <= table.max_rows_per_unit {
+                bounded_at_write.insert(name.clone());
+            }
             let url =
                 ListingTableUrl::parse(path.to_string_lossy()).map_err(|e| QueryError::Setup {
                     code: Code::ExtractUnreadable,
@@ -92,6 +107,16 @@ impl Sandbox {
                 })?;
             tables.push((name.clone(), schema, url));
         }
+        let opted_out = match &policy.opt_out {
+            Some(o) => read_opted_out(
+                &data_dir.join(format!("{}.parquet", o.table)),
+                &format!("{dataset}/{}.parquet", o.table),
+                &master,
+                &policy.privacy_unit,
+                &o.column,
+            )?,
+            None => OptedOut::default(),
+        };
         let runtime = runtime_env(&master, limits.memory_per_query())?;
         Ok(Self {
             data_dir,
@@ -101,7 +126,15 @@ impl Sandbox {
             reference,
             target_partitions: limits.target_partitions,
             deterministic_seed: None,
+            bounded_at_write,
+            opted_out,
         })
+    }
+
+    /// Tables whose rows per patient were bounded when written, within
+    /// the policy's bound.
+    pub(crate) fn bounded_at_write(&self) -> &BTreeSet<String> {
+        &self.bounded_at_write
     }
 
     #[cfg(feature = "soundness-testing")]
@@ -139,7 +172,7 @@ impl Sandbox {
         for f in ["generate_series", "range"] {
             ctx.deregister_udtf(f);
         }
-        crate::udf::register(&ctx, self.deterministic_seed);
+        crate::udf::register(&ctx, self.deterministic_seed, &self.opted_out);
         for (name, table) in &self.reference {
             if let Ok(t) = MemTable::try_new(Arc::clone(&table.schema), vec![table.batches.clone()])
             {
@@ -182,6 +215,49 @@ fn runtime_env(master: &Arc<MasterKey>, bytes: usize) -> Result<Arc<RuntimeEnv>,
         }),
     );
     Ok(runtime)
+}
+
+/// The units whose opt-out flag is true or NULL, read from the opt-out
+/// table's two columns only.
+fn read_opted_out(
+    path: &Path,
+    file_id: &str,
+    master: &Arc<MasterKey>,
+    unit: &str,
+    flag: &str,
+) -> Result<OptedOut, QueryError> {
+    let shown = path.display().to_string();
+    let unreadable = |e: &dyn std::fmt::Display| QueryError::Setup {
+        code: Code::ExtractUnreadable,
+        message: format!("opt-outs from {shown}: {e}"),
+    };
+    let file = File::open(path).map_err(|e| unreadable(&e))?;
+    let options =
+        ArrowReaderOptions::new().with_file_decryption_properties(master.file_decryption(file_id)?);
+    let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(file, options)
+        .map_err(|e| tre_vault::classify_open_error(&shown, &e))?;
+    let mask = ProjectionMask::columns(builder.parquet_schema(), [unit, flag]);
+    let reader = builder
+        .with_projection(mask)
+        .build()
+        .map_err(|e| unreadable(&e))?;
+    let mut set = HashSet::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| unreadable(&e))?;
+        let units = batch.column_by_name(unit).map(|c| c.as_string_opt::<i32>());
+        let flags = batch.column_by_name(flag).map(|c| c.as_boolean_opt());
+        let (Some(Some(units)), Some(Some(flags))) = (units, flags) else {
+            return Err(unreadable(&format!(
+                "{unit} must be text and {flag} true or false"
+            )));
+        };
+        for (u, f) in units.iter().zip(flags.iter()) {
+            if let (Some(u), Some(true) | None) = (u, f) {
+                set.insert(u.to_owned());
+            }
+        }
+    }
+    Ok(OptedOut(Arc::new(set)))
 }
 
 fn check_schema(

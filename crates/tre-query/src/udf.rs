@@ -14,10 +14,11 @@
 //! listed function resolves in the sandbox and that no internal one is
 //! listed.
 
+use std::collections::HashSet;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, Float64Array, UInt64Array};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Float64Array, UInt64Array};
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::ScalarValue;
 use datafusion::error::{DataFusionError, Result as DfResult};
@@ -381,6 +382,8 @@ pub(crate) enum Internal {
     Shuffle,
     /// A salted hash of group keys, for bounding groups per patient.
     GroupHash,
+    /// Whether a patient may be used: not opted out (issue #13).
+    Admitted,
 }
 
 impl Internal {
@@ -388,6 +391,7 @@ impl Internal {
         match self {
             Internal::Shuffle => "__tre_shuffle",
             Internal::GroupHash => "__tre_group_hash",
+            Internal::Admitted => "__tre_admitted",
         }
     }
 
@@ -399,9 +403,14 @@ impl Internal {
 }
 
 /// Register every function tre adds in `ctx`. `seed` (tests only) makes the
-/// bounding sampler and the group hash functions of the row.
-pub(crate) fn register(ctx: &SessionContext, seed: Option<u64>) {
+/// bounding sampler and the group hash functions of the row; `opted_out`
+/// are the patients every plan leaves out.
+pub(crate) fn register(ctx: &SessionContext, seed: Option<u64>, opted_out: &OptedOut) {
     ctx.register_udf(ScalarUDF::from(Shuffle::new(seed)));
+    ctx.register_udf(ScalarUDF::from(Admitted {
+        signature: Signature::any(1, Volatility::Immutable),
+        opted_out: opted_out.clone(),
+    }));
     ctx.register_udf(ScalarUDF::from(GroupHash::new(seed)));
     ctx.register_udf(ScalarUDF::from(Clamp::new()));
     // Total versions of DataFusion's partial functions, under their
@@ -520,6 +529,72 @@ impl ScalarUDFImpl for GroupHash {
             .map(|r| hash_row(seed, arrays, r))
             .collect::<DfResult<Vec<u64>>>()?;
         Ok(ColumnarValue::Array(Arc::new(UInt64Array::from(values))))
+    }
+}
+
+/// The patients who opted out, read once at start-up from the policy's
+/// opt-out column: a set a small fraction the size of the patients table.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct OptedOut(pub(crate) Arc<HashSet<String>>);
+
+/// `__tre_admitted(unit)`: false for a patient who opted out (or a NULL
+/// unit). A hash lookup per row, where a semi-join against the patients
+/// table used to build a table of every patient for every scan.
+#[derive(Debug)]
+struct Admitted {
+    signature: Signature,
+    opted_out: OptedOut,
+}
+
+// One instance per session; equal when they share the set.
+impl PartialEq for Admitted {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.opted_out.0, &other.opted_out.0)
+    }
+}
+impl Eq for Admitted {}
+impl Hash for Admitted {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        Internal::Admitted.name().hash(state);
+        self.opted_out.0.len().hash(state);
+    }
+}
+
+impl ScalarUDFImpl for Admitted {
+    fn name(&self) -> &str {
+        Internal::Admitted.name()
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn return_type(&self, _arg_types: &[DataType]) -> DfResult<DataType> {
+        Ok(DataType::Boolean)
+    }
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        let arrays = crate::functions::batch_arrays(&args)?;
+        let Some(units) = arrays.first() else {
+            return Err(DataFusionError::Internal(
+                "__tre_admitted takes the unit".into(),
+            ));
+        };
+        let set = &self.opted_out.0;
+        let admitted = |unit: Option<&str>| unit.map(|u| !set.contains(u));
+        let out: BooleanArray = if let Some(a) = units.as_string_opt::<i32>() {
+            a.iter().map(admitted).collect()
+        } else if let Some(a) = units.as_string_view_opt() {
+            a.iter().map(admitted).collect()
+        } else if let Some(a) = units.as_string_opt::<i64>() {
+            a.iter().map(admitted).collect()
+        } else {
+            (0..units.len())
+                .map(|r| {
+                    let v = ScalarValue::try_from_array(units, r)?;
+                    Ok((!v.is_null()).then(|| !set.contains(&v.to_string())))
+                })
+                .collect::<DfResult<BooleanArray>>()?
+        };
+        // NULL (no unit) is not admitted either: a filter keeps only true.
+        Ok(ColumnarValue::Array(Arc::new(out)))
     }
 }
 

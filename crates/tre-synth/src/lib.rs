@@ -8,7 +8,6 @@
 //! This crate must never depend on the query engine, storage or the
 //! network: it only writes files.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -17,12 +16,11 @@ use datafusion::arrow::array::{
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
-use parquet::arrow::ArrowWriter;
-use parquet::file::properties::WriterProperties;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha12Rng;
 use rand_distr::{Distribution, Gamma, Normal};
 use tre_core::Code;
+use tre_extract::ExtractWriter;
 use tre_vault::MasterKey;
 
 pub const TABLES: [&str; 4] = ["patients", "admissions", "lab_results", "waiting_list"];
@@ -65,8 +63,14 @@ const Y2023: i32 = 19_358;
 pub enum SynthError {
     #[error("{code} cannot write {path}: {reason}", code = Code::Internal)]
     Write { path: String, reason: String },
+    #[error("{code} the policy gives no max_rows_per_unit for table {table}; add [tables.{table}]", code = Code::PolicyInvalid)]
+    NoBound { table: String },
+    #[error("{code} cannot generate {patients} patients; at most 4,294,967,295 on one machine", code = Code::Internal)]
+    TooManyPatients { patients: u64 },
     #[error(transparent)]
     Vault(#[from] tre_vault::VaultError),
+    #[error(transparent)]
+    Extract(#[from] tre_extract::ExtractError),
 }
 
 /// How extracts are protected on disk.
@@ -77,12 +81,15 @@ pub enum Protection<'a> {
     Plaintext,
 }
 
+/// Rows written per table, after the per-patient bound, and the rows the
+/// bound removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
     pub patients: u64,
     pub admissions: u64,
     pub lab_results: u64,
     pub waiting_list: u64,
+    pub dropped: u64,
 }
 
 /// The identity bound into each extract (AAD prefix and key wrapping): the
@@ -138,16 +145,24 @@ pub fn schema(table: &str) -> SchemaRef {
 }
 
 /// Patients generated per chunk: memory is bounded by one chunk whatever N.
-const CHUNK: u64 = 8_192;
+const CHUNK: usize = 8_192;
 
-/// Generate `patients` patients with `seed` into `dir/<table>.parquet`.
-/// `progress` is called after each chunk with the patients done so far.
+/// Generate `patients` patients with `seed` into `dir/<table>.parquet`,
+/// each table sorted by `person_id` with at most `max_rows_per_unit(table)`
+/// rows per patient (the extract writer enforces both). `progress` is
+/// called after each chunk with the patients done so far.
+///
+/// Each patient's records come from a random stream of their own (the
+/// seed's stream number `index`), so patients can be generated in the
+/// order of their pseudonyms and the output is the same whatever the
+/// chunking. Memory: 16 bytes per patient for that order, plus one chunk.
 pub fn generate(
     dir: &Path,
     patients: u64,
     seed: u64,
     protection: Protection<'_>,
     pseudonymiser: &MasterKey,
+    max_rows_per_unit: impl Fn(&str) -> Option<u32>,
     mut progress: impl FnMut(u64),
 ) -> Result<Counts, SynthError> {
     std::fs::create_dir_all(dir).map_err(|e| write_err(dir, e))?;
@@ -159,42 +174,95 @@ pub fn generate(
     let mut writers = Vec::new();
     for table in TABLES {
         let path = dir.join(format!("{table}.parquet"));
-        let mut props = WriterProperties::builder().set_max_row_group_row_count(Some(64 * 1024));
-        if let Protection::Encrypted(master) = &protection {
-            props = props.with_file_encryption_properties(
-                master.file_encryption(&file_id(&dataset, table))?,
-            );
-        }
-        let file = File::create(&path).map_err(|e| write_err(&path, e))?;
-        let w = ArrowWriter::try_new(file, schema(table), Some(props.build()))
-            .map_err(|e| write_err(&path, e))?;
-        writers.push((path, w));
+        let bound = max_rows_per_unit(table).ok_or_else(|| SynthError::NoBound {
+            table: table.to_owned(),
+        })?;
+        let file_id = file_id(&dataset, table);
+        let protection = match &protection {
+            Protection::Encrypted(master) => tre_extract::Protection::Encrypted {
+                master,
+                file_id: &file_id,
+            },
+            Protection::Plaintext => tre_extract::Protection::Plaintext,
+        };
+        // The rows kept for a patient over the bound are chosen by a
+        // stream of the seed's own, so the dataset can be made again.
+        let mut sampler_seed = [0u8; 32];
+        ChaCha12Rng::seed_from_u64(seed ^ 0x5EED_B0D0).fill(&mut sampler_seed);
+        sampler_seed[..table.len().min(32)]
+            .iter_mut()
+            .zip(table.bytes())
+            .for_each(|(s, t)| *s ^= t);
+        let w = ExtractWriter::create(
+            &path,
+            schema(table),
+            "person_id",
+            bound,
+            protection,
+            sampler_seed,
+        )?;
+        writers.push(w);
     }
-    let mut rng = ChaCha12Rng::seed_from_u64(seed);
-    let mut counts = Counts::default();
-    let mut start = 0;
-    while start < patients {
-        let n = CHUNK.min(patients - start);
-        let chunk = Chunk::generate(&mut rng, start, n, pseudonymiser);
-        counts.patients += n;
-        counts.admissions += chunk.admissions.num_rows() as u64;
-        counts.lab_results += chunk.labs.num_rows() as u64;
-        counts.waiting_list += chunk.waits.num_rows() as u64;
-        for ((path, w), batch) in writers.iter_mut().zip([
+    let order = pseudonym_order(patients, pseudonymiser)?;
+    let base = ChaCha12Rng::seed_from_u64(seed);
+    let mut done = 0u64;
+    for chunk in order.chunks(CHUNK) {
+        let chunk = Chunk::generate(&base, chunk, pseudonymiser);
+        for (w, batch) in writers.iter_mut().zip([
             &chunk.patients,
             &chunk.admissions,
             &chunk.labs,
             &chunk.waits,
         ]) {
-            w.write(batch).map_err(|e| write_err(path, e))?;
+            w.write(batch)?;
         }
-        start += n;
-        progress(start);
+        done += chunk.patients.num_rows() as u64;
+        progress(done);
     }
-    for (path, w) in writers {
-        w.close().map_err(|e| write_err(&path, e))?;
+    let mut counts = Counts::default();
+    for (w, table) in writers.into_iter().zip(TABLES) {
+        let layout = w.close()?;
+        counts.dropped += layout.rows_dropped;
+        match table {
+            "patients" => counts.patients = layout.rows,
+            "admissions" => counts.admissions = layout.rows,
+            "lab_results" => counts.lab_results = layout.rows,
+            _ => counts.waiting_list = layout.rows,
+        }
     }
     Ok(counts)
+}
+
+/// Patient indices in the order of their pseudonyms. A pseudonym is `P`
+/// and 24 hex digits (96 bits); each key holds those bits above the index,
+/// so sorting the keys sorts by pseudonym. Computed on every core.
+fn pseudonym_order(patients: u64, key: &MasterKey) -> Result<Vec<u128>, SynthError> {
+    let too_many = || SynthError::TooManyPatients { patients };
+    let n = usize::try_from(patients).map_err(|_| too_many())?;
+    if patients > u64::from(u32::MAX) {
+        return Err(too_many());
+    }
+    let mut keys = vec![0u128; n];
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    let per = n.div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for (part, slice) in keys.chunks_mut(per).enumerate() {
+            s.spawn(move || {
+                for (j, k) in slice.iter_mut().enumerate() {
+                    let index = (part * per + j) as u64;
+                    *k = (pseudonym_bits(&key.pseudonymise(&nhs_number(index))) << 32)
+                        | u128::from(index);
+                }
+            });
+        }
+    });
+    keys.sort_unstable();
+    Ok(keys)
+}
+
+/// The 96 bits of a pseudonym `P<24 hex digits>`.
+fn pseudonym_bits(pseudonym: &str) -> u128 {
+    u128::from_str_radix(pseudonym.get(1..).unwrap_or_default(), 16).unwrap_or_default()
 }
 
 fn write_err(path: &Path, e: impl std::fmt::Display) -> SynthError {
@@ -258,14 +326,20 @@ fn batch(table: &str, cols: Vec<ArrayRef>) -> RecordBatch {
 }
 
 impl Chunk {
-    fn generate(rng: &mut ChaCha12Rng, start: u64, n: u64, key: &MasterKey) -> Chunk {
+    /// The records of the patients whose order keys are `keys`, each from
+    /// its own stream of `base`.
+    fn generate(base: &ChaCha12Rng, keys: &[u128], key: &MasterKey) -> Chunk {
         let mut p = PatientCols::default();
         let mut a = AdmissionCols::default();
         let mut l = LabCols::default();
         let mut w = WaitCols::default();
         let normal = |m: f64, s: f64| Normal::new(m, s).unwrap_or_else(|_| unreachable!());
-        for i in start..start + n {
+        for order_key in keys {
+            let i = (order_key & u128::from(u32::MAX)) as u64;
             let pid = key.pseudonymise(&nhs_number(i));
+            let mut own = base.clone();
+            own.set_stream(i);
+            let rng = &mut own;
             let age: i64 = (rng.random::<f64>().powf(1.15) * 100.0) as i64;
             let yob = 2024 - age;
             let sex = if rng.random_bool(0.51) { "F" } else { "M" };
@@ -615,12 +689,17 @@ mod tests {
     #[test]
     fn chunks_are_deterministic_and_match_the_schema() {
         let key = MasterKey::from_bytes(&[3; 32]).unwrap_or_else(|e| panic!("{e}"));
-        let a = Chunk::generate(&mut ChaCha12Rng::seed_from_u64(7), 0, 500, &key);
-        let b = Chunk::generate(&mut ChaCha12Rng::seed_from_u64(7), 0, 500, &key);
+        let order = pseudonym_order(500, &key).unwrap_or_else(|e| panic!("{e}"));
+        let base = ChaCha12Rng::seed_from_u64(7);
+        let a = Chunk::generate(&base, &order, &key);
+        let b = Chunk::generate(&base, &order, &key);
+        // A patient's records do not depend on who else is in the chunk.
+        let alone = Chunk::generate(&base, &order[7..8], &key);
+        assert_eq!(alone.patients, a.patients.slice(7, 1));
         assert_eq!(a.patients, b.patients);
         assert_eq!(a.admissions, b.admissions);
         assert_eq!(a.patients.num_rows(), 500);
-        assert!(a.admissions.num_rows() > 100);
+        assert!(a.admissions.num_rows() > 50);
         assert!(a.labs.num_rows() > 100);
         assert!(a.waits.num_rows() > 50);
         assert_eq!(month_of(Y2024), "2024-01");

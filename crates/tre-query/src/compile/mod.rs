@@ -30,7 +30,7 @@ mod shape;
 mod total;
 mod verify;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::sync::Arc;
 
@@ -42,7 +42,7 @@ use datafusion::datasource::provider_as_source;
 use datafusion::functions_aggregate::expr_fn::{count, count_distinct};
 use datafusion::functions_window::expr_fn::{dense_rank, row_number};
 use datafusion::logical_expr::{
-    Aggregate, Expr, ExprFunctionExt, JoinType, LogicalPlan, LogicalPlanBuilder, lit, when,
+    Aggregate, Expr, ExprFunctionExt, LogicalPlan, LogicalPlanBuilder, lit, when,
 };
 use datafusion::prelude::{SessionContext, col};
 use datafusion::sql::parser::Statement as DfStatement;
@@ -469,10 +469,17 @@ pub struct Budget {
     pub delta: Delta,
 }
 
-/// Test hook: remove these patients from every table before bounding, to
-/// compute the neighbouring dataset's exact aggregates.
+/// What start-up learned about the served extracts, and the test hook's
+/// exclusions.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Exclusion(pub(crate) Vec<String>);
+pub(crate) struct Extracts {
+    /// Tables whose rows per patient were bounded when written, within the
+    /// policy's bound: their scans need no bounding per query (issue #13).
+    pub(crate) bounded_at_write: BTreeSet<String>,
+    /// Test hook: remove these patients from every table before bounding,
+    /// to compute the neighbouring dataset's exact aggregates.
+    pub(crate) excluded: Vec<String>,
+}
 
 pub(crate) async fn compile(
     ctx: &SessionContext,
@@ -481,7 +488,7 @@ pub(crate) async fn compile(
     limits: &Limits,
     sql: &str,
     budget: Budget,
-    exclusion: &Exclusion,
+    extracts: &Extracts,
 ) -> Result<PrivatePlan, QueryError> {
     let plan = parse(ctx, sql).await?;
     check_nodes(&plan, policy)?;
@@ -573,7 +580,7 @@ pub(crate) async fn compile(
     } = rewrite::Rewrite {
         ctx,
         policy,
-        exclusion,
+        extracts,
         group_exprs: &agg.group_expr,
         selected: &selected,
         unit_col: unit_col.as_ref(),
@@ -610,7 +617,13 @@ pub(crate) async fn compile(
         totals: false,
         unit: unit_col.clone(),
     };
-    verify(&plan, policy, analyzer.private_scans.len(), budget)?;
+    verify(
+        &plan,
+        policy,
+        extracts,
+        analyzer.private_scans.len(),
+        budget,
+    )?;
     plan.description = describe(&plan, policy, &analyzer, budget);
     Ok(plan)
 }

@@ -1,7 +1,9 @@
-//! Stage 5: the rewrite. Every private scan becomes a bounded scan (opt-outs
-//! removed, out-of-bounds dates and over-long text NULL, at most
-//! `max_rows_per_unit` rows per patient chosen by the shuffle key), and
-//! selected keys are bounded per patient.
+//! Stage 5: the rewrite. Every private scan becomes a bounded scan: opt-outs
+//! removed, out-of-bounds dates and over-long text NULL, and at most
+//! `max_rows_per_unit` rows per patient. That bound was enforced when the
+//! extract was written (issue #13); only a table whose policy is tighter
+//! than its stored bound is bounded again here, by the shuffle key.
+//! Selected keys are bounded per patient.
 
 use super::*;
 
@@ -10,7 +12,7 @@ pub(super) async fn bound_scans(
     ctx: &SessionContext,
     policy: &Policy,
     input: &LogicalPlan,
-    exclusion: &Exclusion,
+    extracts: &Extracts,
 ) -> Result<LogicalPlan, QueryError> {
     let internal =
         |e: datafusion::error::DataFusionError| QueryError::Internal(format!("bounding: {e}"));
@@ -19,12 +21,15 @@ pub(super) async fn bound_scans(
         let p = ctx.table_provider(name.as_str()).await.map_err(internal)?;
         providers.insert(name.clone(), p);
     }
-    let shuffle = Internal::Shuffle.udf(ctx).map_err(internal)?;
+    let udfs = BoundingUdfs {
+        shuffle: Internal::Shuffle.udf(ctx).map_err(internal)?,
+        admitted: Internal::Admitted.udf(ctx).map_err(internal)?,
+    };
     let mut bounded: HashMap<String, LogicalPlan> = HashMap::new();
     for (name, table) in &policy.tables {
         bounded.insert(
             name.clone(),
-            bounded_scan(policy, table, &providers, &shuffle, exclusion).map_err(internal)?,
+            bounded_scan(policy, table, &providers, &udfs, extracts).map_err(internal)?,
         );
     }
     input
@@ -44,12 +49,18 @@ pub(super) async fn bound_scans(
         .map_err(internal)
 }
 
+/// The internal functions a bounded scan calls.
+pub(super) struct BoundingUdfs {
+    shuffle: Arc<datafusion::logical_expr::ScalarUDF>,
+    admitted: Arc<datafusion::logical_expr::ScalarUDF>,
+}
+
 pub(super) fn bounded_scan(
     policy: &Policy,
     table: &TablePolicy,
     providers: &HashMap<String, Arc<dyn TableProvider>>,
-    shuffle: &Arc<datafusion::logical_expr::ScalarUDF>,
-    exclusion: &Exclusion,
+    udfs: &BoundingUdfs,
+    extracts: &Extracts,
 ) -> datafusion::error::Result<LogicalPlan> {
     let source = |name: &str| {
         providers
@@ -70,29 +81,12 @@ pub(super) fn bounded_scan(
         .into_iter()
         .map(Expr::Column)
         .collect();
-    let mut b = scan;
-    if !exclusion.0.is_empty() {
-        let list: Vec<Expr> = exclusion.0.iter().map(|p| lit(p.as_str())).collect();
+    // Opted-out patients go first, directly above the scan: `verify`
+    // recognises a scan bounded at write by this filter over it.
+    let mut b = scan.filter(udfs.admitted.call(vec![qcol(name, unit)]))?;
+    if !extracts.excluded.is_empty() {
+        let list: Vec<Expr> = extracts.excluded.iter().map(|p| lit(p.as_str())).collect();
         b = b.filter(qcol(name, unit).in_list(list, true))?;
-    }
-    if let Some(opt) = &policy.opt_out {
-        if opt.table == name {
-            b = b.filter(qcol(name, &opt.column).eq(lit(false)))?;
-        } else {
-            let opted_in = LogicalPlanBuilder::scan(opt.table.as_str(), source(&opt.table)?, None)?
-                .filter(qcol(&opt.table, &opt.column).eq(lit(false)))?
-                .project(vec![qcol(&opt.table, unit).alias("__tre_opted_in")])?
-                .build()?;
-            b = b.join(
-                opted_in,
-                JoinType::LeftSemi,
-                (
-                    vec![Column::new(Some(name), unit.as_str())],
-                    vec![Column::from_name("__tre_opted_in")],
-                ),
-                None,
-            )?;
-        }
     }
     // Dates outside the policy's bounds, and text longer than its column's
     // limit, become NULL here, before any expression sees them: a date at
@@ -138,15 +132,18 @@ pub(super) fn bounded_scan(
                 .map(|e| e.alias_qualified(relation, name))
         })
         .collect::<datafusion::error::Result<_>>()?;
+    let b = b.project(bounded)?;
+    if extracts.bounded_at_write.contains(name) {
+        return b.build();
+    }
     // The shuffle key sees the whole row so that a deterministic (test)
     // sampler picks the same rows whoever else is in the dataset.
     let rn = row_number()
         .partition_by(vec![qcol(name, unit)])
-        .order_by(vec![shuffle.call(columns.clone()).sort(true, false)])
+        .order_by(vec![udfs.shuffle.call(columns.clone()).sort(true, false)])
         .build()?
         .alias("__tre_rn");
-    b.project(bounded)?
-        .window(vec![rn])?
+    b.window(vec![rn])?
         .filter(col("__tre_rn").lt_eq(lit(u64::from(table.max_rows_per_unit))))?
         .project(columns)?
         .build()
@@ -205,7 +202,7 @@ pub(super) fn bound_groups(
 pub(super) struct Rewrite<'a> {
     pub(super) ctx: &'a SessionContext,
     pub(super) policy: &'a Policy,
-    pub(super) exclusion: &'a Exclusion,
+    pub(super) extracts: &'a Extracts,
     /// The release aggregate's group keys.
     pub(super) group_exprs: &'a [Expr],
     /// Which of them DP key selection chooses.
@@ -233,7 +230,7 @@ impl Rewrite<'_> {
         let Rewrite {
             ctx,
             policy,
-            exclusion,
+            extracts,
             group_exprs,
             selected,
             unit_col,
@@ -242,7 +239,7 @@ impl Rewrite<'_> {
             delta,
             drafts,
         } = *self;
-        let mut bounded = bound_scans(ctx, policy, input, exclusion).await?;
+        let mut bounded = bound_scans(ctx, policy, input, extracts).await?;
         let mut selection = None;
         if !selected.is_empty() {
             let Some(unit) = unit_col.cloned() else {

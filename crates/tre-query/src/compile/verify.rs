@@ -8,6 +8,7 @@ use super::*;
 pub(super) fn verify(
     plan: &PrivatePlan,
     policy: &Policy,
+    extracts: &Extracts,
     private_scans: usize,
     budget: Budget,
 ) -> Result<(), QueryError> {
@@ -68,30 +69,39 @@ pub(super) fn verify(
     if plan.quantiles.len() + laplace != n {
         return bug("every quantile needs its own histogram plan".into());
     }
-    // Every scan of a dataset table, in every plan that reads data, sits
-    // under a bounding step: a filter on the shuffled row number per
+    // Every scan of a dataset table, in every plan that reads data, is
+    // bounded: directly under the opt-out filter when the extract was
+    // bounded at write, else under a filter on the shuffled row number per
     // patient (issue #12: this used to be a count of window nodes).
     let reads = std::iter::once(&plan.main)
         .chain(plan.quantiles.iter().map(|(_, p)| p))
         .chain(plan.selection.iter().map(|s| &s.plan));
     for p in reads {
         let mut unbounded = Vec::new();
-        unbounded_scans(p, policy, false, &mut unbounded);
+        unbounded_scans(p, policy, extracts, false, &mut unbounded);
         if !unbounded.is_empty() {
             return bug(format!("unbounded scans of {}", unbounded.join(", ")));
         }
     }
-    let mut windows = 0;
+    // And the analyzer's count of private scans matches the plan's: each
+    // is bounded at write or by a window of its own.
+    let (mut windows, mut at_write) = (0, 0);
     let _ = plan.main.apply_with_subqueries(|node| {
-        if matches!(node, LogicalPlan::Window(_)) {
-            windows += 1;
+        match node {
+            LogicalPlan::Window(_) => windows += 1,
+            LogicalPlan::TableScan(scan)
+                if extracts.bounded_at_write.contains(scan.table_name.table()) =>
+            {
+                at_write += 1
+            }
+            _ => {}
         }
         Ok(TreeNodeRecursion::Continue)
     });
     let expected = private_scans + usize::from(plan.selection.is_some());
-    if windows != expected {
+    if windows + at_write != expected {
         return bug(format!(
-            "{expected} bounding steps expected but {windows} planned"
+            "{expected} bounding steps expected but {windows} windows and {at_write} scans bounded at write planned"
         ));
     }
     // Totality: no operation that can fail on a value survives the rewrite.
@@ -129,17 +139,23 @@ pub(super) fn verify(
 }
 
 /// The dataset tables scanned in `plan` without a bounding step above
-/// them. A bounding step is `bounded_scan`'s filter `__tre_rn <= k` over a
-/// window that numbers each patient's rows in the order of the internal
-/// shuffle key; everything under it, the opt-out semi-join included, is
-/// bounded.
+/// them. A bounding step is either
+/// - `bounded_scan`'s filter `__tre_rn <= k` over a window that numbers
+///   each patient's rows in the order of the internal shuffle key
+///   (everything under it is bounded), or
+/// - for a table whose extract was bounded when written, the opt-out
+///   filter `__tre_admitted(unit)` directly over its scan.
 pub(super) fn unbounded_scans(
     plan: &LogicalPlan,
     policy: &Policy,
+    extracts: &Extracts,
     bounded: bool,
     out: &mut Vec<String>,
 ) {
     let bounded = bounded || is_bounding_step(plan);
+    if !bounded && admits_a_scan_bounded_at_write(plan, policy, extracts) {
+        return;
+    }
     if let LogicalPlan::TableScan(scan) = plan
         && !bounded
         && policy.tables.contains_key(scan.table_name.table())
@@ -147,15 +163,42 @@ pub(super) fn unbounded_scans(
         out.push(scan.table_name.to_string());
     }
     for input in plan.inputs() {
-        unbounded_scans(input, policy, bounded, out);
+        unbounded_scans(input, policy, extracts, bounded, out);
     }
+}
+
+/// `plan` is `Filter(__tre_admitted(t.unit))` over a scan of a table `t`
+/// bounded when its extract was written.
+fn admits_a_scan_bounded_at_write(
+    plan: &LogicalPlan,
+    policy: &Policy,
+    extracts: &Extracts,
+) -> bool {
+    let LogicalPlan::Filter(filter) = plan else {
+        return false;
+    };
+    let LogicalPlan::TableScan(scan) = filter.input.as_ref() else {
+        return false;
+    };
+    let table = scan.table_name.table();
+    let admits_unit = matches!(
+        &filter.predicate,
+        Expr::ScalarFunction(f)
+            if f.func.name() == Internal::Admitted.name()
+                && matches!(f.args.as_slice(), [Expr::Column(c)] if c.name == policy.privacy_unit && c.relation.as_ref().is_some_and(|r| r.table() == table))
+    );
+    admits_unit && extracts.bounded_at_write.contains(table)
 }
 
 /// `unbounded_scans` from the top of `plan`, for the soundness tests.
 #[cfg(feature = "soundness-testing")]
-pub(crate) fn unbounded_scans_of(policy: &Policy, plan: &LogicalPlan) -> Vec<String> {
+pub(crate) fn unbounded_scans_of(
+    policy: &Policy,
+    extracts: &Extracts,
+    plan: &LogicalPlan,
+) -> Vec<String> {
     let mut out = Vec::new();
-    unbounded_scans(plan, policy, false, &mut out);
+    unbounded_scans(plan, policy, extracts, false, &mut out);
     out
 }
 

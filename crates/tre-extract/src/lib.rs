@@ -1,0 +1,372 @@
+//! The extract format: one Parquet file per table, written only through
+//! [`ExtractWriter`]. The writer checks that rows arrive in privacy-unit
+//! order (it sorts nothing), keeps at most `max_rows_per_unit` rows per unit
+//! (chosen uniformly at random by a CSPRNG, so that the bound biases no
+//! estimate), and records what it enforced, the [`Layout`], in the file's
+//! footer. Served extracts are encrypted with the footer encrypted: AES-GCM
+//! under a data key that only the master key unwraps, with the file identity
+//! bound in as AAD. So a layout that authenticates was written by this code,
+//! and the order and the bound are facts the writer checked, not claims a
+//! reader must trust. [`open`] reads a file's schema and layout and refuses
+//! a file without them (issue #13).
+//!
+//! This crate must never depend on DataFusion, the query engine, storage or
+//! the network: it writes and reads files. Key bytes stay in tre-vault.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{Array, RecordBatch, UInt64Array};
+use arrow::compute::{concat_batches, take_record_batch};
+use arrow::datatypes::SchemaRef;
+use arrow::row::{OwnedRow, RowConverter, SortField};
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::WriterProperties;
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use serde::{Deserialize, Serialize};
+use tre_core::Code;
+use tre_vault::MasterKey;
+
+/// The footer key under which the layout is stored, as JSON.
+pub const LAYOUT_KEY: &str = "tre.layout";
+
+/// The one layout format this code writes and reads.
+const FORMAT: u32 = 1;
+
+/// Rows of one unit the writer holds while it waits for the unit's end.
+/// Past this one unit's rows would no longer be bounded in memory, and no
+/// real record has a million rows for one patient in one table.
+pub const MAX_ROWS_HELD_PER_UNIT: usize = 1 << 20;
+
+/// Rows per row group: small enough to stream, large enough to compress.
+const ROW_GROUP_ROWS: usize = 64 * 1024;
+
+/// Encrypted extracts end with this magic; plaintext ones with `PAR1`.
+const ENCRYPTED_FOOTER_MAGIC: &[u8; 4] = b"PARE";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExtractError {
+    #[error("{code} cannot write {path}: {reason}", code = self.code())]
+    Write { path: String, reason: String },
+    #[error("{code} rows for {path} are not in {unit} order; sort them by {unit} before writing", code = self.code())]
+    OutOfOrder { path: String, unit: String },
+    #[error("{code} {path} has a row without {unit}; every row needs its privacy unit", code = self.code())]
+    NullUnit { path: String, unit: String },
+    #[error("{code} one {unit} in {path} has more than {MAX_ROWS_HELD_PER_UNIT} rows; check the extract's linkage", code = self.code())]
+    UnitTooLarge { path: String, unit: String },
+    #[error("{code} {path} has no column {unit}; every table needs the privacy unit", code = self.code())]
+    NoUnitColumn { path: String, unit: String },
+    #[error("{code} {path}: keep at least one row per unit (max_rows_per_unit ≥ 1)", code = self.code())]
+    ZeroBound { path: String },
+    #[error("{code} extract {file} is not encrypted with an encrypted footer; only extracts tre wrote encrypted are served", code = self.code())]
+    NotEncrypted { file: String },
+    #[error("{code} extract {file} has no tre layout (order and rows per unit); write it again with `tre dataset generate`", code = self.code())]
+    NoLayout { file: String },
+    #[error(transparent)]
+    Vault(#[from] tre_vault::VaultError),
+}
+
+impl ExtractError {
+    /// The stable code, written once: the message's prefix comes from here.
+    pub fn code(&self) -> Code {
+        match self {
+            ExtractError::Write { .. } => Code::Internal,
+            ExtractError::OutOfOrder { .. }
+            | ExtractError::NullUnit { .. }
+            | ExtractError::UnitTooLarge { .. }
+            | ExtractError::NoUnitColumn { .. }
+            | ExtractError::ZeroBound { .. }
+            | ExtractError::NotEncrypted { .. }
+            | ExtractError::NoLayout { .. } => Code::ExtractLayout,
+            ExtractError::Vault(e) => e.code(),
+        }
+    }
+}
+
+/// How an extract is protected on disk.
+pub enum Protection<'a> {
+    /// Parquet modular encryption under a per-file data key, footer
+    /// encrypted, file identity `file_id` bound in as AAD.
+    Encrypted {
+        master: &'a MasterKey,
+        file_id: &'a str,
+    },
+    /// Plaintext, for benchmark baselines only; never served.
+    Plaintext,
+}
+
+/// What the writer enforced, stored in the footer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Layout {
+    pub format: u32,
+    /// Rows are in ascending order of this column (the privacy unit), and
+    /// all rows of one unit are adjacent.
+    pub sorted_by: String,
+    /// No unit has more rows than this.
+    pub max_rows_per_unit: u32,
+    pub rows: u64,
+    pub units: u64,
+    /// Rows the bound removed, for the custodian's record.
+    pub rows_dropped: u64,
+}
+
+/// Writes one extract: checks the unit order, bounds rows per unit, and
+/// stores the layout. The file appears under its name only when `close`
+/// succeeds, so a failed write never leaves a half extract to serve.
+pub struct ExtractWriter {
+    path: PathBuf,
+    partial: PathBuf,
+    schema: SchemaRef,
+    writer: ArrowWriter<File>,
+    unit_index: usize,
+    units: RowConverter,
+    /// The last unit whose rows were written.
+    last: Option<OwnedRow>,
+    /// Rows of the unit that may continue in the next batch.
+    held: Option<RecordBatch>,
+    sampler: ChaCha20Rng,
+    layout: Layout,
+}
+
+impl ExtractWriter {
+    /// Start `path`. `seed` drives the choice of rows kept for a unit with
+    /// more than `max_rows_per_unit`: pass fresh OS randomness for real
+    /// data; the synthetic generator passes one derived from its seed so
+    /// that a dataset can be made again.
+    pub fn create(
+        path: &Path,
+        schema: SchemaRef,
+        unit: &str,
+        max_rows_per_unit: u32,
+        protection: Protection<'_>,
+        seed: [u8; 32],
+    ) -> Result<Self, ExtractError> {
+        let shown = path.display().to_string();
+        let unit_index = schema
+            .index_of(unit)
+            .map_err(|_| ExtractError::NoUnitColumn {
+                path: shown.clone(),
+                unit: unit.to_owned(),
+            })?;
+        if max_rows_per_unit == 0 {
+            return Err(ExtractError::ZeroBound { path: shown });
+        }
+        let write = |e: &dyn std::fmt::Display| ExtractError::Write {
+            path: shown.clone(),
+            reason: e.to_string(),
+        };
+        let mut props =
+            WriterProperties::builder().set_max_row_group_row_count(Some(ROW_GROUP_ROWS));
+        if let Protection::Encrypted { master, file_id } = protection {
+            props = props.with_file_encryption_properties(master.file_encryption(file_id)?);
+        }
+        let mut partial = path.as_os_str().to_owned();
+        partial.push(".partial");
+        let partial = PathBuf::from(partial);
+        let file = File::create(&partial).map_err(|e| write(&e))?;
+        let writer = ArrowWriter::try_new(file, Arc::clone(&schema), Some(props.build()))
+            .map_err(|e| write(&e))?;
+        let units = RowConverter::new(vec![SortField::new(
+            schema.field(unit_index).data_type().clone(),
+        )])
+        .map_err(|e| write(&e))?;
+        Ok(Self {
+            path: path.to_owned(),
+            partial,
+            schema,
+            writer,
+            unit_index,
+            units,
+            last: None,
+            held: None,
+            sampler: ChaCha20Rng::from_seed(seed),
+            layout: Layout {
+                format: FORMAT,
+                sorted_by: unit.to_owned(),
+                max_rows_per_unit,
+                rows: 0,
+                units: 0,
+                rows_dropped: 0,
+            },
+        })
+    }
+
+    /// Write `batch`, whose rows continue the unit order of earlier batches.
+    pub fn write(&mut self, batch: &RecordBatch) -> Result<(), ExtractError> {
+        let batch = match self.held.take() {
+            Some(held) => concat_batches(&self.schema, [&held, batch]).map_err(|e| self.err(&e))?,
+            None => batch.clone(),
+        };
+        let n = batch.num_rows();
+        if n == 0 {
+            return Ok(());
+        }
+        let column = batch.column(self.unit_index);
+        if column.null_count() > 0 {
+            return Err(ExtractError::NullUnit {
+                path: self.shown(),
+                unit: self.layout.sorted_by.clone(),
+            });
+        }
+        let units = self
+            .units
+            .convert_columns(&[Arc::clone(column)])
+            .map_err(|e| self.err(&e))?;
+        if self
+            .last
+            .as_ref()
+            .is_some_and(|last| units.row(0) <= last.row())
+        {
+            return Err(self.out_of_order());
+        }
+        let mut keep = Vec::with_capacity(n);
+        let mut start = 0;
+        for i in 1..n {
+            let (before, here) = (units.row(i - 1), units.row(i));
+            if here == before {
+                continue;
+            }
+            if here < before {
+                return Err(self.out_of_order());
+            }
+            self.keep_unit(start, i, &mut keep);
+            self.last = Some(before.owned());
+            start = i;
+        }
+        // The last unit may go on in the next batch: hold it.
+        if n - start > MAX_ROWS_HELD_PER_UNIT {
+            return Err(ExtractError::UnitTooLarge {
+                path: self.shown(),
+                unit: self.layout.sorted_by.clone(),
+            });
+        }
+        self.held = Some(batch.slice(start, n - start));
+        self.write_rows(&batch, keep)
+    }
+
+    /// Write the last unit and the layout, and give the file its name.
+    pub fn close(mut self) -> Result<Layout, ExtractError> {
+        if let Some(held) = self.held.take() {
+            let mut keep = Vec::with_capacity(held.num_rows());
+            self.keep_unit(0, held.num_rows(), &mut keep);
+            self.write_rows(&held, keep)?;
+        }
+        let json = serde_json::to_string(&self.layout).map_err(|e| self.err(&e))?;
+        self.writer
+            .append_key_value_metadata(KeyValue::new(LAYOUT_KEY.to_owned(), json));
+        let shown = self.shown();
+        let write = |e: &dyn std::fmt::Display| ExtractError::Write {
+            path: shown.clone(),
+            reason: e.to_string(),
+        };
+        self.writer.close().map_err(|e| write(&e))?;
+        std::fs::rename(&self.partial, &self.path).map_err(|e| write(&e))?;
+        Ok(self.layout)
+    }
+
+    /// Keep the rows `start..end` of one unit, or a uniform random
+    /// `max_rows_per_unit` of them in their original order.
+    fn keep_unit(&mut self, start: usize, end: usize, keep: &mut Vec<u64>) {
+        let n = end - start;
+        let bound = self.layout.max_rows_per_unit as usize;
+        self.layout.units += 1;
+        if n <= bound {
+            keep.extend((start..end).map(|i| i as u64));
+            self.layout.rows += n as u64;
+            return;
+        }
+        let mut chosen = rand::seq::index::sample(&mut self.sampler, n, bound).into_vec();
+        chosen.sort_unstable();
+        keep.extend(chosen.into_iter().map(|i| (start + i) as u64));
+        self.layout.rows += bound as u64;
+        self.layout.rows_dropped += (n - bound) as u64;
+    }
+
+    fn write_rows(&mut self, batch: &RecordBatch, keep: Vec<u64>) -> Result<(), ExtractError> {
+        if keep.is_empty() {
+            return Ok(());
+        }
+        let rows = if keep.len() == batch.num_rows() {
+            batch.clone()
+        } else {
+            take_record_batch(batch, &UInt64Array::from(keep)).map_err(|e| self.err(&e))?
+        };
+        self.writer.write(&rows).map_err(|e| self.err(&e))
+    }
+
+    fn shown(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn err(&self, e: &dyn std::fmt::Display) -> ExtractError {
+        ExtractError::Write {
+            path: self.shown(),
+            reason: e.to_string(),
+        }
+    }
+
+    fn out_of_order(&self) -> ExtractError {
+        ExtractError::OutOfOrder {
+            path: self.shown(),
+            unit: self.layout.sorted_by.clone(),
+        }
+    }
+}
+
+/// An extract as the server sees it before serving it.
+#[derive(Debug, Clone)]
+pub struct Opened {
+    pub schema: SchemaRef,
+    pub layout: Layout,
+}
+
+/// Open the encrypted extract at `path`, whose identity is `file_id`, and
+/// read its schema and layout. Refuses a plaintext file or an encrypted one
+/// with a plaintext footer (whose layout nothing authenticates), and a file
+/// without a layout.
+pub fn open(path: &Path, file_id: &str, master: &Arc<MasterKey>) -> Result<Opened, ExtractError> {
+    let shown = path.display().to_string();
+    let unreadable = |e: &dyn std::fmt::Display| {
+        ExtractError::Vault(tre_vault::VaultError::Unreadable {
+            file: shown.clone(),
+            reason: e.to_string(),
+        })
+    };
+    let mut file = File::open(path).map_err(|e| unreadable(&e))?;
+    let mut magic = [0u8; 4];
+    file.seek(SeekFrom::End(-4))
+        .and_then(|_| file.read_exact(&mut magic))
+        .map_err(|e| unreadable(&e))?;
+    if &magic != ENCRYPTED_FOOTER_MAGIC {
+        return Err(ExtractError::NotEncrypted { file: shown });
+    }
+    let options =
+        ArrowReaderOptions::new().with_file_decryption_properties(master.file_decryption(file_id)?);
+    let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(file, options)
+        .map_err(|e| tre_vault::classify_open_error(&shown, &e))?;
+    let layout = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .and_then(|kv| kv.iter().find(|kv| kv.key == LAYOUT_KEY))
+        .and_then(|kv| kv.value.as_deref())
+        .and_then(|json| serde_json::from_str::<Layout>(json).ok())
+        .filter(|l| l.format == FORMAT)
+        .ok_or_else(|| ExtractError::NoLayout {
+            file: shown.clone(),
+        })?;
+    let schema = Arc::clone(builder.schema());
+    if schema.index_of(&layout.sorted_by).is_err() {
+        return Err(ExtractError::NoLayout { file: shown });
+    }
+    Ok(Opened { schema, layout })
+}
+
+#[cfg(test)]
+mod tests;
