@@ -1,25 +1,28 @@
-//! `tre bench`: on the same generated data, in one run, report ratios, not
-//! absolute times:
+//! `tre bench`: on the same generated data, report ratios, not absolute
+//! times:
 //! - per query of a suite (the benchmark join and every question of the
 //!   demo), the compile time alone, and the DP pipeline's time (compile
-//!   and execute) over plain DataFusion's for the same SQL,
-//!   run in a context of the sandbox's own factory (same session
-//!   configuration, same decrypted extracts);
+//!   and execute) over plain DataFusion's for the same SQL, run in a
+//!   context of the sandbox's own factory (same session configuration,
+//!   same decrypted extracts);
 //! - encrypted over plaintext scan time, the plaintext side in a context
-//!   with the sandbox's session configuration.
+//!   with the sandbox's session configuration;
+//! - the peak resident memory of each side.
 //!
-//! Issue #13 extends this (scales up to 10M patients, peak memory per
-//! side); this is its first step (issue #12 asked for one configuration on
-//! both sides).
+//! Each side runs in a process of its own (`--side dp|plain`, the same
+//! binary), so that its peak RSS is its own; the parent generates the data
+//! once (reused while patients, seed and policy are unchanged), runs the
+//! two sides one after the other and prints the table (issue #13).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-use clap::Args;
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
+use serde::{Deserialize, Serialize};
 use tre_core::{Delta, Epsilon};
 use tre_query::{Budget, Engine, Limits};
 
@@ -33,6 +36,32 @@ pub struct BenchArgs {
     pub runs: usize,
     #[arg(long, default_value = ".tre/bench")]
     pub dir: PathBuf,
+    /// Dataset policy to bound the extracts with and to serve (defaults to
+    /// the embedded policies/nhs_epr.toml).
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
+    /// Run one side only and print its measurements as JSON (the parent
+    /// runs each side in a process of its own).
+    #[arg(long, value_enum, hide = true)]
+    pub side: Option<Side>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Side {
+    Dp,
+    Plain,
+}
+
+/// What one side's process measured.
+#[derive(Serialize, Deserialize)]
+struct Measured {
+    /// Per suite query: median compile ms (DP side only) and median ms.
+    queries: Vec<(f64, f64)>,
+    /// Median scan ms of the encrypted and the plaintext extract (plain
+    /// side only).
+    scans: Option<(f64, f64)>,
+    /// Peak resident set of the process, bytes.
+    peak_rss: u64,
 }
 
 const DP_SQL: &str = "SELECT p.region, a.admission_method, COUNT(*) AS n, AVG(a.length_of_stay_days) AS los \
@@ -56,84 +85,73 @@ where
     Ok(times[times.len() / 2])
 }
 
+fn suite() -> Vec<(&'static str, &'static str, f64)> {
+    std::iter::once(("benchmark join", DP_SQL, 1.0))
+        .chain(crate::demo::QUESTIONS.iter().copied())
+        .collect()
+}
+
+/// Generate the encrypted and plaintext copies unless this directory
+/// already holds them for the same patients and policy.
+fn ensure_data(args: &BenchArgs, key_file: &Path, enc: &Path, plain: &Path) -> Result<()> {
+    let policy = setup::load_policy(args.policy.as_deref())?;
+    let marker = args.dir.join("generated");
+    let expected = format!(
+        "patients={} seed=7 layout=1 policy={}\n",
+        args.patients, policy.source_hash
+    );
+    if std::fs::read_to_string(&marker).ok().as_deref() == Some(expected.as_str()) {
+        eprintln!(
+            "reusing the {} patients in {}",
+            args.patients,
+            args.dir.display()
+        );
+        return Ok(());
+    }
+    for (out, plaintext) in [(enc, false), (plain, true)] {
+        let started = Instant::now();
+        let counts = setup::generate(&GenerateArgs {
+            patients: args.patients,
+            seed: 7,
+            out: out.to_path_buf(),
+            key_file: key_file.to_path_buf(),
+            plaintext,
+            policy: args.policy.clone(),
+            quiet: true,
+        })?;
+        eprintln!(
+            "generated {} ({} patients, {} event rows) in {:.1} s",
+            out.display(),
+            counts.patients,
+            counts.admissions + counts.lab_results + counts.waiting_list,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    std::fs::write(&marker, expected)?;
+    Ok(())
+}
+
 pub async fn run(args: BenchArgs) -> Result<()> {
     let key_file = args.dir.join("master.key");
     let enc = args.dir.join("encrypted/nhs_epr");
     let plain = args.dir.join("plaintext/nhs_epr");
-    for (out, plaintext) in [(&enc, false), (&plain, true)] {
-        setup::generate(&GenerateArgs {
-            patients: args.patients,
-            seed: 7,
-            out: out.clone(),
-            key_file: key_file.clone(),
-            plaintext,
-            policy: None,
-            quiet: true,
-        })?;
+    if let Some(side) = args.side {
+        let measured = measure(&args, side, &key_file, &enc, &plain).await?;
+        println!("{}", serde_json::to_string(&measured)?);
+        return Ok(());
     }
-    let policy = setup::load_policy(None)?;
-    let profile = setup::load_profile(None, &policy.sdc_profile)?;
-    let master = Arc::new(setup::master_key(&key_file, false)?);
-    let engine = Engine::open(policy, profile, &enc, master, Limits::default())?;
-    let suite: Vec<(&str, &str, f64)> = std::iter::once(("benchmark join", DP_SQL, 1.0))
-        .chain(crate::demo::QUESTIONS.iter().copied())
-        .collect();
-    let mut rows = Vec::with_capacity(suite.len());
-    for (title, sql, epsilon) in &suite {
-        let budget = Budget {
-            epsilon: Epsilon::new(*epsilon)?,
-            // Charged only where key selection needs it.
-            delta: Delta::new(1e-6)?,
-        };
-        let compile = median(args.runs, || async {
-            engine.compile(sql, budget).await?;
-            Ok(())
-        })
-        .await
-        .with_context(|| format!("compile: {title}"))?;
-        let dp = median(args.runs, || async {
-            let plan = engine.compile(sql, budget).await?;
-            engine.execute(&plan).await?;
-            Ok(())
-        })
-        .await
-        .with_context(|| format!("DP pipeline: {title}"))?;
-        let plain = median(args.runs, || async {
-            engine.sandbox_context().sql(sql).await?.collect().await?;
-            Ok(())
-        })
-        .await
-        .with_context(|| format!("plain DataFusion: {title}"))?;
-        rows.push((*title, compile, dp, plain));
+    ensure_data(&args, &key_file, &enc, &plain)?;
+    let dp = run_side(&args, Side::Dp)?;
+    let plain_side = run_side(&args, Side::Plain)?;
+    let Some((enc_scan, plain_scan)) = plain_side.scans else {
+        bail!("the plain side measured no scans");
+    };
+    let suite = suite();
+    if dp.queries.len() != suite.len() || plain_side.queries.len() != suite.len() {
+        bail!("a side measured a different suite");
     }
-    let enc_scan = median(args.runs, || async {
-        engine
-            .sandbox_context()
-            .sql(SCAN_SQL)
-            .await?
-            .collect()
-            .await?;
-        Ok(())
-    })
-    .await?;
-    // The sandbox's session configuration, over the plaintext copy.
-    let plain_ctx = SessionContext::new_with_config(engine.sandbox_context().copied_config());
-    plain_ctx
-        .register_parquet(
-            "admissions",
-            plain.join("admissions.parquet").to_string_lossy().as_ref(),
-            ParquetReadOptions::default(),
-        )
-        .await?;
-    let plain_scan = median(args.runs, || async {
-        plain_ctx.sql(SCAN_SQL).await?.collect().await?;
-        Ok(())
-    })
-    .await?;
-
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
-        "tre bench · {} patients · median of {} runs (same data, same process, same session configuration)",
+        "tre bench · {} patients · median of {} runs (same data, same session configuration, one process per side)",
         args.patients, args.runs
     );
     let mut t = Table::new();
@@ -145,34 +163,169 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         "DP / plain",
     ]);
     let mut log_sum = 0.0;
-    for (title, compile, dp, plain) in &rows {
-        let ratio = dp.as_secs_f64() / plain.as_secs_f64();
+    for (((title, _, _), (compile, dp_ms)), (_, plain_ms)) in
+        suite.iter().zip(&dp.queries).zip(&plain_side.queries)
+    {
+        let ratio = dp_ms / plain_ms;
         log_sum += ratio.ln();
         t.add_row([
             (*title).to_owned(),
-            format!("{:.2}", ms(*compile)),
-            format!("{:.1}", ms(*dp)),
-            format!("{:.1}", ms(*plain)),
+            format!("{compile:.2}"),
+            format!("{dp_ms:.1}"),
+            format!("{plain_ms:.1}"),
             format!("{ratio:.2}x"),
         ]);
     }
     println!("{t}");
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
     println!(
         "  geometric mean DP / plain over {} queries:          {:8.2}x",
-        rows.len(),
-        (log_sum / rows.len() as f64).exp()
+        suite.len(),
+        (log_sum / suite.len() as f64).exp()
     );
     println!(
-        "  scan of admissions, encrypted:                         {:8.1} ms",
-        ms(enc_scan)
+        "  peak RSS, DP side:                                     {:8.0} MiB",
+        mib(dp.peak_rss)
     );
     println!(
-        "  scan of admissions, plaintext:                         {:8.1} ms",
-        ms(plain_scan)
+        "  peak RSS, plain side:                                  {:8.0} MiB",
+        mib(plain_side.peak_rss)
     );
+    println!("  scan of admissions, encrypted:                         {enc_scan:8.1} ms");
+    println!("  scan of admissions, plaintext:                         {plain_scan:8.1} ms");
     println!(
         "  ratio encrypted / plaintext:                           {:8.2}x",
-        enc_scan.as_secs_f64() / plain_scan.as_secs_f64()
+        enc_scan / plain_scan
     );
     Ok(())
+}
+
+/// Run this binary as one side and read what it measured.
+fn run_side(args: &BenchArgs, side: Side) -> Result<Measured> {
+    let exe = std::env::current_exe().context("cannot find this binary")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("bench")
+        .args(["--patients", &args.patients.to_string()])
+        .args(["--runs", &args.runs.to_string()])
+        .arg("--dir")
+        .arg(&args.dir)
+        .args([
+            "--side",
+            match side {
+                Side::Dp => "dp",
+                Side::Plain => "plain",
+            },
+        ]);
+    if let Some(p) = &args.policy {
+        cmd.arg("--policy").arg(p);
+    }
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("cannot run the {side:?} side"))?;
+    if !out.status.success() {
+        bail!("the {side:?} side failed ({})", out.status);
+    }
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("the {side:?} side printed no measurements"))
+}
+
+/// One side's measurements, in this process.
+async fn measure(
+    args: &BenchArgs,
+    side: Side,
+    key_file: &Path,
+    enc: &Path,
+    plain: &Path,
+) -> Result<Measured> {
+    let policy = setup::load_policy(args.policy.as_deref())?;
+    let profile = setup::load_profile(None, &policy.sdc_profile)?;
+    let master = Arc::new(setup::master_key(key_file, false)?);
+    let engine = Engine::open(policy, profile, enc, master, Limits::default())?;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let mut queries = Vec::new();
+    for (title, sql, epsilon) in suite() {
+        let budget = Budget {
+            epsilon: Epsilon::new(epsilon)?,
+            // Charged only where key selection needs it.
+            delta: Delta::new(1e-6)?,
+        };
+        let measured = match side {
+            Side::Dp => {
+                let compile = median(args.runs, || async {
+                    engine.compile(sql, budget).await?;
+                    Ok(())
+                })
+                .await
+                .with_context(|| format!("compile: {title}"))?;
+                let dp = median(args.runs, || async {
+                    let plan = engine.compile(sql, budget).await?;
+                    engine.execute(&plan).await?;
+                    Ok(())
+                })
+                .await
+                .with_context(|| format!("DP pipeline: {title}"))?;
+                (ms(compile), ms(dp))
+            }
+            Side::Plain => {
+                let plain = median(args.runs, || async {
+                    engine.sandbox_context().sql(sql).await?.collect().await?;
+                    Ok(())
+                })
+                .await
+                .with_context(|| format!("plain DataFusion: {title}"))?;
+                (0.0, ms(plain))
+            }
+        };
+        queries.push(measured);
+    }
+    let scans = match side {
+        Side::Dp => None,
+        Side::Plain => {
+            let enc_scan = median(args.runs, || async {
+                engine
+                    .sandbox_context()
+                    .sql(SCAN_SQL)
+                    .await?
+                    .collect()
+                    .await?;
+                Ok(())
+            })
+            .await?;
+            // The sandbox's session configuration, over the plaintext copy.
+            let plain_ctx =
+                SessionContext::new_with_config(engine.sandbox_context().copied_config());
+            plain_ctx
+                .register_parquet(
+                    "admissions",
+                    plain.join("admissions.parquet").to_string_lossy().as_ref(),
+                    ParquetReadOptions::default(),
+                )
+                .await?;
+            let plain_scan = median(args.runs, || async {
+                plain_ctx.sql(SCAN_SQL).await?.collect().await?;
+                Ok(())
+            })
+            .await?;
+            Some((ms(enc_scan), ms(plain_scan)))
+        }
+    };
+    Ok(Measured {
+        queries,
+        scans,
+        peak_rss: peak_rss(),
+    })
+}
+
+/// This process's peak resident set (`VmHWM`), in bytes; 0 where the
+/// kernel does not say.
+fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
 }
