@@ -482,7 +482,12 @@ async fn failure_after_touching_data_is_charged_and_generic() {
     // footer still decrypts, the column pages no longer authenticate.
     let path = data.join("admissions.parquet");
     let mut bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{e}"));
-    for b in &mut bytes[100..400] {
+    // Every page, whichever columns the plan reads: all bytes after the
+    // first 100 and before the footer (its length is the 4 bytes before
+    // the closing magic).
+    let n = bytes.len();
+    let footer = u32::from_le_bytes([bytes[n - 8], bytes[n - 7], bytes[n - 6], bytes[n - 5]]);
+    for b in &mut bytes[100..n - 8 - footer as usize] {
         *b ^= 0xff;
     }
     std::fs::write(&path, bytes).unwrap_or_else(|e| panic!("{e}"));
@@ -649,11 +654,14 @@ async fn dry_run_describes_and_costs_nothing() {
 }
 
 /// Issue #13: every generated extract is sorted by person_id and holds at
-/// most the policy's rows per patient, as its authenticated layout says.
+/// most the policy's rows per patient, as its authenticated layout says;
+/// the event tables were written without the opted-out patients.
 #[test]
 fn generated_extracts_are_sorted_and_bounded_as_their_layouts_say() {
     let f = fixture();
     let policy = tre_e2e::policy();
+    let opted_out = tre_e2e::opted_out(&f.data);
+    assert!(!opted_out.is_empty());
     for table in tre_synth::TABLES {
         let path = f.data.join(format!("{table}.parquet"));
         let layout = tre_extract::open(&path, &tre_synth::file_id("nhs_epr", table), &f.master)
@@ -689,6 +697,20 @@ fn generated_extracts_are_sorted_and_bounded_as_their_layouts_say() {
             (ids.len() as u64, ids.chunk_by(|a, b| a == b).count() as u64),
             "{table}"
         );
+        // Event tables hold no opted-out patient, and say which opt-outs
+        // they left out; the patients table keeps them, flagged.
+        let removed = layout.opt_outs_removed.map(|r| (r.source, r.digest));
+        if table == "patients" {
+            assert_eq!(removed, None);
+        } else {
+            assert!(ids.iter().all(|id| !opted_out.contains(id)), "{table}");
+            let digest = tre_extract::opt_out_digest(opted_out.iter().map(String::as_str));
+            assert_eq!(
+                removed,
+                Some((tre_synth::OPT_OUT_COLUMN.to_owned(), digest)),
+                "{table}"
+            );
+        }
     }
     assert_eq!(policy.tables["patients"].max_rows_per_unit, 1);
 }

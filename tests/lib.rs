@@ -42,21 +42,17 @@ pub fn fixture() -> &'static Fixture {
         let plaintext = dir.path().join("plain/nhs_epr");
         tre_synth::generate(
             &data,
-            PATIENTS,
-            11,
+            &spec(PATIENTS, 11),
             Protection::Encrypted(&master),
             &master,
-            bound,
             |_| {},
         )
         .unwrap_or_else(|e| panic!("{e}"));
         tre_synth::generate(
             &plaintext,
-            PATIENTS,
-            11,
+            &spec(PATIENTS, 11),
             Protection::Plaintext,
             &master,
-            bound,
             |_| {},
         )
         .unwrap_or_else(|e| panic!("{e}"));
@@ -81,6 +77,21 @@ pub fn copy_of_fixture() -> (TempDir, PathBuf) {
         std::fs::copy(f.data.join(&name), data.join(&name)).unwrap_or_else(|e| panic!("{e}"));
     }
     (copy, data)
+}
+
+/// The patients flagged `research_opt_out` in `dir`'s patients extract.
+pub fn opted_out(dir: &std::path::Path) -> std::collections::HashSet<String> {
+    use datafusion::arrow::array::AsArray;
+    let mut out = std::collections::HashSet::new();
+    for b in read_extract(dir, "patients", &fixture().master) {
+        let (ids, flags) = (b.column(0).as_string::<i32>(), b.column(10).as_boolean());
+        for (id, flag) in ids.iter().zip(flags.iter()) {
+            if let (Some(id), Some(true)) = (id, flag) {
+                out.insert(id.to_owned());
+            }
+        }
+    }
+    out
 }
 
 /// The batches of one encrypted extract, `dir/<table>.parquet`.
@@ -111,6 +122,21 @@ pub fn read_extract(
 /// generator applies it.
 pub fn bound(table: &str) -> Option<u32> {
     policy().tables.get(table).map(|t| t.max_rows_per_unit)
+}
+
+/// What `tre dataset generate` makes of `patients` and `seed` under the
+/// shipped policy.
+pub fn spec(patients: u64, seed: u64) -> tre_synth::Spec {
+    tre_synth::Spec {
+        patients,
+        seed,
+        max_rows_per_unit: policy()
+            .tables
+            .iter()
+            .map(|(name, t)| (name.clone(), t.max_rows_per_unit))
+            .collect(),
+        remove_opt_outs: true,
+    }
 }
 
 /// Write `batches` as the encrypted extract `dir/<table>.parquet`, as the

@@ -636,11 +636,9 @@ fn big_data() -> &'static std::path::Path {
             let master = Arc::clone(&fixture().master);
             tre_synth::generate(
                 &data,
-                BIG,
-                11,
+                &tre_e2e::spec(BIG, 11),
                 tre_synth::Protection::Encrypted(&master),
                 &master,
-                tre_e2e::bound,
                 |_| {},
             )
             .unwrap_or_else(|e| panic!("{e}"));

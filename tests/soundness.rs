@@ -451,7 +451,10 @@ async fn min_and_max_land_between_the_bound_and_the_extreme() {
 
 /// The compiler's check that every private scan is bounded (issue #12:
 /// it used to count window nodes) finds an unbounded scan in a plain
-/// DataFusion plan, and none in any plan it accepts.
+/// DataFusion plan, and none in any plan it accepts. Since issue #13 the
+/// admissions extract is bounded and cleared of opt-outs when written, so
+/// even a raw scan of it is bounded; the patients extract keeps its
+/// opted-out patients, flagged, so a raw scan of it is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_private_scan_is_bounded() {
     use tre_query::soundness::{executed_plan, unbounded_scans};
@@ -465,7 +468,7 @@ async fn every_private_scan_is_bounded() {
         .into_unoptimized_plan();
     let mut found = unbounded_scans(&engine, &raw);
     found.sort();
-    assert_eq!(found, ["admissions", "patients"]);
+    assert_eq!(found, ["patients"]);
     let budget = engine
         .budget(Some(1.0), None)
         .unwrap_or_else(|e| panic!("{e}"));
@@ -543,5 +546,84 @@ async fn a_policy_tighter_than_the_extract_is_bounded_per_query() {
     assert!(
         tight_n <= tre_e2e::PATIENTS as usize && tight_n < normal_n,
         "{tight_n} lab results under a bound of 1 (of {normal_n})"
+    );
+}
+
+/// Issue #13: where an extract still holds opted-out patients (written
+/// without removing them, or before the opt-out list changed), every scan
+/// filters them out per query. Rows added for an opted-out patient change
+/// no exact aggregate; rows added for a patient who did not opt out do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opt_outs_an_extract_still_holds_are_filtered_per_query() {
+    use datafusion::arrow::array::RecordBatch;
+    let f = fixture();
+    let opted_out = tre_e2e::opted_out(&f.data);
+    let one_out = opted_out
+        .iter()
+        .min()
+        .cloned()
+        .unwrap_or_else(|| panic!("nobody opted out"));
+    let one_in = tre_e2e::read_extract(&f.data, "patients", &f.master)[0]
+        .column(0)
+        .as_string::<i32>()
+        .iter()
+        .flatten()
+        .find(|id| !opted_out.contains(*id))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("everybody opted out"));
+    let base = tre_e2e::read_extract(&f.data, "admissions", &f.master);
+    let sql = "SELECT COUNT(*) AS n FROM admissions";
+    let mut counts = Vec::new();
+    for extra in [None, Some(&one_out), Some(&one_in)] {
+        let (_copy, data) = tre_e2e::copy_of_fixture();
+        let mut batches = base.clone();
+        if let Some(id) = extra {
+            // Two admissions copied from the first rows, under `id`.
+            let first = base[0].slice(0, 2);
+            let mut columns = first.columns().to_vec();
+            columns[0] = Arc::new(datafusion::arrow::array::StringArray::from(vec![
+                id.as_str();
+                2
+            ]));
+            batches.push(
+                RecordBatch::try_new(first.schema(), columns).unwrap_or_else(|e| panic!("{e}")),
+            );
+        }
+        tre_e2e::write_extract(&data, "admissions", &f.master, &batches);
+        let engine =
+            tre_e2e::engine_on(&data, Arc::clone(&f.master)).unwrap_or_else(|e| panic!("{e}"));
+        let budget = engine
+            .budget(Some(1.0), None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let exact = engine
+            .exact(sql, budget, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let plan = engine
+            .compile(sql, budget)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let shown = format!(
+            "{}",
+            tre_query::soundness::executed_plan(&plan).display_indent()
+        );
+        // Rewritten without removing opt-outs, the extract needs the filter.
+        assert!(shown.contains("__tre_admitted"), "{shown}");
+        counts.push(
+            exact
+                .laplace
+                .values()
+                .next()
+                .and_then(|v| v.first().copied()),
+        );
+    }
+    assert_eq!(
+        counts[0], counts[1],
+        "an opted-out patient's rows were counted"
+    );
+    assert_eq!(
+        counts[0].map(|n| n + 2),
+        counts[2],
+        "a patient's own rows were not counted"
     );
 }

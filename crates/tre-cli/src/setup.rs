@@ -108,15 +108,24 @@ pub fn generate(args: &GenerateArgs) -> Result<tre_synth::Counts> {
     } else {
         Protection::Encrypted(&key)
     };
-    let counts = tre_synth::generate(
-        &args.out,
-        args.patients,
-        args.seed,
-        protection,
-        &key,
-        |table| policy.tables.get(table).map(|t| t.max_rows_per_unit),
-        |done| bar.set_position(done),
-    )?;
+    let spec = tre_synth::Spec {
+        patients: args.patients,
+        seed: args.seed,
+        max_rows_per_unit: policy
+            .tables
+            .iter()
+            .map(|(name, t)| (name.clone(), t.max_rows_per_unit))
+            .collect(),
+        // Removed at write only where the policy names the synthetic
+        // schema's column; the server checks the digest either way.
+        remove_opt_outs: policy
+            .opt_out
+            .as_ref()
+            .is_some_and(|o| format!("{}.{}", o.table, o.column) == tre_synth::OPT_OUT_COLUMN),
+    };
+    let counts = tre_synth::generate(&args.out, &spec, protection, &key, |done| {
+        bar.set_position(done)
+    })?;
     bar.finish_and_clear();
     if !args.quiet {
         eprintln!(

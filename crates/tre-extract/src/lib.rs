@@ -13,12 +13,13 @@
 //! This crate must never depend on DataFusion, the query engine, storage or
 //! the network: it writes and reads files. Key bytes stay in tre-vault.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{Array, RecordBatch, UInt64Array};
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, UInt64Array};
 use arrow::compute::{concat_batches, take_record_batch};
 use arrow::datatypes::SchemaRef;
 use arrow::row::{OwnedRow, RowConverter, SortField};
@@ -63,6 +64,8 @@ pub enum ExtractError {
     NoUnitColumn { path: String, unit: String },
     #[error("{code} {path}: keep at least one row per unit (max_rows_per_unit ≥ 1)", code = self.code())]
     ZeroBound { path: String },
+    #[error("{code} {path}: opt-outs can be removed only where {unit} is text", code = self.code())]
+    TextUnitsOnly { path: String, unit: String },
     #[error("{code} extract {file} is not encrypted with an encrypted footer; only extracts tre wrote encrypted are served", code = self.code())]
     NotEncrypted { file: String },
     #[error("{code} extract {file} has no tre layout (order and rows per unit); write it again with `tre dataset generate`", code = self.code())]
@@ -81,6 +84,7 @@ impl ExtractError {
             | ExtractError::UnitTooLarge { .. }
             | ExtractError::NoUnitColumn { .. }
             | ExtractError::ZeroBound { .. }
+            | ExtractError::TextUnitsOnly { .. }
             | ExtractError::NotEncrypted { .. }
             | ExtractError::NoLayout { .. } => Code::ExtractLayout,
             ExtractError::Vault(e) => e.code(),
@@ -114,6 +118,42 @@ pub struct Layout {
     pub units: u64,
     /// Rows the bound removed, for the custodian's record.
     pub rows_dropped: u64,
+    /// The opt-outs removed when the extract was written, if any.
+    #[serde(default)]
+    pub opt_outs_removed: Option<OptOutsRemoved>,
+}
+
+/// Opted-out patients whose rows the writer left out (issue #13): the
+/// server skips its own opt-out filter on this table only when `digest`
+/// equals the digest of the opt-outs it reads at start-up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptOutsRemoved {
+    /// The opt-out column, `table.column`.
+    pub source: String,
+    /// `opt_out_digest` of the opted-out units.
+    pub digest: String,
+    /// Units in the opt-out set, and rows left out because of it.
+    pub units: u64,
+    pub rows: u64,
+}
+
+/// SHA-256 over the sorted, newline-terminated units: the same set gives
+/// the same digest whatever order it is read in.
+pub fn opt_out_digest<'a>(units: impl IntoIterator<Item = &'a str>) -> String {
+    let mut sorted: Vec<&str> = units.into_iter().collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for u in sorted {
+        ctx.update(u.as_bytes());
+        ctx.update(b"\n");
+    }
+    ctx.finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Writes one extract: checks the unit order, bounds rows per unit, and
@@ -132,6 +172,8 @@ pub struct ExtractWriter {
     held: Option<RecordBatch>,
     sampler: ChaCha20Rng,
     layout: Layout,
+    /// Units whose rows are left out (opted out).
+    excluded: Option<Arc<HashSet<String>>>,
 }
 
 impl ExtractWriter {
@@ -193,8 +235,38 @@ impl ExtractWriter {
                 rows: 0,
                 units: 0,
                 rows_dropped: 0,
+                opt_outs_removed: None,
             },
+            excluded: None,
         })
+    }
+
+    /// Leave out every row of the units in `opted_out`, the opt-outs of
+    /// the column `source` (`table.column`), and record it in the layout.
+    /// Only text units can be opted out.
+    pub fn excluding(
+        mut self,
+        opted_out: Arc<HashSet<String>>,
+        source: &str,
+    ) -> Result<Self, ExtractError> {
+        use arrow::datatypes::DataType;
+        if !matches!(
+            self.schema.field(self.unit_index).data_type(),
+            DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8
+        ) {
+            return Err(ExtractError::TextUnitsOnly {
+                path: self.shown(),
+                unit: self.layout.sorted_by.clone(),
+            });
+        }
+        self.layout.opt_outs_removed = Some(OptOutsRemoved {
+            source: source.to_owned(),
+            digest: opt_out_digest(opted_out.iter().map(String::as_str)),
+            units: opted_out.len() as u64,
+            rows: 0,
+        });
+        self.excluded = Some(opted_out);
+        Ok(self)
     }
 
     /// Write `batch`, whose rows continue the unit order of earlier batches.
@@ -207,7 +279,8 @@ impl ExtractWriter {
         if n == 0 {
             return Ok(());
         }
-        let column = batch.column(self.unit_index);
+        let column = Arc::clone(batch.column(self.unit_index));
+        let column = &column;
         if column.null_count() > 0 {
             return Err(ExtractError::NullUnit {
                 path: self.shown(),
@@ -235,7 +308,7 @@ impl ExtractWriter {
             if here < before {
                 return Err(self.out_of_order());
             }
-            self.keep_unit(start, i, &mut keep);
+            self.keep_unit(column, start, i, &mut keep);
             self.last = Some(before.owned());
             start = i;
         }
@@ -254,7 +327,8 @@ impl ExtractWriter {
     pub fn close(mut self) -> Result<Layout, ExtractError> {
         if let Some(held) = self.held.take() {
             let mut keep = Vec::with_capacity(held.num_rows());
-            self.keep_unit(0, held.num_rows(), &mut keep);
+            let column = Arc::clone(held.column(self.unit_index));
+            self.keep_unit(&column, 0, held.num_rows(), &mut keep);
             self.write_rows(&held, keep)?;
         }
         let json = serde_json::to_string(&self.layout).map_err(|e| self.err(&e))?;
@@ -271,9 +345,23 @@ impl ExtractWriter {
     }
 
     /// Keep the rows `start..end` of one unit, or a uniform random
-    /// `max_rows_per_unit` of them in their original order.
-    fn keep_unit(&mut self, start: usize, end: usize, keep: &mut Vec<u64>) {
+    /// `max_rows_per_unit` of them in their original order; none if the
+    /// unit opted out.
+    fn keep_unit(&mut self, units: &ArrayRef, start: usize, end: usize, keep: &mut Vec<u64>) {
         let n = end - start;
+        if let (Some(set), Some(removed)) = (&self.excluded, &mut self.layout.opt_outs_removed) {
+            let unit = if let Some(a) = units.as_string_opt::<i32>() {
+                Some(a.value(start))
+            } else if let Some(a) = units.as_string_view_opt() {
+                Some(a.value(start))
+            } else {
+                units.as_string_opt::<i64>().map(|a| a.value(start))
+            };
+            if unit.is_some_and(|u| set.contains(u)) {
+                removed.rows += n as u64;
+                return;
+            }
+        }
         let bound = self.layout.max_rows_per_unit as usize;
         self.layout.units += 1;
         if n <= bound {

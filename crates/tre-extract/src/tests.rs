@@ -89,6 +89,7 @@ fn units_split_across_batches_are_bounded_as_one() {
             rows: 4,
             units: 3,
             rows_dropped: 2,
+            opt_outs_removed: None,
         }
     );
     let written = read(&path, &master);
@@ -212,4 +213,37 @@ fn only_encrypted_extracts_with_a_layout_open() {
     // Under another identity, the footer does not authenticate.
     let e = open(&bare, "d/other.parquet", &master).err();
     assert_eq!(e.map(|e| e.code()), Some(Code::ExtractUnreadable));
+}
+
+/// Issue #13: an opted-out unit's rows are left out wherever they fall in
+/// the batches, and the layout says which opt-outs were removed.
+#[test]
+fn opted_out_units_are_left_out_and_recorded() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let path = dir.path().join("t.parquet");
+    let master = master();
+    let opted_out: Arc<HashSet<String>> = Arc::new(["b".to_owned(), "z".to_owned()].into());
+    let mut w = writer(&path, 5, &master)
+        .excluding(Arc::clone(&opted_out), "patients.research_opt_out")
+        .unwrap_or_else(|e| panic!("{e}"));
+    for batch in [
+        rows(&[(Some("a"), 0), (Some("b"), 1)]),
+        rows(&[(Some("b"), 2), (Some("c"), 3)]),
+    ] {
+        w.write(&batch).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let layout = w.close().unwrap_or_else(|e| panic!("{e}"));
+    let written: Vec<String> = read(&path, &master).into_iter().map(|r| r.0).collect();
+    assert_eq!(written, ["a", "c"]);
+    assert_eq!((layout.rows, layout.units), (2, 2));
+    assert_eq!(
+        layout.opt_outs_removed,
+        Some(OptOutsRemoved {
+            source: "patients.research_opt_out".into(),
+            digest: opt_out_digest(["z", "b"]),
+            units: 2,
+            rows: 2,
+        })
+    );
+    assert_ne!(opt_out_digest(["b"]), opt_out_digest(["b", "z"]));
 }

@@ -406,6 +406,7 @@ impl Engine {
     fn extracts(&self, excluded: Vec<String>) -> compile::Extracts {
         compile::Extracts {
             bounded_at_write: self.sandbox.bounded_at_write().clone(),
+            opt_outs_removed: self.sandbox.opt_outs_removed().clone(),
             excluded,
         }
     }

@@ -3,7 +3,7 @@
 //! memory), has no table functions, no URL tables, no spill files and a
 //! memory cap.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -52,6 +52,7 @@ pub(crate) struct Sandbox {
     /// Test hook: a seed makes the bounding sampler a function of the row.
     deterministic_seed: Option<u64>,
     bounded_at_write: BTreeSet<String>,
+    opt_outs_removed: BTreeSet<String>,
     opted_out: OptedOut,
 }
 
@@ -77,6 +78,7 @@ impl Sandbox {
         })?;
         let mut tables = Vec::new();
         let mut bounded_at_write = BTreeSet::new();
+        let mut layouts = Vec::new();
         for (name, table) in &policy.tables {
             let path = data_dir.join(format!("{name}.parquet"));
             let file_id = format!("{dataset}/{name}.parquet");
@@ -100,6 +102,7 @@ impl Sandbox {
             if layout.max_rows_per_unit <= table.max_rows_per_unit {
                 bounded_at_write.insert(name.clone());
             }
+            layouts.push((name.clone(), layout));
             let url =
                 ListingTableUrl::parse(path.to_string_lossy()).map_err(|e| QueryError::Setup {
                     code: Code::ExtractUnreadable,
@@ -117,6 +120,24 @@ impl Sandbox {
             )?,
             None => OptedOut::default(),
         };
+        // A table needs no opt-out filter when nobody opted out, or when
+        // its writer removed exactly the opt-outs read here (issue #13).
+        let source = policy
+            .opt_out
+            .as_ref()
+            .map(|o| format!("{}.{}", o.table, o.column));
+        let digest = tre_extract::opt_out_digest(opted_out.0.iter().map(String::as_str));
+        let opt_outs_removed = layouts
+            .into_iter()
+            .filter(|(_, layout)| {
+                opted_out.0.is_empty()
+                    || layout
+                        .opt_outs_removed
+                        .as_ref()
+                        .is_some_and(|r| Some(&r.source) == source.as_ref() && r.digest == digest)
+            })
+            .map(|(name, _)| name)
+            .collect();
         let runtime = runtime_env(&master, limits.memory_per_query())?;
         Ok(Self {
             data_dir,
@@ -127,8 +148,15 @@ impl Sandbox {
             target_partitions: limits.target_partitions,
             deterministic_seed: None,
             bounded_at_write,
+            opt_outs_removed,
             opted_out,
         })
+    }
+
+    /// Tables that hold no opted-out patient's rows: nobody opted out, or
+    /// the writer removed exactly the opt-outs the sandbox read.
+    pub(crate) fn opt_outs_removed(&self) -> &BTreeSet<String> {
+        &self.opt_outs_removed
     }
 
     /// Tables whose rows per patient were bounded when written, within
@@ -241,7 +269,7 @@ fn read_opted_out(
         .with_projection(mask)
         .build()
         .map_err(|e| unreadable(&e))?;
-    let mut set = HashSet::new();
+    let mut set = datafusion::common::HashSet::default();
     for batch in reader {
         let batch = batch.map_err(|e| unreadable(&e))?;
         let units = batch.column_by_name(unit).map(|c| c.as_string_opt::<i32>());

@@ -8,6 +8,7 @@
 //! This crate must never depend on the query engine, storage or the
 //! network: it only writes files.
 
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -67,6 +68,8 @@ pub enum SynthError {
     NoBound { table: String },
     #[error("{code} cannot generate {patients} patients; at most 4,294,967,295 on one machine", code = Code::Internal)]
     TooManyPatients { patients: u64 },
+    #[error("{code} the pseudonym order pass failed", code = Code::Internal)]
+    OrderPass,
     #[error(transparent)]
     Vault(#[from] tre_vault::VaultError),
     #[error(transparent)]
@@ -144,13 +147,29 @@ pub fn schema(table: &str) -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub patients: u64,
+    pub seed: u64,
+    /// The rows per patient each table keeps: the policy's
+    /// `max_rows_per_unit`.
+    pub max_rows_per_unit: BTreeMap<String, u32>,
+    /// Leave the opted-out patients out of the event tables.
+    pub remove_opt_outs: bool,
+}
+
 /// Patients generated per chunk: memory is bounded by one chunk whatever N.
 const CHUNK: usize = 8_192;
 
 /// Generate `patients` patients with `seed` into `dir/<table>.parquet`,
 /// each table sorted by `person_id` with at most `max_rows_per_unit(table)`
-/// rows per patient (the extract writer enforces both). `progress` is
-/// called after each chunk with the patients done so far.
+/// rows per patient (the extract writer enforces both). With
+/// `remove_opt_outs`, the event tables leave out the patients whose
+/// `patients.research_opt_out` is set, as a data provider applying the
+/// National Data Opt-out would, and say so in their layouts; the patients
+/// table keeps them, flagged. `progress` is called after each chunk with
+/// the patients done so far.
 ///
 /// Each patient's records come from a random stream of their own (the
 /// seed's stream number `index`), so patients can be generated in the
@@ -158,25 +177,33 @@ const CHUNK: usize = 8_192;
 /// chunking. Memory: 16 bytes per patient for that order, plus one chunk.
 pub fn generate(
     dir: &Path,
-    patients: u64,
-    seed: u64,
+    spec: &Spec,
     protection: Protection<'_>,
     pseudonymiser: &MasterKey,
-    max_rows_per_unit: impl Fn(&str) -> Option<u32>,
     mut progress: impl FnMut(u64),
 ) -> Result<Counts, SynthError> {
+    let Spec {
+        patients,
+        seed,
+        ref max_rows_per_unit,
+        remove_opt_outs,
+    } = *spec;
     std::fs::create_dir_all(dir).map_err(|e| write_err(dir, e))?;
     let dataset = dir
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("dataset")
         .to_owned();
+    let (order, opted_out) = pseudonym_order(patients, seed, pseudonymiser)?;
+    let opted_out = Arc::new(opted_out);
     let mut writers = Vec::new();
     for table in TABLES {
         let path = dir.join(format!("{table}.parquet"));
-        let bound = max_rows_per_unit(table).ok_or_else(|| SynthError::NoBound {
-            table: table.to_owned(),
-        })?;
+        let bound = *max_rows_per_unit
+            .get(table)
+            .ok_or_else(|| SynthError::NoBound {
+                table: table.to_owned(),
+            })?;
         let file_id = file_id(&dataset, table);
         let protection = match &protection {
             Protection::Encrypted(master) => tre_extract::Protection::Encrypted {
@@ -193,7 +220,7 @@ pub fn generate(
             .iter_mut()
             .zip(table.bytes())
             .for_each(|(s, t)| *s ^= t);
-        let w = ExtractWriter::create(
+        let mut w = ExtractWriter::create(
             &path,
             schema(table),
             "person_id",
@@ -201,13 +228,15 @@ pub fn generate(
             protection,
             sampler_seed,
         )?;
+        if remove_opt_outs && table != "patients" {
+            w = w.excluding(Arc::clone(&opted_out), OPT_OUT_COLUMN)?;
+        }
         writers.push(w);
     }
-    let order = pseudonym_order(patients, pseudonymiser)?;
     let base = ChaCha12Rng::seed_from_u64(seed);
     let mut done = 0u64;
     for chunk in order.chunks(CHUNK) {
-        let chunk = Chunk::generate(&base, chunk, pseudonymiser);
+        let chunk = Chunk::generate(&base, seed, chunk, pseudonymiser);
         for (w, batch) in writers.iter_mut().zip([
             &chunk.patients,
             &chunk.admissions,
@@ -233,10 +262,26 @@ pub fn generate(
     Ok(counts)
 }
 
-/// Patient indices in the order of their pseudonyms. A pseudonym is `P`
-/// and 24 hex digits (96 bits); each key holds those bits above the index,
-/// so sorting the keys sorts by pseudonym. Computed on every core.
-fn pseudonym_order(patients: u64, key: &MasterKey) -> Result<Vec<u128>, SynthError> {
+/// The opt-out column of the synthetic schema.
+pub const OPT_OUT_COLUMN: &str = "patients.research_opt_out";
+
+/// Whether patient `index` opted out: from a stream of its own, so that
+/// the order pass knows it before any record is generated.
+fn opts_out(seed: u64, index: u64) -> bool {
+    let mut rng = ChaCha12Rng::seed_from_u64(seed ^ 0x0D70_0D70_0D70_0D70);
+    rng.set_stream(index);
+    rng.random_bool(0.05)
+}
+
+/// Patient indices in the order of their pseudonyms, and the pseudonyms
+/// of those who opted out. A pseudonym is `P` and 24 hex digits (96
+/// bits); each key holds those bits above the index, so sorting the keys
+/// sorts by pseudonym. Computed on every core.
+fn pseudonym_order(
+    patients: u64,
+    seed: u64,
+    key: &MasterKey,
+) -> Result<(Vec<u128>, HashSet<String>), SynthError> {
     let too_many = || SynthError::TooManyPatients { patients };
     let n = usize::try_from(patients).map_err(|_| too_many())?;
     if patients > u64::from(u32::MAX) {
@@ -245,19 +290,34 @@ fn pseudonym_order(patients: u64, key: &MasterKey) -> Result<Vec<u128>, SynthErr
     let mut keys = vec![0u128; n];
     let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
     let per = n.div_ceil(threads).max(1);
-    std::thread::scope(|s| {
-        for (part, slice) in keys.chunks_mut(per).enumerate() {
-            s.spawn(move || {
-                for (j, k) in slice.iter_mut().enumerate() {
-                    let index = (part * per + j) as u64;
-                    *k = (pseudonym_bits(&key.pseudonymise(&nhs_number(index))) << 32)
-                        | u128::from(index);
-                }
-            });
+    let opted_out = std::thread::scope(|s| {
+        let parts: Vec<_> = keys
+            .chunks_mut(per)
+            .enumerate()
+            .map(|(part, slice)| {
+                s.spawn(move || {
+                    let mut opted_out = Vec::new();
+                    for (j, k) in slice.iter_mut().enumerate() {
+                        let index = (part * per + j) as u64;
+                        let pseudonym = key.pseudonymise(&nhs_number(index));
+                        *k = (pseudonym_bits(&pseudonym) << 32) | u128::from(index);
+                        if opts_out(seed, index) {
+                            opted_out.push(pseudonym);
+                        }
+                    }
+                    opted_out
+                })
+            })
+            .collect();
+        let mut all = HashSet::new();
+        for h in parts {
+            // A lost part would lose opt-outs: fail rather than write them.
+            all.extend(h.join().map_err(|_| SynthError::OrderPass)?);
         }
-    });
+        Ok::<_, SynthError>(all)
+    })?;
     keys.sort_unstable();
-    Ok(keys)
+    Ok((keys, opted_out))
 }
 
 /// The 96 bits of a pseudonym `P<24 hex digits>`.
@@ -328,7 +388,7 @@ fn batch(table: &str, cols: Vec<ArrayRef>) -> RecordBatch {
 impl Chunk {
     /// The records of the patients whose order keys are `keys`, each from
     /// its own stream of `base`.
-    fn generate(base: &ChaCha12Rng, keys: &[u128], key: &MasterKey) -> Chunk {
+    fn generate(base: &ChaCha12Rng, seed: u64, keys: &[u128], key: &MasterKey) -> Chunk {
         let mut p = PatientCols::default();
         let mut a = AdmissionCols::default();
         let mut l = LabCols::default();
@@ -348,7 +408,7 @@ impl Chunk {
             // Diabetes: rises with age and with deprivation (quintile 1).
             let p_diab = (0.01 + 0.0025 * age as f64) * (1.0 + 0.15 * (5 - imd) as f64);
             let diabetes = rng.random_bool(p_diab.min(0.6));
-            let opt_out = rng.random_bool(0.05);
+            let opt_out = opts_out(seed, i);
             let mut death: Option<i32> = None;
 
             // Admissions in 2024.
@@ -674,6 +734,8 @@ pub fn extract_paths(dir: &Path) -> Vec<(String, PathBuf)> {
 
 #[cfg(test)]
 mod tests {
+    use datafusion::arrow::array::AsArray;
+
     use super::*;
 
     #[test]
@@ -689,12 +751,16 @@ mod tests {
     #[test]
     fn chunks_are_deterministic_and_match_the_schema() {
         let key = MasterKey::from_bytes(&[3; 32]).unwrap_or_else(|e| panic!("{e}"));
-        let order = pseudonym_order(500, &key).unwrap_or_else(|e| panic!("{e}"));
+        let (order, opted_out) = pseudonym_order(500, 7, &key).unwrap_or_else(|e| panic!("{e}"));
         let base = ChaCha12Rng::seed_from_u64(7);
-        let a = Chunk::generate(&base, &order, &key);
-        let b = Chunk::generate(&base, &order, &key);
+        let a = Chunk::generate(&base, 7, &order, &key);
+        let b = Chunk::generate(&base, 7, &order, &key);
         // A patient's records do not depend on who else is in the chunk.
-        let alone = Chunk::generate(&base, &order[7..8], &key);
+        let alone = Chunk::generate(&base, 7, &order[7..8], &key);
+        // The order pass and the records agree on who opted out.
+        let flagged = a.patients.column(10).as_boolean().true_count();
+        assert_eq!(flagged, opted_out.len());
+        assert!((5..60).contains(&flagged), "{flagged} of 500 opted out");
         assert_eq!(alone.patients, a.patients.slice(7, 1));
         assert_eq!(a.patients, b.patients);
         assert_eq!(a.admissions, b.admissions);

@@ -476,6 +476,9 @@ pub(crate) struct Extracts {
     /// Tables whose rows per patient were bounded when written, within the
     /// policy's bound: their scans need no bounding per query (issue #13).
     pub(crate) bounded_at_write: BTreeSet<String>,
+    /// Tables that hold no opted-out patient's rows: their scans need no
+    /// opt-out filter.
+    pub(crate) opt_outs_removed: BTreeSet<String>,
     /// Test hook: remove these patients from every table before bounding,
     /// to compute the neighbouring dataset's exact aggregates.
     pub(crate) excluded: Vec<String>,

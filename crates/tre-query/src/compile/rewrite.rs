@@ -81,9 +81,14 @@ pub(super) fn bounded_scan(
         .into_iter()
         .map(Expr::Column)
         .collect();
-    // Opted-out patients go first, directly above the scan: `verify`
-    // recognises a scan bounded at write by this filter over it.
-    let mut b = scan.filter(udfs.admitted.call(vec![qcol(name, unit)]))?;
+    // Opted-out patients go first, directly above the scan, unless the
+    // extract holds none. `verify` recognises a scan bounded at write by
+    // this filter over it, or by its table holding no opt-outs.
+    let mut b = if extracts.opt_outs_removed.contains(name) {
+        scan
+    } else {
+        scan.filter(udfs.admitted.call(vec![qcol(name, unit)]))?
+    };
     if !extracts.excluded.is_empty() {
         let list: Vec<Expr> = extracts.excluded.iter().map(|p| lit(p.as_str())).collect();
         b = b.filter(qcol(name, unit).in_list(list, true))?;

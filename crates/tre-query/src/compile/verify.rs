@@ -144,7 +144,8 @@ pub(super) fn verify(
 ///   each patient's rows in the order of the internal shuffle key
 ///   (everything under it is bounded), or
 /// - for a table whose extract was bounded when written, the opt-out
-///   filter `__tre_admitted(unit)` directly over its scan.
+///   filter `__tre_admitted(unit)` directly over its scan, or nothing if
+///   the writer also removed the opt-outs the sandbox read.
 pub(super) fn unbounded_scans(
     plan: &LogicalPlan,
     policy: &Policy,
@@ -159,12 +160,19 @@ pub(super) fn unbounded_scans(
     if let LogicalPlan::TableScan(scan) = plan
         && !bounded
         && policy.tables.contains_key(scan.table_name.table())
+        && !clean_at_write(scan.table_name.table(), extracts)
     {
         out.push(scan.table_name.to_string());
     }
     for input in plan.inputs() {
         unbounded_scans(input, policy, extracts, bounded, out);
     }
+}
+
+/// A table both bounded and cleared of opt-outs when its extract was
+/// written: any scan of it is bounded.
+fn clean_at_write(table: &str, extracts: &Extracts) -> bool {
+    extracts.bounded_at_write.contains(table) && extracts.opt_outs_removed.contains(table)
 }
 
 /// `plan` is `Filter(__tre_admitted(t.unit))` over a scan of a table `t`
