@@ -97,8 +97,10 @@ fn ensure_data(args: &BenchArgs, key_file: &Path, enc: &Path, plain: &Path) -> R
     let policy = setup::load_policy(args.policy.as_deref())?;
     let marker = args.dir.join("generated");
     let expected = format!(
-        "patients={} seed=7 layout=1 policy={}\n",
-        args.patients, policy.source_hash
+        "patients={} seed=7 generator={} policy={}\n",
+        args.patients,
+        tre_synth::GENERATOR_VERSION,
+        policy.source_hash
     );
     if std::fs::read_to_string(&marker).ok().as_deref() == Some(expected.as_str()) {
         eprintln!(

@@ -102,12 +102,13 @@ fn ensure_data(args: &DemoArgs, data: &Path, key_file: &Path) -> Result<()> {
     let key = setup::master_key(key_file, true)?;
     let marker = data.join(".generated");
     let expected = format!(
-        // The extract format is part of the marker: extracts written
+        // The generator's version is part of the marker: extracts written
         // before issue #13 carry no layout and are not served.
-        "patients={} seed={} key={} layout=1\n",
+        "patients={} seed={} key={} generator={}\n",
         args.patients,
         args.seed,
-        key.key_id()
+        key.key_id(),
+        tre_synth::GENERATOR_VERSION
     );
     if std::fs::read_to_string(&marker).ok().as_deref() == Some(expected.as_str()) {
         eprintln!(

@@ -220,7 +220,11 @@ pub async fn run(args: LoadArgs) -> Result<()> {
     let key_file = args.dir.join("master.key");
     let data = args.dir.join("data/nhs_epr");
     let marker = data.join(".generated");
-    let expected = format!("patients={} layout=1\n", args.patients);
+    let expected = format!(
+        "patients={} generator={}\n",
+        args.patients,
+        tre_synth::GENERATOR_VERSION
+    );
     if std::fs::read_to_string(&marker).ok().as_deref() != Some(expected.as_str()) {
         setup::generate(&GenerateArgs {
             patients: args.patients,

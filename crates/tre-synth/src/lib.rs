@@ -262,6 +262,10 @@ pub fn generate(
     Ok(counts)
 }
 
+/// Changes whenever the same seed would give different extracts; the
+/// commands that reuse generated data keep it in their markers.
+pub const GENERATOR_VERSION: u32 = 2;
+
 /// The opt-out column of the synthetic schema.
 pub const OPT_OUT_COLUMN: &str = "patients.research_opt_out";
 

@@ -49,6 +49,12 @@ pub(super) async fn bound_scans(
         .map_err(internal)
 }
 
+/// `table.flag = false`: true only for a patient who did not opt out (a
+/// NULL flag counts as opted out, as in the set).
+pub(super) fn opt_out_flag_clear(table: &str, flag: &str) -> Expr {
+    Expr::Column(Column::new(Some(table), flag)).eq(lit(false))
+}
+
 /// The internal functions a bounded scan calls.
 pub(super) struct BoundingUdfs {
     shuffle: Arc<datafusion::logical_expr::ScalarUDF>,
@@ -84,10 +90,12 @@ pub(super) fn bounded_scan(
     // Opted-out patients go first, directly above the scan, unless the
     // extract holds none. `verify` recognises a scan bounded at write by
     // this filter over it, or by its table holding no opt-outs.
-    let mut b = if extracts.opt_outs_removed.contains(name) {
-        scan
-    } else {
-        scan.filter(udfs.admitted.call(vec![qcol(name, unit)]))?
+    let mut b = match &policy.opt_out {
+        _ if extracts.opt_outs_removed.contains(name) => scan,
+        // The opt-out table's own flag says the same as the set read from
+        // it, more cheaply than a lookup per row.
+        Some(o) if o.table == name => scan.filter(opt_out_flag_clear(name, &o.column))?,
+        _ => scan.filter(udfs.admitted.call(vec![qcol(name, unit)]))?,
     };
     if !extracts.excluded.is_empty() {
         let list: Vec<Expr> = extracts.excluded.iter().map(|p| lit(p.as_str())).collect();

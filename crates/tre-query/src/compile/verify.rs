@@ -175,7 +175,8 @@ fn clean_at_write(table: &str, extracts: &Extracts) -> bool {
     extracts.bounded_at_write.contains(table) && extracts.opt_outs_removed.contains(table)
 }
 
-/// `plan` is `Filter(__tre_admitted(t.unit))` over a scan of a table `t`
+/// `plan` is `Filter(__tre_admitted(t.unit))`, or on the opt-out table
+/// `Filter(t.flag = false)`, over a scan of a table `t`
 /// bounded when its extract was written.
 fn admits_a_scan_bounded_at_write(
     plan: &LogicalPlan,
@@ -195,7 +196,10 @@ fn admits_a_scan_bounded_at_write(
             if f.func.name() == Internal::Admitted.name()
                 && matches!(f.args.as_slice(), [Expr::Column(c)] if c.name == policy.privacy_unit && c.relation.as_ref().is_some_and(|r| r.table() == table))
     );
-    admits_unit && extracts.bounded_at_write.contains(table)
+    let flag_clear = policy.opt_out.as_ref().is_some_and(|o| {
+        o.table == table && filter.predicate == super::rewrite::opt_out_flag_clear(table, &o.column)
+    });
+    (admits_unit || flag_clear) && extracts.bounded_at_write.contains(table)
 }
 
 /// `unbounded_scans` from the top of `plan`, for the soundness tests.
