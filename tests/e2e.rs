@@ -715,6 +715,64 @@ fn generated_extracts_are_sorted_and_bounded_as_their_layouts_say() {
     assert_eq!(policy.tables["patients"].max_rows_per_unit, 1);
 }
 
+/// Issue #13: five years of history with prescriptions, generated under the
+/// shipped five-year policy, is served by it: every table bounded to that
+/// policy, and a DP query over prescriptions answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_years_of_history_are_served_under_their_policy() {
+    let f = fixture();
+    let policy = tre_policy::Policy::from_toml("policies/nhs_epr_5y.toml", tre_e2e::POLICY_5Y)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let data = dir.path().join("nhs_epr");
+    let spec = tre_synth::Spec::under(&policy, 400, 3, 5);
+    let counts = tre_synth::generate(
+        &data,
+        &spec,
+        tre_synth::Protection::Encrypted(&f.master),
+        &f.master,
+        |_| {},
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let events =
+        counts.admissions + counts.lab_results + counts.waiting_list + counts.prescriptions;
+    assert!(events > 20 * 400, "{counts:?}");
+    let layout = tre_extract::open(
+        &data.join("prescriptions.parquet"),
+        &tre_synth::file_id("nhs_epr", "prescriptions"),
+        &f.master,
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+    .layout;
+    assert_eq!(layout.max_rows_per_unit, 60);
+    assert!(
+        layout.rows_dropped > 0,
+        "some patients have more than 60 issues in five years"
+    );
+    let profile = tre_sdc::Profile::from_toml("nhs_sde.toml", tre_e2e::NHS_SDE)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let engine = tre_query::Engine::open(
+        policy,
+        profile,
+        &data,
+        std::sync::Arc::clone(&f.master),
+        tre_query::Limits::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let budget = engine
+        .budget(Some(1.0), None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let plan = engine
+        .compile("SELECT drug, COUNT(*) AS issues FROM prescriptions WHERE issue_date < DATE '2021-01-01' GROUP BY drug", budget)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let release = engine
+        .execute(&plan)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(release.rows.len(), 6, "one row per drug");
+}
+
 /// Issue #13: the server serves only extracts tre's writer wrote. A
 /// plaintext file, or an encrypted one written around the writer (so with
 /// no layout, and no checked order), stops start-up with `TRE-V004`.

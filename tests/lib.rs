@@ -20,6 +20,7 @@ use tre_synth::Protection;
 use tre_vault::MasterKey;
 
 pub const POLICY: &str = include_str!("../policies/nhs_epr.toml");
+pub const POLICY_5Y: &str = include_str!("../policies/nhs_epr_5y.toml");
 pub const NHS_SDE: &str = include_str!("../policies/sdc/nhs_sde.toml");
 pub const PATIENTS: u64 = 3_000;
 pub const MASTER: [u8; 32] = [0x42; 32];
@@ -127,16 +128,7 @@ pub fn bound(table: &str) -> Option<u32> {
 /// What `tre dataset generate` makes of `patients` and `seed` under the
 /// shipped policy.
 pub fn spec(patients: u64, seed: u64) -> tre_synth::Spec {
-    tre_synth::Spec {
-        patients,
-        seed,
-        max_rows_per_unit: policy()
-            .tables
-            .iter()
-            .map(|(name, t)| (name.clone(), t.max_rows_per_unit))
-            .collect(),
-        remove_opt_outs: true,
-    }
+    tre_synth::Spec::under(&policy(), patients, seed, 1)
 }
 
 /// Write `batches` as the encrypted extract `dir/<table>.parquet`, as the

@@ -40,6 +40,10 @@ pub struct BenchArgs {
     /// the embedded policies/nhs_epr.toml).
     #[arg(long)]
     pub policy: Option<PathBuf>,
+    /// Years of history to generate (with a policy that covers them, e.g.
+    /// policies/nhs_epr_5y.toml).
+    #[arg(long, default_value_t = 1)]
+    pub years: u32,
     /// Run one side only and print its measurements as JSON (the parent
     /// runs each side in a process of its own).
     #[arg(long, value_enum, hide = true)]
@@ -97,8 +101,9 @@ fn ensure_data(args: &BenchArgs, key_file: &Path, enc: &Path, plain: &Path) -> R
     let policy = setup::load_policy(args.policy.as_deref())?;
     let marker = args.dir.join("generated");
     let expected = format!(
-        "patients={} seed=7 generator={} policy={}\n",
+        "patients={} years={} seed=7 generator={} policy={}\n",
         args.patients,
+        args.years,
         tre_synth::GENERATOR_VERSION,
         policy.source_hash
     );
@@ -119,13 +124,15 @@ fn ensure_data(args: &BenchArgs, key_file: &Path, enc: &Path, plain: &Path) -> R
             key_file: key_file.to_path_buf(),
             plaintext,
             policy: args.policy.clone(),
+            years: args.years,
             quiet: true,
         })?;
         eprintln!(
-            "generated {} ({} patients, {} event rows) in {:.1} s",
+            "generated {} ({} patients, {} event rows, {} bytes) in {:.1} s",
             out.display(),
             counts.patients,
-            counts.admissions + counts.lab_results + counts.waiting_list,
+            counts.admissions + counts.lab_results + counts.waiting_list + counts.prescriptions,
+            setup::dir_bytes(out),
             started.elapsed().as_secs_f64()
         );
     }
@@ -209,6 +216,7 @@ fn run_side(args: &BenchArgs, side: Side) -> Result<Measured> {
     cmd.arg("bench")
         .args(["--patients", &args.patients.to_string()])
         .args(["--runs", &args.runs.to_string()])
+        .args(["--years", &args.years.to_string()])
         .arg("--dir")
         .arg(&args.dir)
         .args([

@@ -126,6 +126,7 @@ fn ensure_data(args: &DemoArgs, data: &Path, key_file: &Path) -> Result<()> {
         key_file: key_file.to_path_buf(),
         plaintext: false,
         policy: None,
+        years: 1,
         quiet: false,
     })?;
     std::fs::write(&marker, expected)?;

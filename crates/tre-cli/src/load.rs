@@ -233,6 +233,7 @@ pub async fn run(args: LoadArgs) -> Result<()> {
             key_file: key_file.clone(),
             plaintext: false,
             policy: None,
+            years: 1,
             quiet: true,
         })?;
         std::fs::write(&marker, &expected)?;

@@ -63,9 +63,14 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub plaintext: bool,
     /// Dataset policy whose `max_rows_per_unit` each table is bounded to
-    /// when written (defaults to the embedded policies/nhs_epr.toml).
+    /// when written (defaults to the embedded policies/nhs_epr.toml). A
+    /// policy with a `prescriptions` table gets one.
     #[arg(long)]
     pub policy: Option<PathBuf>,
+    /// Years of history ending in 2024 (the shipped policy covers 2024; use
+    /// policies/nhs_epr_5y.toml for 5).
+    #[arg(long, default_value_t = 1)]
+    pub years: u32,
     #[arg(long)]
     pub quiet: bool,
 }
@@ -108,32 +113,19 @@ pub fn generate(args: &GenerateArgs) -> Result<tre_synth::Counts> {
     } else {
         Protection::Encrypted(&key)
     };
-    let spec = tre_synth::Spec {
-        patients: args.patients,
-        seed: args.seed,
-        max_rows_per_unit: policy
-            .tables
-            .iter()
-            .map(|(name, t)| (name.clone(), t.max_rows_per_unit))
-            .collect(),
-        // Removed at write only where the policy names the synthetic
-        // schema's column; the server checks the digest either way.
-        remove_opt_outs: policy
-            .opt_out
-            .as_ref()
-            .is_some_and(|o| format!("{}.{}", o.table, o.column) == tre_synth::OPT_OUT_COLUMN),
-    };
+    let spec = tre_synth::Spec::under(&policy, args.patients, args.seed, args.years);
     let counts = tre_synth::generate(&args.out, &spec, protection, &key, |done| {
         bar.set_position(done)
     })?;
     bar.finish_and_clear();
     if !args.quiet {
         eprintln!(
-            "wrote {} patients, {} admissions, {} lab results, {} waiting-list pathways to {} in {:.1}s, {} bytes ({}); sorted by person_id, {} rows over the policy's per-patient bounds left out",
+            "wrote {} patients, {} admissions, {} lab results, {} waiting-list pathways, {} prescriptions to {} in {:.1}s, {} bytes ({}); sorted by person_id, {} rows over the policy's per-patient bounds left out",
             counts.patients,
             counts.admissions,
             counts.lab_results,
             counts.waiting_list,
+            counts.prescriptions,
             args.out.display(),
             started.elapsed().as_secs_f64(),
             dir_bytes(&args.out),
@@ -149,7 +141,7 @@ pub fn generate(args: &GenerateArgs) -> Result<tre_synth::Counts> {
 }
 
 /// Bytes of the extracts in `dir`, for the operator's record.
-fn dir_bytes(dir: &Path) -> u64 {
+pub(crate) fn dir_bytes(dir: &Path) -> u64 {
     tre_synth::extract_paths(dir)
         .iter()
         .filter_map(|(_, p)| std::fs::metadata(p).ok())

@@ -56,9 +56,18 @@ const DIAGNOSES: [&str; 12] = [
     "I21.9", "J18.9", "N39.0", "K35.8", "I50.9", "J44.1", "S72.0", "O80.0", "E11.9", "R07.4",
     "K80.2", "C50.9",
 ];
-/// First day of 2024 in days since 1970-01-01.
-const Y2024: i32 = 19_723;
-const Y2023: i32 = 19_358;
+/// The optional table of a multi-year extract: repeat prescriptions.
+pub const PRESCRIPTIONS: &str = "prescriptions";
+
+/// Repeat medicines (BNF chemical names) and who is prescribed them.
+const DRUGS: [&str; 6] = [
+    "metformin",
+    "atorvastatin",
+    "ramipril",
+    "amlodipine",
+    "salbutamol",
+    "sertraline",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum SynthError {
@@ -70,6 +79,8 @@ pub enum SynthError {
     TooManyPatients { patients: u64 },
     #[error("{code} the pseudonym order pass failed", code = Code::Internal)]
     OrderPass,
+    #[error("{code} --years {years}: generate between 1 and {MAX_YEARS} years of history", code = Code::InvalidArgument)]
+    Years { years: u32 },
     #[error(transparent)]
     Vault(#[from] tre_vault::VaultError),
     #[error(transparent)]
@@ -92,6 +103,7 @@ pub struct Counts {
     pub admissions: u64,
     pub lab_results: u64,
     pub waiting_list: u64,
+    pub prescriptions: u64,
     pub dropped: u64,
 }
 
@@ -137,6 +149,12 @@ pub fn schema(table: &str) -> SchemaRef {
             i("died_28d"),
         ],
         "lab_results" => vec![s("person_id"), d("test_date"), s("test"), f("value")],
+        PRESCRIPTIONS => vec![
+            s("person_id"),
+            d("issue_date"),
+            s("drug"),
+            i("quantity_days"),
+        ],
         _ => vec![
             s("person_id"),
             d("referral_date"),
@@ -157,6 +175,32 @@ pub struct Spec {
     pub max_rows_per_unit: BTreeMap<String, u32>,
     /// Leave the opted-out patients out of the event tables.
     pub remove_opt_outs: bool,
+    /// Years of history ending in 2024: admissions, lab results, referrals
+    /// and prescriptions are generated for each (issue #13).
+    pub years: u32,
+}
+
+impl Spec {
+    /// What `policy` asks of `patients` patients over `years` years: each
+    /// table bounded to its `max_rows_per_unit`, and the opt-outs removed
+    /// from the event tables where the policy names this schema's column
+    /// (the server checks the removal by digest either way).
+    pub fn under(policy: &tre_policy::Policy, patients: u64, seed: u64, years: u32) -> Self {
+        Spec {
+            patients,
+            seed,
+            max_rows_per_unit: policy
+                .tables
+                .iter()
+                .map(|(name, t)| (name.clone(), t.max_rows_per_unit))
+                .collect(),
+            remove_opt_outs: policy
+                .opt_out
+                .as_ref()
+                .is_some_and(|o| format!("{}.{}", o.table, o.column) == OPT_OUT_COLUMN),
+            years,
+        }
+    }
 }
 
 /// Patients generated per chunk: memory is bounded by one chunk whatever N.
@@ -187,7 +231,11 @@ pub fn generate(
         seed,
         ref max_rows_per_unit,
         remove_opt_outs,
+        years,
     } = *spec;
+    if !(1..=MAX_YEARS).contains(&years) {
+        return Err(SynthError::Years { years });
+    }
     std::fs::create_dir_all(dir).map_err(|e| write_err(dir, e))?;
     let dataset = dir
         .file_name()
@@ -197,7 +245,16 @@ pub fn generate(
     let (order, opted_out) = pseudonym_order(patients, seed, pseudonymiser)?;
     let opted_out = Arc::new(opted_out);
     let mut writers = Vec::new();
-    for table in TABLES {
+    // The core tables always; prescriptions where the policy has them.
+    let tables: Vec<&str> = TABLES
+        .into_iter()
+        .chain(
+            max_rows_per_unit
+                .contains_key(PRESCRIPTIONS)
+                .then_some(PRESCRIPTIONS),
+        )
+        .collect();
+    for &table in &tables {
         let path = dir.join(format!("{table}.parquet"));
         let bound = *max_rows_per_unit
             .get(table)
@@ -236,12 +293,20 @@ pub fn generate(
     let base = ChaCha12Rng::seed_from_u64(seed);
     let mut done = 0u64;
     for chunk in order.chunks(CHUNK) {
-        let chunk = Chunk::generate(&base, seed, chunk, pseudonymiser);
+        let chunk = Chunk::generate(
+            &base,
+            seed,
+            years,
+            tables.len() > TABLES.len(),
+            chunk,
+            pseudonymiser,
+        );
         for (w, batch) in writers.iter_mut().zip([
             &chunk.patients,
             &chunk.admissions,
             &chunk.labs,
             &chunk.waits,
+            &chunk.prescriptions,
         ]) {
             w.write(batch)?;
         }
@@ -249,14 +314,15 @@ pub fn generate(
         progress(done);
     }
     let mut counts = Counts::default();
-    for (w, table) in writers.into_iter().zip(TABLES) {
+    for (w, table) in writers.into_iter().zip(tables) {
         let layout = w.close()?;
         counts.dropped += layout.rows_dropped;
         match table {
             "patients" => counts.patients = layout.rows,
             "admissions" => counts.admissions = layout.rows,
             "lab_results" => counts.lab_results = layout.rows,
-            _ => counts.waiting_list = layout.rows,
+            "waiting_list" => counts.waiting_list = layout.rows,
+            _ => counts.prescriptions = layout.rows,
         }
     }
     Ok(counts)
@@ -362,6 +428,7 @@ struct Chunk {
     admissions: RecordBatch,
     labs: RecordBatch,
     waits: RecordBatch,
+    prescriptions: RecordBatch,
 }
 
 fn pick<'a, R: Rng>(rng: &mut R, weighted: &[(&'a str, f64)]) -> &'a str {
@@ -375,12 +442,43 @@ fn pick<'a, R: Rng>(rng: &mut R, weighted: &[(&'a str, f64)]) -> &'a str {
     weighted.last().map(|(v, _)| *v).unwrap_or_default()
 }
 
+/// Most years of history one extract may hold.
+pub const MAX_YEARS: u32 = 20;
+
+/// Days since 1970-01-01 of 1 January of `year` (proleptic Gregorian).
+fn first_day(year: i32) -> i32 {
+    let y = year - 1;
+    365 * (year - 1970) + (y / 4 - y / 100 + y / 400) - (1969 / 4 - 1969 / 100 + 1969 / 400)
+}
+
+fn is_leap(year: i32) -> bool {
+    (year % 4 == 0 && year % 100 != 0) || year % 400 == 0
+}
+
+/// `YYYY-MM` of a day since 1970-01-01.
 fn month_of(day: i32) -> String {
-    // 2024 is a leap year; cumulative first days of each month.
-    const STARTS: [i32; 12] = [0, 31, 60, 91, 121, 152, 182, 213, 244, 274, 305, 335];
-    let d = day - Y2024;
-    let m = STARTS.iter().rposition(|s| d >= *s).unwrap_or(0);
-    format!("2024-{:02}", m + 1)
+    let mut year = 1970 + day.div_euclid(366);
+    while first_day(year + 1) <= day {
+        year += 1;
+    }
+    let leap = i32::from(is_leap(year));
+    let starts = [
+        0,
+        31,
+        59 + leap,
+        90 + leap,
+        120 + leap,
+        151 + leap,
+        181 + leap,
+        212 + leap,
+        243 + leap,
+        273 + leap,
+        304 + leap,
+        334 + leap,
+    ];
+    let d = day - first_day(year);
+    let m = starts.iter().rposition(|s| d >= *s).unwrap_or(0);
+    format!("{year}-{:02}", m + 1)
 }
 
 fn batch(table: &str, cols: Vec<ArrayRef>) -> RecordBatch {
@@ -392,7 +490,15 @@ fn batch(table: &str, cols: Vec<ArrayRef>) -> RecordBatch {
 impl Chunk {
     /// The records of the patients whose order keys are `keys`, each from
     /// its own stream of `base`.
-    fn generate(base: &ChaCha12Rng, seed: u64, keys: &[u128], key: &MasterKey) -> Chunk {
+    fn generate(
+        base: &ChaCha12Rng,
+        seed: u64,
+        years: u32,
+        with_prescriptions: bool,
+        keys: &[u128],
+        key: &MasterKey,
+    ) -> Chunk {
+        let mut r = PrescriptionCols::default();
         let mut p = PatientCols::default();
         let mut a = AdmissionCols::default();
         let mut l = LabCols::default();
@@ -415,127 +521,172 @@ impl Chunk {
             let opt_out = opts_out(seed, i);
             let mut death: Option<i32> = None;
 
-            // Admissions in 2024.
-            let rate = 0.15 + 0.01 * age as f64;
-            let k = (rng.random::<f64>() * rate * 2.0).floor() as usize;
-            let covid_risk = 0.06 + 0.002 * age as f64;
-            for _ in 0..k.min(8) {
-                let day = Y2024 + rng.random_range(0..366);
-                let covid = rng.random_bool(covid_risk.min(0.3));
-                let method = if covid {
-                    "emergency"
-                } else {
-                    pick(
-                        rng,
-                        &[
-                            ("emergency", 0.45),
-                            ("elective", 0.4),
-                            ("maternity", 0.08),
-                            ("transfer", 0.07),
-                        ],
-                    )
-                };
-                let ventilated = covid && rng.random_bool(0.25 + 0.004 * age as f64);
-                let dexa = covid && rng.random_bool(if ventilated { 0.6 } else { 0.35 });
-                let p_die = if covid {
-                    let base: f64 = 0.02 + 0.004 * age as f64;
-                    if ventilated {
-                        (base + 0.25) * if dexa { 0.65 } else { 1.0 }
-                    } else {
-                        base * if dexa { 0.95 } else { 1.0 }
-                    }
-                } else {
-                    0.002 + 0.0006 * age as f64
-                };
-                let died = death.is_none() && rng.random_bool(p_die.min(0.9));
-                if died {
-                    death = Some(day + rng.random_range(0..28));
+            // Long-term conditions that bring repeat prescriptions, drawn
+            // from a stream of their own so that the other tables are the
+            // same whether or not prescriptions are written.
+            let mut own_rx = base.clone();
+            own_rx.set_stream(i | 1 << 32);
+            let rx = &mut own_rx;
+            let repeats = [
+                (diabetes, 0, 10..=13, 28),
+                (
+                    age >= 40 && rx.random_bool((0.3 + 0.005 * (age - 40) as f64).min(0.7)),
+                    1,
+                    4..=6,
+                    56,
+                ),
+                (
+                    age >= 30 && rx.random_bool((0.01 * age as f64).min(0.6)),
+                    if rx.random_bool(0.5) { 2 } else { 3 },
+                    4..=6,
+                    56,
+                ),
+                (rx.random_bool(0.1), 4, 1..=4, 30),
+                (rx.random_bool(0.08), 5, 6..=12, 28),
+            ];
+            // Each year of history, oldest first; nothing after a death.
+            for year in (2024 - years as i32 + 1)..=2024 {
+                let start = first_day(year);
+                let days = first_day(year + 1) - start;
+                if death.is_some_and(|d| d < start) {
+                    break;
                 }
-                let los = Gamma::new(
-                    1.5,
-                    2.0 + age as f64 / 25.0 + if ventilated { 8.0 } else { 0.0 },
-                )
-                .map(|g| g.sample(rng).round() as i64)
-                .unwrap_or(1);
-                let specialty = if covid {
-                    "respiratory"
-                } else if method == "maternity" {
-                    "obstetrics"
-                } else if age >= 75 && rng.random_bool(0.4) {
-                    "geriatrics"
-                } else {
-                    SPECIALTIES[rng.random_range(0..SPECIALTIES.len())]
-                };
-                let diagnosis = if covid {
-                    Some("U07.1")
-                } else if rng.random_bool(0.02) {
-                    None
-                } else {
-                    Some(DIAGNOSES[rng.random_range(0..DIAGNOSES.len())])
-                };
-                a.push(
-                    &pid, day, method, specialty, diagnosis, covid, ventilated, dexa, los, died,
-                );
-            }
-
-            // Lab results: HbA1c for diabetics and a share of others.
-            let hba1c_tests = if diabetes {
-                rng.random_range(2..=4)
-            } else if rng.random_bool(0.25) {
-                1
-            } else {
-                0
-            };
-            let hba1c_mean = if diabetes {
-                55.0 + 3.0 * (5 - imd) as f64 + 0.05 * age as f64
-            } else {
-                34.0 + 0.05 * age as f64
-            };
-            for _ in 0..hba1c_tests {
-                let v = normal(hba1c_mean, 7.0).sample(rng).clamp(20.0, 150.0);
-                l.push(
-                    &pid,
-                    Y2024 + rng.random_range(0..366),
-                    "HbA1c",
-                    (v * 10.0).round() / 10.0,
-                );
-            }
-            if age >= 40 && rng.random_bool(0.4) {
-                let v = normal(5.2, 1.0).sample(rng).clamp(2.0, 10.0);
-                l.push(
-                    &pid,
-                    Y2024 + rng.random_range(0..366),
-                    "cholesterol",
-                    (v * 10.0).round() / 10.0,
-                );
-                let e = normal(
-                    100.0 - 0.6 * age as f64 - if diabetes { 10.0 } else { 0.0 },
-                    12.0,
-                )
-                .sample(rng)
-                .clamp(5.0, 120.0);
-                l.push(&pid, Y2024 + rng.random_range(0..366), "eGFR", e.round());
-            }
-
-            // Waiting list: deprivation lengthens waits.
-            if rng.random_bool(0.2 + 0.002 * age as f64) {
-                for _ in 0..rng.random_range(1..=2) {
-                    let mean = 14.0 + 2.0 * (5 - imd) as f64;
-                    let weeks = Gamma::new(3.0, mean / 3.0)
-                        .map(|g| g.sample(rng).min(104.0))
-                        .unwrap_or(mean);
-                    let spec = SPECIALTIES[rng.random_range(0..SPECIALTIES.len())];
-                    w.push(
-                        &pid,
-                        Y2023 + rng.random_range(0..730),
-                        spec,
-                        (weeks * 10.0).round() / 10.0,
+                // Admissions in the year.
+                let rate = 0.15 + 0.01 * age as f64;
+                let k = (rng.random::<f64>() * rate * 2.0).floor() as usize;
+                let covid_risk = 0.06 + 0.002 * age as f64;
+                for _ in 0..k.min(8) {
+                    let day = start + rng.random_range(0..days);
+                    let covid = rng.random_bool(covid_risk.min(0.3));
+                    let method = if covid {
+                        "emergency"
+                    } else {
+                        pick(
+                            rng,
+                            &[
+                                ("emergency", 0.45),
+                                ("elective", 0.4),
+                                ("maternity", 0.08),
+                                ("transfer", 0.07),
+                            ],
+                        )
+                    };
+                    let ventilated = covid && rng.random_bool(0.25 + 0.004 * age as f64);
+                    let dexa = covid && rng.random_bool(if ventilated { 0.6 } else { 0.35 });
+                    let p_die = if covid {
+                        let base: f64 = 0.02 + 0.004 * age as f64;
+                        if ventilated {
+                            (base + 0.25) * if dexa { 0.65 } else { 1.0 }
+                        } else {
+                            base * if dexa { 0.95 } else { 1.0 }
+                        }
+                    } else {
+                        0.002 + 0.0006 * age as f64
+                    };
+                    let died = death.is_none() && rng.random_bool(p_die.min(0.9));
+                    if died {
+                        death = Some(day + rng.random_range(0..28));
+                    }
+                    let los = Gamma::new(
+                        1.5,
+                        2.0 + age as f64 / 25.0 + if ventilated { 8.0 } else { 0.0 },
+                    )
+                    .map(|g| g.sample(rng).round() as i64)
+                    .unwrap_or(1);
+                    let specialty = if covid {
+                        "respiratory"
+                    } else if method == "maternity" {
+                        "obstetrics"
+                    } else if age >= 75 && rng.random_bool(0.4) {
+                        "geriatrics"
+                    } else {
+                        SPECIALTIES[rng.random_range(0..SPECIALTIES.len())]
+                    };
+                    let diagnosis = if covid {
+                        Some("U07.1")
+                    } else if rng.random_bool(0.02) {
+                        None
+                    } else {
+                        Some(DIAGNOSES[rng.random_range(0..DIAGNOSES.len())])
+                    };
+                    a.push(
+                        &pid, day, method, specialty, diagnosis, covid, ventilated, dexa, los, died,
                     );
                 }
-            }
 
-            if death.is_none() && rng.random_bool((0.0005 * age as f64).min(0.2)) {
-                death = Some(Y2024 + rng.random_range(0..731));
+                // Lab results: HbA1c for diabetics and a share of others.
+                let hba1c_tests = if diabetes {
+                    rng.random_range(2..=4)
+                } else if rng.random_bool(0.25) {
+                    1
+                } else {
+                    0
+                };
+                let hba1c_mean = if diabetes {
+                    55.0 + 3.0 * (5 - imd) as f64 + 0.05 * age as f64
+                } else {
+                    34.0 + 0.05 * age as f64
+                };
+                for _ in 0..hba1c_tests {
+                    let v = normal(hba1c_mean, 7.0).sample(rng).clamp(20.0, 150.0);
+                    l.push(
+                        &pid,
+                        start + rng.random_range(0..days),
+                        "HbA1c",
+                        (v * 10.0).round() / 10.0,
+                    );
+                }
+                if age >= 40 && rng.random_bool(0.4) {
+                    let v = normal(5.2, 1.0).sample(rng).clamp(2.0, 10.0);
+                    l.push(
+                        &pid,
+                        start + rng.random_range(0..days),
+                        "cholesterol",
+                        (v * 10.0).round() / 10.0,
+                    );
+                    let e = normal(
+                        100.0 - 0.6 * age as f64 - if diabetes { 10.0 } else { 0.0 },
+                        12.0,
+                    )
+                    .sample(rng)
+                    .clamp(5.0, 120.0);
+                    l.push(&pid, start + rng.random_range(0..days), "eGFR", e.round());
+                }
+
+                // Waiting list: deprivation lengthens waits.
+                if rng.random_bool(0.2 + 0.002 * age as f64) {
+                    for _ in 0..rng.random_range(1..=2) {
+                        let mean = 14.0 + 2.0 * (5 - imd) as f64;
+                        let weeks = Gamma::new(3.0, mean / 3.0)
+                            .map(|g| g.sample(rng).min(104.0))
+                            .unwrap_or(mean);
+                        let spec = SPECIALTIES[rng.random_range(0..SPECIALTIES.len())];
+                        w.push(
+                            &pid,
+                            first_day(year - 1) + rng.random_range(0..days + 365),
+                            spec,
+                            (weeks * 10.0).round() / 10.0,
+                        );
+                    }
+                }
+
+                if death.is_none() && rng.random_bool((0.0005 * age as f64).min(0.2)) {
+                    death = Some(start + rng.random_range(0..days + 365));
+                }
+
+                if with_prescriptions {
+                    for (on, drug, issues, quantity) in &repeats {
+                        if !on {
+                            continue;
+                        }
+                        for _ in 0..rx.random_range(issues.clone()) {
+                            let day = start + rx.random_range(0..days);
+                            if death.is_none_or(|d| day <= d) {
+                                r.push(&pid, day, DRUGS[*drug], *quantity);
+                            }
+                        }
+                    }
+                }
             }
             let band = match age {
                 0..=17 => "0-17",
@@ -567,6 +718,7 @@ impl Chunk {
             admissions: a.finish(),
             labs: l.finish(),
             waits: w.finish(),
+            prescriptions: r.finish(),
         }
     }
 }
@@ -728,11 +880,41 @@ impl WaitCols {
     }
 }
 
+#[derive(Default)]
+struct PrescriptionCols {
+    person_id: StringBuilder,
+    date: Date32Builder,
+    drug: StringBuilder,
+    quantity: Int64Builder,
+}
+
+impl PrescriptionCols {
+    fn push(&mut self, pid: &str, day: i32, drug: &str, quantity_days: i64) {
+        self.person_id.append_value(pid);
+        self.date.append_value(day);
+        self.drug.append_value(drug);
+        self.quantity.append_value(quantity_days);
+    }
+    fn finish(mut self) -> RecordBatch {
+        batch(
+            PRESCRIPTIONS,
+            vec![
+                Arc::new(self.person_id.finish()),
+                Arc::new(self.date.finish()),
+                Arc::new(self.drug.finish()),
+                Arc::new(self.quantity.finish()),
+            ],
+        )
+    }
+}
+
 /// Paths of a dataset's extracts.
 pub fn extract_paths(dir: &Path) -> Vec<(String, PathBuf)> {
     TABLES
         .iter()
+        .chain(std::iter::once(&PRESCRIPTIONS))
         .map(|t| ((*t).to_owned(), dir.join(format!("{t}.parquet"))))
+        .filter(|(t, p)| TABLES.contains(&t.as_str()) || p.exists())
         .collect()
 }
 
@@ -741,6 +923,9 @@ mod tests {
     use datafusion::arrow::array::AsArray;
 
     use super::*;
+
+    /// First day of 2024 in days since 1970-01-01.
+    const Y2024: i32 = 19_723;
 
     #[test]
     fn nhs_numbers_are_valid_and_distinct() {
@@ -757,10 +942,10 @@ mod tests {
         let key = MasterKey::from_bytes(&[3; 32]).unwrap_or_else(|e| panic!("{e}"));
         let (order, opted_out) = pseudonym_order(500, 7, &key).unwrap_or_else(|e| panic!("{e}"));
         let base = ChaCha12Rng::seed_from_u64(7);
-        let a = Chunk::generate(&base, 7, &order, &key);
-        let b = Chunk::generate(&base, 7, &order, &key);
+        let a = Chunk::generate(&base, 7, 1, false, &order, &key);
+        let b = Chunk::generate(&base, 7, 1, false, &order, &key);
         // A patient's records do not depend on who else is in the chunk.
-        let alone = Chunk::generate(&base, 7, &order[7..8], &key);
+        let alone = Chunk::generate(&base, 7, 1, false, &order[7..8], &key);
         // The order pass and the records agree on who opted out.
         let flagged = a.patients.column(10).as_boolean().true_count();
         assert_eq!(flagged, opted_out.len());
@@ -774,5 +959,36 @@ mod tests {
         assert!(a.waits.num_rows() > 50);
         assert_eq!(month_of(Y2024), "2024-01");
         assert_eq!(month_of(Y2024 + 365), "2024-12");
+        assert_eq!(first_day(2024), Y2024);
+        assert_eq!(first_day(1970), 0);
+        assert_eq!(month_of(first_day(2020) + 59), "2020-02");
+        assert_eq!(month_of(first_day(2021) + 59), "2021-03");
+        assert_eq!(month_of(first_day(2025) - 1), "2024-12");
+    }
+
+    /// Issue #13: five years of history spread over 2020–2024, with many
+    /// prescriptions; the tables other than prescriptions do not depend on
+    /// whether prescriptions are written.
+    #[test]
+    fn years_of_history_with_prescriptions() {
+        use datafusion::arrow::datatypes::Date32Type;
+        let key = MasterKey::from_bytes(&[3; 32]).unwrap_or_else(|e| panic!("{e}"));
+        let (order, _) = pseudonym_order(500, 7, &key).unwrap_or_else(|e| panic!("{e}"));
+        let base = ChaCha12Rng::seed_from_u64(7);
+        let one = Chunk::generate(&base, 7, 1, false, &order, &key);
+        let five = Chunk::generate(&base, 7, 5, true, &order, &key);
+        let five_without = Chunk::generate(&base, 7, 5, false, &order, &key);
+        assert_eq!(five.labs, five_without.labs);
+        assert_eq!(five_without.prescriptions.num_rows(), 0);
+        assert!(five.admissions.num_rows() > 3 * one.admissions.num_rows());
+        assert!(
+            five.prescriptions.num_rows() > 10 * 500,
+            "{}",
+            five.prescriptions.num_rows()
+        );
+        let dates = five.labs.column(1).as_primitive::<Date32Type>();
+        let (lo, hi) = (first_day(2020), first_day(2025));
+        assert!(dates.iter().flatten().all(|d| (lo..hi).contains(&d)));
+        assert!(dates.iter().flatten().any(|d| d < first_day(2021)));
     }
 }
