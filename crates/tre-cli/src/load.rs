@@ -5,6 +5,12 @@
 //! the small queries' Submit and of a control-plane call (Budget) in each
 //! phase (issue #11). Bounded: loopback only, a fixed number of clients, a
 //! fixed duration, and a disposable state directory.
+//!
+//! With `--throughput` (issue #13) it measures capacity instead: the small
+//! clients send distinct small queries (no stored release can answer them)
+//! for the phase, and one client then alternates the same kind of query
+//! through the gateway and through the release pipeline called in-process,
+//! to give the gateway's cost per query.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,6 +39,148 @@ pub struct LoadArgs {
     pub heavy_clients: usize,
     #[arg(long, default_value = ".tre/load")]
     pub dir: PathBuf,
+    /// Measure queries per second and the gateway's cost per query instead
+    /// (at most 20 s, so the phase fits the project's budget).
+    #[arg(long)]
+    pub throughput: bool,
+}
+
+/// The distinct small query number `k`: one table, a public key, a range
+/// of birth years. 125,000 distinct texts, so no two calls of a run share
+/// a plan hash.
+fn distinct_small(k: usize) -> String {
+    const KEYS: [&str; 5] = ["sex", "region", "age_band", "ethnicity", "imd_quintile"];
+    let key = KEYS[k % 5];
+    let k = k / 5;
+    let lo = 1920 + k % 100;
+    let k = k / 100;
+    let hi = 2024 - k % 50;
+    let imd = 1 + (k / 50) % 5;
+    format!(
+        "SELECT {key}, COUNT(*) AS n FROM patients \
+         WHERE year_of_birth >= {lo} AND year_of_birth <= {hi} AND imd_quintile >= {imd} \
+         GROUP BY {key}"
+    )
+}
+
+/// ε of each throughput query: the policy's floor, so the phase fits the
+/// budget.
+const THROUGHPUT_EPSILON: f64 = 0.01;
+/// The longest throughput phase: 20 s at 200 queries/s spends 40 ε.
+const THROUGHPUT_SECONDS: u64 = 20;
+/// Calls each way in the gateway-versus-in-process comparison.
+const OVERHEAD_CALLS: usize = 100;
+
+/// A client sending distinct small queries until `until`.
+async fn distinct_client(
+    url: String,
+    token: String,
+    client: usize,
+    clients: usize,
+    until: Instant,
+) -> Result<Latencies> {
+    let mut c = Client::connect(&url, &token).await?;
+    let mut submits = Latencies::default();
+    let mut k = client;
+    while Instant::now() < until {
+        let t = Instant::now();
+        let r = c
+            .query
+            .submit(light(distinct_small(k), THROUGHPUT_EPSILON))
+            .await;
+        submits.record(t, &r);
+        k += clients;
+    }
+    Ok(submits)
+}
+
+/// Queries per second from `args.small_clients` clients, then the
+/// gateway's cost per query against the pipeline in-process.
+async fn throughput(
+    args: &LoadArgs,
+    state: &tre_gateway::AppState,
+    url: &str,
+    token: &str,
+) -> Result<()> {
+    let seconds = args.seconds.min(THROUGHPUT_SECONDS);
+    let started = Instant::now();
+    let until = started + Duration::from_secs(seconds);
+    let clients: Vec<_> = (0..args.small_clients)
+        .map(|k| {
+            tokio::spawn(distinct_client(
+                url.to_owned(),
+                token.to_owned(),
+                k,
+                args.small_clients,
+                until,
+            ))
+        })
+        .collect();
+    let mut submits = Latencies::default();
+    for c in clients {
+        let l = c.await??;
+        submits.ok.extend(l.ok);
+        submits.failed += l.failed;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    println!(
+        "\n{} clients, distinct small queries for {seconds} s",
+        args.small_clients
+    );
+    println!("{}", submits.line("  small Submit"));
+    println!(
+        "  throughput: {:.0} released queries/s",
+        submits.ok.len() as f64 / elapsed
+    );
+
+    // One caller, alternating: the gateway, then the same pipeline the
+    // gateway calls, in this process (no transport, no authentication).
+    let mut c = Client::connect(url, token).await?;
+    let repeats = tre_release::Repeats::default();
+    let pipeline = tre_release::Pipeline {
+        engine: &state.engine,
+        store: &*state.store,
+        notary: &*state.notary,
+        repeats: &repeats,
+    };
+    let caller = tre_release::Caller {
+        who: tre_core::Principal {
+            user: UserId::new("lena")?,
+            role: Role::Researcher,
+        },
+        client: "in-process".into(),
+        action: "query.submit",
+    };
+    let project = state.store.project(&tre_core::ProjectId::new("light")?)?;
+    let (mut gateway, mut in_process) = (Latencies::default(), Latencies::default());
+    for i in 0..OVERHEAD_CALLS {
+        let k = 100_000 + 2 * i;
+        let t = Instant::now();
+        let r = c
+            .query
+            .submit(light(distinct_small(k), THROUGHPUT_EPSILON))
+            .await;
+        gateway.record(t, &r);
+        let query = tre_release::Query {
+            sql: distinct_small(k + 1),
+            epsilon: Some(THROUGHPUT_EPSILON),
+            delta: None,
+            totals: false,
+        };
+        let t = Instant::now();
+        let r = pipeline.submit(&caller, &project, &query).await;
+        in_process.record(t, &r);
+    }
+    println!("\none client, {OVERHEAD_CALLS} calls each way, alternating");
+    println!("{}", gateway.line("  through the gateway"));
+    println!("{}", in_process.line("  pipeline in-process"));
+    if let (Some(g), Some(p)) = (gateway.quantile(0.5), in_process.quantile(0.5)) {
+        println!(
+            "  gateway / in-process, p50: ×{:.2}",
+            g.as_secs_f64() / p.as_secs_f64()
+        );
+    }
+    Ok(())
 }
 
 /// A one-table count over a public key: what most researchers send.
@@ -55,7 +203,26 @@ struct Latencies {
     failed: usize,
 }
 
+/// A Submit of `sql` to the small clients' project.
+fn light(sql: String, epsilon: f64) -> pb::QueryRequest {
+    pb::QueryRequest {
+        project: "light".into(),
+        sql,
+        epsilon: Some(epsilon),
+        delta: None,
+        totals: false,
+    }
+}
+
 impl Latencies {
+    /// Count one call that started at `started`.
+    fn record<T, E>(&mut self, started: Instant, result: &Result<T, E>) {
+        match result {
+            Ok(_) => self.ok.push(started.elapsed()),
+            Err(_) => self.failed += 1,
+        }
+    }
+
     fn quantile(&self, q: f64) -> Option<Duration> {
         let mut v = self.ok.clone();
         v.sort();
@@ -91,18 +258,9 @@ async fn small_client(
         let t = Instant::now();
         let r = c
             .query
-            .submit(pb::QueryRequest {
-                project: "light".into(),
-                sql: SMALL_SQL.into(),
-                epsilon: Some(EPSILON + STEP * i as f64),
-                delta: None,
-                totals: false,
-            })
+            .submit(light(SMALL_SQL.into(), EPSILON + STEP * i as f64))
             .await;
-        match r {
-            Ok(_) => submits.ok.push(t.elapsed()),
-            Err(_) => submits.failed += 1,
-        }
+        submits.record(t, &r);
         let t = Instant::now();
         match c
             .query
@@ -246,7 +404,9 @@ pub async fn run(args: LoadArgs) -> Result<()> {
     }
     let mut serve = ServeArgs::local(state_dir, data, key_file, "127.0.0.1:0".parse()?);
     serve.projects = vec!["light=lena".into(), "heavy=hugo".into()];
-    serve.project_epsilon = Some(50.0);
+    // The throughput phase spends up to 42 ε (the policy's lifetime cap for
+    // the dataset is 100); the latency phases far less.
+    serve.project_epsilon = Some(if args.throughput { 90.0 } else { 50.0 });
     let state = Arc::new(setup::open_state(&serve)?);
     let (bound, stop, handle) =
         tre_gateway::spawn(Arc::clone(&state), "127.0.0.1:0".parse()?, None).await?;
@@ -269,6 +429,16 @@ pub async fn run(args: LoadArgs) -> Result<()> {
             totals: false,
         })
         .await)?;
+    if args.throughput {
+        println!(
+            "tre load --throughput · {} patients · gateway on {bound}",
+            args.patients
+        );
+        let result = throughput(&args, &state, &url, &tokens.0).await;
+        let _ = stop.send(());
+        let _ = handle.await;
+        return result;
+    }
     let length = Duration::from_secs(args.seconds);
     println!(
         "tre load · {} patients · gateway on {bound} · {} s per phase · {} small clients, {} heavy clients",
