@@ -44,6 +44,10 @@ pub struct BenchArgs {
     /// policies/nhs_epr_5y.toml).
     #[arg(long, default_value_t = 1)]
     pub years: u32,
+    /// Corpus files (`[[case]]` with `name`, `sql`, optional `epsilon` and
+    /// `delta`, as in tests/corpus/*.toml) whose compile times to report.
+    #[arg(long)]
+    pub corpus: Vec<PathBuf>,
     /// Run one side only and print its measurements as JSON (the parent
     /// runs each side in a process of its own).
     #[arg(long, value_enum, hide = true)]
@@ -54,6 +58,70 @@ pub struct BenchArgs {
 pub enum Side {
     Dp,
     Plain,
+}
+
+/// One corpus case: only what compiling it needs.
+#[derive(Deserialize)]
+struct CorpusCase {
+    name: String,
+    sql: String,
+    epsilon: Option<f64>,
+    delta: Option<f64>,
+}
+
+#[derive(Deserialize)]
+struct CorpusFile {
+    case: Vec<CorpusCase>,
+}
+
+/// Median compile time of every case of `files` that compiles (refusals
+/// are timed too: a refusal must be as quick), in this process.
+async fn corpus_compile_times(args: &BenchArgs, key_file: &Path, enc: &Path) -> Result<()> {
+    let policy = setup::load_policy(args.policy.as_deref())?;
+    let profile = setup::load_profile(None, &policy.sdc_profile)?;
+    let master = Arc::new(setup::master_key(key_file, false)?);
+    let engine = Engine::open(policy, profile, enc, master, Limits::default())?;
+    let mut times: Vec<(f64, String, bool)> = Vec::new();
+    for file in &args.corpus {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        let cases: CorpusFile =
+            toml::from_str(&text).with_context(|| format!("{} is not a corpus", file.display()))?;
+        for case in cases.case {
+            let accepted = match engine.budget(case.epsilon, case.delta) {
+                Ok(budget) => engine.compile(&case.sql, budget).await.is_ok(),
+                Err(_) => false,
+            };
+            let budget = engine.budget(case.epsilon.or(Some(0.5)), case.delta.or(Some(1e-6)));
+            let time = median(args.runs, || async {
+                if let Ok(budget) = budget {
+                    let _ = engine.compile(&case.sql, budget).await;
+                }
+                Ok(())
+            })
+            .await?;
+            times.push((time.as_secs_f64() * 1e3, case.name, accepted));
+        }
+    }
+    if times.is_empty() {
+        return Ok(());
+    }
+    times.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let accepted = times.iter().filter(|t| t.2).count();
+    let over = times.iter().filter(|t| t.0 >= 5.0).count();
+    let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize].0;
+    println!(
+        "  corpus compile ms ({} cases, {accepted} accepted): p50 {:.2}, p90 {:.2}, max {:.2} ({}); {over} at or over 5 ms",
+        times.len(),
+        at(0.5),
+        at(0.9),
+        at(1.0),
+        times.last().map_or("", |t| t.1.as_str())
+    );
+    for (ms, name, _) in times.iter().filter(|t| t.0 >= 5.0) {
+        println!("    {ms:6.2} ms  {name}");
+    }
+    Ok(())
 }
 
 /// What one side's process measured.
@@ -206,7 +274,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         "  ratio encrypted / plaintext:                           {:8.2}x",
         enc_scan / plain_scan
     );
-    Ok(())
+    corpus_compile_times(&args, &key_file, &enc).await
 }
 
 /// Run this binary as one side and read what it measured.
