@@ -262,6 +262,55 @@ pub struct KeySelection {
     delta: f64,
 }
 
+/// The largest threshold key selection searches.
+const MAX_THRESHOLD: i64 = 1 << 40;
+
+/// Where the smallest fitting threshold should be: the Laplace tail bound
+/// `g + scale · ln(g / δ)`. Only a starting point; OpenDP's map decides.
+fn threshold_guess(max_groups: u32, scale: f64, delta: Delta) -> i64 {
+    let g = f64::from(max_groups);
+    let t = (g + scale * (g / delta.value()).ln()).ceil();
+    if t.is_finite() && t >= 1.0 {
+        (t as i64).min(MAX_THRESHOLD)
+    } else {
+        1
+    }
+}
+
+/// The smallest threshold in `1..=MAX_THRESHOLD` that `fits`, which is
+/// monotone (delta falls as the threshold rises). Searches a bracket
+/// around `guess` first, about a dozen privacy maps instead of forty
+/// (each map costs hundreds of microseconds, issue #13); the answer is the
+/// same as a search of the whole range, because the bracket is used only
+/// when its ends show the answer lies inside it.
+fn smallest_threshold(
+    fits: &dyn Fn(i64) -> Result<bool, DpError>,
+    guess: i64,
+) -> Result<i64, DpError> {
+    let (mut lo, mut hi) = (1i64, MAX_THRESHOLD);
+    let (near_lo, near_hi) = (
+        (guess / 4).max(1),
+        guess.saturating_mul(4).min(MAX_THRESHOLD),
+    );
+    if fits(near_hi)? {
+        hi = near_hi;
+        if near_lo > 1 && !fits(near_lo - 1)? {
+            lo = near_lo;
+        }
+    } else if !fits(hi)? {
+        return Err(DpError::Mechanism("no threshold reaches this delta".into()));
+    }
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid)? {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    Ok(lo)
+}
+
 impl KeySelection {
     pub fn new(max_groups: u32, epsilon: Epsilon, delta: Delta) -> Result<Self, DpError> {
         if max_groups < 1 || delta.is_zero() {
@@ -276,19 +325,8 @@ impl KeySelection {
                 .map(&d_in)
                 .map_err(|e| DpError::Mechanism(e.to_string()))
         };
-        // Smallest threshold whose delta fits: delta falls as it rises.
-        let (mut lo, mut hi) = (1i64, 1i64 << 40);
-        if cost(hi)?.1 > delta.value() {
-            return Err(DpError::Mechanism("no threshold reaches this delta".into()));
-        }
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            if cost(mid)?.1 <= delta.value() {
-                hi = mid;
-            } else {
-                lo = mid + 1;
-            }
-        }
+        let fits = |t: i64| cost(t).map(|(_, d)| d <= delta.value());
+        let lo = smallest_threshold(&fits, threshold_guess(max_groups, scale, delta))?;
         let (eps, del) = cost(lo)?;
         if eps > epsilon.value() * (1.0 + 1e-9) || del > delta.value() {
             return Err(DpError::CostMismatch {

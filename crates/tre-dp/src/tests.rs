@@ -126,3 +126,46 @@ fn key_selection_meets_delta_and_keeps_large_keys() {
     }
     assert!(KeySelection::new(3, eps(0.5), Delta::ZERO).is_err());
 }
+
+/// Issue #13: the bracketed search finds the same threshold as a search of
+/// the whole range, for the guess OpenDP's map makes right, wrong low,
+/// wrong high and useless; the result is checked against the map itself.
+#[test]
+fn the_bracketed_threshold_search_matches_the_whole_range() {
+    let whole = |fits: &dyn Fn(i64) -> Result<bool, DpError>| {
+        let (mut lo, mut hi) = (1i64, MAX_THRESHOLD);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if fits(mid).unwrap_or_else(|e| panic!("{e}")) {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        lo
+    };
+    for (g, e, d) in [
+        (1u32, 0.1, 1e-6),
+        (3, 0.5, 1e-7),
+        (3, 2.0, 1e-9),
+        (20, 1.0, 1e-12),
+    ] {
+        let delta = Delta::new(d).unwrap_or_else(|e| panic!("{e}"));
+        let scale = f64::from(g) / e;
+        let d_in = (g, i64::from(g), 1i64);
+        let fits = |t: i64| -> Result<bool, DpError> {
+            threshold_measurement(scale, t)?
+                .map(&d_in)
+                .map(|(_, del)| del <= d)
+                .map_err(|e| DpError::Mechanism(e.to_string()))
+        };
+        let expected = whole(&fits);
+        let guess = threshold_guess(g, scale, delta);
+        for start in [guess, guess / 10, guess * 10, 1, MAX_THRESHOLD] {
+            let found = smallest_threshold(&fits, start).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(found, expected, "g={g} ε={e} δ={d} start={start}");
+        }
+        let ks = KeySelection::new(g, eps(e), delta).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(ks.threshold(), expected);
+    }
+}
