@@ -749,23 +749,13 @@ async fn five_years_of_history_are_served_under_their_policy() {
         layout.rows_dropped > 0,
         "some patients have more than 60 issues in five years"
     );
-    let profile = tre_sdc::Profile::from_toml("nhs_sde.toml", tre_e2e::NHS_SDE)
+    let engine = tre_e2e::engine_under(policy, &data, std::sync::Arc::clone(&f.master))
         .unwrap_or_else(|e| panic!("{e}"));
-    let engine = tre_query::Engine::open(
-        policy,
-        profile,
-        &data,
-        std::sync::Arc::clone(&f.master),
-        tre_query::Limits::default(),
+    let (plan, _) = tre_e2e::compiled(
+        &engine,
+        "SELECT drug, COUNT(*) AS issues FROM prescriptions WHERE issue_date < DATE '2021-01-01' GROUP BY drug",
     )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let budget = engine
-        .budget(Some(1.0), None)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let plan = engine
-        .compile("SELECT drug, COUNT(*) AS issues FROM prescriptions WHERE issue_date < DATE '2021-01-01' GROUP BY drug", budget)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    .await;
     let release = engine
         .execute(&plan)
         .await

@@ -101,22 +101,17 @@ pub fn read_extract(
     table: &str,
     master: &Arc<MasterKey>,
 ) -> Vec<datafusion::arrow::array::RecordBatch> {
-    use datafusion::parquet::arrow::arrow_reader::{
-        ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
-    };
     let dataset = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-    let file =
-        std::fs::File::open(dir.join(format!("{table}.parquet"))).unwrap_or_else(|e| panic!("{e}"));
-    let options = ArrowReaderOptions::new().with_file_decryption_properties(
-        master
-            .file_decryption(&tre_synth::file_id(dataset, table))
-            .unwrap_or_else(|e| panic!("{e}")),
-    );
-    ParquetRecordBatchReaderBuilder::try_new_with_options(file, options)
-        .and_then(|b| b.build())
-        .unwrap_or_else(|e| panic!("{e}"))
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap_or_else(|e| panic!("{e}"))
+    tre_extract::reader(
+        &dir.join(format!("{table}.parquet")),
+        &tre_synth::file_id(dataset, table),
+        master,
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+    .build()
+    .unwrap_or_else(|e| panic!("{e}"))
+    .collect::<Result<Vec<_>, _>>()
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The shipped policy's bound on `table`'s rows per patient, as the
@@ -199,9 +194,30 @@ pub fn engine_on(
     data: &std::path::Path,
     master: Arc<MasterKey>,
 ) -> Result<Engine, tre_query::QueryError> {
+    engine_under(policy(), data, master)
+}
+
+/// An engine serving `data` under `policy`, with the shipped profile.
+pub fn engine_under(
+    policy: Policy,
+    data: &std::path::Path,
+    master: Arc<MasterKey>,
+) -> Result<Engine, tre_query::QueryError> {
     let profile =
         Profile::from_toml("policies/sdc/nhs_sde.toml", NHS_SDE).unwrap_or_else(|e| panic!("{e}"));
-    Engine::open(policy(), profile, data, master, Limits::default())
+    Engine::open(policy, profile, data, master, Limits::default())
+}
+
+/// `sql` compiled at ε = 1 (no δ), with its budget; panics on a refusal.
+pub async fn compiled(engine: &Engine, sql: &str) -> (tre_query::PrivatePlan, tre_query::Budget) {
+    let budget = engine
+        .budget(Some(1.0), None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let plan = engine
+        .compile(sql, budget)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    (plan, budget)
 }
 
 pub struct Server {

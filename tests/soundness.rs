@@ -469,13 +469,7 @@ async fn every_private_scan_is_bounded() {
     let mut found = unbounded_scans(&engine, &raw);
     found.sort();
     assert_eq!(found, ["patients"]);
-    let budget = engine
-        .budget(Some(1.0), None)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let plan = engine
-        .compile(sql, budget)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (plan, _) = tre_e2e::compiled(&engine, sql).await;
     assert!(unbounded_scans(&engine, executed_plan(&plan)).is_empty());
 }
 
@@ -493,28 +487,14 @@ async fn a_policy_tighter_than_the_extract_is_bounded_per_query() {
     assert_ne!(tight_text, tre_e2e::POLICY, "the lab results bound is 6");
     let tight_policy =
         tre_policy::Policy::from_toml("tight.toml", &tight_text).unwrap_or_else(|e| panic!("{e}"));
-    let profile = tre_sdc::Profile::from_toml("nhs_sde.toml", tre_e2e::NHS_SDE)
+    let tight = tre_e2e::engine_under(tight_policy, &fixture().data, Arc::clone(&master))
         .unwrap_or_else(|e| panic!("{e}"));
-    let tight = tre_query::Engine::open(
-        tight_policy,
-        profile,
-        &fixture().data,
-        Arc::clone(&master),
-        tre_query::Limits::default(),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
     let normal = engine_with(master).unwrap_or_else(|e| panic!("{e}"));
     let sql =
         "SELECT COUNT(*) AS n FROM lab_results l JOIN patients p ON l.person_id = p.person_id";
     let mut rows = Vec::new();
     for engine in [&tight, &normal] {
-        let budget = engine
-            .budget(Some(1.0), None)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let plan = engine
-            .compile(sql, budget)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let (plan, budget) = tre_e2e::compiled(engine, sql).await;
         let executed = executed_plan(&plan);
         assert!(unbounded_scans(engine, executed).is_empty());
         let mut windows = 0;
@@ -592,15 +572,9 @@ async fn opt_outs_an_extract_still_holds_are_filtered_per_query() {
         tre_e2e::write_extract(&data, "admissions", &f.master, &batches);
         let engine =
             tre_e2e::engine_on(&data, Arc::clone(&f.master)).unwrap_or_else(|e| panic!("{e}"));
-        let budget = engine
-            .budget(Some(1.0), None)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let (plan, budget) = tre_e2e::compiled(&engine, sql).await;
         let exact = engine
             .exact(sql, budget, &[])
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let plan = engine
-            .compile(sql, budget)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let shown = format!(

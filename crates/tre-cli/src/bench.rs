@@ -15,7 +15,6 @@
 //! two sides one after the other and prints the table (issue #13).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -24,7 +23,7 @@ use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use serde::{Deserialize, Serialize};
 use tre_core::{Delta, Epsilon};
-use tre_query::{Budget, Engine, Limits};
+use tre_query::Budget;
 
 use crate::setup::{self, GenerateArgs};
 
@@ -77,10 +76,7 @@ struct CorpusFile {
 /// Median compile time of every case of `files` that compiles (refusals
 /// are timed too: a refusal must be as quick), in this process.
 async fn corpus_compile_times(args: &BenchArgs, key_file: &Path, enc: &Path) -> Result<()> {
-    let policy = setup::load_policy(args.policy.as_deref())?;
-    let profile = setup::load_profile(None, &policy.sdc_profile)?;
-    let master = Arc::new(setup::master_key(key_file, false)?);
-    let engine = Engine::open(policy, profile, enc, master, Limits::default())?;
+    let engine = setup::open_engine(args.policy.as_deref(), None, enc, key_file)?;
     let mut times: Vec<(f64, String, bool)> = Vec::new();
     for file in &args.corpus {
         let text = std::fs::read_to_string(file)
@@ -316,10 +312,7 @@ async fn measure(
     enc: &Path,
     plain: &Path,
 ) -> Result<Measured> {
-    let policy = setup::load_policy(args.policy.as_deref())?;
-    let profile = setup::load_profile(None, &policy.sdc_profile)?;
-    let master = Arc::new(setup::master_key(key_file, false)?);
-    let engine = Engine::open(policy, profile, enc, master, Limits::default())?;
+    let engine = setup::open_engine(args.policy.as_deref(), None, enc, key_file)?;
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let mut queries = Vec::new();
     for (title, sql, epsilon) in suite() {

@@ -250,14 +250,37 @@ pub fn load_profile(dir: Option<&Path>, name: &str) -> Result<Profile> {
     }
 }
 
+/// The engine over the extracts in `data`, under the policy at `policy`
+/// (or the embedded one) and its disclosure profile from `sdc_dir` (or the
+/// embedded ones).
+pub fn open_engine(
+    policy: Option<&Path>,
+    sdc_dir: Option<&Path>,
+    data: &Path,
+    key_file: &Path,
+) -> Result<Engine> {
+    let policy = load_policy(policy)?;
+    let profile = load_profile(sdc_dir, &policy.sdc_profile)?;
+    let master = Arc::new(master_key(key_file, false)?);
+    Ok(Engine::open(
+        policy,
+        profile,
+        data,
+        master,
+        Limits::default(),
+    )?)
+}
+
 /// Open everything the gateway needs, failing with the precise reason.
 pub fn open_state(args: &ServeArgs) -> Result<AppState> {
-    let policy = load_policy(args.policy.as_deref())?;
-    let profile = load_profile(args.sdc_dir.as_deref(), &policy.sdc_profile)?;
-    let master = Arc::new(master_key(&args.key_file, false)?);
     std::fs::create_dir_all(&args.state)
         .with_context(|| format!("cannot create {}", args.state.display()))?;
-    let engine = Engine::open(policy, profile, &args.data, master, Limits::default())?;
+    let engine = open_engine(
+        args.policy.as_deref(),
+        args.sdc_dir.as_deref(),
+        &args.data,
+        &args.key_file,
+    )?;
     let notary: Arc<dyn tre_store::Notary> = Arc::new(AuditNotary::load_or_create(&args.state)?);
     let store = SqliteStore::open(
         &args.state.join("tre.db"),

@@ -434,10 +434,7 @@ pub fn open(path: &Path, file_id: &str, master: &Arc<MasterKey>) -> Result<Opene
     if &magic != ENCRYPTED_FOOTER_MAGIC {
         return Err(ExtractError::NotEncrypted { file: shown });
     }
-    let options =
-        ArrowReaderOptions::new().with_file_decryption_properties(master.file_decryption(file_id)?);
-    let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(file, options)
-        .map_err(|e| tre_vault::classify_open_error(&shown, &e))?;
+    let builder = decrypting(file, &shown, file_id, master)?;
     let layout = builder
         .metadata()
         .file_metadata()
@@ -454,6 +451,37 @@ pub fn open(path: &Path, file_id: &str, master: &Arc<MasterKey>) -> Result<Opene
         return Err(ExtractError::NoLayout { file: shown });
     }
     Ok(Opened { schema, layout })
+}
+
+/// A reader of the encrypted extract at `path`, whose identity is
+/// `file_id`: for reading an extract `open` has accepted (the sandbox
+/// reads the opt-outs through it).
+pub fn reader(
+    path: &Path,
+    file_id: &str,
+    master: &Arc<MasterKey>,
+) -> Result<ParquetRecordBatchReaderBuilder<File>, ExtractError> {
+    let shown = path.display().to_string();
+    let file = File::open(path).map_err(|e| {
+        ExtractError::Vault(tre_vault::VaultError::Unreadable {
+            file: shown.clone(),
+            reason: e.to_string(),
+        })
+    })?;
+    decrypting(file, &shown, file_id, master)
+}
+
+/// `file`, decrypted with the data key `master` unwraps for `file_id`.
+fn decrypting(
+    file: File,
+    shown: &str,
+    file_id: &str,
+    master: &Arc<MasterKey>,
+) -> Result<ParquetRecordBatchReaderBuilder<File>, ExtractError> {
+    let options =
+        ArrowReaderOptions::new().with_file_decryption_properties(master.file_decryption(file_id)?);
+    ParquetRecordBatchReaderBuilder::try_new_with_options(file, options)
+        .map_err(|e| ExtractError::Vault(tre_vault::classify_open_error(shown, &e)))
 }
 
 #[cfg(test)]

@@ -98,6 +98,13 @@ pub struct ColumnRef {
     pub column: String,
 }
 
+/// `table.column`, as the policy file writes it.
+impl std::fmt::Display for ColumnRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.table, self.column)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BudgetPolicy {
     /// The least epsilon one query may spend, so that probing costs

@@ -405,9 +405,8 @@ impl Engine {
     /// `excluded` patients (tests only) left out.
     fn extracts(&self, excluded: Vec<String>) -> compile::Extracts {
         compile::Extracts {
-            bounded_at_write: self.sandbox.bounded_at_write().clone(),
-            opt_outs_removed: self.sandbox.opt_outs_removed().clone(),
             excluded,
+            ..self.sandbox.extracts().clone()
         }
     }
 

@@ -4,7 +4,6 @@
 //! memory cap.
 
 use std::collections::BTreeSet;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -26,13 +25,13 @@ use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::object_store::path::Path as ObjectPath;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use parquet::arrow::ProjectionMask;
-use parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
 use parquet::encryption::decrypt::FileDecryptionProperties;
 use parquet::encryption::encrypt::FileEncryptionProperties;
 use tre_core::Code;
 use tre_policy::{ColumnClass, Policy};
 use tre_vault::MasterKey;
 
+use crate::compile::Extracts;
 use crate::reference::RefTables;
 use crate::udf::OptedOut;
 use crate::{Limits, QueryError};
@@ -51,8 +50,7 @@ pub(crate) struct Sandbox {
     target_partitions: usize,
     /// Test hook: a seed makes the bounding sampler a function of the row.
     deterministic_seed: Option<u64>,
-    bounded_at_write: BTreeSet<String>,
-    opt_outs_removed: BTreeSet<String>,
+    extracts: Extracts,
     opted_out: OptedOut,
 }
 
@@ -122,10 +120,7 @@ impl Sandbox {
         };
         // A table needs no opt-out filter when nobody opted out, or when
         // its writer removed exactly the opt-outs read here (issue #13).
-        let source = policy
-            .opt_out
-            .as_ref()
-            .map(|o| format!("{}.{}", o.table, o.column));
+        let source = policy.opt_out.as_ref().map(ToString::to_string);
         let digest = tre_extract::opt_out_digest(opted_out.0.iter().map(String::as_str));
         let opt_outs_removed = layouts
             .into_iter()
@@ -147,22 +142,18 @@ impl Sandbox {
             reference,
             target_partitions: limits.target_partitions,
             deterministic_seed: None,
-            bounded_at_write,
-            opt_outs_removed,
+            extracts: Extracts {
+                bounded_at_write,
+                opt_outs_removed,
+                excluded: Vec::new(),
+            },
             opted_out,
         })
     }
 
-    /// Tables that hold no opted-out patient's rows: nobody opted out, or
-    /// the writer removed exactly the opt-outs the sandbox read.
-    pub(crate) fn opt_outs_removed(&self) -> &BTreeSet<String> {
-        &self.opt_outs_removed
-    }
-
-    /// Tables whose rows per patient were bounded when written, within
-    /// the policy's bound.
-    pub(crate) fn bounded_at_write(&self) -> &BTreeSet<String> {
-        &self.bounded_at_write
+    /// What start-up learned about the extracts, for the compiler.
+    pub(crate) fn extracts(&self) -> &Extracts {
+        &self.extracts
     }
 
     #[cfg(feature = "soundness-testing")]
@@ -259,11 +250,7 @@ fn read_opted_out(
         code: Code::ExtractUnreadable,
         message: format!("opt-outs from {shown}: {e}"),
     };
-    let file = File::open(path).map_err(|e| unreadable(&e))?;
-    let options =
-        ArrowReaderOptions::new().with_file_decryption_properties(master.file_decryption(file_id)?);
-    let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(file, options)
-        .map_err(|e| tre_vault::classify_open_error(&shown, &e))?;
+    let builder = tre_extract::reader(path, file_id, master)?;
     let mask = ProjectionMask::columns(builder.parquet_schema(), [unit, flag]);
     let reader = builder
         .with_projection(mask)

@@ -197,7 +197,7 @@ impl Spec {
             remove_opt_outs: policy
                 .opt_out
                 .as_ref()
-                .is_some_and(|o| format!("{}.{}", o.table, o.column) == OPT_OUT_COLUMN),
+                .is_some_and(|o| o.to_string() == OPT_OUT_COLUMN),
             years,
         }
     }

@@ -11,8 +11,7 @@ pub(super) fn describe(
     let mut d = Vec::new();
     if let Some(o) = &policy.opt_out {
         d.push(format!(
-            "remove patients who opted out ({}.{} = true) from every table, before anything else",
-            o.table, o.column
+            "remove patients who opted out ({o} = true) from every table, before anything else"
         ));
     }
     d.extend(analyzer.private_scans.iter().cloned());
