@@ -12,9 +12,12 @@
 use std::collections::HashMap;
 
 use opendp::domains::{AtomDomain, MapDomain, VectorDomain};
-use opendp::measurements::{make_laplace, make_laplace_threshold, make_private_quantile};
+use opendp::measurements::{
+    make_laplace, make_laplace_threshold, make_noisy_max, make_private_quantile,
+};
 use opendp::measures::{Approximate, MaxDivergence};
-use opendp::metrics::{AbsoluteDistance, L01InfDistance, SymmetricDistance};
+use opendp::metrics::{AbsoluteDistance, L01InfDistance, LInfDistance, SymmetricDistance};
+use opendp::transformations::make_quantile_score_candidates;
 use tre_core::{Code, Delta, Epsilon};
 
 /// Errors from the mechanisms. They are internal by nature: a well-formed
@@ -145,6 +148,9 @@ pub struct Quantile {
     buckets: i64,
     max_rows: u32,
     scale: f64,
+    /// OpenDP's integer form of `alpha`, `num / den` (see `score_fraction`).
+    alpha_num: u64,
+    alpha_den: u64,
     epsilon: f64,
 }
 
@@ -174,11 +180,14 @@ impl Quantile {
                 actual,
             });
         }
+        let (alpha_num, alpha_den) = score_fraction(alpha)?;
         Ok(Self {
             alpha,
             buckets,
             max_rows,
             scale,
+            alpha_num,
+            alpha_den,
             epsilon: actual,
         })
     }
@@ -206,15 +215,67 @@ impl Quantile {
     }
 
     /// Release one bucket index from a histogram of `(bucket, count)`.
+    ///
+    /// This is `make_private_quantile` taken apart at its seam: OpenDP's
+    /// chain scores every candidate from the expanded rows (O(rows · log
+    /// buckets), and a vector of every row — hundreds of megabytes for a
+    /// median over ten million patients, issue #13), then releases the
+    /// arg-min by report-noisy-max. The scores depend on the data only
+    /// through the cumulative counts below and above each candidate, which
+    /// the histogram holds, so they are computed here from it, by OpenDP's
+    /// formula and constants, and handed to OpenDP's `make_noisy_max` at
+    /// the scale `make_private_quantile` would use. The privacy map stays
+    /// the whole chain's (`new`), and `tests` checks these scores against
+    /// OpenDP's `make_quantile_score_candidates` on the expanded rows.
     pub fn release(&self, histogram: &[(i64, u64)]) -> Result<i64, DpError> {
-        let total: u64 = histogram.iter().map(|(_, c)| *c).sum();
-        let mut data = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
-        for (b, c) in histogram {
-            data.extend(std::iter::repeat_n(*b, usize::try_from(*c).unwrap_or(0)));
+        let scores = self.scores(histogram)?;
+        let noisy_max = make_noisy_max(
+            VectorDomain::new(AtomDomain::<u64>::default()).with_size(scores.len()),
+            LInfDistance::<u64>::default(),
+            MaxDivergence,
+            self.scale * self.alpha_den as f64,
+            true,
+        )
+        .map_err(|e| DpError::Mechanism(e.to_string()))?;
+        let index = noisy_max
+            .invoke(&scores)
+            .map_err(|e| DpError::Mechanism(e.to_string()))?;
+        i64::try_from(index).map_err(|e| DpError::Mechanism(e.to_string()))
+    }
+
+    /// OpenDP's quantile score of each candidate bucket `0..=buckets`
+    /// (lower is better): `|(den − num) · #(x < c) − num · #(x > c)|`, with
+    /// both counts capped at the unknown-size limit `u64::MAX / den`.
+    /// Buckets outside the candidates count below or above them all, as
+    /// they would in OpenDP.
+    pub fn scores(&self, histogram: &[(i64, u64)]) -> Result<Vec<u64>, DpError> {
+        let overflow = || DpError::Mechanism("quantile histogram count overflows".into());
+        let candidates = usize::try_from(self.buckets)
+            .ok()
+            .and_then(|b| b.checked_add(1))
+            .ok_or_else(overflow)?;
+        let mut at = vec![0u64; candidates];
+        let (mut below, mut total) = (0u64, 0u64);
+        for &(bucket, count) in histogram {
+            total = total.checked_add(count).ok_or_else(overflow)?;
+            match usize::try_from(bucket) {
+                Ok(b) if b < candidates => at[b] = at[b].checked_add(count).ok_or_else(overflow)?,
+                _ if bucket < 0 => below = below.checked_add(count).ok_or_else(overflow)?,
+                _ => {}
+            }
         }
-        quantile_measurement(self.buckets, self.alpha, self.scale)?
-            .invoke(&data)
-            .map_err(|e| DpError::Mechanism(e.to_string()))
+        let size_limit = u64::MAX / self.alpha_den;
+        let (num, den) = (self.alpha_num, self.alpha_den);
+        let mut lt = below;
+        let mut scores = Vec::with_capacity(candidates);
+        for count in at {
+            let le = lt + count;
+            let gt = total - le;
+            let (lt_lim, gt_lim) = (lt.min(size_limit), gt.min(size_limit));
+            scores.push(((den - num) * lt_lim).abs_diff(num * gt_lim));
+            lt = le;
+        }
+        Ok(scores)
     }
 
     /// Rank error `r` such that the released value's rank is within `r` of
@@ -226,6 +287,30 @@ impl Quantile {
         let c = (self.buckets + 1) as f64;
         self.scale * (c / alpha).ln()
     }
+}
+
+/// OpenDP's integer fraction `(num, den)` for `alpha` in the quantile
+/// score, for inputs of unknown size. Read from OpenDP's own score
+/// transformation rather than recomputed, so `Quantile::scores` cannot
+/// drift from the chain whose privacy map it is charged by: with
+/// candidates `[0, 1]`, the row `[1]` scores candidate 0 at `num · 1`, and
+/// the row `[0]` scores candidate 1 at `(den − num) · 1`.
+fn score_fraction(alpha: f64) -> Result<(u64, u64), DpError> {
+    let mechanism = |e: opendp::error::Error| DpError::Mechanism(e.to_string());
+    let t = make_quantile_score_candidates(
+        VectorDomain::new(AtomDomain::<i64>::default()),
+        SymmetricDistance,
+        vec![0i64, 1],
+        alpha,
+    )
+    .map_err(mechanism)?;
+    let num = t.invoke(&vec![1]).map_err(mechanism)?[0];
+    let rest = t.invoke(&vec![0]).map_err(mechanism)?[1];
+    let den = num
+        .checked_add(rest)
+        .filter(|d| *d > 0)
+        .ok_or_else(|| DpError::Mechanism("quantile fraction out of range".into()))?;
+    Ok((num, den))
 }
 
 type ThresholdMeasurement = opendp::core::Measurement<
