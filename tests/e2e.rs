@@ -763,6 +763,42 @@ async fn five_years_of_history_are_served_under_their_policy() {
     assert_eq!(release.rows.len(), 6, "one row per drug");
 }
 
+/// Issue #13: execution runs the physical plans the compile-time preflight
+/// made and checked, each once (a plan holds execution state, such as a
+/// hash join's build side), instead of planning every plan twice. The
+/// aggregate and the median's histogram are held after compiling and gone
+/// after executing; a copy of the plan executed again is planned afresh and
+/// releases the same cells.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn execution_runs_the_preflighted_plans_once() {
+    use tre_query::soundness::prepared_plans;
+    let f = fixture();
+    let engine = tre_e2e::engine_with(std::sync::Arc::clone(&f.master))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (plan, _) = tre_e2e::compiled(
+        &engine,
+        "SELECT specialty, MEDIAN(rtt_weeks) AS weeks, COUNT(*) AS n FROM waiting_list GROUP BY specialty",
+    )
+    .await;
+    assert_eq!(prepared_plans(&plan), 2);
+    let again = plan.clone();
+    let first = engine
+        .execute(&plan)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(prepared_plans(&plan), 0);
+    assert_eq!(prepared_plans(&again), 0, "copies share one set of plans");
+    let second = engine
+        .execute(&again)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let keys = |r: &tre_query::Release| -> Vec<String> {
+        r.rows.iter().map(|row| format!("{:?}", row[0])).collect()
+    };
+    assert_eq!(first.rows.len(), 7, "one row per specialty");
+    assert_eq!(keys(&first), keys(&second));
+}
+
 /// Issue #13: the server serves only extracts tre's writer wrote. A
 /// plaintext file, or an encrypted one written around the writer (so with
 /// no layout, and no checked order), stops start-up with `TRE-V004`.

@@ -555,6 +555,12 @@ pub mod soundness {
         compile::unbounded_scans_of(&engine.policy, &engine.extracts(Vec::new()), plan)
     }
 
+    /// How many of the preflight's physical plans `plan` still holds for
+    /// execution (issue #13).
+    pub fn prepared_plans(plan: &PrivatePlan) -> usize {
+        plan.prepared.held()
+    }
+
     /// The aggregate a private plan executes (over bounded scans).
     pub fn executed_plan(plan: &PrivatePlan) -> &datafusion::logical_expr::LogicalPlan {
         &plan.main

@@ -32,13 +32,14 @@ mod verify;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use datafusion::arrow::datatypes::DataType;
 use datafusion::catalog::TableProvider;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{Column, DFSchemaRef, ScalarValue};
 use datafusion::datasource::provider_as_source;
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::functions_aggregate::expr_fn::{count, count_distinct};
 use datafusion::functions_window::expr_fn::{dense_rank, row_number};
 use datafusion::logical_expr::{
@@ -250,6 +251,46 @@ pub struct PrivatePlan {
     /// The privacy unit in the aggregated relation, for rules on exact
     /// per-patient contributions (opt-in per profile).
     pub(crate) unit: Option<Column>,
+    /// The physical plans the preflight made, for execution to use.
+    pub(crate) prepared: Prepared,
+}
+
+/// Physical plans made at compile time (`execute::preflight`), each handed
+/// out at most once. Executing the very plan the preflight checked saves
+/// planning every plan twice (most of a small query's fixed cost, issue
+/// #13) and leaves nothing to differ between the two. A plan is taken, not
+/// borrowed, because DataFusion's physical plans hold execution state (a
+/// hash join's build side, dynamic filters) and are not meant to run twice;
+/// a clone of a `PrivatePlan` executed again, or a plan whose preparation
+/// was skipped, is planned afresh.
+#[derive(Clone, Default)]
+pub(crate) struct Prepared(Arc<Mutex<Vec<PreparedPlan>>>);
+
+type PreparedPlan = (LogicalPlan, Arc<dyn ExecutionPlan>);
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Prepared({} physical plans)", self.held())
+    }
+}
+
+impl Prepared {
+    pub(crate) fn held(&self) -> usize {
+        self.0.lock().map_or(0, |p| p.len())
+    }
+
+    pub(crate) fn put(&self, logical: LogicalPlan, physical: Arc<dyn ExecutionPlan>) {
+        if let Ok(mut held) = self.0.lock() {
+            held.push((logical, physical));
+        }
+    }
+
+    /// The physical plan prepared for `logical`, if one is still held.
+    pub(crate) fn take(&self, logical: &LogicalPlan) -> Option<Arc<dyn ExecutionPlan>> {
+        let mut held = self.0.lock().ok()?;
+        let at = held.iter().position(|(l, _)| l == logical)?;
+        Some(held.swap_remove(at).1)
+    }
 }
 
 /// Tables with totals stay small enough for secondary suppression.
@@ -619,6 +660,7 @@ pub(crate) async fn compile(
         row_work,
         totals: false,
         unit: unit_col.clone(),
+        prepared: Prepared::default(),
     };
     verify(
         &plan,

@@ -11,14 +11,22 @@ pub(super) fn exec_err(e: datafusion::error::DataFusionError) -> QueryError {
     }
 }
 
+/// Run `plan`: the physical plan the preflight prepared for it, if
+/// `prepared` still holds one, else a fresh one.
 pub(super) async fn collect(
     ctx: &SessionContext,
+    prepared: &Prepared,
     plan: &LogicalPlan,
 ) -> Result<Vec<RecordBatch>, QueryError> {
-    ctx.execute_logical_plan(plan.clone())
-        .await
-        .map_err(exec_err)?
-        .collect()
+    let physical = match prepared.take(plan) {
+        Some(physical) => physical,
+        None => ctx
+            .state()
+            .create_physical_plan(plan)
+            .await
+            .map_err(exec_err)?,
+    };
+    datafusion::physical_plan::collect(physical, ctx.task_ctx())
         .await
         .map_err(exec_err)
 }
@@ -98,7 +106,7 @@ pub(super) async fn exact_with(
     let mut selection = None;
     if let Some(s) = &plan.selection {
         let mut counts = HashMap::new();
-        for b in collect(ctx, &s.plan).await? {
+        for b in collect(ctx, &plan.prepared, &s.plan).await? {
             for r in 0..b.num_rows() {
                 let key = key_of(&b, s.keys.len(), r)?;
                 if key.iter().any(ScalarValue::is_null) {
@@ -126,7 +134,7 @@ pub(super) async fn exact_with(
             }
         }
         None => {
-            for b in collect(ctx, &plan.main).await? {
+            for b in collect(ctx, &plan.prepared, &plan.main).await? {
                 for r in 0..b.num_rows() {
                     let key = key_of(&b, n_keys, r)?;
                     if !releasable(&key) {
@@ -143,7 +151,7 @@ pub(super) async fn exact_with(
     let mut histograms = Vec::new();
     for (m, p) in &plan.quantiles {
         let mut h: Histogram = HashMap::new();
-        for b in collect(ctx, p).await? {
+        for b in collect(ctx, &plan.prepared, p).await? {
             for r in 0..b.num_rows() {
                 let bucket = b.column(n_keys);
                 if bucket.is_null(r) {
@@ -176,7 +184,7 @@ pub(super) async fn per_patient(
     let facts = per_patient_plan(plan)?;
     let n_keys = plan.keys.len();
     let mut per_cell: PerPatient = HashMap::new();
-    for b in collect(ctx, &facts).await? {
+    for b in collect(ctx, &plan.prepared, &facts).await? {
         for r in 0..b.num_rows() {
             let key = key_of(&b, n_keys, r)?;
             let values = (n_keys + 1..b.num_columns())
@@ -213,18 +221,21 @@ pub(crate) async fn preflight(
     plan: &PrivatePlan,
     profile_exact_rules: bool,
 ) -> Result<(), QueryError> {
-    let mut plans: Vec<LogicalPlan> = vec![plan.main.clone()];
-    plans.extend(plan.quantiles.iter().map(|(_, p)| p.clone()));
-    plans.extend(plan.selection.iter().map(|s| s.plan.clone()));
+    // The plans execution runs as compiled are kept for it (`Prepared`);
+    // the post-processing plan is planned here over no cells and again at
+    // execution over the noisy ones.
+    let mut plans: Vec<(LogicalPlan, bool)> = vec![(plan.main.clone(), true)];
+    plans.extend(plan.quantiles.iter().map(|(_, p)| (p.clone(), true)));
+    plans.extend(plan.selection.iter().map(|s| (s.plan.clone(), true)));
     if !plan.totals {
-        plans.push(post_plan(plan, &[], &[])?);
+        plans.push((post_plan(plan, &[], &[])?, false));
     }
     if profile_exact_rules && plan.unit.is_some() {
-        plans.push(per_patient_plan(plan)?);
+        plans.push((per_patient_plan(plan)?, true));
     }
     let state = ctx.state();
-    for p in &plans {
-        state.create_physical_plan(p).await.map_err(|e| {
+    for (p, keep) in plans {
+        let physical = state.create_physical_plan(&p).await.map_err(|e| {
             let msg = e.to_string();
             // A physical-plan dump names server paths and says nothing a
             // researcher can act on: keep only short reasons.
@@ -238,6 +249,9 @@ pub(crate) async fn preflight(
                 format!("the query cannot be planned: {reason}; simplify the expression"),
             )
         })?;
+        if keep {
+            plan.prepared.put(p, physical);
+        }
     }
     Ok(())
 }

@@ -21,7 +21,7 @@ use tre_dp::CONFIDENCE;
 use tre_sdc::Profile;
 
 use crate::QueryError;
-use crate::compile::{Mechanism, Noisy as NoisyCells, PrivatePlan, value_cell};
+use crate::compile::{Mechanism, Noisy as NoisyCells, Prepared, PrivatePlan, value_cell};
 use crate::release::{Cell, Release};
 
 const CELL_ID: &str = "__tre_cell";
