@@ -766,21 +766,21 @@ async fn five_years_of_history_are_served_under_their_policy() {
 /// Issue #13: execution runs the physical plans the compile-time preflight
 /// made and checked, each once (a plan holds execution state, such as a
 /// hash join's build side), instead of planning every plan twice. The
-/// aggregate and the median's histogram are held after compiling and gone
-/// after executing; a copy of the plan executed again is planned afresh and
+/// median's histogram plan, which also computes the counts (the fused
+/// plan), is held after compiling and gone after executing; a copy of the plan executed again is planned afresh and
 /// releases the same cells.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn execution_runs_the_preflighted_plans_once() {
     use tre_query::soundness::prepared_plans;
     let f = fixture();
-    let engine = tre_e2e::engine_with(std::sync::Arc::clone(&f.master))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let engine =
+        tre_e2e::engine_with(std::sync::Arc::clone(&f.master)).unwrap_or_else(|e| panic!("{e}"));
     let (plan, _) = tre_e2e::compiled(
         &engine,
         "SELECT specialty, MEDIAN(rtt_weeks) AS weeks, COUNT(*) AS n FROM waiting_list GROUP BY specialty",
     )
     .await;
-    assert_eq!(prepared_plans(&plan), 2);
+    assert_eq!(prepared_plans(&plan), 1);
     let again = plan.clone();
     let first = engine
         .execute(&plan)
@@ -797,6 +797,54 @@ async fn execution_runs_the_preflighted_plans_once() {
     };
     assert_eq!(first.rows.len(), 7, "one row per specialty");
     assert_eq!(keys(&first), keys(&second));
+}
+
+/// Issue #13: a query with a quantile reads its input once. The first
+/// histogram plan also computes the Laplace measurements per bucket (the
+/// NULL bucket included) and execution sums them; the exact values must be
+/// those of the same measurements computed alone, cell by cell, and the
+/// histogram must hold every non-NULL value once. Deterministic bounding,
+/// so both queries see the same rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quantile_and_its_counts_are_read_in_one_pass() {
+    let f = fixture();
+    let mut engine =
+        tre_e2e::engine_with(std::sync::Arc::clone(&f.master)).unwrap_or_else(|e| panic!("{e}"));
+    engine.set_deterministic_bounding(Some(13));
+    let budget = engine
+        .budget(Some(1.0), None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let measures = "COUNT(rtt_weeks) AS c, COUNT(*) AS n, SUM(rtt_weeks) AS s";
+    let fused = engine
+        .exact(
+            &format!("SELECT specialty, MEDIAN(rtt_weeks) AS m, {measures} FROM waiting_list GROUP BY specialty"),
+            budget,
+            &[],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let alone = engine
+        .exact(
+            &format!("SELECT specialty, {measures} FROM waiting_list GROUP BY specialty"),
+            budget,
+            &[],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(fused.laplace.len(), 7, "one cell per specialty");
+    // The median brings its own count of values first, then the rest.
+    let rest: std::collections::HashMap<String, Vec<i64>> = fused
+        .laplace
+        .iter()
+        .map(|(cell, v)| (cell.clone(), v[1..].to_vec()))
+        .collect();
+    assert_eq!(rest, alone.laplace);
+    for (cell, values) in &fused.laplace {
+        let in_histogram: u64 = fused.histograms[0]
+            .get(cell)
+            .map_or(0, |h| h.iter().map(|(_, n)| n).sum());
+        assert_eq!(in_histogram as i64, values[0], "{cell}");
+    }
 }
 
 /// Issue #13: the server serves only extracts tre's writer wrote. A

@@ -39,12 +39,12 @@ use datafusion::catalog::TableProvider;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{Column, DFSchemaRef, ScalarValue};
 use datafusion::datasource::provider_as_source;
-use datafusion::physical_plan::ExecutionPlan;
 use datafusion::functions_aggregate::expr_fn::{count, count_distinct};
 use datafusion::functions_window::expr_fn::{dense_rank, row_number};
 use datafusion::logical_expr::{
     Aggregate, Expr, ExprFunctionExt, LogicalPlan, LogicalPlanBuilder, lit, when,
 };
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SessionContext, col};
 use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
@@ -128,6 +128,13 @@ pub enum Measure {
 }
 
 impl Measure {
+    /// A sum over rows (a count is a sum of ones), so its value over a
+    /// cell is the sum of its values over any partition of the cell's
+    /// rows. `COUNT(DISTINCT unit)` is not.
+    pub(crate) fn sums_rows(&self) -> bool {
+        !matches!(self, Measure::CountDistinctUnits | Measure::Quantile { .. })
+    }
+
     fn fixed_point(&self) -> bool {
         matches!(
             self,
@@ -229,8 +236,12 @@ pub struct PrivatePlan {
     pub(crate) plan_hash: String,
     /// Keys and Laplace measurements per cell.
     pub(crate) main: LogicalPlan,
-    /// Per quantile measurement: keys, bucket and row count.
+    /// Per quantile measurement: keys, bucket and row count; when `fused`,
+    /// the first also carries `main`'s measurements, per bucket.
     pub(crate) quantiles: Vec<(usize, LogicalPlan)>,
+    /// `main` is computed by summing the first histogram plan's extra
+    /// columns over its buckets, and is never run (see `rewrite`).
+    pub(crate) fused: bool,
     pub(crate) selection: Option<Selection>,
     pub(crate) keys: Vec<GroupKey>,
     pub(crate) measurements: Vec<Measurement>,
@@ -620,6 +631,7 @@ pub(crate) async fn compile(
     let rewrite::Rewritten {
         main,
         quantiles,
+        fused,
         selection,
     } = rewrite::Rewrite {
         ctx,
@@ -648,6 +660,7 @@ pub(crate) async fn compile(
         plan_hash,
         main,
         quantiles,
+        fused,
         selection,
         keys,
         measurements,

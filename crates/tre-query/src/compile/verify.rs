@@ -69,6 +69,27 @@ pub(super) fn verify(
     if plan.quantiles.len() + laplace != n {
         return bug("every quantile needs its own histogram plan".into());
     }
+    // A fused histogram plan computes exactly `main`'s measurements over the
+    // same input, per bucket, and only sums over rows are added up.
+    if plan.fused {
+        let (LogicalPlan::Aggregate(main), Some((_, LogicalPlan::Aggregate(fused)))) =
+            (&plan.main, plan.quantiles.first())
+        else {
+            return bug("a fused plan needs an aggregate and a histogram".into());
+        };
+        let summable = plan.measurements.iter().all(|m| match m.mechanism {
+            Mechanism::Laplace(_) => m.measure.sums_rows(),
+            Mechanism::Quantile(_) => true,
+        });
+        let same = fused.input == main.input
+            && fused.group_expr.len() == main.group_expr.len() + 1
+            && fused.group_expr[..main.group_expr.len()] == main.group_expr[..]
+            && fused.aggr_expr.len() == laplace + 1
+            && fused.aggr_expr[1..] == main.aggr_expr[..laplace];
+        if !summable || !same {
+            return bug("the fused histogram plan does not compute the private aggregate".into());
+        }
+    }
     // Every scan of a dataset table, in every plan that reads data, is
     // bounded: directly under the opt-out filter when the extract was
     // bounded at write, else under a filter on the shuffled row number per

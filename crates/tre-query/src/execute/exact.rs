@@ -39,21 +39,26 @@ pub(super) fn saturate(x: i128) -> i64 {
 }
 
 /// Read an exact integer measurement (Int64 count or Decimal128 fixed-point
-/// sum, saturated to i64).
-pub(super) fn read_i64(array: &ArrayRef, row: usize) -> Result<i64, QueryError> {
+/// sum), exactly.
+fn read_i128(array: &ArrayRef, row: usize) -> Result<i128, QueryError> {
     if array.is_null(row) {
         return Ok(0);
     }
     if let Some(a) = array.as_primitive_opt::<Int64Type>() {
-        return Ok(a.value(row));
+        return Ok(i128::from(a.value(row)));
     }
     if let Some(a) = array.as_primitive_opt::<Decimal128Type>() {
-        return Ok(saturate(a.value(row)));
+        return Ok(a.value(row));
     }
     Err(QueryError::Internal(format!(
         "measurement of type {} is not an integer",
         array.data_type()
     )))
+}
+
+/// Read an exact integer measurement, saturated to i64.
+pub(super) fn read_i64(array: &ArrayRef, row: usize) -> Result<i64, QueryError> {
+    read_i128(array, row).map(saturate)
 }
 
 pub(super) fn key_of(batch: &RecordBatch, cols: usize, row: usize) -> Result<Key, QueryError> {
@@ -118,6 +123,10 @@ pub(super) async fn exact_with(
         selection = Some(counts);
     }
     let mut laplace = HashMap::new();
+    // A fused first histogram carries the Laplace measurements per bucket:
+    // summed here over the buckets, in i128, then saturated like any sum.
+    let mut fused: Option<HashMap<Key, Vec<i128>>> =
+        (plan.fused && per_patient.is_none()).then(HashMap::new);
     match per_patient {
         Some(cells) => {
             for (key, patients) in cells.iter().filter(|(k, _)| releasable(k)) {
@@ -133,6 +142,7 @@ pub(super) async fn exact_with(
                 laplace.insert(key.clone(), sums.into_iter().map(saturate).collect());
             }
         }
+        None if plan.fused => {}
         None => {
             for b in collect(ctx, &plan.prepared, &plan.main).await? {
                 for r in 0..b.num_rows() {
@@ -149,16 +159,26 @@ pub(super) async fn exact_with(
         }
     }
     let mut histograms = Vec::new();
-    for (m, p) in &plan.quantiles {
+    for (q, (m, p)) in plan.quantiles.iter().enumerate() {
         let mut h: Histogram = HashMap::new();
+        let mut sums = if q == 0 { fused.as_mut() } else { None };
         for b in collect(ctx, &plan.prepared, p).await? {
             for r in 0..b.num_rows() {
-                let bucket = b.column(n_keys);
-                if bucket.is_null(r) {
-                    continue;
-                }
                 let key = key_of(&b, n_keys, r)?;
                 if !releasable(&key) {
+                    continue;
+                }
+                if let Some(sums) = sums.as_deref_mut() {
+                    let measured = n_keys + 2..b.num_columns();
+                    let cell = sums
+                        .entry(key.clone())
+                        .or_insert_with(|| vec![0; measured.len()]);
+                    for (s, c) in cell.iter_mut().zip(measured) {
+                        *s = s.saturating_add(read_i128(b.column(c), r)?);
+                    }
+                }
+                let bucket = b.column(n_keys);
+                if bucket.is_null(r) {
                     continue;
                 }
                 let bucket = read_i64(bucket, r)?;
@@ -167,6 +187,9 @@ pub(super) async fn exact_with(
             }
         }
         histograms.push((*m, h));
+    }
+    for (key, sums) in fused.into_iter().flatten() {
+        laplace.insert(key, sums.into_iter().map(saturate).collect());
     }
     Ok(Exact {
         laplace,
@@ -224,7 +247,11 @@ pub(crate) async fn preflight(
     // The plans execution runs as compiled are kept for it (`Prepared`);
     // the post-processing plan is planned here over no cells and again at
     // execution over the noisy ones.
-    let mut plans: Vec<(LogicalPlan, bool)> = vec![(plan.main.clone(), true)];
+    // A fused plan's `main` is never run, so it is not planned either.
+    let mut plans: Vec<(LogicalPlan, bool)> = Vec::new();
+    if !plan.fused {
+        plans.push((plan.main.clone(), true));
+    }
     plans.extend(plan.quantiles.iter().map(|(_, p)| (p.clone(), true)));
     plans.extend(plan.selection.iter().map(|s| (s.plan.clone(), true)));
     if !plan.totals {

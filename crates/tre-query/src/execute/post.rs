@@ -111,12 +111,14 @@ pub(super) async fn post_process(
         QueryError::Internal(format!("post-processing: {e}"))
     };
     let post = post_plan(plan, cells, agg_cells)?;
-    let batches = collect(ctx, &Prepared::default(), &post).await.map_err(|e| match e {
-        QueryError::Execution { detail } => {
-            QueryError::Internal(format!("post-processing: {detail}"))
-        }
-        other => other,
-    })?;
+    let batches = collect(ctx, &Prepared::default(), &post)
+        .await
+        .map_err(|e| match e {
+            QueryError::Execution { detail } => {
+                QueryError::Internal(format!("post-processing: {detail}"))
+            }
+            other => other,
+        })?;
     let mut rows = Vec::new();
     for b in &batches {
         let id_col = b
