@@ -33,6 +33,11 @@ pub struct BenchArgs {
     pub patients: u64,
     #[arg(long, default_value_t = 7)]
     pub runs: usize,
+    /// Rounds of one DP process then one plain process; each query's time
+    /// is the median over rounds of its per-process median, so a slow
+    /// spell of the machine does not land on one side only.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=15))]
+    pub rounds: u32,
     #[arg(long, default_value = ".tre/bench")]
     pub dir: PathBuf,
     /// Dataset policy to bound the extracts with and to serve (defaults to
@@ -132,6 +137,45 @@ struct Measured {
     peak_rss: u64,
 }
 
+impl Measured {
+    /// Per query and scan, the median over rounds; the largest peak RSS.
+    fn median_of(rounds: Vec<Measured>) -> Result<Measured> {
+        let Some(first) = rounds.first() else {
+            bail!("no rounds measured");
+        };
+        if rounds
+            .iter()
+            .any(|r| r.queries.len() != first.queries.len())
+        {
+            bail!("rounds measured different suites");
+        }
+        let mid = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let queries = (0..first.queries.len())
+            .map(|q| {
+                (
+                    mid(rounds.iter().map(|r| r.queries[q].0).collect()),
+                    mid(rounds.iter().map(|r| r.queries[q].1).collect()),
+                )
+            })
+            .collect();
+        let scans: Option<Vec<(f64, f64)>> = rounds.iter().map(|r| r.scans).collect();
+        let scans = scans.map(|s| {
+            (
+                mid(s.iter().map(|x| x.0).collect()),
+                mid(s.iter().map(|x| x.1).collect()),
+            )
+        });
+        Ok(Measured {
+            queries,
+            scans,
+            peak_rss: rounds.iter().map(|r| r.peak_rss).max().unwrap_or(0),
+        })
+    }
+}
+
 const DP_SQL: &str = "SELECT p.region, a.admission_method, COUNT(*) AS n, AVG(a.length_of_stay_days) AS los \
     FROM patients p JOIN admissions a ON p.person_id = a.person_id GROUP BY p.region, a.admission_method";
 const SCAN_SQL: &str =
@@ -214,8 +258,12 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         return Ok(());
     }
     ensure_data(&args, &key_file, &enc, &plain)?;
-    let dp = run_side(&args, Side::Dp)?;
-    let plain_side = run_side(&args, Side::Plain)?;
+    let (mut dps, mut plains) = (Vec::new(), Vec::new());
+    for _ in 0..args.rounds {
+        dps.push(run_side(&args, Side::Dp)?);
+        plains.push(run_side(&args, Side::Plain)?);
+    }
+    let (dp, plain_side) = (Measured::median_of(dps)?, Measured::median_of(plains)?);
     let Some((enc_scan, plain_scan)) = plain_side.scans else {
         bail!("the plain side measured no scans");
     };
@@ -224,8 +272,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         bail!("a side measured a different suite");
     }
     println!(
-        "tre bench · {} patients · median of {} runs (same data, same session configuration, one process per side)",
-        args.patients, args.runs
+        "tre bench · {} patients · median of {} rounds of a median of {} runs (same data, same session configuration, sides in alternating processes)",
+        args.patients, args.rounds, args.runs
     );
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED).set_header([
