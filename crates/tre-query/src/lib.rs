@@ -31,6 +31,7 @@ mod functions;
 mod reference;
 mod release;
 mod sandbox;
+mod stream;
 mod udf;
 
 pub use compile::{Budget, FIXED_POINT_SCALE, Measure, PrivatePlan};

@@ -46,6 +46,9 @@ pub(crate) struct Sandbox {
     runtime: Arc<RuntimeEnv>,
     master: Arc<MasterKey>,
     tables: Vec<(String, SchemaRef, ListingTableUrl)>,
+    /// The column every extract is sorted by, as its authenticated layout
+    /// says (the privacy unit; checked at open).
+    sorted_by: String,
     reference: RefTables,
     target_partitions: usize,
     /// Test hook: a seed makes the bounding sampler a function of the row.
@@ -139,6 +142,7 @@ impl Sandbox {
             runtime,
             master,
             tables,
+            sorted_by: policy.privacy_unit.clone(),
             reference,
             target_partitions: limits.target_partitions,
             deterministic_seed: None,
@@ -186,7 +190,17 @@ impl Sandbox {
         // from the data, and a plan it then rejects would fail after the
         // reservation on some extracts and not on others. Issue #10.
         config.options_mut().execution.collect_statistics = false;
-        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        // Keep the extracts' order through repartitioning, so that work per
+        // patient streams rather than sorting a whole table (issue #13).
+        config.options_mut().optimizer.prefer_existing_sort = true;
+        config.options_mut().optimizer.repartition_windows = false;
+        let state = datafusion::execution::SessionStateBuilder::new()
+            .with_config(config)
+            .with_runtime_env(runtime)
+            .with_default_features()
+            .with_physical_optimizer_rule(Arc::new(crate::stream::SortWithinOrderedRuns))
+            .build();
+        let ctx = SessionContext::new_with_state(state);
         // Table functions could multiply rows or read files: none are offered.
         for f in ["generate_series", "range"] {
             ctx.deregister_udtf(f);
@@ -203,7 +217,20 @@ impl Sandbox {
             opts.crypto
                 .configure_factory(FACTORY_ID, &VaultFactoryOptions::default());
             let format = ParquetFormat::default().with_options(opts);
-            let listing = ListingOptions::new(Arc::new(format)).with_file_extension(".parquet");
+            // The order is the authenticated layout's (checked in `open`),
+            // never Parquet's `sorting_columns`, which tre does not write.
+            // Knowing it, DataFusion bounds groups per patient (a window
+            // partitioned by the unit) by sorting within each patient's
+            // rows, not the whole table (issue #13: key selection over
+            // 10M patients' admissions ran out of its pool).
+            let listing = ListingOptions::new(Arc::new(format))
+                .with_file_extension(".parquet")
+                .with_file_sort_order(vec![vec![
+                    datafusion::prelude::col(datafusion::common::Column::new_unqualified(
+                        self.sorted_by.as_str(),
+                    ))
+                    .sort(true, false),
+                ]]);
             let config = ListingTableConfig::new(url.clone())
                 .with_listing_options(listing)
                 .with_schema(Arc::clone(schema));
