@@ -847,6 +847,56 @@ async fn a_quantile_and_its_counts_are_read_in_one_pass() {
     }
 }
 
+/// Issue #13: bounding groups per patient (key selection) and rows per
+/// patient (a policy tighter than the stored bound) are windows partitioned
+/// by the unit. Over extracts sorted by the unit they sort only within each
+/// patient's run (`PartialSortExec`), never the whole table in memory: at
+/// 10M patients that sort ran out of its query's pool (`TRE-E001` on an
+/// accepted query). Every plan of both shapes has no full sort.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounding_per_patient_sorts_within_each_patient() {
+    let f = fixture();
+    let tighter = tre_e2e::POLICY.replace(
+        "[tables.waiting_list]\ndescription = \"Referral-to-treatment pathways completed in 2024\"\nmax_rows_per_unit = 3",
+        "[tables.waiting_list]\ndescription = \"Referral-to-treatment pathways completed in 2024\"\nmax_rows_per_unit = 2",
+    );
+    assert_ne!(tighter, tre_e2e::POLICY);
+    let tighter =
+        tre_policy::Policy::from_toml("tighter.toml", &tighter).unwrap_or_else(|e| panic!("{e}"));
+    let cases = [
+        (
+            tre_e2e::engine_with(std::sync::Arc::clone(&f.master))
+                .unwrap_or_else(|e| panic!("{e}")),
+            "SELECT primary_diagnosis, COUNT(*) AS n FROM admissions GROUP BY primary_diagnosis",
+        ),
+        (
+            tre_e2e::engine_under(tighter, &f.data, std::sync::Arc::clone(&f.master))
+                .unwrap_or_else(|e| panic!("{e}")),
+            "SELECT specialty, COUNT(*) AS n FROM waiting_list GROUP BY specialty",
+        ),
+    ];
+    for (engine, sql) in cases {
+        let budget = engine
+            .budget(Some(1.0), Some(1e-6))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let plan = engine
+            .compile(sql, budget)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let plans = engine
+            .physical_plans(&plan)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!plans.is_empty());
+        let all = plans.join("\n");
+        assert!(all.contains("PartialSortExec"), "{sql}:\n{all}");
+        assert!(
+            !all.lines().any(|l| l.trim_start().starts_with("SortExec")),
+            "{sql} sorts a whole input:\n{all}"
+        );
+    }
+}
+
 /// Issue #13: the server serves only extracts tre's writer wrote. A
 /// plaintext file, or an encrypted one written around the writer (so with
 /// no layout, and no checked order), stops start-up with `TRE-V004`.

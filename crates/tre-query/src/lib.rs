@@ -568,6 +568,28 @@ pub mod soundness {
     }
 
     impl Engine {
+        /// The physical plans `plan` runs over data (the aggregate, the
+        /// histograms, key selection), as DataFusion displays them.
+        pub async fn physical_plans(&self, plan: &PrivatePlan) -> Result<Vec<String>, QueryError> {
+            let state = self.sandbox.context().state();
+            let mut shown = Vec::new();
+            let plans = std::iter::once(&plan.main)
+                .chain(plan.quantiles.iter().map(|(_, p)| p))
+                .chain(plan.selection.iter().map(|s| &s.plan));
+            for p in plans {
+                let physical = state
+                    .create_physical_plan(p)
+                    .await
+                    .map_err(|e| QueryError::Internal(e.to_string()))?;
+                shown.push(
+                    datafusion::physical_plan::displayable(physical.as_ref())
+                        .indent(false)
+                        .to_string(),
+                );
+            }
+            Ok(shown)
+        }
+
         /// Make contribution bounding a deterministic function of each row
         /// (so neighbouring datasets keep every other patient's rows).
         pub fn set_deterministic_bounding(&mut self, seed: Option<u64>) {
