@@ -193,7 +193,6 @@ impl Sandbox {
         // Keep the extracts' order through repartitioning, so that work per
         // patient streams rather than sorting a whole table (issue #13).
         config.options_mut().optimizer.prefer_existing_sort = true;
-        config.options_mut().optimizer.repartition_windows = false;
         let state = datafusion::execution::SessionStateBuilder::new()
             .with_config(config)
             .with_runtime_env(runtime)

@@ -19,6 +19,8 @@ use datafusion::common::config::ConfigOptions;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::error::Result;
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
+use datafusion::physical_plan::Partitioning;
+use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::sorts::partial_sort::PartialSortExec;
 use datafusion::physical_plan::sorts::sort::SortExec;
 use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties};
@@ -43,7 +45,22 @@ impl PhysicalOptimizerRule for SortWithinOrderedRuns {
                 return Ok(Transformed::no(node));
             }
             let keys = sort.expr();
-            let ordered = sort.input().equivalence_properties();
+            // A hash repartition (for a window partitioned by the unit, in
+            // parallel) loses the order unless it merges its inputs; the
+            // merging variant keeps each output partition ordered.
+            let mut input = Arc::clone(sort.input());
+            if let Some(r) = input.downcast_ref::<RepartitionExec>()
+                && !r.preserve_order()
+                && matches!(r.partitioning(), Partitioning::Hash(..))
+            {
+                let merged =
+                    RepartitionExec::try_new(Arc::clone(r.input()), r.partitioning().clone())?
+                        .with_preserve_order();
+                if merged.preserve_order() {
+                    input = Arc::new(merged);
+                }
+            }
+            let ordered = input.equivalence_properties();
             let mut prefix = 0;
             while prefix < keys.len() && ordered.ordering_satisfy(keys[..=prefix].to_vec())? {
                 prefix += 1;
@@ -53,7 +70,7 @@ impl PhysicalOptimizerRule for SortWithinOrderedRuns {
             if prefix == 0 || prefix == keys.len() {
                 return Ok(Transformed::no(node));
             }
-            let partial = PartialSortExec::new(keys.clone(), Arc::clone(sort.input()), prefix)
+            let partial = PartialSortExec::new(keys.clone(), input, prefix)
                 .with_preserve_partitioning(sort.preserve_partitioning());
             Ok(Transformed::yes(Arc::new(partial) as Arc<dyn ExecutionPlan>))
         })
