@@ -132,7 +132,16 @@ impl Measure {
     /// cell is the sum of its values over any partition of the cell's
     /// rows. `COUNT(DISTINCT unit)` is not.
     pub(crate) fn sums_rows(&self) -> bool {
-        !matches!(self, Measure::CountDistinctUnits | Measure::Quantile { .. })
+        // Exhaustive, so that a new measure must be decided on here.
+        match self {
+            Measure::CountRows
+            | Measure::CountNonNull { .. }
+            | Measure::Contributors { .. }
+            | Measure::Sum { .. }
+            | Measure::CenteredSum { .. }
+            | Measure::CenteredSquares { .. } => true,
+            Measure::CountDistinctUnits | Measure::Quantile { .. } => false,
+        }
     }
 
     fn fixed_point(&self) -> bool {
