@@ -815,22 +815,15 @@ async fn a_quantile_and_its_counts_are_read_in_one_pass() {
         .budget(Some(1.0), None)
         .unwrap_or_else(|e| panic!("{e}"));
     let measures = "COUNT(rtt_weeks) AS c, COUNT(*) AS n, SUM(rtt_weeks) AS s";
-    let fused = engine
-        .exact(
-            &format!("SELECT specialty, MEDIAN(rtt_weeks) AS m, {measures} FROM waiting_list GROUP BY specialty"),
-            budget,
-            &[],
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let alone = engine
-        .exact(
-            &format!("SELECT specialty, {measures} FROM waiting_list GROUP BY specialty"),
-            budget,
-            &[],
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let exact = async |select: &str| {
+        let sql = format!("SELECT specialty, {select} FROM waiting_list GROUP BY specialty");
+        engine
+            .exact(&sql, budget, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    };
+    let fused = exact(&format!("MEDIAN(rtt_weeks) AS m, {measures}")).await;
+    let alone = exact(measures).await;
     assert_eq!(fused.laplace.len(), 7, "one cell per specialty");
     // The median brings its own count of values first, then the rest.
     let rest: std::collections::HashMap<String, Vec<i64>> = fused

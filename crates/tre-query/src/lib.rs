@@ -568,15 +568,12 @@ pub mod soundness {
     }
 
     impl Engine {
-        /// The physical plans `plan` runs over data (the aggregate, the
-        /// histograms, key selection), as DataFusion displays them.
+        /// The physical plans of every plan of `plan` that reads data (see
+        /// `PrivatePlan::reads`), as DataFusion displays them.
         pub async fn physical_plans(&self, plan: &PrivatePlan) -> Result<Vec<String>, QueryError> {
             let state = self.sandbox.context().state();
             let mut shown = Vec::new();
-            let plans = std::iter::once(&plan.main)
-                .chain(plan.quantiles.iter().map(|(_, p)| p))
-                .chain(plan.selection.iter().map(|s| &s.plan));
-            for p in plans {
+            for p in plan.reads() {
                 let physical = state
                     .create_physical_plan(p)
                     .await

@@ -501,8 +501,8 @@ impl Chunk {
         let mut r = PrescriptionCols::default();
         let mut p = PatientCols::default();
         let mut a = AdmissionCols::default();
-        let mut l = LabCols::default();
-        let mut w = WaitCols::default();
+        let mut l = DatedValueCols::default();
+        let mut w = DatedValueCols::default();
         let normal = |m: f64, s: f64| Normal::new(m, s).unwrap_or_else(|_| unreachable!());
         for order_key in keys {
             let i = (order_key & u128::from(u32::MAX)) as u64;
@@ -716,8 +716,8 @@ impl Chunk {
         Chunk {
             patients: p.finish(),
             admissions: a.finish(),
-            labs: l.finish(),
-            waits: w.finish(),
+            labs: l.finish("lab_results"),
+            waits: w.finish("waiting_list"),
             prescriptions: r.finish(),
         }
     }
@@ -824,57 +824,31 @@ impl AdmissionCols {
     }
 }
 
+/// Columns of a table of dated values per patient, with a label: lab
+/// results (test, value) and waiting-list pathways (specialty, weeks).
 #[derive(Default)]
-struct LabCols {
+struct DatedValueCols {
     person_id: StringBuilder,
     date: Date32Builder,
-    test: StringBuilder,
+    label: StringBuilder,
     value: Float64Builder,
 }
 
-impl LabCols {
-    fn push(&mut self, pid: &str, day: i32, test: &str, value: f64) {
+impl DatedValueCols {
+    fn push(&mut self, pid: &str, day: i32, label: &str, value: f64) {
         self.person_id.append_value(pid);
         self.date.append_value(day);
-        self.test.append_value(test);
+        self.label.append_value(label);
         self.value.append_value(value);
     }
-    fn finish(mut self) -> RecordBatch {
+    fn finish(mut self, table: &str) -> RecordBatch {
         batch(
-            "lab_results",
+            table,
             vec![
                 Arc::new(self.person_id.finish()),
                 Arc::new(self.date.finish()),
-                Arc::new(self.test.finish()),
+                Arc::new(self.label.finish()),
                 Arc::new(self.value.finish()),
-            ],
-        )
-    }
-}
-
-#[derive(Default)]
-struct WaitCols {
-    person_id: StringBuilder,
-    date: Date32Builder,
-    specialty: StringBuilder,
-    weeks: Float64Builder,
-}
-
-impl WaitCols {
-    fn push(&mut self, pid: &str, day: i32, specialty: &str, weeks: f64) {
-        self.person_id.append_value(pid);
-        self.date.append_value(day);
-        self.specialty.append_value(specialty);
-        self.weeks.append_value(weeks);
-    }
-    fn finish(mut self) -> RecordBatch {
-        batch(
-            "waiting_list",
-            vec![
-                Arc::new(self.person_id.finish()),
-                Arc::new(self.date.finish()),
-                Arc::new(self.specialty.finish()),
-                Arc::new(self.weeks.finish()),
             ],
         )
     }

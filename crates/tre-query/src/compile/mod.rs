@@ -317,6 +317,15 @@ impl Prepared {
 const MAX_CELLS_WITH_TOTALS: usize = 400;
 
 impl PrivatePlan {
+    /// Every plan that reads data: the private aggregate (its definition,
+    /// even where a fused histogram computes it), the quantiles'
+    /// histograms, and key selection.
+    pub(crate) fn reads(&self) -> impl Iterator<Item = &LogicalPlan> {
+        std::iter::once(&self.main)
+            .chain(self.quantiles.iter().map(|(_, p)| p))
+            .chain(self.selection.iter().map(|s| &s.plan))
+    }
+
     /// Ask for totals: a grand total for one key; row, column and grand
     /// totals for two. They are sums of the noisy cells (post-processing)
     /// and get secondary suppression, so no suppressed cell can be solved

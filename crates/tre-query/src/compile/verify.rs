@@ -94,10 +94,7 @@ pub(super) fn verify(
     // bounded: directly under the opt-out filter when the extract was
     // bounded at write, else under a filter on the shuffled row number per
     // patient (issue #12: this used to be a count of window nodes).
-    let reads = std::iter::once(&plan.main)
-        .chain(plan.quantiles.iter().map(|(_, p)| p))
-        .chain(plan.selection.iter().map(|s| &s.plan));
-    for p in reads {
+    for p in plan.reads() {
         let mut unbounded = Vec::new();
         unbounded_scans(p, policy, extracts, false, &mut unbounded);
         if !unbounded.is_empty() {
@@ -127,11 +124,7 @@ pub(super) fn verify(
     }
     // Totality: no operation that can fail on a value survives the rewrite.
     let mut partial = None;
-    let plans = std::iter::once(&plan.main)
-        .chain(plan.quantiles.iter().map(|(_, p)| p))
-        .chain(plan.selection.iter().map(|s| &s.plan))
-        .chain(std::iter::once(&plan.post));
-    for p in plans {
+    for p in plan.reads().chain(std::iter::once(&plan.post)) {
         let _ = p.apply_with_subqueries(|node| {
             let _ = node.apply_expressions(|e| {
                 e.apply(|e| {
