@@ -35,8 +35,9 @@ pub struct BenchArgs {
     pub runs: usize,
     /// Rounds of one DP process then one plain process; each query's time
     /// is the median over rounds of its per-process median, so a slow
-    /// spell of the machine does not land on one side only.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=15))]
+    /// spell of the machine does not land on one side only. 0 skips the
+    /// suite (with `--corpus`: compile times only).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=15))]
     pub rounds: u32,
     #[arg(long, default_value = ".tre/bench")]
     pub dir: PathBuf,
@@ -56,6 +57,10 @@ pub struct BenchArgs {
     /// runs each side in a process of its own).
     #[arg(long, value_enum, hide = true)]
     pub side: Option<Side>,
+    /// Print the physical plans the DP side executes for each suite query
+    /// (on standard error): the operator's EXPLAIN, never a researcher's.
+    #[arg(long)]
+    pub explain: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -135,6 +140,9 @@ struct Measured {
     scans: Option<(f64, f64)>,
     /// Peak resident set of the process, bytes.
     peak_rss: u64,
+    /// Per suite query (DP side only): the most its memory pool held at
+    /// once, bytes, over every run.
+    pool_peaks: Vec<u64>,
 }
 
 impl Measured {
@@ -172,6 +180,15 @@ impl Measured {
             queries,
             scans,
             peak_rss: rounds.iter().map(|r| r.peak_rss).max().unwrap_or(0),
+            pool_peaks: (0..first.pool_peaks.len())
+                .map(|q| {
+                    rounds
+                        .iter()
+                        .filter_map(|r| r.pool_peaks.get(q).copied())
+                        .max()
+                        .unwrap_or(0)
+                })
+                .collect(),
         })
     }
 }
@@ -266,6 +283,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         return Ok(());
     }
     ensure_data(&args, &key_file, &enc, &plain)?;
+    if args.rounds == 0 {
+        return corpus_compile_times(&args, &key_file, &enc).await;
+    }
     let (mut dps, mut plains) = (Vec::new(), Vec::new());
     for _ in 0..args.rounds {
         dps.push(run_side(&args, Side::Dp)?);
@@ -290,10 +310,15 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         "DP pipeline ms",
         "plain DataFusion ms",
         "DP / plain",
+        "DP pool peak MiB",
     ]);
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
     let mut log_sum = 0.0;
-    for (((title, _, _), (compile, dp_ms)), (_, plain_ms)) in
-        suite.iter().zip(&dp.queries).zip(&plain_side.queries)
+    for ((((title, _, _), (compile, dp_ms)), (_, plain_ms)), pool_peak) in suite
+        .iter()
+        .zip(&dp.queries)
+        .zip(&plain_side.queries)
+        .zip(&dp.pool_peaks)
     {
         let ratio = dp_ms / plain_ms;
         log_sum += ratio.ln();
@@ -303,10 +328,10 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             format!("{dp_ms:.1}"),
             format!("{plain_ms:.1}"),
             format!("{ratio:.2}x"),
+            format!("{:.1}", mib(*pool_peak)),
         ]);
     }
     println!("{t}");
-    let mib = |b: u64| b as f64 / f64::from(1 << 20);
     println!(
         "  geometric mean DP / plain over {} queries:          {:8.2}x",
         suite.len(),
@@ -339,6 +364,7 @@ fn run_side(args: &BenchArgs, side: Side) -> Result<Measured> {
         .args(["--years", &args.years.to_string()])
         .arg("--dir")
         .arg(&args.dir)
+        .args(args.explain.then_some("--explain"))
         .args([
             "--side",
             match side {
@@ -371,6 +397,7 @@ async fn measure(
     let engine = setup::open_engine(args.policy.as_deref(), None, enc, key_file)?;
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let mut queries = Vec::new();
+    let mut pool_peaks = Vec::new();
     for (title, sql, epsilon) in suite() {
         let budget = Budget {
             epsilon: Epsilon::new(epsilon)?,
@@ -385,13 +412,25 @@ async fn measure(
                 })
                 .await
                 .with_context(|| format!("compile: {title}"))?;
+                if args.explain {
+                    let plan = engine.compile(sql, budget).await?;
+                    eprintln!("== {title}");
+                    for p in tre_query::Engine::physical_plans_shown(&plan) {
+                        eprintln!("{p}");
+                    }
+                }
+                let pool_peak = std::cell::Cell::new(0usize);
                 let dp = median(args.runs, || async {
                     let plan = engine.compile(sql, budget).await?;
-                    engine.execute(&plan).await?;
+                    let admission = engine.admit("bench").await?;
+                    let (release, peak) = engine.execute_measured(&plan, &admission).await;
+                    release?;
+                    pool_peak.set(pool_peak.get().max(peak));
                     Ok(())
                 })
                 .await
                 .with_context(|| format!("DP pipeline: {title}"))?;
+                pool_peaks.push(pool_peak.get() as u64);
                 (ms(compile), ms(dp))
             }
             Side::Plain => {
@@ -441,6 +480,7 @@ async fn measure(
         queries,
         scans,
         peak_rss: peak_rss(),
+        pool_peaks,
     })
 }
 

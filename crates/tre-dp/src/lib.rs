@@ -397,7 +397,34 @@ fn smallest_threshold(
 }
 
 impl KeySelection {
+    /// The smallest threshold that keeps key selection within `delta`.
+    /// Finding it takes a dozen OpenDP privacy maps, a sixth of a
+    /// key-selection query's compile time (issue #13), and depends on the
+    /// three public parameters alone, so each answer is remembered.
     pub fn new(max_groups: u32, epsilon: Epsilon, delta: Delta) -> Result<Self, DpError> {
+        type Memo = HashMap<(u32, u64, u64), KeySelection>;
+        static MEMO: std::sync::LazyLock<std::sync::Mutex<Memo>> =
+            std::sync::LazyLock::new(Default::default);
+        let key = (
+            max_groups,
+            epsilon.value().to_bits(),
+            delta.value().to_bits(),
+        );
+        if let Some(known) = MEMO.lock().ok().and_then(|m| m.get(&key).cloned()) {
+            return Ok(known);
+        }
+        let found = Self::search(max_groups, epsilon, delta)?;
+        if let Ok(mut memo) = MEMO.lock() {
+            // Researchers choose epsilon freely: keep the memo small.
+            if memo.len() >= 4096 {
+                memo.clear();
+            }
+            memo.insert(key, found.clone());
+        }
+        Ok(found)
+    }
+
+    fn search(max_groups: u32, epsilon: Epsilon, delta: Delta) -> Result<Self, DpError> {
         if max_groups < 1 || delta.is_zero() {
             return Err(DpError::Mechanism(
                 "key selection needs max_groups >= 1 and delta > 0".into(),

@@ -218,5 +218,9 @@ fn the_bracketed_threshold_search_matches_the_whole_range() {
         }
         let ks = KeySelection::new(g, eps(e), delta).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(ks.threshold(), expected);
+        // Issue #13: the remembered answer is the searched one.
+        let again = KeySelection::new(g, eps(e), delta).unwrap_or_else(|e| panic!("{e}"));
+        let searched = KeySelection::search(g, eps(e), delta).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((&again, &again), (&ks, &searched));
     }
 }

@@ -511,10 +511,32 @@ impl Engine {
         plan: &PrivatePlan,
         admission: &Admission,
     ) -> Result<Release, QueryError> {
-        let ctx = self.sandbox.context_with_memory(admission.memory_bytes)?;
-        let (plan, profile) = (plan.clone(), Arc::clone(&self.profile));
-        let work = async move { execute::execute(&ctx, &plan, &profile).await };
-        match self.runtime.run(self.limits.query_timeout, work).await {
+        self.execute_measured(plan, admission).await.0
+    }
+
+    /// The physical plans a compiled `plan` will execute, as DataFusion
+    /// displays them: for the operator and the benchmark (their shape
+    /// depends on the query and the extract's file layout, not on values).
+    pub fn physical_plans_shown(plan: &PrivatePlan) -> Vec<String> {
+        plan.prepared.shown()
+    }
+
+    /// [`Engine::execute_admitted`], also returning the most memory the
+    /// query's pool held at once. That peak depends on the data: it is for
+    /// the operator and the benchmark, never for a researcher.
+    pub async fn execute_measured(
+        &self,
+        plan: &PrivatePlan,
+        admission: &Admission,
+    ) -> (Result<Release, QueryError>, usize) {
+        let ctx = match self.sandbox.context_with_memory(admission.memory_bytes) {
+            Ok(ctx) => ctx,
+            Err(e) => return (Err(e), 0),
+        };
+        let peak = || sandbox::PeakPool::peak_of(&ctx).unwrap_or(0);
+        let (plan, profile, run_ctx) = (plan.clone(), Arc::clone(&self.profile), ctx.clone());
+        let work = async move { execute::execute(&run_ctx, &plan, &profile).await };
+        let result = match self.runtime.run(self.limits.query_timeout, work).await {
             Ok(result) => result,
             Err(RunStopped::TimedOut) => Err(QueryError::Execution {
                 detail: format!(
@@ -525,7 +547,8 @@ impl Engine {
             Err(RunStopped::Panicked(e)) => Err(QueryError::Execution {
                 detail: format!("the query stopped: {e}"),
             }),
-        }
+        };
+        (result, peak())
     }
 }
 

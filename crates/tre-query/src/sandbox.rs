@@ -19,7 +19,9 @@ use datafusion::datasource::listing::{
 };
 use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
-use datafusion::execution::memory_pool::FairSpillPool;
+use datafusion::execution::memory_pool::{
+    FairSpillPool, MemoryConsumer, MemoryLimit, MemoryPool, MemoryReservation,
+};
 use datafusion::execution::parquet_encryption::EncryptionFactory;
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::object_store::path::Path as ObjectPath;
@@ -247,7 +249,7 @@ impl Sandbox {
 /// and the vault's decryption.
 fn runtime_env(master: &Arc<MasterKey>, bytes: usize) -> Result<Arc<RuntimeEnv>, QueryError> {
     let runtime = RuntimeEnvBuilder::new()
-        .with_memory_pool(Arc::new(FairSpillPool::new(bytes)))
+        .with_memory_pool(Arc::new(PeakPool::new(bytes)))
         .with_disk_manager_builder(
             DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
         )
@@ -393,5 +395,80 @@ impl EncryptionFactory for VaultFactory {
             .file_decryption(&file_id)
             .map(Some)
             .map_err(|e| DataFusionError::External(Box::new(e)))
+    }
+}
+
+/// DataFusion's fair pool, remembering the most it ever held at once: what
+/// an executed query really reserved, for the benchmark and the test that
+/// the compile-time bound holds (issue #13). Data-dependent: never shown to
+/// a researcher.
+#[derive(Debug)]
+pub(crate) struct PeakPool {
+    inner: FairSpillPool,
+    peak: std::sync::atomic::AtomicUsize,
+}
+
+impl PeakPool {
+    fn new(bytes: usize) -> Self {
+        Self {
+            inner: FairSpillPool::new(bytes),
+            peak: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    fn note(&self) {
+        self.peak
+            .fetch_max(self.inner.reserved(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The most `ctx`'s pool held at once, when it is a `PeakPool`.
+    pub(crate) fn peak_of(ctx: &SessionContext) -> Option<usize> {
+        let pool = Arc::clone(&ctx.runtime_env().memory_pool);
+        let any: Arc<dyn std::any::Any + Send + Sync> = pool;
+        any.downcast_ref::<PeakPool>()
+            .map(|p| p.peak.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+impl std::fmt::Display for PeakPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl MemoryPool for PeakPool {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn register(&self, consumer: &MemoryConsumer) {
+        self.inner.register(consumer);
+    }
+
+    fn unregister(&self, consumer: &MemoryConsumer) {
+        self.inner.unregister(consumer);
+    }
+
+    fn grow(&self, reservation: &MemoryReservation, additional: usize) {
+        self.inner.grow(reservation, additional);
+        self.note();
+    }
+
+    fn shrink(&self, reservation: &MemoryReservation, shrink: usize) {
+        self.inner.shrink(reservation, shrink);
+    }
+
+    fn try_grow(&self, reservation: &MemoryReservation, additional: usize) -> DfResult<()> {
+        self.inner.try_grow(reservation, additional)?;
+        self.note();
+        Ok(())
+    }
+
+    fn reserved(&self) -> usize {
+        self.inner.reserved()
+    }
+
+    fn memory_limit(&self) -> MemoryLimit {
+        self.inner.memory_limit()
     }
 }

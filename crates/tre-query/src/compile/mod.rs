@@ -305,6 +305,22 @@ impl Prepared {
         }
     }
 
+    /// The held physical plans, as DataFusion displays them.
+    pub(crate) fn shown(&self) -> Vec<String> {
+        self.0.lock().map_or_else(
+            |_| Vec::new(),
+            |held| {
+                held.iter()
+                    .map(|(_, p)| {
+                        datafusion::physical_plan::displayable(p.as_ref())
+                            .indent(false)
+                            .to_string()
+                    })
+                    .collect()
+            },
+        )
+    }
+
     /// The physical plan prepared for `logical`, if one is still held.
     pub(crate) fn take(&self, logical: &LogicalPlan) -> Option<Arc<dyn ExecutionPlan>> {
         let mut held = self.0.lock().ok()?;

@@ -4,10 +4,12 @@
 //! from the policy. Expressions propagate these facts (interval arithmetic,
 //! CASE branches, and exact evaluation over small public domains).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{ArrayRef, RecordBatch, new_null_array};
+use datafusion::arrow::array::{ArrayRef, RecordBatch, UInt32Array, new_null_array};
+use datafusion::arrow::compute::kernels::partition::partition;
+use datafusion::arrow::compute::{sort, take};
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::common::{Column, DFSchema, ScalarValue, TableReference};
 use datafusion::logical_expr::expr::{AggregateFunction, Case};
@@ -910,14 +912,18 @@ fn evaluate(e: &Expr, schema: &DFSchema, rel: &Rel) -> Option<Vec<ScalarValue>> 
         .iter()
         .map(|f| new_null_array(f.data_type(), combos))
         .collect();
+    // Every combination of the inputs' values, built by index: cloning a
+    // `ScalarValue` per cell was most of a compile over two dates' domains
+    // (issue #13: 38k combinations took 10 ms).
     let mut stride = 1usize;
     for (i, values) in &inputs {
         let n = values.len();
-        let col: Vec<ScalarValue> = (0..combos)
-            .map(|r| values[(r / stride) % n].clone())
+        let domain = ScalarValue::iter_to_array(values.iter().cloned()).ok()?;
+        let at: UInt32Array = (0..combos)
+            .map(|r| u32::try_from((r / stride) % n).ok())
             .collect();
         stride = stride.checked_mul(n)?;
-        columns[*i] = ScalarValue::iter_to_array(col).ok()?;
+        columns[*i] = take(&domain, &at, None).ok()?;
     }
     let batch = RecordBatch::try_new(arrow_schema, columns).ok()?;
     let phys = create_physical_expr(
@@ -928,15 +934,15 @@ fn evaluate(e: &Expr, schema: &DFSchema, rel: &Rel) -> Option<Vec<ScalarValue>> 
     )
     .ok()?;
     let out = phys.evaluate(&batch).ok()?.into_array(combos).ok()?;
-    let mut seen = HashSet::new();
+    // Distinct non-null values in order: sort, then one value per run.
+    let sorted = sort(&out, None).ok()?;
     let mut values = Vec::new();
-    for r in 0..combos {
-        let v = ScalarValue::try_from_array(&out, r).ok()?;
-        if !v.is_null() && seen.insert(v.clone()) {
+    for run in partition(&[Arc::clone(&sorted)]).ok()?.ranges() {
+        let v = ScalarValue::try_from_array(&sorted, run.start).ok()?;
+        if !v.is_null() {
             values.push(v);
         }
     }
-    values.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     Some(values)
 }
 
