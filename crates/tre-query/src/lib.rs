@@ -579,6 +579,16 @@ pub mod soundness {
         compile::unbounded_scans_of(&engine.policy, &engine.extracts(Vec::new()), plan)
     }
 
+    /// An aggregate computed per patient first, then per cell, as the
+    /// compiler runs distinct patients per cell (issue #13); `None` where
+    /// the compiler would run `agg` as it is.
+    pub fn per_unit_first(
+        agg: &datafusion::logical_expr::LogicalPlan,
+        unit: &datafusion::common::Column,
+    ) -> Result<Option<datafusion::logical_expr::LogicalPlan>, QueryError> {
+        compile::rewrite::per_unit_first(agg, unit)
+    }
+
     /// How many of the preflight's physical plans `plan` still holds for
     /// execution (issue #13).
     pub fn prepared_plans(plan: &PrivatePlan) -> usize {

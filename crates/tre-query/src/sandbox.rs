@@ -201,6 +201,7 @@ impl Sandbox {
             .with_default_features()
             .with_physical_optimizer_rule(Arc::new(crate::stream::MergeJoinOrderedInputs))
             .with_physical_optimizer_rule(Arc::new(crate::stream::SortWithinOrderedRuns))
+            .with_physical_optimizer_rule(Arc::new(crate::stream::StreamOrderedAggregates))
             .build();
         let ctx = SessionContext::new_with_state(state);
         // Table functions could multiply rows or read files: none are offered.

@@ -1,5 +1,6 @@
 //! Streaming over the order the extracts already have (issue #13): sorts
-//! within runs, and merge joins on the unit.
+//! within runs, merge joins on the unit, and aggregates that end each
+//! group with its run.
 //!
 //! Every extract is sorted by the privacy unit, a fact its authenticated
 //! layout carries (see `sandbox`), and the sandbox declares that order to
@@ -23,13 +24,15 @@ use datafusion::error::Result;
 use datafusion::physical_expr::expressions::Column;
 use datafusion::physical_expr::{LexOrdering, PhysicalExpr, PhysicalSortExpr};
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
-use datafusion::physical_plan::Partitioning;
+use datafusion::physical_plan::aggregates::AggregateExec;
+use datafusion::physical_plan::execution_plan::{ChildrenPropertiesMode, ReplaceChildrenOptions};
 use datafusion::physical_plan::joins::{HashJoinExec, PartitionMode, SortMergeJoinExec};
 use datafusion::physical_plan::projection::{ProjectionExec, ProjectionExpr};
 use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::sorts::partial_sort::PartialSortExec;
 use datafusion::physical_plan::sorts::sort::SortExec;
 use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties};
+use datafusion::physical_plan::{InputOrderMode, Partitioning};
 
 /// A full sort whose input is already ordered by a prefix of its keys
 /// becomes a sort within each run of that prefix.
@@ -170,6 +173,57 @@ impl PhysicalOptimizerRule for MergeJoinOrderedInputs {
 
     fn name(&self) -> &str {
         "tre_merge_join_ordered_inputs"
+    }
+
+    fn schema_check(&self) -> bool {
+        true
+    }
+}
+
+/// An aggregate whose input, once a hash repartition under it keeps order,
+/// is ordered by some of its keys streams: DataFusion then ends each group
+/// with its run. Used for the per-patient-first aggregates of distinct
+/// patients per cell (`compile::rewrite::per_unit_first`), whose keys start
+/// with the unit: without it, their final stage held every (patient, cell)
+/// group at once.
+#[derive(Debug, Default)]
+pub(crate) struct StreamOrderedAggregates;
+
+impl PhysicalOptimizerRule for StreamOrderedAggregates {
+    fn optimize(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        _config: &ConfigOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        plan.transform_up(|node| {
+            let Some(agg) = node.downcast_ref::<AggregateExec>() else {
+                return Ok(Transformed::no(node));
+            };
+            if *agg.input_order_mode() != InputOrderMode::Linear
+                || agg.group_expr().expr().is_empty()
+            {
+                return Ok(Transformed::no(node));
+            }
+            let input = merging(agg.input())?;
+            if Arc::ptr_eq(&input, agg.input()) {
+                return Ok(Transformed::no(node));
+            }
+            let streamed = Arc::clone(&node).replace_children(
+                vec![input],
+                ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
+            )?;
+            match streamed.downcast_ref::<AggregateExec>() {
+                Some(a) if *a.input_order_mode() != InputOrderMode::Linear => {
+                    Ok(Transformed::yes(streamed))
+                }
+                _ => Ok(Transformed::no(node)),
+            }
+        })
+        .map(|t| t.data)
+    }
+
+    fn name(&self) -> &str {
+        "tre_stream_ordered_aggregates"
     }
 
     fn schema_check(&self) -> bool {

@@ -25,7 +25,7 @@ mod check;
 mod describe;
 mod parse;
 mod relation;
-mod rewrite;
+pub(crate) mod rewrite;
 mod shape;
 mod total;
 mod verify;
@@ -245,6 +245,10 @@ pub struct PrivatePlan {
     pub(crate) plan_hash: String,
     /// Keys and Laplace measurements per cell.
     pub(crate) main: LogicalPlan,
+    /// What runs for `main` when it counts distinct patients: the same
+    /// aggregate per patient first, then per cell (`rewrite::per_unit_first`;
+    /// `verify` derives it again from `main` and compares).
+    pub(crate) streamed: Option<LogicalPlan>,
     /// Per quantile measurement: keys, bucket and row count; when `fused`,
     /// the first also carries `main`'s measurements, per bucket.
     pub(crate) quantiles: Vec<(usize, LogicalPlan)>,
@@ -333,11 +337,17 @@ impl Prepared {
 const MAX_CELLS_WITH_TOTALS: usize = 400;
 
 impl PrivatePlan {
+    /// The plan that computes `main`'s cells when it runs.
+    pub(crate) fn main_run(&self) -> &LogicalPlan {
+        self.streamed.as_ref().unwrap_or(&self.main)
+    }
+
     /// Every plan that reads data: the private aggregate (its definition,
-    /// even where a fused histogram computes it), the quantiles'
-    /// histograms, and key selection.
+    /// even where a fused histogram or a per-patient-first plan computes
+    /// it, and that plan), the quantiles' histograms, and key selection.
     pub(crate) fn reads(&self) -> impl Iterator<Item = &LogicalPlan> {
         std::iter::once(&self.main)
+            .chain(self.streamed.iter())
             .chain(self.quantiles.iter().map(|(_, p)| p))
             .chain(self.selection.iter().map(|s| &s.plan))
     }
@@ -664,6 +674,7 @@ pub(crate) async fn compile(
     let input = analyzer.enforce_domains(&agg.input)?;
     let rewrite::Rewritten {
         main,
+        streamed,
         quantiles,
         fused,
         selection,
@@ -693,6 +704,7 @@ pub(crate) async fn compile(
         delta,
         plan_hash,
         main,
+        streamed,
         quantiles,
         fused,
         selection,

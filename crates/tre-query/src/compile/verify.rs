@@ -90,6 +90,16 @@ pub(super) fn verify(
             return bug("the fused histogram plan does not compute the private aggregate".into());
         }
     }
+    // A plan run per patient first is `main`'s mechanical derivation.
+    if let Some(streamed) = &plan.streamed {
+        let derived = match &plan.unit {
+            Some(unit) => super::rewrite::per_unit_first(&plan.main, unit)?,
+            None => None,
+        };
+        if derived.as_ref() != Some(streamed) {
+            return bug("the per-patient-first plan does not compute the private aggregate".into());
+        }
+    }
     // Every scan of a dataset table, in every plan that reads data, is
     // bounded: directly under the opt-out filter when the extract was
     // bounded at write, else under a filter on the shuffled row number per

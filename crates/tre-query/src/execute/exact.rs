@@ -144,7 +144,7 @@ pub(super) async fn exact_with(
         }
         None if plan.fused => {}
         None => {
-            for b in collect(ctx, &plan.prepared, &plan.main).await? {
+            for b in collect(ctx, &plan.prepared, plan.main_run()).await? {
                 for r in 0..b.num_rows() {
                     let key = key_of(&b, n_keys, r)?;
                     if !releasable(&key) {
@@ -247,10 +247,11 @@ pub(crate) async fn preflight(
     // The plans execution runs as compiled are kept for it (`Prepared`);
     // the post-processing plan is planned here over no cells and again at
     // execution over the noisy ones.
-    // A fused plan's `main` is never run, so it is not planned either.
+    // A fused plan's `main` is never run, so it is not planned either; nor
+    // is one computed per patient first (`streamed`).
     let mut plans: Vec<(LogicalPlan, bool)> = Vec::new();
     if !plan.fused {
-        plans.push((plan.main.clone(), true));
+        plans.push((plan.main_run().clone(), true));
     }
     plans.extend(plan.quantiles.iter().map(|(_, p)| (p.clone(), true)));
     plans.extend(plan.selection.iter().map(|s| (s.plan.clone(), true)));
