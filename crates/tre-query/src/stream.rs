@@ -107,7 +107,12 @@ impl PhysicalOptimizerRule for MergeJoinOrderedInputs {
             let Some(join) = node.downcast_ref::<HashJoinExec>() else {
                 return Ok(Transformed::no(node));
             };
-            if *join.partition_mode() != PartitionMode::Partitioned {
+            // A null-aware anti join (`NOT IN`) has semantics a merge join
+            // does not implement, and a join with a row limit would lose it.
+            if *join.partition_mode() != PartitionMode::Partitioned
+                || join.null_aware
+                || join.fetch().is_some()
+            {
                 return Ok(Transformed::no(node));
             }
             let ascending = SortOptions {

@@ -261,9 +261,26 @@ pub(crate) async fn preflight(
     if profile_exact_rules && plan.unit.is_some() {
         plans.push((per_patient_plan(plan)?, true));
     }
+    // The plans are planned at once, each on a task of its own: physical
+    // planning is most of a compile (issue #13), and the engine's runtime
+    // has a thread per core. A dropped compile (its time limit) aborts them.
     let state = ctx.state();
-    for (p, keep) in plans {
-        let physical = state.create_physical_plan(&p).await.map_err(|e| {
+    let planning: Vec<_> = plans
+        .into_iter()
+        .map(|(p, keep)| {
+            let state = state.clone();
+            let task = tokio::spawn(async move {
+                let physical = state.create_physical_plan(&p).await;
+                (p, keep, physical)
+            });
+            tokio_util::task::AbortOnDropHandle::new(task)
+        })
+        .collect();
+    for task in planning {
+        let (p, keep, physical) = task
+            .await
+            .map_err(|e| QueryError::Internal(format!("physical planning stopped: {e}")))?;
+        let physical = physical.map_err(|e| {
             let msg = e.to_string();
             // A physical-plan dump names server paths and says nothing a
             // researcher can act on: keep only short reasons.

@@ -25,7 +25,7 @@ use tre_core::Code;
 use tre_dp::DiscreteLaplace;
 use tre_sdc::Profile;
 
-use super::relation::{self, Rel, expr_bounds};
+use super::relation::{self, Rel, expr_range};
 use super::{FIXED_POINT_SCALE, Measure, Measurement, Mechanism, refuse, unalias};
 use crate::QueryError;
 use crate::release::Cell;
@@ -148,8 +148,7 @@ impl Call<'_> {
 
     /// The argument with the bounds its value is clamped to.
     fn bounded(&self, a: &Expr) -> Result<(Expr, f64, f64), QueryError> {
-        let b = expr_bounds(a, self.scope.schema, self.scope.rel)?;
-        match b.range {
+        match expr_range(a, self.scope.schema, self.scope.rel)? {
             Some((lo, hi)) if lo < hi => Ok((a.clone(), lo, hi)),
             Some((lo, hi)) => Ok((a.clone(), lo - 0.5, hi + 0.5)),
             None => Err(refuse(

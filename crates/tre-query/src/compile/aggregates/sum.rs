@@ -13,7 +13,7 @@ use super::{
     fixed, fixed_sensitivity, laplace_scale, value_cell,
 };
 use crate::QueryError;
-use crate::compile::relation::expr_bounds;
+use crate::compile::relation::expr_range;
 use crate::compile::{FIXED_POINT_SCALE, Measure, Measurement};
 use crate::release::Cell;
 
@@ -34,8 +34,7 @@ struct Sum {
 
 fn compile(call: &Call<'_>, drafts: &mut Drafts) -> Compiled {
     let a = call.required_arg()?;
-    let count_like = expr_bounds(a, call.scope.schema, call.scope.rel)?
-        .range
+    let count_like = expr_range(a, call.scope.schema, call.scope.rel)?
         .is_some_and(|(lo, hi)| lo >= 0.0 && hi <= 1.0);
     let (x, lo, hi) = call.bounded(a)?;
     let s = fixed_sensitivity(call.k(), lo.abs().max(hi.abs()))?;
