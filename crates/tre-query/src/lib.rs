@@ -585,7 +585,7 @@ pub mod soundness {
     pub fn per_unit_first(
         agg: &datafusion::logical_expr::LogicalPlan,
         unit: &datafusion::common::Column,
-    ) -> Result<Option<datafusion::logical_expr::LogicalPlan>, QueryError> {
+    ) -> Option<datafusion::logical_expr::LogicalPlan> {
         compile::rewrite::per_unit_first(agg, unit)
     }
 

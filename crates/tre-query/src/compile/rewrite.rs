@@ -277,7 +277,7 @@ impl Rewrite<'_> {
                 )
                 .and_then(|b| b.build())
                 .map_err(|e| QueryError::Internal(format!("building key selection: {e}")))?;
-            let plan = per_unit_first(&plan, &unit)?.unwrap_or(plan);
+            let plan = per_unit_first(&plan, &unit).unwrap_or(plan);
             let mechanism = KeySelection::new(g, eps_each, delta)
                 .map_err(|e| QueryError::Internal(e.to_string()))?;
             selection = Some(Selection {
@@ -340,7 +340,7 @@ impl Rewrite<'_> {
                         .iter()
                         .any(|d| matches!(d.measure, Measure::CountDistinctUnits)) =>
             {
-                per_unit_first(&main, unit)?
+                per_unit_first(&main, unit)
             }
             _ => None,
         };
@@ -372,16 +372,10 @@ const UNIT_GROUP: &str = "__tre_unit";
 ///
 /// `None` when an aggregate is not one of these, or the result's columns
 /// would differ from `agg`'s in name or type; the caller then runs `agg`.
-pub(crate) fn per_unit_first(
-    agg: &LogicalPlan,
-    unit: &Column,
-) -> Result<Option<LogicalPlan>, QueryError> {
+pub(crate) fn per_unit_first(agg: &LogicalPlan, unit: &Column) -> Option<LogicalPlan> {
     use datafusion::functions_aggregate::expr_fn::sum;
     let LogicalPlan::Aggregate(agg) = agg else {
-        return Ok(None);
-    };
-    let internal = |e: datafusion::error::DataFusionError| {
-        QueryError::Internal(format!("building the per-patient aggregate: {e}"))
+        return None;
     };
     /// How the outer aggregate combines an inner (per-patient) column.
     enum Outer {
@@ -397,32 +391,36 @@ pub(crate) fn per_unit_first(
     let mut outer_of: Vec<(String, Outer)> = Vec::new();
     for (i, e) in agg.aggr_expr.iter().enumerate() {
         let Expr::Alias(alias) = e else {
-            return Ok(None);
+            return None;
         };
         let Expr::AggregateFunction(f) = alias.expr.as_ref() else {
-            return Ok(None);
+            return None;
         };
         let p = &f.params;
         if p.filter.is_some() || !p.order_by.is_empty() || p.args.len() != 1 {
-            return Ok(None);
+            return None;
         }
         let arg = p.args[0].clone();
-        let inner_name = format!("__p{i}");
+        let inner_name = format!("__tre_p{i}");
         let (inner, outer) = match (f.func.name(), p.distinct) {
             ("count", true) if counts_only_the_unit(&arg, unit) => (count(arg), Outer::Touched),
             ("count", false) => (count(arg), Outer::SumOfCounts),
             ("sum", false) => (sum(arg), Outer::Sum),
-            _ => return Ok(None),
+            _ => return None,
         };
         inner_aggs.push(inner.alias(inner_name));
         outer_of.push((alias.name.clone(), outer));
     }
     let mut inner_groups = vec![Expr::Column(unit.clone()).alias(UNIT_GROUP)];
     inner_groups.extend(agg.group_expr.iter().cloned());
-    let inner = LogicalPlanBuilder::from(Arc::clone(&agg.input))
+    // A plan that cannot be built this way (a key named like an inner
+    // column) runs as it is: this form saves memory, it changes no value.
+    let Ok(inner) = LogicalPlanBuilder::from(Arc::clone(&agg.input))
         .aggregate(inner_groups, inner_aggs)
         .and_then(|b| b.build())
-        .map_err(internal)?;
+    else {
+        return None;
+    };
     let fields = inner.schema().columns();
     let outer_groups: Vec<Expr> = fields[1..=agg.group_expr.len()]
         .iter()
@@ -432,7 +430,7 @@ pub(crate) fn per_unit_first(
         .into_iter()
         .enumerate()
         .map(|(i, (name, outer))| {
-            let c = col(format!("__p{i}"));
+            let c = col(format!("__tre_p{i}"));
             match outer {
                 Outer::Sum => sum(c),
                 Outer::SumOfCounts => {
@@ -447,17 +445,19 @@ pub(crate) fn per_unit_first(
             .alias(name)
         })
         .collect();
-    let outer = LogicalPlanBuilder::from(inner)
+    let Ok(outer) = LogicalPlanBuilder::from(inner)
         .aggregate(outer_groups, outer_aggs)
         .and_then(|b| b.build())
-        .map_err(internal)?;
+    else {
+        return None;
+    };
     let same_columns = |a: &DFSchemaRef, b: &DFSchemaRef| {
         a.fields().len() == b.fields().len()
             && a.iter().zip(b.iter()).all(|((qa, fa), (qb, fb))| {
                 qa == qb && fa.name() == fb.name() && fa.data_type() == fb.data_type()
             })
     };
-    Ok(same_columns(outer.schema(), &agg.schema).then_some(outer))
+    same_columns(outer.schema(), &agg.schema).then_some(outer)
 }
 
 /// `arg` is the unit, or the unit behind a filter (`CASE WHEN f THEN unit
