@@ -146,7 +146,8 @@ impl PhysicalOptimizerRule for MergeJoinOrderedInputs {
             ) else {
                 return Ok(Transformed::no(node));
             };
-            let merge: Arc<dyn ExecutionPlan> = Arc::new(SortMergeJoinExec::try_new(
+            // A join type the merge join does not take stays a hash join.
+            let Ok(merge) = SortMergeJoinExec::try_new(
                 left,
                 right,
                 join.on().to_vec(),
@@ -154,11 +155,17 @@ impl PhysicalOptimizerRule for MergeJoinOrderedInputs {
                 *join.join_type(),
                 vec![ascending; join.on().len()],
                 join.null_equality(),
-            )?);
+            ) else {
+                return Ok(Transformed::no(node));
+            };
+            let merge: Arc<dyn ExecutionPlan> = Arc::new(merge);
             let Some(projection) = &join.projection else {
                 return Ok(Transformed::yes(merge));
             };
             let schema = merge.schema();
+            if projection.iter().any(|&i| i >= schema.fields().len()) {
+                return Ok(Transformed::no(node));
+            }
             let exprs = projection
                 .iter()
                 .map(|&i| {
