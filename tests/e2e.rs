@@ -840,6 +840,23 @@ async fn a_quantile_and_its_counts_are_read_in_one_pass() {
     }
 }
 
+/// The physical plans of every plan that reads data for `sql`, compiled
+/// under `budget`, as DataFusion displays them (issue #13's plan shapes).
+async fn physical_plans_of(
+    engine: &tre_query::Engine,
+    sql: &str,
+    budget: tre_query::Budget,
+) -> Vec<String> {
+    let plan = engine
+        .compile(sql, budget)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    engine
+        .physical_plans(&plan)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
 /// Issue #13: bounding groups per patient (key selection) and rows per
 /// patient (a policy tighter than the stored bound) are windows partitioned
 /// by the unit. Over extracts sorted by the unit they sort only within each
@@ -872,14 +889,7 @@ async fn bounding_per_patient_sorts_within_each_patient() {
         let budget = engine
             .budget(Some(1.0), Some(1e-6))
             .unwrap_or_else(|e| panic!("{e}"));
-        let plan = engine
-            .compile(sql, budget)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
-        let plans = engine
-            .physical_plans(&plan)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let plans = physical_plans_of(&engine, sql, budget).await;
         assert!(!plans.is_empty());
         let all = plans.join("\n");
         assert!(all.contains("PartialSortExec"), "{sql}:\n{all}");
@@ -966,15 +976,7 @@ async fn joins_on_the_unit_merge_their_ordered_inputs() {
         FROM patients p JOIN admissions a ON p.person_id = a.person_id \
         JOIN icd10_codes c ON a.primary_diagnosis = c.code \
         GROUP BY p.region, a.admission_method";
-    let plan = engine
-        .compile(sql, budget)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let all = engine
-        .physical_plans(&plan)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-        .join("\n");
+    let all = physical_plans_of(&engine, sql, budget).await.join("\n");
     let joins: Vec<&str> = all
         .lines()
         .map(str::trim_start)
@@ -1130,14 +1132,7 @@ async fn distinct_patients_stream_in_the_unit_order() {
          FROM patients p JOIN admissions a ON p.person_id = a.person_id GROUP BY p.region",
         "SELECT primary_diagnosis, COUNT(*) AS n FROM admissions GROUP BY primary_diagnosis",
     ] {
-        let plan = engine
-            .compile(sql, budget)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
-        let all = engine
-            .physical_plans(&plan)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let all = physical_plans_of(&engine, sql, budget).await;
         // The executed plan (the last that groups by the unit) streams.
         let executed: Vec<&String> = all.iter().filter(|p| p.contains("__tre_unit")).collect();
         assert!(!executed.is_empty(), "{sql}:\n{}", all.join("\n"));

@@ -199,9 +199,7 @@ impl Sandbox {
             .with_config(config)
             .with_runtime_env(runtime)
             .with_default_features()
-            .with_physical_optimizer_rule(Arc::new(crate::stream::MergeJoinOrderedInputs))
-            .with_physical_optimizer_rule(Arc::new(crate::stream::SortWithinOrderedRuns))
-            .with_physical_optimizer_rule(Arc::new(crate::stream::StreamOrderedAggregates))
+            .with_physical_optimizer_rule(Arc::new(crate::stream::StreamInUnitOrder))
             .build();
         let ctx = SessionContext::new_with_state(state);
         // Table functions could multiply rows or read files: none are offered.
