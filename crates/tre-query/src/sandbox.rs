@@ -405,6 +405,9 @@ impl EncryptionFactory for VaultFactory {
 #[derive(Debug)]
 pub(crate) struct PeakPool {
     inner: FairSpillPool,
+    /// What is reserved now, counted here rather than read under the inner
+    /// pool's lock, since every reservation of every operator passes by.
+    held: std::sync::atomic::AtomicUsize,
     peak: std::sync::atomic::AtomicUsize,
 }
 
@@ -412,13 +415,18 @@ impl PeakPool {
     fn new(bytes: usize) -> Self {
         Self {
             inner: FairSpillPool::new(bytes),
+            held: std::sync::atomic::AtomicUsize::new(0),
             peak: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
-    fn note(&self) {
-        self.peak
-            .fetch_max(self.inner.reserved(), std::sync::atomic::Ordering::Relaxed);
+    fn grew(&self, additional: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self
+            .held
+            .fetch_add(additional, Relaxed)
+            .saturating_add(additional);
+        self.peak.fetch_max(now, Relaxed);
     }
 
     /// The most `ctx`'s pool held at once, when it is a `PeakPool`.
@@ -451,16 +459,18 @@ impl MemoryPool for PeakPool {
 
     fn grow(&self, reservation: &MemoryReservation, additional: usize) {
         self.inner.grow(reservation, additional);
-        self.note();
+        self.grew(additional);
     }
 
     fn shrink(&self, reservation: &MemoryReservation, shrink: usize) {
         self.inner.shrink(reservation, shrink);
+        self.held
+            .fetch_sub(shrink, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn try_grow(&self, reservation: &MemoryReservation, additional: usize) -> DfResult<()> {
         self.inner.try_grow(reservation, additional)?;
-        self.note();
+        self.grew(additional);
         Ok(())
     }
 
