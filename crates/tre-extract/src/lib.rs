@@ -2,8 +2,9 @@
 //! [`ExtractWriter`]. The writer checks that rows arrive in privacy-unit
 //! order (it sorts nothing), keeps at most `max_rows_per_unit` rows per unit
 //! (chosen uniformly at random by a CSPRNG, so that the bound biases no
-//! estimate), and records what it enforced, the [`Layout`], in the file's
-//! footer. Served extracts are encrypted with the footer encrypted: AES-GCM
+//! estimate), stores each range of units it is given in row groups of its
+//! own ([`UnitRanges`]), and records what it enforced, the [`Layout`], in
+//! the file's footer. Served extracts are encrypted with the footer encrypted: AES-GCM
 //! under a data key that only the master key unwraps, with the file identity
 //! bound in as AAD. So a layout that authenticates was written by this code,
 //! and the order and the bound are facts the writer checked, not claims a
@@ -66,6 +67,8 @@ pub enum ExtractError {
     ZeroBound { path: String },
     #[error("{code} {path}: opt-outs can be removed only where {unit} is text", code = self.code())]
     TextUnitsOnly { path: String, unit: String },
+    #[error("{code} {path}: unit ranges need text units and strictly ascending splits", code = self.code())]
+    BadUnitRanges { path: String },
     #[error("{code} extract {file} is not encrypted with an encrypted footer; only extracts tre wrote encrypted are served", code = self.code())]
     NotEncrypted { file: String },
     #[error("{code} extract {file} has no tre layout (order and rows per unit); write it again with `tre dataset generate`", code = self.code())]
@@ -85,6 +88,7 @@ impl ExtractError {
             | ExtractError::NoUnitColumn { .. }
             | ExtractError::ZeroBound { .. }
             | ExtractError::TextUnitsOnly { .. }
+            | ExtractError::BadUnitRanges { .. }
             | ExtractError::NotEncrypted { .. }
             | ExtractError::NoLayout { .. } => Code::ExtractLayout,
             ExtractError::Vault(e) => e.code(),
@@ -121,6 +125,44 @@ pub struct Layout {
     /// The opt-outs removed when the extract was written, if any.
     #[serde(default)]
     pub opt_outs_removed: Option<OptOutsRemoved>,
+    /// Where each range of units starts, if the writer was given ranges.
+    #[serde(default)]
+    pub unit_ranges: Option<UnitRanges>,
+}
+
+/// Ranges of the unit's values, each stored in row groups of its own
+/// (issue #13). Range `r` holds the units `u` with
+/// `splits[r-1] <= u < splits[r]` (unbounded at either end), in row groups
+/// `first_row_group[r]..first_row_group[r+1]` (to the file's last for the
+/// last range). Every table of a dataset written with the same splits is
+/// partitioned alike, so a reader can give each worker the same ranges of
+/// every table: work per patient and joins on the unit then need no
+/// exchange of rows between workers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnitRanges {
+    pub splits: Vec<String>,
+    pub first_row_group: Vec<u64>,
+}
+
+impl UnitRanges {
+    /// The row groups of ranges `ranges`, in a file of `row_groups` row
+    /// groups; `None` if the recorded starts do not fit that file.
+    pub fn row_groups(
+        &self,
+        ranges: std::ops::Range<usize>,
+        row_groups: usize,
+    ) -> Option<std::ops::Range<usize>> {
+        let start = |r: usize| -> Option<usize> {
+            if r == self.first_row_group.len() {
+                Some(row_groups)
+            } else {
+                usize::try_from(*self.first_row_group.get(r)?).ok()
+            }
+        };
+        let (from, to) = (start(ranges.start)?, start(ranges.end)?);
+        (from <= to && to <= row_groups).then_some(from..to)
+    }
 }
 
 /// Opted-out patients whose rows the writer left out (issue #13): the
@@ -174,6 +216,8 @@ pub struct ExtractWriter {
     layout: Layout,
     /// Units whose rows are left out (opted out).
     excluded: Option<Arc<HashSet<String>>>,
+    /// The next range's index, while unit ranges are being written.
+    next_range: usize,
 }
 
 impl ExtractWriter {
@@ -236,8 +280,10 @@ impl ExtractWriter {
                 units: 0,
                 rows_dropped: 0,
                 opt_outs_removed: None,
+                unit_ranges: None,
             },
             excluded: None,
+            next_range: 1,
         })
     }
 
@@ -249,11 +295,7 @@ impl ExtractWriter {
         opted_out: Arc<HashSet<String>>,
         source: &str,
     ) -> Result<Self, ExtractError> {
-        use arrow::datatypes::DataType;
-        if !matches!(
-            self.schema.field(self.unit_index).data_type(),
-            DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8
-        ) {
+        if !self.text_units() {
             return Err(ExtractError::TextUnitsOnly {
                 path: self.shown(),
                 unit: self.layout.sorted_by.clone(),
@@ -267,6 +309,28 @@ impl ExtractWriter {
         });
         self.excluded = Some(opted_out);
         Ok(self)
+    }
+
+    /// Store the units below each of `splits` (strictly ascending) in row
+    /// groups apart from the units at or above it, and record where each
+    /// range starts (see [`UnitRanges`]). Only text units can be split.
+    pub fn with_unit_ranges(mut self, splits: Vec<String>) -> Result<Self, ExtractError> {
+        if !self.text_units() || splits.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(ExtractError::BadUnitRanges { path: self.shown() });
+        }
+        self.layout.unit_ranges = Some(UnitRanges {
+            splits,
+            first_row_group: vec![0],
+        });
+        Ok(self)
+    }
+
+    fn text_units(&self) -> bool {
+        use arrow::datatypes::DataType;
+        matches!(
+            self.schema.field(self.unit_index).data_type(),
+            DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8
+        )
     }
 
     /// Write `batch`, whose rows continue the unit order of earlier batches.
@@ -331,6 +395,15 @@ impl ExtractWriter {
             self.keep_unit(&column, 0, held.num_rows(), &mut keep);
             self.write_rows(&held, keep)?;
         }
+        // Ranges past the last unit are empty: they start at the end.
+        if let Some(ranges) = &mut self.layout.unit_ranges {
+            self.writer.flush().map_err(|e| ExtractError::Write {
+                path: self.path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            let end = self.writer.flushed_row_groups().len() as u64;
+            ranges.first_row_group.resize(ranges.splits.len() + 1, end);
+        }
         let json = serde_json::to_string(&self.layout).map_err(|e| self.err(&e))?;
         self.writer
             .append_key_value_metadata(KeyValue::new(LAYOUT_KEY.to_owned(), json));
@@ -349,18 +422,11 @@ impl ExtractWriter {
     /// unit opted out.
     fn keep_unit(&mut self, units: &ArrayRef, start: usize, end: usize, keep: &mut Vec<u64>) {
         let n = end - start;
-        if let (Some(set), Some(removed)) = (&self.excluded, &mut self.layout.opt_outs_removed) {
-            let unit = if let Some(a) = units.as_string_opt::<i32>() {
-                Some(a.value(start))
-            } else if let Some(a) = units.as_string_view_opt() {
-                Some(a.value(start))
-            } else {
-                units.as_string_opt::<i64>().map(|a| a.value(start))
-            };
-            if unit.is_some_and(|u| set.contains(u)) {
-                removed.rows += n as u64;
-                return;
-            }
+        if let (Some(set), Some(removed)) = (&self.excluded, &mut self.layout.opt_outs_removed)
+            && unit_text(units, start).is_some_and(|u| set.contains(u))
+        {
+            removed.rows += n as u64;
+            return;
         }
         let bound = self.layout.max_rows_per_unit as usize;
         self.layout.units += 1;
@@ -385,7 +451,39 @@ impl ExtractWriter {
         } else {
             take_record_batch(batch, &UInt64Array::from(keep)).map_err(|e| self.err(&e))?
         };
-        self.writer.write(&rows).map_err(|e| self.err(&e))
+        let Some(ranges) = &self.layout.unit_ranges else {
+            return self.writer.write(&rows).map_err(|e| self.err(&e));
+        };
+        // Cut a row group wherever the units reach the next split. The
+        // rows are in unit order, so each split is a partition point.
+        let units = Arc::clone(rows.column(self.unit_index));
+        let n = rows.num_rows();
+        let mut splits = ranges.splits.clone().into_iter().skip(self.next_range - 1);
+        let mut from = 0;
+        for split in splits.by_ref() {
+            let at = first_at_or_above(&units, from, n, &split);
+            if at == n {
+                break;
+            }
+            if at > from {
+                self.writer
+                    .write(&rows.slice(from, at - from))
+                    .map_err(|e| self.err(&e))?;
+            }
+            self.writer.flush().map_err(|e| self.err(&e))?;
+            let start = self.writer.flushed_row_groups().len() as u64;
+            if let Some(ranges) = &mut self.layout.unit_ranges {
+                ranges.first_row_group.push(start);
+            }
+            self.next_range += 1;
+            from = at;
+        }
+        if from < n {
+            self.writer
+                .write(&rows.slice(from, n - from))
+                .map_err(|e| self.err(&e))?;
+        }
+        Ok(())
     }
 
     fn shown(&self) -> String {
@@ -407,11 +505,39 @@ impl ExtractWriter {
     }
 }
 
+/// The text of a text unit at row `i`.
+fn unit_text(units: &ArrayRef, i: usize) -> Option<&str> {
+    if let Some(a) = units.as_string_opt::<i32>() {
+        Some(a.value(i))
+    } else if let Some(a) = units.as_string_view_opt() {
+        Some(a.value(i))
+    } else {
+        units.as_string_opt::<i64>().map(|a| a.value(i))
+    }
+}
+
+/// The first row in `from..to` whose unit is at or above `split`, or `to`;
+/// the units in that span are ascending.
+fn first_at_or_above(units: &ArrayRef, from: usize, to: usize, split: &str) -> usize {
+    let (mut lo, mut hi) = (from, to);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if unit_text(units, mid).is_some_and(|u| u < split) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
 /// An extract as the server sees it before serving it.
 #[derive(Debug, Clone)]
 pub struct Opened {
     pub schema: SchemaRef,
     pub layout: Layout,
+    /// Row groups in the file, for placing `layout.unit_ranges`.
+    pub row_groups: usize,
 }
 
 /// Open the encrypted extract at `path`, whose identity is `file_id`, and
@@ -450,7 +576,12 @@ pub fn open(path: &Path, file_id: &str, master: &Arc<MasterKey>) -> Result<Opene
     if schema.index_of(&layout.sorted_by).is_err() {
         return Err(ExtractError::NoLayout { file: shown });
     }
-    Ok(Opened { schema, layout })
+    let row_groups = builder.metadata().num_row_groups();
+    Ok(Opened {
+        schema,
+        layout,
+        row_groups,
+    })
 }
 
 /// A reader of the encrypted extract at `path`, whose identity is

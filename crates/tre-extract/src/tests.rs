@@ -90,6 +90,7 @@ fn units_split_across_batches_are_bounded_as_one() {
             units: 3,
             rows_dropped: 2,
             opt_outs_removed: None,
+            unit_ranges: None,
         }
     );
     let written = read(&path, &master);
@@ -100,6 +101,65 @@ fn units_split_across_batches_are_bounded_as_one() {
     let opened = open(&path, "d/t.parquet", &master).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(opened.layout, layout);
     assert_eq!(opened.schema.fields().len(), 2);
+}
+
+/// Issue #13: each range of units is stored in row groups of its own, and
+/// the layout says where each range starts, so that a reader can give
+/// every worker whole units, the same ranges of every table.
+#[test]
+fn each_unit_range_is_stored_in_row_groups_of_its_own() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let path = dir.path().join("t.parquet");
+    let master = master();
+    let splits: Vec<String> = ["b", "d", "e", "x", "y"].map(String::from).into();
+    let mut w = writer(&path, 3, &master)
+        .with_unit_ranges(splits.clone())
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Units a, b, bb, c, e1, e2, z: range "d".."e" is empty, and so are
+    // "x".."y" and "y"..; a unit equal to a split starts its range; c's
+    // rows span a batch boundary.
+    for batch in [
+        rows(&[(Some("a"), 0), (Some("a"), 1), (Some("b"), 2)]),
+        rows(&[(Some("bb"), 3), (Some("c"), 4)]),
+        rows(&[(Some("c"), 5), (Some("e1"), 6), (Some("e2"), 7)]),
+        rows(&[(Some("z"), 8)]),
+    ] {
+        w.write(&batch).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let layout = w.close().unwrap_or_else(|e| panic!("{e}"));
+    let Some(ranges) = layout.unit_ranges.clone() else {
+        panic!("no ranges recorded");
+    };
+    assert_eq!(ranges.splits, splits);
+    let opened = open(&path, "d/t.parquet", &master).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(opened.layout, layout);
+    let expected: [&[&str]; 6] = [&["a"], &["b", "bb", "c"], &[], &["e1", "e2"], &[], &["z"]];
+    for (r, want) in expected.iter().enumerate() {
+        let Some(groups) = ranges.row_groups(r..r + 1, opened.row_groups) else {
+            panic!("range {r} does not fit the file: {ranges:?}");
+        };
+        let file = File::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let options = ArrowReaderOptions::new().with_file_decryption_properties(
+            master
+                .file_decryption("d/t.parquet")
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
+        let mut got: Vec<String> = Vec::new();
+        for batch in ParquetRecordBatchReaderBuilder::try_new_with_options(file, options)
+            .and_then(|b| b.with_row_groups(groups.clone().collect()).build())
+            .unwrap_or_else(|e| panic!("{e}"))
+        {
+            let batch = batch.unwrap_or_else(|e| panic!("{e}"));
+            let units = batch.column(0).as_string::<i32>();
+            got.extend(units.iter().flatten().map(str::to_owned));
+        }
+        got.dedup();
+        assert_eq!(got, want.to_vec(), "range {r}: row groups {groups:?}");
+    }
+    // Splits out of order, or over a unit that is not text, are refused.
+    let refused = writer(&dir.path().join("u.parquet"), 3, &master)
+        .with_unit_ranges(vec!["b".into(), "b".into()]);
+    assert!(matches!(refused, Err(ExtractError::BadUnitRanges { .. })));
 }
 
 #[test]

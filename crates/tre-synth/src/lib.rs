@@ -284,7 +284,8 @@ pub fn generate(
             bound,
             protection,
             sampler_seed,
-        )?;
+        )?
+        .with_unit_ranges(pseudonym_splits())?;
         if remove_opt_outs && table != "patients" {
             w = w.excluding(Arc::clone(&opted_out), OPT_OUT_COLUMN)?;
         }
@@ -388,6 +389,14 @@ fn pseudonym_order(
     })?;
     keys.sort_unstable();
     Ok((keys, opted_out))
+}
+
+/// Splits of the pseudonym space into 16 equal ranges, by first hex
+/// digit: every table is stored in the same ranges, so that a reader can
+/// give each worker whole patients of every table (issue #13). They are
+/// fixed by the pseudonym format, never chosen from the data.
+pub fn pseudonym_splits() -> Vec<String> {
+    (1..16).map(|d| format!("P{d:x}")).collect()
 }
 
 /// The 96 bits of a pseudonym `P<24 hex digits>`.
