@@ -1059,6 +1059,56 @@ async fn work_per_patient_exchanges_no_rows() {
     }
 }
 
+/// Issue #13: the compiler bounds what every plan of a query may reserve,
+/// on public facts only (the policy, the plans' shape, extract sizes
+/// rounded up to powers of two), and refuses for free, with `TRE-Q034`, a
+/// query whose bound exceeds its pool, instead of letting it fail after
+/// the charge. Key selection over a column with a cap the writer enforced
+/// is bounded by the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_that_could_outgrow_its_pool_is_refused_for_free() {
+    let f = fixture();
+    let open = |pool: u64| {
+        tre_e2e::engine_limited(
+            tre_e2e::policy(),
+            &f.data,
+            std::sync::Arc::clone(&f.master),
+            tre_query::Limits {
+                memory_bytes: pool as usize,
+                concurrent_queries: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let engine = open(1 << 30);
+    let budget = engine
+        .budget(Some(1.0), Some(1e-6))
+        .unwrap_or_else(|e| panic!("{e}"));
+    for sql in [
+        "SELECT primary_diagnosis, COUNT(*) AS n FROM admissions GROUP BY primary_diagnosis",
+        "SELECT p.region, a.admission_method, COUNT(*) AS n, AVG(a.length_of_stay_days) AS los \
+         FROM patients p JOIN admissions a ON p.person_id = a.person_id \
+         GROUP BY p.region, a.admission_method",
+    ] {
+        let bound = engine
+            .compile(sql, budget)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .memory_bound();
+        assert!(bound > 0, "{sql}");
+        // Within the pool exactly: accepted; a byte over: refused.
+        let at = open(bound).compile(sql, budget).await;
+        assert!(at.is_ok(), "{sql}: {at:?}");
+        let over = open(bound - 1).compile(sql, budget).await;
+        assert_eq!(
+            over.map(|_| ()).map_err(|e| e.code()),
+            Err(Code::TooMuchMemory),
+            "{sql}"
+        );
+    }
+}
+
 /// Issue #13: `COUNT(DISTINCT person_id)` per cell held a set of every
 /// patient of every cell (580 MB of a 1 GiB pool for the mean HbA1c at 10M
 /// patients; 666 MB for key selection's counts). The compiler runs it per

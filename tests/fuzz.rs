@@ -815,9 +815,27 @@ async fn generated_queries_are_sound() {
                 .iter()
                 .map(|p| neighbour_failures(&engine, &sql, budget, &plan, &full, p)),
         );
-        let (checks, released) = tokio::join!(checks, engine.execute(&plan));
+        // The release runs in a pool that remembers its peak: issue #13's
+        // memory bound must hold for every generated query.
+        let measured = async {
+            let admission = engine.admit("").await?;
+            let (released, peak) = engine.execute_measured(&plan, &admission).await;
+            Ok::<_, QueryError>((released?, peak))
+        };
+        let (checks, released) = tokio::join!(checks, measured);
         for (class, f) in checks.into_iter().flatten() {
             failures.entry(class).or_default().push(f);
+        }
+        if let Ok((_, peak)) = &released
+            && *peak as u64 > plan.memory_bound()
+        {
+            failures
+                .entry("memory above the compiler's bound")
+                .or_default()
+                .push(format!(
+                    "{sql}\n    peak {peak} B, bound {} B",
+                    plan.memory_bound()
+                ));
         }
         if let Err(e) = released {
             failures

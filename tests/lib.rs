@@ -177,6 +177,15 @@ pub fn write_extract(
         },
         [5; 32],
     )
+    .and_then(|w| {
+        w.with_distinct_caps(
+            spec(1, 1)
+                .distinct_caps
+                .get(table)
+                .cloned()
+                .unwrap_or_default(),
+        )
+    })
     .unwrap_or_else(|e| panic!("{e}"));
     w.write(&sorted).unwrap_or_else(|e| panic!("{e}"));
     w.close().unwrap_or_else(|e| panic!("{e}"));
@@ -203,9 +212,19 @@ pub fn engine_under(
     data: &std::path::Path,
     master: Arc<MasterKey>,
 ) -> Result<Engine, tre_query::QueryError> {
+    engine_limited(policy, data, master, Limits::default())
+}
+
+/// An engine serving `data` under `policy` within `limits`.
+pub fn engine_limited(
+    policy: Policy,
+    data: &std::path::Path,
+    master: Arc<MasterKey>,
+    limits: Limits,
+) -> Result<Engine, tre_query::QueryError> {
     let profile =
         Profile::from_toml("policies/sdc/nhs_sde.toml", NHS_SDE).unwrap_or_else(|e| panic!("{e}"));
-    Engine::open(policy, profile, data, master, Limits::default())
+    Engine::open(policy, profile, data, master, limits)
 }
 
 /// `sql` compiled at ε = 1 (no δ), with its budget; panics on a refusal.

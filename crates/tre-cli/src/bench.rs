@@ -143,6 +143,8 @@ struct Measured {
     /// Per suite query (DP side only): the most its memory pool held at
     /// once, bytes, over every run.
     pool_peaks: Vec<u64>,
+    /// Per suite query (DP side only): the compiler's bound on that, bytes.
+    memory_bounds: Vec<u64>,
 }
 
 impl Measured {
@@ -189,6 +191,7 @@ impl Measured {
                         .unwrap_or(0)
                 })
                 .collect(),
+            memory_bounds: first.memory_bounds.clone(),
         })
     }
 }
@@ -311,14 +314,16 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         "plain DataFusion ms",
         "DP / plain",
         "DP pool peak MiB",
+        "DP bound MiB",
     ]);
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
     let mut log_sum = 0.0;
-    for ((((title, _, _), (compile, dp_ms)), (_, plain_ms)), pool_peak) in suite
+    for (((((title, _, _), (compile, dp_ms)), (_, plain_ms)), pool_peak), bound) in suite
         .iter()
         .zip(&dp.queries)
         .zip(&plain_side.queries)
         .zip(&dp.pool_peaks)
+        .zip(&dp.memory_bounds)
     {
         let ratio = dp_ms / plain_ms;
         log_sum += ratio.ln();
@@ -329,6 +334,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             format!("{plain_ms:.1}"),
             format!("{ratio:.2}x"),
             format!("{:.1}", mib(*pool_peak)),
+            format!("{:.0}", mib(*bound)),
         ]);
     }
     println!("{t}");
@@ -398,6 +404,7 @@ async fn measure(
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let mut queries = Vec::new();
     let mut pool_peaks = Vec::new();
+    let mut memory_bounds = Vec::new();
     for (title, sql, epsilon) in suite() {
         let budget = Budget {
             epsilon: Epsilon::new(epsilon)?,
@@ -419,6 +426,7 @@ async fn measure(
                         eprintln!("{p}");
                     }
                 }
+                memory_bounds.push(engine.compile(sql, budget).await?.memory_bound());
                 let pool_peak = std::cell::Cell::new(0usize);
                 let dp = median(args.runs, || async {
                     let plan = engine.compile(sql, budget).await?;
@@ -481,6 +489,7 @@ async fn measure(
         scans,
         peak_rss: peak_rss(),
         pool_peaks,
+        memory_bounds,
     })
 }
 

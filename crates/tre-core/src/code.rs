@@ -96,6 +96,8 @@ codes! {
     QueryTooComplex = "TRE-Q032",
     /// Planning took longer than the compile limit.
     CompileTimeout = "TRE-Q033",
+    /// The query's plans could need more memory than a query may use.
+    TooMuchMemory = "TRE-Q034",
 
     // Budget.
     BudgetExhausted = "TRE-B001",

@@ -69,6 +69,14 @@ pub enum ExtractError {
     TextUnitsOnly { path: String, unit: String },
     #[error("{code} {path}: unit ranges need text units and strictly ascending splits", code = self.code())]
     BadUnitRanges { path: String },
+    #[error("{code} {path}: column {column} has more than {cap} distinct values, its policy's max_distinct; raise the cap or check the extract", code = self.code())]
+    TooManyDistinct {
+        path: String,
+        column: String,
+        cap: u64,
+    },
+    #[error("{code} {path}: max_distinct applies to a text column; {column} is not one", code = self.code())]
+    DistinctCapNotText { path: String, column: String },
     #[error("{code} extract {file} is not encrypted with an encrypted footer; only extracts tre wrote encrypted are served", code = self.code())]
     NotEncrypted { file: String },
     #[error("{code} extract {file} has no tre layout (order and rows per unit); write it again with `tre dataset generate`", code = self.code())]
@@ -89,6 +97,8 @@ impl ExtractError {
             | ExtractError::ZeroBound { .. }
             | ExtractError::TextUnitsOnly { .. }
             | ExtractError::BadUnitRanges { .. }
+            | ExtractError::TooManyDistinct { .. }
+            | ExtractError::DistinctCapNotText { .. }
             | ExtractError::NotEncrypted { .. }
             | ExtractError::NoLayout { .. } => Code::ExtractLayout,
             ExtractError::Vault(e) => e.code(),
@@ -128,6 +138,9 @@ pub struct Layout {
     /// Where each range of units starts, if the writer was given ranges.
     #[serde(default)]
     pub unit_ranges: Option<UnitRanges>,
+    /// Columns whose distinct non-null values the writer held to a cap.
+    #[serde(default)]
+    pub distinct_caps: std::collections::BTreeMap<String, u64>,
 }
 
 /// Ranges of the unit's values, each stored in row groups of its own
@@ -218,6 +231,8 @@ pub struct ExtractWriter {
     excluded: Option<Arc<HashSet<String>>>,
     /// The next range's index, while unit ranges are being written.
     next_range: usize,
+    /// Per capped column: its index, its cap, and the values seen so far.
+    distinct: Vec<(usize, u64, HashSet<String>)>,
 }
 
 impl ExtractWriter {
@@ -281,9 +296,11 @@ impl ExtractWriter {
                 rows_dropped: 0,
                 opt_outs_removed: None,
                 unit_ranges: None,
+                distinct_caps: std::collections::BTreeMap::new(),
             },
             excluded: None,
             next_range: 1,
+            distinct: Vec::new(),
         })
     }
 
@@ -322,6 +339,35 @@ impl ExtractWriter {
             splits,
             first_row_group: vec![0],
         });
+        Ok(self)
+    }
+
+    /// Refuse to write more than `cap` distinct non-null values of each
+    /// text column in `caps`, and record the caps in the layout: what the
+    /// compiler bounds the memory of grouping by such a column with.
+    pub fn with_distinct_caps(
+        mut self,
+        caps: impl IntoIterator<Item = (String, u64)>,
+    ) -> Result<Self, ExtractError> {
+        use arrow::datatypes::DataType;
+        for (column, cap) in caps {
+            let index = self
+                .schema
+                .index_of(&column)
+                .ok()
+                .filter(|&i| {
+                    matches!(
+                        self.schema.field(i).data_type(),
+                        DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8
+                    )
+                })
+                .ok_or_else(|| ExtractError::DistinctCapNotText {
+                    path: self.shown(),
+                    column: column.clone(),
+                })?;
+            self.distinct.push((index, cap, HashSet::new()));
+            self.layout.distinct_caps.insert(column, cap);
+        }
         Ok(self)
     }
 
@@ -451,6 +497,7 @@ impl ExtractWriter {
         } else {
             take_record_batch(batch, &UInt64Array::from(keep)).map_err(|e| self.err(&e))?
         };
+        self.count_distinct(&rows)?;
         let Some(ranges) = &self.layout.unit_ranges else {
             return self.writer.write(&rows).map_err(|e| self.err(&e));
         };
@@ -486,6 +533,33 @@ impl ExtractWriter {
         Ok(())
     }
 
+    /// Add `rows`' values of the capped columns to those seen; past a
+    /// cap, the extract is refused. The sets hold at most the caps.
+    fn count_distinct(&mut self, rows: &RecordBatch) -> Result<(), ExtractError> {
+        for k in 0..self.distinct.len() {
+            let (index, cap, _) = self.distinct[k];
+            let column = Arc::clone(rows.column(index));
+            for i in 0..rows.num_rows() {
+                let Some(value) = column.is_valid(i).then(|| unit_text(&column, i)).flatten()
+                else {
+                    continue;
+                };
+                let seen = &mut self.distinct[k].2;
+                if !seen.contains(value) {
+                    if seen.len() as u64 >= cap {
+                        return Err(ExtractError::TooManyDistinct {
+                            path: self.shown(),
+                            column: self.schema.field(index).name().clone(),
+                            cap,
+                        });
+                    }
+                    seen.insert(value.to_owned());
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn shown(&self) -> String {
         self.path.display().to_string()
     }
@@ -505,7 +579,7 @@ impl ExtractWriter {
     }
 }
 
-/// The text of a text unit at row `i`.
+/// The text at row `i` of a text column (the unit, or a capped column).
 fn unit_text(units: &ArrayRef, i: usize) -> Option<&str> {
     if let Some(a) = units.as_string_opt::<i32>() {
         Some(a.value(i))

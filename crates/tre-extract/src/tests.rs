@@ -91,6 +91,7 @@ fn units_split_across_batches_are_bounded_as_one() {
             rows_dropped: 2,
             opt_outs_removed: None,
             unit_ranges: None,
+            distinct_caps: BTreeMap::new(),
         }
     );
     let written = read(&path, &master);
@@ -160,6 +161,36 @@ fn each_unit_range_is_stored_in_row_groups_of_its_own() {
     let refused = writer(&dir.path().join("u.parquet"), 3, &master)
         .with_unit_ranges(vec!["b".into(), "b".into()]);
     assert!(matches!(refused, Err(ExtractError::BadUnitRanges { .. })));
+}
+
+/// Issue #13: a column without a public domain may have at most its
+/// policy's `max_distinct` values; the writer enforces it (NULL aside) and
+/// records it, and the compiler bounds grouping by it with that cap.
+#[test]
+fn distinct_values_are_held_to_their_cap() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let master = master();
+    let write = |cap: u64| {
+        let path = dir.path().join(format!("cap{cap}.parquet"));
+        let mut w =
+            writer(&path, 5, &master).with_distinct_caps([("person_id".to_owned(), cap)])?;
+        w.write(&rows(&[(Some("a"), 0), (Some("a"), 1), (Some("b"), 2)]))?;
+        w.write(&rows(&[(Some("c"), 3)]))?;
+        w.close()
+    };
+    let layout = write(3).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(layout.distinct_caps.get("person_id"), Some(&3));
+    assert!(matches!(
+        write(2),
+        Err(ExtractError::TooManyDistinct { cap: 2, .. })
+    ));
+    assert!(!dir.path().join("cap2.parquet").exists());
+    let not_text = writer(&dir.path().join("n.parquet"), 5, &master)
+        .with_distinct_caps([("seq".to_owned(), 9)]);
+    assert!(matches!(
+        not_text,
+        Err(ExtractError::DistinctCapNotText { .. })
+    ));
 }
 
 #[test]

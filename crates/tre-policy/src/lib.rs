@@ -147,6 +147,10 @@ pub struct ColumnPolicy {
     pub name: String,
     pub description: String,
     pub class: ColumnClass,
+    /// For a categorical column without a public domain: the most distinct
+    /// values it may hold, enforced by the extract writer. Bounds the
+    /// memory of grouping by it (issue #13).
+    pub max_distinct: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

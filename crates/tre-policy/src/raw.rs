@@ -113,6 +113,7 @@ struct RawColumn {
     description: String,
     values: Option<Vec<DomainValue>>,
     bounds: Option<Vec<toml::Value>>,
+    max_distinct: Option<i64>,
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> Invalid {
@@ -365,10 +366,31 @@ impl RawTable {
             let raw: RawColumn = value
                 .try_into()
                 .map_err(|e: toml::de::Error| invalid(&cfield, e.message().to_owned()))?;
+            let max_distinct = match raw.max_distinct {
+                None => None,
+                Some(n) if raw.class == "categorical" && raw.values.is_none() => Some(
+                    u64::try_from(n)
+                        .ok()
+                        .filter(|n| (1..=100_000_000).contains(n))
+                        .ok_or_else(|| {
+                            invalid(
+                                format!("{cfield}.max_distinct"),
+                                format!("must be between 1 and 100000000, got {n}"),
+                            )
+                        })?,
+                ),
+                Some(_) => {
+                    return Err(invalid(
+                        format!("{cfield}.max_distinct"),
+                        "only a categorical column without public values takes max_distinct",
+                    ));
+                }
+            };
             columns.push(ColumnPolicy {
                 name: cname,
                 description: raw.description.clone(),
                 class: raw.validate(&cfield)?,
+                max_distinct,
             });
         }
         match columns.iter().find(|c| c.name == unit) {

@@ -139,6 +139,23 @@ fn invalid_policies_name_the_field() {
             "privacy_unit = \"pid\"",
             "tables.patients.columns",
         ),
+        // Issue #13: a cap on distinct values is for a column without a
+        // public domain, and is at least one.
+        (
+            "values = [\"F\", \"M\"] }",
+            "values = [\"F\", \"M\"], max_distinct = 2 }",
+            "tables.patients.columns.sex.max_distinct",
+        ),
+        (
+            "{ class = \"numeric\", bounds = [1900, 2024] }",
+            "{ class = \"numeric\", bounds = [1900, 2024], max_distinct = 9 }",
+            "tables.patients.columns.yob.max_distinct",
+        ),
+        (
+            "columns.sex = { class = \"categorical\", values = [\"F\", \"M\"] }",
+            "columns.sex = { class = \"categorical\", max_distinct = 0 }",
+            "tables.patients.columns.sex.max_distinct",
+        ),
     ];
     for (from, to, field) in cases {
         assert!(BASE.contains(from), "{from}");

@@ -28,6 +28,7 @@ use tre_vault::MasterKey;
 mod compile;
 mod execute;
 mod functions;
+mod memory;
 mod reference;
 mod release;
 mod sandbox;
@@ -361,10 +362,22 @@ impl Engine {
         let sql = sql.to_owned();
         let extracts = self.extracts(Vec::new());
         let work = async move {
-            let plan =
+            let mut plan =
                 compile::compile(&ctx, &policy, &reference, &limits, &sql, budget, &extracts)
                     .await?;
-            execute::preflight(&ctx, &plan, exact_rules).await?;
+            plan.memory_bound = execute::preflight(&ctx, &plan, exact_rules).await?;
+            let pool = limits.memory_per_query() as u64;
+            if plan.memory_bound > pool {
+                return Err(QueryError::refused(
+                    Code::TooMuchMemory,
+                    format!(
+                        "the query could need up to {} MiB, more than the {} MiB one query may use; group by fewer keys or keys with a public domain, and join private tables on {}",
+                        plan.memory_bound.div_ceil(1 << 20),
+                        pool >> 20,
+                        policy.privacy_unit
+                    ),
+                ));
+            }
             Ok(plan)
         };
         match self.runtime.run(self.limits.compile_timeout, work).await {

@@ -86,6 +86,7 @@ impl Sandbox {
         let mut bounded_at_write = BTreeSet::new();
         let mut layouts = Vec::new();
         let mut row_groups = Vec::new();
+        let mut sizes = crate::compile::Sizes::default();
         for (name, table) in &policy.tables {
             let path = data_dir.join(format!("{name}.parquet"));
             let file_id = format!("{dataset}/{name}.parquet");
@@ -95,6 +96,30 @@ impl Sandbox {
             check_schema(policy, name, table, &schema, &shown)?;
             let layout = opened.layout;
             row_groups.push(opened.row_groups);
+            // Grouping by a column without a public domain is bounded in
+            // memory by its cap, so the cap must be a fact the writer
+            // enforced, not only the policy's word.
+            for column in &table.columns {
+                let Some(cap) = column.max_distinct else {
+                    continue;
+                };
+                if layout
+                    .distinct_caps
+                    .get(&column.name)
+                    .is_none_or(|&c| c > cap)
+                {
+                    return Err(QueryError::Setup {
+                        code: Code::ExtractLayout,
+                        message: format!(
+                            "extract {shown} was not written holding {} to the policy's max_distinct ({cap}); write it again with `tre dataset generate`",
+                            column.name
+                        ),
+                    });
+                }
+            }
+            sizes.units = sizes.units.max(layout.units.next_power_of_two());
+            sizes.rows = sizes.rows.max(layout.rows.next_power_of_two());
+            sizes.unit_rows = sizes.unit_rows.max(u64::from(layout.max_rows_per_unit));
             if layout.sorted_by != policy.privacy_unit {
                 return Err(QueryError::Setup {
                     code: Code::ExtractLayout,
@@ -159,6 +184,7 @@ impl Sandbox {
                 bounded_at_write,
                 opt_outs_removed,
                 excluded: Vec::new(),
+                sizes,
             },
             opted_out,
         })
@@ -206,6 +232,13 @@ impl Sandbox {
         // grouping that includes the unit: a per-patient aggregate by
         // (unit, key) then needs no repartition of rows either.
         config.options_mut().optimizer.subset_repartition_threshold = 1;
+        // A partial aggregate that sees mostly distinct keys would pass
+        // its rows on unaggregated; the memory bound (`crate::memory`)
+        // counts on it emitting at most its groups.
+        config
+            .options_mut()
+            .execution
+            .skip_partial_aggregation_probe_rows_threshold = usize::MAX;
         let state = datafusion::execution::SessionStateBuilder::new()
             .with_config(config)
             .with_runtime_env(runtime)

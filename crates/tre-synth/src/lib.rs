@@ -178,6 +178,9 @@ pub struct Spec {
     /// Years of history ending in 2024: admissions, lab results, referrals
     /// and prescriptions are generated for each (issue #13).
     pub years: u32,
+    /// Per table, the columns whose distinct values the writer holds to
+    /// the policy's `max_distinct`.
+    pub distinct_caps: BTreeMap<String, Vec<(String, u64)>>,
 }
 
 impl Spec {
@@ -199,6 +202,18 @@ impl Spec {
                 .as_ref()
                 .is_some_and(|o| o.to_string() == OPT_OUT_COLUMN),
             years,
+            distinct_caps: policy
+                .tables
+                .iter()
+                .map(|(name, t)| {
+                    let caps = t
+                        .columns
+                        .iter()
+                        .filter_map(|c| Some((c.name.clone(), c.max_distinct?)))
+                        .collect();
+                    (name.clone(), caps)
+                })
+                .collect(),
         }
     }
 }
@@ -232,6 +247,7 @@ pub fn generate(
         ref max_rows_per_unit,
         remove_opt_outs,
         years,
+        ref distinct_caps,
     } = *spec;
     if !(1..=MAX_YEARS).contains(&years) {
         return Err(SynthError::Years { years });
@@ -285,7 +301,8 @@ pub fn generate(
             protection,
             sampler_seed,
         )?
-        .with_unit_ranges(pseudonym_splits())?;
+        .with_unit_ranges(pseudonym_splits())?
+        .with_distinct_caps(distinct_caps.get(table).cloned().unwrap_or_default())?;
         if remove_opt_outs && table != "patients" {
             w = w.excluding(Arc::clone(&opted_out), OPT_OUT_COLUMN)?;
         }

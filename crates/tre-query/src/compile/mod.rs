@@ -218,6 +218,8 @@ pub(crate) struct Measurement {
 pub(crate) struct GroupKey {
     pub(crate) name: String,
     pub(crate) domain: Option<Vec<ScalarValue>>,
+    /// Without a domain: the most distinct values, where capped.
+    pub(crate) distinct: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -277,6 +279,10 @@ pub struct PrivatePlan {
     pub(crate) unit: Option<Column>,
     /// The physical plans the preflight made, for execution to use.
     pub(crate) prepared: Prepared,
+    /// What bounds the memory of the plans (`crate::memory`).
+    pub(crate) memory: crate::memory::Facts,
+    /// The bound itself, in bytes, once the preflight has planned them.
+    pub(crate) memory_bound: u64,
 }
 
 /// Physical plans made at compile time (`execute::preflight`), each handed
@@ -419,6 +425,11 @@ impl PrivatePlan {
     /// The accepted plan in words, for dry runs.
     pub fn description(&self) -> &[String] {
         &self.description
+    }
+    /// The most bytes the query's plans can reserve, as the compiler
+    /// bounded them (`TRE-Q034` above the pool); 0 before planning.
+    pub fn memory_bound(&self) -> u64 {
+        self.memory_bound
     }
     /// Rows one patient can contribute to the aggregate.
     pub fn max_rows_per_unit(&self) -> u64 {
@@ -578,6 +589,21 @@ pub(crate) struct Extracts {
     /// Test hook: remove these patients from every table before bounding,
     /// to compute the neighbouring dataset's exact aggregates.
     pub(crate) excluded: Vec<String>,
+    /// The extracts' sizes, coarsened, for bounding a query's memory.
+    pub(crate) sizes: Sizes,
+}
+
+/// How large the served extracts are, each count rounded up to a power of
+/// two: public facts of the extract (as its size on disk is), coarse so
+/// that a refusal on memory changes only when a table doubles (issue #13).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Sizes {
+    /// Patients in the largest table.
+    pub(crate) units: u64,
+    /// Rows of the largest table.
+    pub(crate) rows: u64,
+    /// The most rows one patient has in a stored table (the stored bound).
+    pub(crate) unit_rows: u64,
 }
 
 pub(crate) async fn compile(
@@ -720,7 +746,10 @@ pub(crate) async fn compile(
         totals: false,
         unit: unit_col.clone(),
         prepared: Prepared::default(),
+        memory: crate::memory::Facts::default(),
+        memory_bound: 0,
     };
+    plan.memory = memory_facts(ctx, &plan, policy, &analyzer, extracts);
     verify(
         &plan,
         policy,
@@ -730,6 +759,52 @@ pub(crate) async fn compile(
     )?;
     plan.description = describe(&plan, policy, &analyzer, budget);
     Ok(plan)
+}
+
+/// The public facts the memory bound of `plan` is computed from.
+fn memory_facts(
+    ctx: &SessionContext,
+    plan: &PrivatePlan,
+    policy: &Policy,
+    analyzer: &Analyzer<'_>,
+    extracts: &Extracts,
+) -> crate::memory::Facts {
+    let sizes = &extracts.sizes;
+    let unit_rows = analyzer
+        .widest
+        .max(plan.k_total)
+        .max(sizes.unit_rows)
+        .max(1);
+    let rows = sizes
+        .units
+        .saturating_mul(unit_rows)
+        .max(sizes.rows)
+        .max(analyzer.largest_public);
+    // Every key's values, NULL included; a key with neither a public
+    // domain nor a cap could have as many as there are rows.
+    let cells = plan.keys.iter().fold(1u64, |cells, k| {
+        let values = match (&k.domain, k.distinct) {
+            (Some(d), _) => d.len() as u64,
+            (None, Some(cap)) => cap,
+            (None, None) => rows,
+        };
+        cells.saturating_mul(values.saturating_add(1))
+    });
+    // A quantile's histogram groups by the keys and a bucket (the steps,
+    // below and above the bounds, and NULL).
+    let buckets = if plan.quantiles.is_empty() {
+        1
+    } else {
+        QUANTILE_BUCKETS as u64 + 3
+    };
+    crate::memory::Facts {
+        batch_rows: ctx.state().config().batch_size() as u64,
+        unit_rows,
+        rows,
+        public_rows: analyzer.largest_public.max(1),
+        groups: cells.saturating_mul(buckets).min(rows),
+        unit: policy.privacy_unit.clone(),
+    }
 }
 
 fn hex_digest(bytes: &[u8]) -> String {

@@ -48,6 +48,11 @@ pub(crate) struct Bounds {
     pub(crate) domain: Option<Vec<ScalarValue>>,
     /// Numeric range; days since 1970-01-01 for dates.
     pub(crate) range: Option<(f64, f64)>,
+    /// At most this many distinct non-null values: a column without a
+    /// public domain whose extracts were written holding it to the
+    /// policy's `max_distinct` (checked at start-up), passed through
+    /// unchanged. Bounds the memory of grouping by it (issue #13).
+    pub(crate) distinct: Option<u64>,
 }
 
 /// A relation in FROM.
@@ -74,6 +79,10 @@ pub(crate) struct Analyzer<'a> {
     /// position, and the domain each must be held to. Bounds are enforced,
     /// not trusted, so a value outside its declared domain becomes NULL.
     enforce: HashMap<usize, Vec<(usize, Vec<ScalarValue>)>>,
+    /// The most rows one patient has in any private relation analysed.
+    pub(crate) widest: u64,
+    /// The most rows of any public relation analysed.
+    pub(crate) largest_public: u64,
 }
 
 fn mul(a: u64, b: u64) -> Result<u64, QueryError> {
@@ -93,10 +102,24 @@ impl<'a> Analyzer<'a> {
             notes: Vec::new(),
             private_scans: Vec::new(),
             enforce: HashMap::new(),
+            widest: 0,
+            largest_public: 0,
         }
     }
 
+    /// The relation `plan` computes, remembering the widest (for the
+    /// memory bound, `crate::memory`).
     pub(crate) fn rel(&mut self, plan: &LogicalPlan) -> Result<Rel, QueryError> {
+        let rel = self.rel_of(plan)?;
+        if rel.private {
+            self.widest = self.widest.max(rel.max_rows);
+        } else {
+            self.largest_public = self.largest_public.max(rel.max_rows);
+        }
+        Ok(rel)
+    }
+
+    fn rel_of(&mut self, plan: &LogicalPlan) -> Result<Rel, QueryError> {
         match plan {
             LogicalPlan::TableScan(scan) => self.scan(scan),
             LogicalPlan::SubqueryAlias(a) => self.rel(&a.input),
@@ -295,6 +318,7 @@ impl<'a> Analyzer<'a> {
                 })?;
                 cols.push(column_info(
                     &col.class,
+                    col.max_distinct,
                     field.name() == unit,
                     field.data_type(),
                 ));
@@ -329,6 +353,7 @@ impl<'a> Analyzer<'a> {
             cols.push(Info::Value(Bounds {
                 domain: Some(c.domain.clone()),
                 range,
+                distinct: None,
             }));
             max_dup.push(Some(c.max_dup));
         }
@@ -546,7 +571,12 @@ fn col_info<'r>(e: &Expr, schema: &DFSchema, rel: &'r Rel) -> Option<&'r Info> {
 }
 
 /// The facts a policy column class gives.
-pub(crate) fn column_info(class: &ColumnClass, is_unit: bool, dt: &DataType) -> Info {
+pub(crate) fn column_info(
+    class: &ColumnClass,
+    max_distinct: Option<u64>,
+    is_unit: bool,
+    dt: &DataType,
+) -> Info {
     match class {
         ColumnClass::Identifier if is_unit => Info::Unit,
         ColumnClass::Identifier => Info::Identifier,
@@ -557,6 +587,7 @@ pub(crate) fn column_info(class: &ColumnClass, is_unit: bool, dt: &DataType) -> 
                     .collect()
             }),
             range: None,
+            distinct: max_distinct,
         }),
         ColumnClass::Numeric { lo, hi } => {
             let domain = (dt.is_integer() && hi - lo <= MAX_ENUMERATED_DOMAIN).then(|| {
@@ -568,12 +599,14 @@ pub(crate) fn column_info(class: &ColumnClass, is_unit: bool, dt: &DataType) -> 
             Info::Value(Bounds {
                 domain,
                 range: Some((*lo, *hi)),
+                distinct: None,
             })
         }
         ColumnClass::Date { lo, hi } => Info::Value(Bounds {
             domain: (f64::from(hi - lo) <= MAX_ENUMERATED_DOMAIN)
                 .then(|| (*lo..=*hi).map(|d| ScalarValue::Date32(Some(d))).collect()),
             range: Some((f64::from(*lo), f64::from(*hi))),
+            distinct: None,
         }),
     }
 }
@@ -616,6 +649,10 @@ pub(crate) fn expr_bounds(e: &Expr, schema: &DFSchema, rel: &Rel) -> Result<Boun
     let mut b = Bounds {
         domain: domain_of(e, schema, rel),
         range: range_of(e, schema, rel),
+        distinct: match col_info(e, schema, rel) {
+            Some(Info::Value(b)) => b.distinct,
+            _ => None,
+        },
     };
     if (b.domain.is_none() || b.range.is_none())
         && let Some(values) = evaluate(e, schema, rel)
@@ -984,6 +1021,7 @@ fn per_unit_aggregate(
                 .collect()
         }),
         range: Some((0.0, kf)),
+        distinct: None,
     };
     let arg = params.args.first().map(unalias);
     // COUNT(*), COUNT(person_id) and COUNT(DISTINCT x) only count rows.
@@ -1002,10 +1040,12 @@ fn per_unit_aggregate(
         "sum" => Bounds {
             domain: None,
             range: expr_range(a, schema, rel)?.map(|(lo, hi)| (lo.min(kf * lo), hi.max(kf * hi))),
+            distinct: None,
         },
         "avg" | "mean" | "median" => Bounds {
             domain: None,
             range: expr_range(a, schema, rel)?,
+            distinct: None,
         },
         // A per-patient minimum or maximum is one of the patient's values.
         "min" | "max" | "first_value" | "last_value" => expr_bounds(a, schema, rel)?,
@@ -1015,6 +1055,7 @@ fn per_unit_aggregate(
                 ScalarValue::Boolean(Some(true)),
             ]),
             range: Some((0.0, 1.0)),
+            distinct: None,
         },
         _ => Bounds::default(),
     })

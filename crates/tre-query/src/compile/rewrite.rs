@@ -355,7 +355,7 @@ impl Rewrite<'_> {
 }
 
 /// Name of the unit's column in a per-patient-first aggregate.
-const UNIT_GROUP: &str = "__tre_unit";
+pub(crate) const UNIT_GROUP: &str = "__tre_unit";
 
 /// `agg` computed per patient first, then per cell: the inner aggregate
 /// groups by (the unit, `agg`'s keys) and the outer one by the keys alone.

@@ -87,6 +87,7 @@ pub(super) fn group_keys(
         keys.push(GroupKey {
             name,
             domain: bounds.domain,
+            distinct: bounds.distinct,
         });
     }
     Ok(keys)

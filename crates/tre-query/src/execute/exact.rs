@@ -239,11 +239,13 @@ pub(super) fn per_patient_plan(plan: &PrivatePlan) -> Result<LogicalPlan, QueryE
 /// before anything is charged. Planning depends on the query alone (the
 /// sessions collect no file statistics), so a planning failure must be a
 /// free refusal, never a failure after the reservation (an incident).
+/// Plans every plan the query runs, keeps them for execution, and returns
+/// the bound on the memory they may hold together (`crate::memory`).
 pub(crate) async fn preflight(
     ctx: &SessionContext,
     plan: &PrivatePlan,
     profile_exact_rules: bool,
-) -> Result<(), QueryError> {
+) -> Result<u64, QueryError> {
     // The plans execution runs as compiled are kept for it (`Prepared`);
     // the post-processing plan is planned here over no cells and again at
     // execution over the noisy ones.
@@ -265,6 +267,7 @@ pub(crate) async fn preflight(
     // planning is most of a compile (issue #13), and the engine's runtime
     // has a thread per core. A dropped compile (its time limit) aborts them.
     let state = ctx.state();
+    let mut bound = 0u64;
     let planning: Vec<_> = plans
         .into_iter()
         .map(|(p, keep)| {
@@ -294,9 +297,28 @@ pub(crate) async fn preflight(
                 format!("the query cannot be planned: {reason}; simplify the expression"),
             )
         })?;
+        // The plans run one after another, but bounding them as if
+        // together costs little and assumes nothing of the order. The
+        // post-processing plan reads the released cells (at most the
+        // release's groups), in memory.
+        let facts = if keep {
+            plan.memory.clone()
+        } else {
+            crate::memory::Facts {
+                public_rows: plan.memory.public_rows.max(plan.memory.groups),
+                ..plan.memory.clone()
+            }
+        };
+        let held = crate::memory::bound(&physical, &facts).map_err(|e| {
+            QueryError::refused(
+                tre_core::Code::TooMuchMemory,
+                format!("the query's memory cannot be bounded: {}; simplify it", e.0),
+            )
+        })?;
+        bound = bound.saturating_add(held);
         if keep {
             plan.prepared.put(p, physical);
         }
     }
-    Ok(())
+    Ok(bound)
 }
