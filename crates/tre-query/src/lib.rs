@@ -4,8 +4,9 @@
 //! a plan against the policy and rewrites it into a [`PrivatePlan`]
 //! (contribution bounding, clamping, mechanisms, epsilon split); execution,
 //! OpenDP noise and disclosure control; and the isolation of queries from
-//! each other (admission slots, a memory pool per query, time limits, and a
-//! runtime of its own, apart from the one that serves calls).
+//! each other (admission slots, a memory pool per query that the compiler
+//! bounds every query's plans to, time limits, and a runtime of its own,
+//! apart from the one that serves calls).
 //!
 //! Exact aggregates never leave this crate: `execute` returns only noisy,
 //! disclosure-checked cells. It knows nothing of gRPC or of the ledger (the
