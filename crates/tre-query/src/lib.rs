@@ -30,6 +30,7 @@ mod compile;
 mod execute;
 mod functions;
 mod memory;
+mod ranged;
 mod reference;
 mod release;
 mod sandbox;

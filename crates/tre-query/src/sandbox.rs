@@ -34,6 +34,7 @@ use tre_policy::{ColumnClass, Policy};
 use tre_vault::MasterKey;
 
 use crate::compile::Extracts;
+use crate::ranged::{Ranged, RangedTable};
 use crate::reference::RefTables;
 use crate::udf::OptedOut;
 use crate::{Limits, QueryError};
@@ -153,9 +154,9 @@ impl Sandbox {
             )?,
             None => OptedOut::default(),
         };
+        let ranged = Ranged::new(&layouts, &row_groups, limits.target_partitions);
         // A table needs no opt-out filter when nobody opted out, or when
         // its writer removed exactly the opt-outs read here (issue #13).
-        let ranged = Ranged::new(&layouts, &row_groups, limits.target_partitions);
         let source = policy.opt_out.as_ref().map(ToString::to_string);
         let digest = tre_extract::opt_out_digest(opted_out.0.iter().map(String::as_str));
         let opt_outs_removed = layouts
@@ -298,185 +299,6 @@ impl Sandbox {
             };
         }
         ctx
-    }
-}
-
-/// The extracts' unit ranges, grouped into one contiguous run of ranges
-/// per worker (issue #13).
-///
-/// Every table was written in the same ranges of the unit's values (see
-/// `tre_extract::UnitRanges`), a fact its authenticated layout carries. So
-/// worker `w` can read the same ranges of every table: it then holds whole
-/// patients, and DataFusion, told that each scan is range-partitioned by
-/// the unit, runs work per patient and joins on the unit without
-/// repartitioning rows between workers. A hash repartition buffers without
-/// bound when one consumer lags (its gate closes only when every output
-/// has data), and without spilling a buffer it cannot reserve fails the
-/// query; a scan per range needs no exchange at all.
-struct Ranged {
-    /// Each table's row groups per worker.
-    tables: std::collections::HashMap<String, Arc<TableParts>>,
-}
-
-#[derive(Debug)]
-struct TableParts {
-    row_groups: usize,
-    per_worker: Vec<std::ops::Range<usize>>,
-    splits: Vec<String>,
-}
-
-impl Ranged {
-    /// `None` unless every table records the same ranges, and they fit
-    /// its file, and there are at least two workers to give them to.
-    fn new(
-        layouts: &[(String, tre_extract::Layout)],
-        row_groups: &[usize],
-        workers: usize,
-    ) -> Option<Self> {
-        let first = layouts.first()?.1.unit_ranges.as_ref()?;
-        let ranges = first.splits.len() + 1;
-        let workers = workers.min(ranges);
-        if workers < 2 {
-            return None;
-        }
-        // Worker w reads ranges bounds[w]..bounds[w+1].
-        let bounds: Vec<usize> = (0..=workers).map(|w| w * ranges / workers).collect();
-        let splits: Vec<String> = bounds[1..workers]
-            .iter()
-            .map(|&b| first.splits.get(b - 1).cloned())
-            .collect::<Option<_>>()?;
-        let mut tables = std::collections::HashMap::new();
-        for ((name, layout), &groups) in layouts.iter().zip(row_groups) {
-            let ranges = layout.unit_ranges.as_ref()?;
-            if ranges.splits != first.splits {
-                return None;
-            }
-            let per_worker = bounds
-                .windows(2)
-                .map(|b| ranges.row_groups(b[0]..b[1], groups))
-                .collect::<Option<Vec<_>>>()?;
-            tables.insert(
-                name.clone(),
-                Arc::new(TableParts {
-                    row_groups: groups,
-                    per_worker,
-                    splits: splits.clone(),
-                }),
-            );
-        }
-        Some(Self { tables })
-    }
-
-    fn table(&self, name: &str) -> Option<Arc<TableParts>> {
-        self.tables.get(name).cloned()
-    }
-}
-
-/// An extract scanned one worker per run of unit ranges, declared to
-/// DataFusion as range-partitioned by the unit (see [`Ranged`]).
-#[derive(Debug)]
-struct RangedTable {
-    inner: ListingTable,
-    parts: Arc<TableParts>,
-    unit: String,
-}
-
-#[async_trait]
-impl datafusion::catalog::TableProvider for RangedTable {
-    fn schema(&self) -> SchemaRef {
-        self.inner.schema()
-    }
-
-    fn table_type(&self) -> datafusion::datasource::TableType {
-        self.inner.table_type()
-    }
-
-    fn supports_filters_pushdown(
-        &self,
-        filters: &[&datafusion::prelude::Expr],
-    ) -> DfResult<Vec<datafusion::logical_expr::TableProviderFilterPushDown>> {
-        self.inner.supports_filters_pushdown(filters)
-    }
-
-    async fn scan(
-        &self,
-        state: &dyn datafusion::catalog::Session,
-        projection: Option<&Vec<usize>>,
-        filters: &[datafusion::prelude::Expr],
-        limit: Option<usize>,
-    ) -> DfResult<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
-        let plan = self.inner.scan(state, projection, filters, limit).await?;
-        self.by_range(plan)
-    }
-}
-
-impl RangedTable {
-    /// The listing table's scan, its file read one worker per run of
-    /// ranges and declared range-partitioned by the unit. A scan of some
-    /// other shape (no file, say) is left as DataFusion planned it.
-    fn by_range(
-        &self,
-        plan: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
-    ) -> DfResult<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
-        use datafusion::catalog::TableProvider;
-        use datafusion::common::{ScalarValue, SplitPoint};
-        use datafusion::datasource::physical_plan::parquet::ParquetAccessPlan;
-        use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder};
-        use datafusion::datasource::source::DataSourceExec;
-        use datafusion::physical_expr::expressions::Column;
-        use datafusion::physical_expr::{LexOrdering, PhysicalSortExpr, RangePartitioning};
-        use datafusion::physical_plan::Partitioning;
-
-        let Some(exec) = plan.downcast_ref::<DataSourceExec>() else {
-            return Ok(plan);
-        };
-        let Some(config) = exec
-            .data_source()
-            .downcast_ref::<datafusion::datasource::physical_plan::FileScanConfig>()
-        else {
-            return Ok(plan);
-        };
-        let Some(file) = config.file_groups.iter().flat_map(FileGroup::iter).next() else {
-            return Ok(plan);
-        };
-        let schema = self.inner.schema();
-        let Ok(unit) = schema.index_of(&self.unit) else {
-            return Ok(plan);
-        };
-        let groups = self
-            .parts
-            .per_worker
-            .iter()
-            .map(|rows| {
-                let mut access = ParquetAccessPlan::new_none(self.parts.row_groups);
-                rows.clone().for_each(|g| access.scan(g));
-                let mut part = file.clone();
-                part.range = None;
-                FileGroup::new(vec![part.with_extension(access)])
-            })
-            .collect();
-        let ordering = LexOrdering::new([PhysicalSortExpr {
-            expr: Arc::new(Column::new(&self.unit, unit)),
-            options: datafusion::arrow::compute::SortOptions {
-                descending: false,
-                nulls_first: false,
-            },
-        }]);
-        let Some(ordering) = ordering else {
-            return Ok(plan);
-        };
-        let splits = self
-            .parts
-            .splits
-            .iter()
-            .map(|s| SplitPoint::new(vec![ScalarValue::Utf8(Some(s.clone()))]))
-            .collect();
-        let partitioning = Partitioning::Range(RangePartitioning::try_new(ordering, splits)?);
-        let config = FileScanConfigBuilder::from(config.clone())
-            .with_file_groups(groups)
-            .with_output_partitioning(Some(partitioning))
-            .build();
-        Ok(DataSourceExec::from_data_source(config))
     }
 }
 
