@@ -301,7 +301,7 @@ pub fn generate(
             protection,
             sampler_seed,
         )?
-        .with_unit_ranges(pseudonym_splits())?
+        .with_unit_ranges(pseudonym_splits(patients))?
         .with_distinct_caps(distinct_caps.get(table).cloned().unwrap_or_default())?;
         if remove_opt_outs && table != "patients" {
             w = w.excluding(Arc::clone(&opted_out), OPT_OUT_COLUMN)?;
@@ -408,12 +408,20 @@ fn pseudonym_order(
     Ok((keys, opted_out))
 }
 
-/// Splits of the pseudonym space into 16 equal ranges, by first hex
-/// digit: every table is stored in the same ranges, so that a reader can
-/// give each worker whole patients of every table (issue #13). They are
-/// fixed by the pseudonym format, never chosen from the data.
-pub fn pseudonym_splits() -> Vec<String> {
-    (1..16).map(|d| format!("P{d:x}")).collect()
+/// Splits of the pseudonym space into equal ranges, by first hex digit:
+/// every table is stored in the same ranges, so that a reader can give
+/// each worker whole patients of every table (issue #13). They follow the
+/// pseudonym format and the number of patients asked for, never the data:
+/// one range per 250,000 patients, at least 2 and at most 16 (a power of
+/// two). More ranges than that only cut small tables into many small row
+/// groups, each with its own decryption and decoding set-up.
+pub fn pseudonym_splits(patients: u64) -> Vec<String> {
+    let ranges = (patients / 250_000)
+        .clamp(2, 16)
+        .next_power_of_two()
+        .min(16);
+    let step = 16 / ranges;
+    (1..ranges).map(|r| format!("P{:x}", r * step)).collect()
 }
 
 /// The 96 bits of a pseudonym `P<24 hex digits>`.
@@ -926,6 +934,19 @@ mod tests {
 
     /// First day of 2024 in days since 1970-01-01.
     const Y2024: i32 = 19_723;
+
+    /// Issue #13: ranges of the pseudonym space, by first hex digit, one
+    /// per 250,000 patients, between 2 and 16.
+    #[test]
+    fn pseudonym_ranges_grow_with_the_patients_asked_for() {
+        assert_eq!(pseudonym_splits(1_000), ["P8"]);
+        assert_eq!(pseudonym_splits(100_000), ["P8"]);
+        assert_eq!(pseudonym_splits(1_000_000), ["P4", "P8", "Pc"]);
+        let all = pseudonym_splits(10_000_000);
+        assert_eq!(all.len(), 15);
+        assert_eq!((all[0].as_str(), all[14].as_str()), ("P1", "Pf"));
+        assert!(all.windows(2).all(|w| w[0] < w[1]));
+    }
 
     #[test]
     fn nhs_numbers_are_valid_and_distinct() {
