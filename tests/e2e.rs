@@ -1012,6 +1012,92 @@ async fn joins_on_the_unit_merge_their_ordered_inputs() {
     assert_eq!(merged, hashed);
 }
 
+/// Issue #14: without a token, `grpcurl list` (gRPC server reflection)
+/// shows tre's services, and an orchestrator's health probe (the standard
+/// `grpc.health.v1.Health`) sees the server, and each service, serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_and_health_need_no_token() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let server = start(&[]).await;
+    let mut health = HealthClient::new(server.channel().await);
+    for service in ["", "tre.v1.QueryService", "tre.v1.AuditService"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("health of {service:?}: {e}"))
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    let unknown = health
+        .check(HealthCheckRequest {
+            service: "tre.v1.NoSuchService".into(),
+        })
+        .await;
+    assert_eq!(
+        unknown.map(|_| ()).map_err(|s| s.code()),
+        Err(tonic::Code::NotFound)
+    );
+
+    let mut reflection = ServerReflectionClient::new(server.channel().await);
+    let ask = |request: MessageRequest| {
+        futures::stream::iter([ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(request),
+        }])
+    };
+    let mut replies = reflection
+        .server_reflection_info(ask(MessageRequest::ListServices(String::new())))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_inner();
+    let Some(Ok(reply)) = futures::StreamExt::next(&mut replies).await else {
+        panic!("no reflection reply");
+    };
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("not a service list: {reply:?}");
+    };
+    let names: std::collections::BTreeSet<String> =
+        list.service.into_iter().map(|s| s.name).collect();
+    for wanted in [
+        "tre.v1.QueryService",
+        "tre.v1.CatalogService",
+        "tre.v1.ProjectService",
+        "tre.v1.AuditService",
+        "tre.v1.ReleaseService",
+        "tre.v1.AdminService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.contains(wanted), "{wanted} not listed: {names:?}");
+    }
+    // `grpcurl describe` needs the descriptors of a service's file.
+    let mut replies = reflection
+        .server_reflection_info(ask(MessageRequest::FileContainingSymbol(
+            "tre.v1.QueryService".into(),
+        )))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_inner();
+    let Some(Ok(reply)) = futures::StreamExt::next(&mut replies).await else {
+        panic!("no reflection reply");
+    };
+    assert!(
+        matches!(
+            reply.message_response,
+            Some(MessageResponse::FileDescriptorResponse(ref f)) if !f.file_descriptor_proto.is_empty()
+        ),
+        "{reply:?}"
+    );
+}
+
 /// Issue #13: every extract is stored in the same ranges of the unit, and
 /// each worker reads the same ranges of every table, so work per patient
 /// (joins on the unit, per-patient CTEs, bounding groups per patient,

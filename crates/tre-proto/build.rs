@@ -6,6 +6,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // clones (a CI cache) watches each clone's own proto, not the first's.
     println!("cargo:rerun-if-changed=../../proto/tre/v1/tre.proto");
     let fds = protox::compile([&file], [&root])?;
+    // The encoded descriptors, for gRPC server reflection (issue #14).
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("tre_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

@@ -105,17 +105,52 @@ pub async fn serve(
     }
     let svc = service::Services::new(Arc::clone(&state));
     let max = limits.max_request_bytes;
+    // Operators and tools need no token to see what is served and whether
+    // it is up (issue #14): gRPC server reflection (`grpcurl list`) and the
+    // standard health service. Neither reads data or state.
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tre_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerFault::Startup(format!("cannot build the reflection service: {e}")))?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<QueryServiceServer<service::Services>>()
+        .await;
+    health
+        .set_serving::<CatalogServiceServer<service::Services>>()
+        .await;
+    health
+        .set_serving::<ProjectServiceServer<service::Services>>()
+        .await;
+    health
+        .set_serving::<AuditServiceServer<service::Services>>()
+        .await;
+    health
+        .set_serving::<ReleaseServiceServer<service::Services>>()
+        .await;
+    health
+        .set_serving::<AdminServiceServer<service::Services>>()
+        .await;
     let served = builder
         .layer(transport::RejectionAudit {
             state: Arc::clone(&state),
         })
+        .add_service(health_service)
+        .add_service(reflection)
         .add_service(QueryServiceServer::new(svc.clone()).max_decoding_message_size(max))
         .add_service(CatalogServiceServer::new(svc.clone()).max_decoding_message_size(max))
         .add_service(ProjectServiceServer::new(svc.clone()).max_decoding_message_size(max))
         .add_service(AuditServiceServer::new(svc.clone()).max_decoding_message_size(max))
         .add_service(ReleaseServiceServer::new(svc.clone()).max_decoding_message_size(max))
         .add_service(AdminServiceServer::new(svc).max_decoding_message_size(max))
-        .serve_with_incoming_shutdown(transport::incoming(listener, limits), shutdown)
+        .serve_with_incoming_shutdown(transport::incoming(listener, limits), async move {
+            shutdown.await;
+            // An orchestrator watching health stops routing here first.
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+        })
         .await;
     // At shutdown the head of the log is signed, so an auditor can tell a
     // log cut short after this point.

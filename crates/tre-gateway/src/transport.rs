@@ -193,6 +193,13 @@ pub(crate) struct RejectionAuditService<S> {
     state: Arc<AppState>,
 }
 
+/// Services outside the audit: the standard gRPC health check and server
+/// reflection, served without a token.
+const UNAUDITED_SERVICES: [&str; 2] = [
+    "/grpc.health.v1.Health",
+    "/grpc.reflection.v1.ServerReflection",
+];
+
 /// What the transport saw of a request, for its event.
 struct Seen {
     state: Arc<AppState>,
@@ -253,6 +260,16 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        // Health probes and reflection read no data and need no token;
+        // an orchestrator probes every few seconds, which would drown
+        // the audit log (issue #14).
+        let path = req.uri().path();
+        if UNAUDITED_SERVICES
+            .iter()
+            .any(|s| path.strip_prefix(s).is_some_and(|m| m.starts_with('/')))
+        {
+            return Box::pin(self.inner.call(req));
+        }
         let reached = Reached::default();
         req.extensions_mut().insert(reached.clone());
         let ext = req.extensions();

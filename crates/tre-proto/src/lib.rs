@@ -7,3 +7,6 @@
 pub mod v1 {
     tonic::include_proto!("tre.v1");
 }
+
+/// The encoded descriptors of `proto/tre/v1`, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tre_descriptor");
