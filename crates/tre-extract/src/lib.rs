@@ -469,7 +469,7 @@ impl ExtractWriter {
     fn keep_unit(&mut self, units: &ArrayRef, start: usize, end: usize, keep: &mut Vec<u64>) {
         let n = end - start;
         if let (Some(set), Some(removed)) = (&self.excluded, &mut self.layout.opt_outs_removed)
-            && unit_text(units, start).is_some_and(|u| set.contains(u))
+            && text_at(units, start).is_some_and(|u| set.contains(u))
         {
             removed.rows += n as u64;
             return;
@@ -540,8 +540,7 @@ impl ExtractWriter {
             let (index, cap, _) = self.distinct[k];
             let column = Arc::clone(rows.column(index));
             for i in 0..rows.num_rows() {
-                let Some(value) = column.is_valid(i).then(|| unit_text(&column, i)).flatten()
-                else {
+                let Some(value) = column.is_valid(i).then(|| text_at(&column, i)).flatten() else {
                     continue;
                 };
                 let seen = &mut self.distinct[k].2;
@@ -580,13 +579,13 @@ impl ExtractWriter {
 }
 
 /// The text at row `i` of a text column (the unit, or a capped column).
-fn unit_text(units: &ArrayRef, i: usize) -> Option<&str> {
-    if let Some(a) = units.as_string_opt::<i32>() {
+fn text_at(column: &ArrayRef, i: usize) -> Option<&str> {
+    if let Some(a) = column.as_string_opt::<i32>() {
         Some(a.value(i))
-    } else if let Some(a) = units.as_string_view_opt() {
+    } else if let Some(a) = column.as_string_view_opt() {
         Some(a.value(i))
     } else {
-        units.as_string_opt::<i64>().map(|a| a.value(i))
+        column.as_string_opt::<i64>().map(|a| a.value(i))
     }
 }
 
@@ -596,7 +595,7 @@ fn first_at_or_above(units: &ArrayRef, from: usize, to: usize, split: &str) -> u
     let (mut lo, mut hi) = (from, to);
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
-        if unit_text(units, mid).is_some_and(|u| u < split) {
+        if text_at(units, mid).is_some_and(|u| u < split) {
             lo = mid + 1;
         } else {
             hi = mid;

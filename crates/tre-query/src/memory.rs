@@ -69,8 +69,13 @@ pub(crate) struct Facts {
     /// release's cells (NULL counted, quantile buckets included), or
     /// `rows` where a key has neither a domain nor a cap.
     pub(crate) groups: u64,
-    /// The privacy unit's column name.
-    pub(crate) unit: String,
+    /// Every name the privacy unit goes by in the query (its column, and
+    /// what CTEs renamed it to).
+    pub(crate) unit_names: std::collections::BTreeSet<String>,
+    /// The names only the unit goes by: a join on them is a join on the
+    /// unit (used where taking a column for the unit makes the bound
+    /// smaller, so a shared name must not count).
+    pub(crate) unit_only_names: std::collections::BTreeSet<String>,
 }
 
 /// Why a plan has no bound.
@@ -128,7 +133,7 @@ fn walk(plan: &Arc<dyn ExecutionPlan>, f: &Facts) -> Result<Node, Unbounded> {
         let on_unit = join
             .on()
             .iter()
-            .all(|(l, r)| is_unit(l, f) && is_unit(r, f));
+            .all(|(l, r)| surely_unit(l, f) && surely_unit(r, f));
         let buffered = if on_unit { per_unit } else { f.rows };
         let side = row_bytes(&join.right().schema())?;
         let held = buffered
@@ -283,11 +288,21 @@ fn aggregate(
     Ok((held, rows))
 }
 
-/// Whether `e` is the privacy unit (as scanned, or as the per-patient
-/// aggregates name it).
-fn is_unit(e: &Arc<dyn PhysicalExpr>, f: &Facts) -> bool {
+/// Whether `e` is surely the privacy unit: a column by a name only the
+/// unit goes by.
+fn surely_unit(e: &Arc<dyn PhysicalExpr>, f: &Facts) -> bool {
     e.downcast_ref::<Column>()
-        .is_some_and(|c| c.name() == f.unit || c.name() == crate::compile::rewrite::UNIT_GROUP)
+        .is_some_and(|c| f.unit_only_names.contains(c.name()))
+}
+
+/// Whether `e` may be the privacy unit: a column by any name the unit
+/// goes by in the query, or as the per-patient aggregates name it. A
+/// column that merely shares such a name is counted as the unit too,
+/// which only makes the bound larger.
+fn is_unit(e: &Arc<dyn PhysicalExpr>, f: &Facts) -> bool {
+    e.downcast_ref::<Column>().is_some_and(|c| {
+        f.unit_names.contains(c.name()) || c.name() == crate::compile::rewrite::UNIT_GROUP
+    })
 }
 
 /// The most bytes one row of `schema` takes in memory.

@@ -803,7 +803,17 @@ fn memory_facts(
         rows,
         public_rows: analyzer.largest_public.max(1),
         groups: cells.saturating_mul(buckets).min(rows),
-        unit: policy.privacy_unit.clone(),
+        unit_names: analyzer
+            .unit_names
+            .iter()
+            .cloned()
+            .chain([policy.privacy_unit.clone()])
+            .collect(),
+        unit_only_names: analyzer
+            .unit_names
+            .difference(&analyzer.other_names)
+            .cloned()
+            .collect(),
     }
 }
 

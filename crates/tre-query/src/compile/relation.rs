@@ -83,6 +83,12 @@ pub(crate) struct Analyzer<'a> {
     pub(crate) widest: u64,
     /// The most rows of any public relation analysed.
     pub(crate) largest_public: u64,
+    /// Every name the privacy unit goes by in the relations analysed (a
+    /// CTE may rename it): the memory bound treats a grouping by any of
+    /// them as one group per patient.
+    pub(crate) unit_names: std::collections::BTreeSet<String>,
+    /// Every name a value column goes by.
+    pub(crate) other_names: std::collections::BTreeSet<String>,
 }
 
 fn mul(a: u64, b: u64) -> Result<u64, QueryError> {
@@ -104,6 +110,8 @@ impl<'a> Analyzer<'a> {
             enforce: HashMap::new(),
             widest: 0,
             largest_public: 0,
+            unit_names: std::collections::BTreeSet::new(),
+            other_names: std::collections::BTreeSet::new(),
         }
     }
 
@@ -111,6 +119,19 @@ impl<'a> Analyzer<'a> {
     /// memory bound, `crate::memory`).
     pub(crate) fn rel(&mut self, plan: &LogicalPlan) -> Result<Rel, QueryError> {
         let rel = self.rel_of(plan)?;
+        for (field, info) in plan.schema().fields().iter().zip(&rel.cols) {
+            // A unit made nullable by an outer join is an identifier: it is
+            // still no other column's name.
+            match info {
+                Info::Unit => {
+                    self.unit_names.insert(field.name().clone());
+                }
+                Info::Value(_) => {
+                    self.other_names.insert(field.name().clone());
+                }
+                Info::Identifier => {}
+            }
+        }
         if rel.private {
             self.widest = self.widest.max(rel.max_rows);
         } else {
