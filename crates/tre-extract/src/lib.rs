@@ -349,18 +349,12 @@ impl ExtractWriter {
         mut self,
         caps: impl IntoIterator<Item = (String, u64)>,
     ) -> Result<Self, ExtractError> {
-        use arrow::datatypes::DataType;
         for (column, cap) in caps {
             let index = self
                 .schema
                 .index_of(&column)
                 .ok()
-                .filter(|&i| {
-                    matches!(
-                        self.schema.field(i).data_type(),
-                        DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8
-                    )
-                })
+                .filter(|&i| self.is_text(i))
                 .ok_or_else(|| ExtractError::DistinctCapNotText {
                     path: self.shown(),
                     column: column.clone(),
@@ -372,9 +366,14 @@ impl ExtractWriter {
     }
 
     fn text_units(&self) -> bool {
+        self.is_text(self.unit_index)
+    }
+
+    /// Whether column `index` holds text ([`text_at`] reads it).
+    fn is_text(&self, index: usize) -> bool {
         use arrow::datatypes::DataType;
         matches!(
-            self.schema.field(self.unit_index).data_type(),
+            self.schema.field(index).data_type(),
             DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8
         )
     }

@@ -798,7 +798,8 @@ fn memory_facts(
         QUANTILE_BUCKETS as u64 + 3
     };
     crate::memory::Facts {
-        batch_rows: ctx.state().config().batch_size() as u64,
+        // Read in place: `ctx.state()` would clone the whole session.
+        batch_rows: ctx.state_ref().read().config().batch_size() as u64,
         unit_rows,
         rows,
         public_rows: analyzer.largest_public.max(1),
