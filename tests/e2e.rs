@@ -11,6 +11,7 @@ use tre_proto::v1 as pb;
 
 mod audit;
 mod corpus;
+mod flight;
 mod fuzz;
 mod governance;
 mod pipeline;

@@ -281,6 +281,24 @@ async fn call(ch: &Channel, rpc: Rpc, token: &str, tag: &str) -> Result<(), toni
             ))
             .await
             .map(drop),
+        // Closing a handle no one holds is allowed to whoever may close.
+        Rpc::ClosePrepared => {
+            use arrow_flight::sql::{ActionClosePreparedStatementRequest, ProstMessageExt};
+            let body = ActionClosePreparedStatementRequest {
+                prepared_statement_handle: format!("none-{tag}").into_bytes().into(),
+            };
+            let action = arrow_flight::Action::new(
+                "ClosePreparedStatement",
+                prost::Message::encode_to_vec(&body.as_any()),
+            );
+            let mut replies =
+                arrow_flight::flight_service_client::FlightServiceClient::new(ch.clone())
+                    .do_action(authed(action, token))
+                    .await?
+                    .into_inner();
+            while replies.message().await?.is_some() {}
+            Ok(())
+        }
     }
 }
 
@@ -316,6 +334,7 @@ async fn authorisation_matrix() {
         (Rpc::RejectRelease, [false, true, false, false]),
         (Rpc::RequestChanges, [false, true, false, false]),
         (Rpc::WithdrawRelease, [true, false, false, false]),
+        (Rpc::ClosePrepared, [true, false, false, false]),
     ];
     assert_eq!(expected.len(), Rpc::ALL.len());
 
@@ -430,7 +449,7 @@ async fn authorisation_matrix() {
             cells += 1;
         }
     }
-    assert_eq!(cells, 24 * 8);
+    assert_eq!(cells, Rpc::ALL.len() * 8);
     // Every refusal was logged with its code and role.
     let refused = ok(server.state.store.audit_events(&AuditFilter {
         outcome: Some(tre_core::Outcome::Refused),
@@ -440,7 +459,7 @@ async fn authorisation_matrix() {
         .iter()
         .map(|(_, a)| a.iter().filter(|x| **x).count())
         .sum();
-    assert_eq!(refused.len(), 24 * 8 - allowed);
+    assert_eq!(refused.len(), Rpc::ALL.len() * 8 - allowed);
     assert!(refused.iter().all(|e| e.event.code.starts_with("TRE-A00")));
     // A refused call still records what it was about.
     for e in refused.iter().filter(|e| e.event.action == "query.submit") {

@@ -45,10 +45,16 @@ codes! {
     // The airlock.
     UnknownRelease = "TRE-R001",
     ReleaseNotHeld = "TRE-R002",
-    /// The release exists but is waiting for review (or was not approved).
-    /// Retired: such a release is answered with its status and no rows,
-    /// not refused.
+    /// The release exists but was not approved (rejected, changes
+    /// requested, withdrawn). gRPC answers it with its status and no rows;
+    /// Flight SQL, which has no place for a status beside a table, refuses.
     ReleaseNotAvailable = "TRE-R003",
+    /// The release was made and charged, and waits for a custodian's
+    /// review (Flight SQL; gRPC answers with its status).
+    ReleaseHeld = "TRE-R004",
+    /// No stored result or prepared statement under this handle for this
+    /// caller: it expired, was closed, or is someone else's.
+    UnknownHandle = "TRE-R005",
 
     // Input validation of identifiers and parameters.
     InvalidIdentifier = "TRE-C001",

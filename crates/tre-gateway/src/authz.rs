@@ -34,10 +34,14 @@ pub enum Rpc {
     RejectRelease,
     RequestChanges,
     WithdrawRelease,
+    /// Flight SQL's ClosePreparedStatement (its other calls reuse the rows
+    /// above: a prepare is a dry run, an execute a submit, a fetch a
+    /// release read, metadata the catalog).
+    ClosePrepared,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 24] = [
+    pub const ALL: [Rpc; 25] = [
         Rpc::Submit,
         Rpc::DryRun,
         Rpc::Budget,
@@ -62,6 +66,7 @@ impl Rpc {
         Rpc::RejectRelease,
         Rpc::RequestChanges,
         Rpc::WithdrawRelease,
+        Rpc::ClosePrepared,
     ];
 
     /// The matrix: (audit action, roles allowed). Custodians cannot query
@@ -94,6 +99,7 @@ impl Rpc {
             Rpc::RejectRelease => ("release.reject", &[C]),
             Rpc::RequestChanges => ("release.request_changes", &[C]),
             Rpc::WithdrawRelease => ("release.withdraw", &[R]),
+            Rpc::ClosePrepared => ("query.close", &[R]),
         }
     }
 

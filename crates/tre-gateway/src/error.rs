@@ -105,9 +105,33 @@ pub enum GatewayError {
     /// call finished.
     #[error("{code} {}", tre_release::CANCELLED, code = self.code())]
     Cancelled,
+    /// Flight SQL: the release was made (and charged) but is not released
+    /// to the researcher; a table cannot carry that, so it is an error.
+    #[error("{code} {}", not_released(id, *status, reason), code = self.code())]
+    NotReleased {
+        id: String,
+        status: tre_store::ReleaseStatus,
+        reason: String,
+    },
+    /// Flight SQL: a ticket or prepared-statement handle this caller does
+    /// not hold (expired, closed, forged or someone else's).
+    #[error("{code} no {0} under this handle for you: it expired or was closed; run the statement again (an identical query is not charged twice)", code = self.code())]
+    UnknownHandle(&'static str),
     /// The transport refused the request before a handler read it.
     #[error("{code} the request was refused before it was read ({message}); send a well-formed request, within the server's size limit, to a method tre serves", code = self.code())]
     Rejected { grpc: GrpcCode, message: String },
+}
+
+fn not_released(id: &str, status: tre_store::ReleaseStatus, reason: &str) -> String {
+    match status {
+        tre_store::ReleaseStatus::Held => format!(
+            "release {id} is awaiting review by a custodian ({reason}); its charge stands; follow it with `tre release show {id}`"
+        ),
+        other => format!(
+            "release {id} is not released ({}); see `tre release show {id}`",
+            other.as_str()
+        ),
+    }
 }
 
 impl GatewayError {
@@ -125,6 +149,12 @@ impl GatewayError {
             GatewayError::Store(s) => s.code(),
             GatewayError::Server(f) => f.code(),
             GatewayError::Cancelled => Code::Cancelled,
+            GatewayError::NotReleased {
+                status: tre_store::ReleaseStatus::Held,
+                ..
+            } => Code::ReleaseHeld,
+            GatewayError::NotReleased { .. } => Code::ReleaseNotAvailable,
+            GatewayError::UnknownHandle(_) => Code::UnknownHandle,
             GatewayError::Rejected { .. } => Code::RequestRejected,
         }
     }
@@ -146,6 +176,8 @@ impl GatewayError {
             | GatewayError::BadRequest(_)
             | GatewayError::Core(_)
             | GatewayError::Cancelled
+            | GatewayError::NotReleased { .. }
+            | GatewayError::UnknownHandle(_)
             | GatewayError::Rejected { .. } => false,
         }
     }
@@ -200,6 +232,8 @@ impl GatewayError {
             },
             GatewayError::Server(_) => GrpcCode::Internal,
             GatewayError::Cancelled => GrpcCode::Cancelled,
+            GatewayError::NotReleased { .. } => GrpcCode::FailedPrecondition,
+            GatewayError::UnknownHandle(_) => GrpcCode::NotFound,
             GatewayError::Rejected { grpc, .. } => *grpc,
         };
         let message = if internal {

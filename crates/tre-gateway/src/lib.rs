@@ -6,8 +6,9 @@
 //! governance and the auditor's read-only view of the log, writes exactly
 //! one audit event per call (cancelled, panicking and transport-refused
 //! calls included), bounds connections and request sizes (`transport.rs`),
-//! and converts between domain types and proto types. Errors become gRPC
-//! statuses in one exhaustive match (`error.rs`).
+//! serves the same releases over Arrow Flight SQL for stock clients
+//! (`flight.rs`), and converts between domain types and proto types.
+//! Errors become gRPC statuses in one exhaustive match (`error.rs`).
 //!
 //! This crate and tre-cli are the only ones that know tonic and the proto
 //! types; nothing below it may depend on it.
@@ -15,6 +16,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use arrow_flight::flight_service_server::FlightServiceServer;
 use tokio::net::TcpListener;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tre_proto::v1::admin_service_server::AdminServiceServer;
@@ -31,6 +33,7 @@ mod auth;
 pub mod authz;
 mod convert;
 mod error;
+mod flight;
 mod projects;
 mod releases;
 mod service;
@@ -38,6 +41,7 @@ mod transport;
 
 pub use auth::{AuditNotary, Claims, Issuer};
 pub use error::{GatewayError, ServerFault};
+pub use flight::{DELTA_HEADER, EPSILON_HEADER, PROJECT_HEADER, TOTALS_HEADER};
 pub use transport::ConnectionLimits;
 
 /// What every handler shares.
@@ -104,6 +108,9 @@ pub async fn serve(
             .map_err(|e| ServerFault::Startup(format!("bad TLS configuration: {e}")))?;
     }
     let svc = service::Services::new(Arc::clone(&state));
+    // Flight SQL shares the gRPC services' state, so a repeat is free
+    // whichever transport made the first release.
+    let flight = flight::Flight::new(svc.clone())?;
     let max = limits.max_request_bytes;
     // Operators and tools need no token to see what is served and whether
     // it is up (issue #14): gRPC server reflection (`grpcurl list`) and the
@@ -132,6 +139,9 @@ pub async fn serve(
     health
         .set_serving::<AdminServiceServer<service::Services>>()
         .await;
+    health
+        .set_serving::<FlightServiceServer<flight::Flight>>()
+        .await;
     let served = builder
         .layer(transport::RejectionAudit {
             state: Arc::clone(&state),
@@ -144,6 +154,7 @@ pub async fn serve(
         .add_service(AuditServiceServer::new(svc.clone()).max_decoding_message_size(max))
         .add_service(ReleaseServiceServer::new(svc.clone()).max_decoding_message_size(max))
         .add_service(AdminServiceServer::new(svc).max_decoding_message_size(max))
+        .add_service(FlightServiceServer::new(flight).max_decoding_message_size(max))
         .serve_with_incoming_shutdown(transport::incoming(listener, limits), async move {
             shutdown.await;
             // An orchestrator watching health stops routing here first.

@@ -117,9 +117,20 @@ impl Target for pb::DescribeTableRequest {
 /// dropped `Pending` settles. A panic in the body becomes `TRE-I001` and
 /// its event (issue #11).
 macro_rules! handle {
-    ($self:ident, $request:ident, $rpc:expr, |$call:ident, $who:ident, $req:ident, $note:ident| $body:expr) => {{
+    ($self:ident, $request:ident, $rpc:expr, |$call:ident, $who:ident, $req:ident, $note:ident| $body:expr) => {
+        handle!(
+            $self,
+            $request,
+            $rpc,
+            $req = $request.into_inner(),
+            |$call, $who, $note| $body
+        )
+    };
+    // What the call is about is `$value` rather than the request's message
+    // (Flight SQL: a command decoded beside the request, its headers).
+    ($self:ident, $request:ident, $rpc:expr, $req:ident = $value:expr, |$call:ident, $who:ident, $note:ident| $body:expr) => {{
         let ($call, auth) = $self.begin(&$request, $rpc);
-        let $req = $request.into_inner();
+        let $req = $value;
         // What the call was about is logged even when it is refused.
         let mut pending = $crate::service::Pending::new(
             $self,
@@ -361,7 +372,24 @@ impl Services {
         req: pb::QueryRequest,
         note: &mut Note,
     ) -> Result<pb::QueryResponse, GatewayError> {
-        let project = self.queryable_project(who, &req.project)?;
+        let project = req.project.clone();
+        let released = self
+            .release(call, who, &project, convert::query(req), note)
+            .await?;
+        Ok(convert::released(&released))
+    }
+
+    /// Submit, whatever the transport: the one path from a researcher's
+    /// query to a release (gRPC `Submit` and Flight SQL alike).
+    pub(crate) async fn release(
+        &self,
+        call: &Call,
+        who: &Principal,
+        project: &str,
+        query: tre_release::Query,
+        note: &mut Note,
+    ) -> Result<tre_release::Released, GatewayError> {
+        let project = self.queryable_project(who, project)?;
         // From here the pipeline writes the event and settles any charge,
         // in a task of its own that runs whatever the client does. A client
         // that hangs up cancels it: before the charge nothing is spent;
@@ -372,7 +400,6 @@ impl Services {
             client: call.client.clone(),
             action: call.rpc.action(),
         };
-        let query = convert::query(req);
         let this = self.clone();
         let cancel = tokio_util::sync::CancellationToken::new();
         let _cancel_when_dropped = cancel.clone().drop_guard();
@@ -385,8 +412,22 @@ impl Services {
                 () = cancel.cancelled() => Err(tre_release::ReleaseError::Cancelled),
             }
         });
-        let released = task.await??;
-        Ok(convert::released(&released))
+        Ok(task.await??)
+    }
+
+    /// Compile a researcher's query for a project they may query: what a
+    /// dry run (and a Flight SQL prepare) does. Free, and touches no data.
+    pub(crate) async fn plan(
+        &self,
+        who: &Principal,
+        project: &str,
+        query: &tre_release::Query,
+        note: &mut Note,
+    ) -> Result<(tre_store::Project, tre_query::PrivatePlan), GatewayError> {
+        let project = self.queryable_project(who, project)?;
+        let plan = self.pipeline().plan(query).await?;
+        note.plan_hash = plan.plan_hash().to_owned();
+        Ok((project, plan))
     }
 
     async fn dry_run(
@@ -395,9 +436,9 @@ impl Services {
         req: &pb::QueryRequest,
         note: &mut Note,
     ) -> Result<pb::DryRunResponse, GatewayError> {
-        let project = self.queryable_project(who, &req.project)?;
-        let plan = self.pipeline().plan(&convert::query(req.clone())).await?;
-        note.plan_hash = plan.plan_hash().to_owned();
+        let (project, plan) = self
+            .plan(who, &req.project, &convert::query(req.clone()), note)
+            .await?;
         Ok(pb::DryRunResponse {
             plan: plan.description().to_vec(),
             columns: plan.columns().iter().map(convert::column).collect(),

@@ -38,6 +38,15 @@ mod stream;
 mod udf;
 
 pub use compile::{Budget, FIXED_POINT_SCALE, Measure, PrivatePlan};
+
+/// A table a query may name, as catalogs list it.
+#[derive(Debug, Clone)]
+pub struct TableSchema {
+    pub name: String,
+    pub schema: datafusion::arrow::datatypes::SchemaRef,
+    /// A public reference table rather than an extract.
+    pub reference: bool,
+}
 pub use release::{Cell, Release, ReleaseColumn};
 pub use sandbox::FACTORY_ID;
 /// The disclosure vocabulary a `Release` carries, so its users need not
@@ -462,6 +471,24 @@ impl Engine {
             Code::DeltaAboveCap,
         )?;
         Ok(Budget { epsilon, delta })
+    }
+
+    /// Every table a query may name, with its Arrow schema: the extracts
+    /// (`reference` false), then the public reference tables. What the
+    /// policy and the shipped lookups fix, never data; for catalog
+    /// listings (Flight SQL's GetTables).
+    pub fn table_schemas(&self) -> Vec<TableSchema> {
+        let extracts = self.sandbox.schemas().map(|(name, schema)| TableSchema {
+            name: name.to_owned(),
+            schema: Arc::clone(schema),
+            reference: false,
+        });
+        let reference = self.reference.iter().map(|(name, t)| TableSchema {
+            name: name.clone(),
+            schema: Arc::clone(&t.schema),
+            reference: true,
+        });
+        extracts.chain(reference).collect()
     }
 
     /// Names of the public reference tables.

@@ -205,6 +205,12 @@ impl Sandbox {
         &self.data_dir
     }
 
+    pub(crate) fn schemas(&self) -> impl Iterator<Item = (&str, &SchemaRef)> {
+        self.tables
+            .iter()
+            .map(|(name, schema, _)| (name.as_str(), schema))
+    }
+
     /// A session for executing one query, with a memory pool of its own:
     /// no other query's allocations can make it fail (issue #11).
     pub(crate) fn context_with_memory(&self, bytes: usize) -> Result<SessionContext, QueryError> {
