@@ -374,6 +374,24 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 
 /// `tre demo --serve`: an operator-seeded project `demo` and a token per
 /// role on disk, until Ctrl-C.
+/// What a researcher pastes into Python to query this server with the
+/// stock ADBC Flight SQL driver (issue #14): no tre code needed.
+fn python_snippet(bound: &SocketAddr, token_file: &Path) -> String {
+    let token_file = std::fs::canonicalize(token_file).unwrap_or_else(|_| token_file.to_path_buf());
+    format!(
+        r#"from Python (pip install adbc-driver-flightsql pandas pyarrow):
+  import adbc_driver_flightsql.dbapi as flight_sql
+  token = open("{token}").read().strip()
+  conn = flight_sql.connect("grpc://{bound}", autocommit=True, db_kwargs={{
+      "adbc.flight.sql.authorization_header": "Bearer " + token,
+      "adbc.flight.sql.rpc.call_header.x-tre-project": "demo",
+      "adbc.flight.sql.rpc.call_header.x-tre-epsilon": "0.5"}})
+  cur = conn.cursor(); cur.execute("SELECT region, COUNT(*) AS n FROM patients GROUP BY region")
+  df = cur.fetch_df()   # n, n_ci_low, n_ci_high, n_status per region"#,
+        token = token_file.display(),
+    )
+}
+
 async fn serve_forever(args: &DemoArgs, state: Arc<AppState>) -> Result<()> {
     let budget = state.engine.policy().budget;
     state.store.seed_project(&ProjectSeed {
@@ -412,6 +430,10 @@ async fn serve_forever(args: &DemoArgs, state: Arc<AppState>) -> Result<()> {
     println!(
         "  tre audit verify --server http://{bound} --token-file {}/auditor.token",
         tokens.display()
+    );
+    println!(
+        "{}",
+        python_snippet(&bound, &tokens.join("researcher.token"))
     );
     println!("press Ctrl-C to stop");
     tre_gateway::shutdown_signal().await;
