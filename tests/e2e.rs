@@ -1099,6 +1099,116 @@ async fn reflection_and_health_need_no_token() {
     );
 }
 
+/// Issue #14: the operators' metrics count calls exactly as the audit log
+/// records them (by action, outcome and code), sum the ε charged, time
+/// releases, and carry no SQL, user, project or value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_metrics_match_the_audit_log_and_name_no_one() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let server = start(&[(PROJECT, &["alice"], 10.0)]).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let at = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(tre_gateway::serve_metrics(
+        std::sync::Arc::clone(&server.state),
+        listener,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+
+    let (mut q, _) = server.clients().await;
+    let token = server.token("alice", Role::Researcher);
+    let ask = |sql: &str, epsilon: f64| {
+        authed(
+            pb::QueryRequest {
+                project: PROJECT.into(),
+                sql: sql.into(),
+                epsilon: Some(epsilon),
+                ..Default::default()
+            },
+            &token,
+        )
+    };
+    let secret_sql = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex";
+    for (sql, epsilon) in [
+        (secret_sql, 0.5),
+        (secret_sql, 0.5),
+        (
+            "SELECT region, COUNT(*) AS n FROM patients GROUP BY region",
+            0.25,
+        ),
+    ] {
+        q.submit(ask(sql, epsilon))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let refused = q.submit(ask("SELECT person_id FROM patients", 0.5)).await;
+    assert_eq!(tre_e2e::code_of(refused), "TRE-Q010");
+    let _ = q.dry_run(ask(secret_sql, 0.1)).await;
+
+    let mut conn = tokio::net::TcpStream::connect(at)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let _ = stop.send(());
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    for private in ["alice", "SELECT", PROJECT, "patients"] {
+        assert!(
+            !reply.contains(private),
+            "{private} in the metrics:\n{reply}"
+        );
+    }
+    let metric = |line_start: &str| -> f64 {
+        reply
+            .lines()
+            .find_map(|l| l.strip_prefix(line_start))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {line_start} in\n{reply}"))
+    };
+    // Every (action, outcome, code) the log holds, counted exactly.
+    let events = server
+        .state
+        .store
+        .audit_events(&tre_store::AuditFilter::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut counts: HashMap<(String, String, String), f64> = HashMap::new();
+    for e in &events {
+        let e = &e.event;
+        *counts
+            .entry((e.action.clone(), e.outcome.clone(), e.code.clone()))
+            .or_default() += 1.0;
+    }
+    for ((action, outcome, code), n) in &counts {
+        let got = metric(&format!(
+            "tre_calls_total{{action=\"{action}\",outcome=\"{outcome}\",code=\"{code}\"}} "
+        ));
+        assert_eq!(got, *n, "{action} {outcome} {code}");
+    }
+    assert_eq!(
+        metric("tre_calls_total{action=\"query.submit\",outcome=\"allowed\",code=\"\"} "),
+        3.0
+    );
+    // The repeat was free: 0.5 + 0.25 charged.
+    assert!((metric("tre_epsilon_charged_total ") - 0.75).abs() < 1e-9);
+    assert_eq!(
+        metric("tre_release_seconds_count{result=\"released\"} "),
+        3.0
+    );
+    assert_eq!(metric("tre_release_seconds_count{result=\"error\"} "), 1.0);
+    assert_eq!(metric("tre_active_queries "), 0.0);
+    assert_eq!(metric("tre_query_memory_bytes "), 0.0);
+}
+
 /// Issue #13: every extract is stored in the same ranges of the unit, and
 /// each worker reads the same ranges of every table, so work per patient
 /// (joins on the unit, per-patient CTEs, bounding groups per patient,

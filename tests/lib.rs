@@ -324,11 +324,13 @@ pub fn open_state_limited(
         Engine::open(policy, profile, data, master, limits).unwrap_or_else(|e| panic!("{e}"));
     let notary: Arc<dyn tre_store::Notary> =
         Arc::new(AuditNotary::load_or_create(state_dir).unwrap_or_else(|e| panic!("{e}")));
+    let metrics = tre_gateway::Metrics::new();
     let store = SqliteStore::open(
         &state_dir.join("tre.db"),
         Arc::clone(&notary),
         CHECKPOINT_EVERY,
     )
+    .and_then(|s| s.observed_by(Arc::clone(&metrics) as Arc<dyn tre_store::AuditObserver>))
     .unwrap_or_else(|e| panic!("{e}"));
     store
         .recover_interrupted()
@@ -341,6 +343,7 @@ pub fn open_state_limited(
         issuer,
         notary,
         connections: Default::default(),
+        metrics,
     }
 }
 

@@ -29,25 +29,32 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, root: Path, data: Path, key: Path, name: str, policy=None):
+    def __init__(self, root: Path, data: Path, key: Path, name: str, policy=None,
+                 config=None, env=None):
+        """`tre serve` with flags, or, given `config`, with that file and
+        `env` (the config's own state directory must be `root / name`)."""
         self.bin = _bin()
         self.state = root / name
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
-        args = [
-            self.bin, "serve",
-            "--state", str(self.state),
-            "--data", str(data),
-            "--key-file", str(key),
-            "--listen", self.address,
-            "--project", "p1=alice,bob",
-            "--project", "p2=alice",
-            "--project-epsilon", "10",
-        ]
-        if policy is not None:
-            args += ["--policy", str(policy)]
+        if config is None:
+            args = [
+                self.bin, "serve",
+                "--state", str(self.state),
+                "--data", str(data),
+                "--key-file", str(key),
+                "--listen", self.address,
+                "--project", "p1=alice,bob",
+                "--project", "p2=alice",
+                "--project-epsilon", "10",
+            ]
+            if policy is not None:
+                args += ["--policy", str(policy)]
+        else:
+            args = [self.bin, "serve", "--config", str(config)]
+        env = dict(os.environ, TRE_LISTEN=self.address, **(env or {}))
         self.log = open(root / f"{name}.log", "w")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:

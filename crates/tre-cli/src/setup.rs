@@ -149,50 +149,129 @@ pub(crate) fn dir_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
+/// `tre serve`'s settings. Each comes, first found, from its flag, its
+/// `TRE_*` environment variable, the `--config` file (the same names in
+/// snake_case, e.g. `key_file = "/etc/tre/master.key"`), or its default.
 #[derive(Args, Clone)]
 pub struct ServeArgs {
+    /// A TOML file of these settings, so that a deployment is not twenty
+    /// flags. Relative paths in it are relative to the file.
+    #[arg(long, env = "TRE_CONFIG")]
+    pub config: Option<PathBuf>,
     /// State directory: SQLite ledger and audit log, token issuer key.
-    #[arg(long, default_value = ".tre/server")]
+    #[arg(long, env = "TRE_STATE", default_value = ".tre/server")]
     pub state: PathBuf,
     /// Directory of the dataset's extracts (its name is the dataset name).
-    #[arg(long, default_value = ".tre/data/nhs_epr")]
+    #[arg(long, env = "TRE_DATA", default_value = ".tre/data/nhs_epr")]
     pub data: PathBuf,
     /// Dataset policy (defaults to the embedded policies/nhs_epr.toml).
-    #[arg(long)]
+    #[arg(long, env = "TRE_POLICY")]
     pub policy: Option<PathBuf>,
     /// Directory of SDC profiles (defaults to the embedded policies/sdc).
-    #[arg(long)]
+    #[arg(long, env = "TRE_SDC_DIR")]
     pub sdc_dir: Option<PathBuf>,
-    #[arg(long, default_value = ".tre/master.key")]
+    #[arg(long, env = "TRE_KEY_FILE", default_value = ".tre/master.key")]
     pub key_file: PathBuf,
-    #[arg(long, default_value = "127.0.0.1:50051")]
+    /// Researchers' address: gRPC and Arrow Flight SQL.
+    #[arg(long, env = "TRE_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
-    /// Seed a project: ID=USER[,USER...] (repeatable).
-    #[arg(long = "project")]
+    /// Seed a project: ID=USER[,USER...] (repeatable; in TRE_PROJECTS,
+    /// separate projects with ';').
+    #[arg(long = "project", env = "TRE_PROJECTS", value_delimiter = ';')]
     pub projects: Vec<String>,
     /// Budget for seeded projects (defaults to the policy's project_epsilon).
-    #[arg(long)]
+    #[arg(long, env = "TRE_PROJECT_EPSILON")]
     pub project_epsilon: Option<f64>,
     /// Days a seeded project stays open.
-    #[arg(long, default_value_t = 365)]
+    #[arg(long, env = "TRE_PROJECT_DAYS", default_value_t = 365)]
     pub project_days: u64,
     /// Server certificate (PEM). Without TLS the gateway serves loopback only.
-    #[arg(long, requires = "tls_key")]
+    #[arg(long, env = "TRE_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
-    #[arg(long, requires = "tls_cert")]
+    #[arg(long, env = "TRE_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
     /// CA (PEM) for client certificates: turns on mutual TLS.
-    #[arg(long, requires = "tls_cert")]
+    #[arg(long, env = "TRE_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
     /// Sign an audit checkpoint every N events (and always at shutdown).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, env = "TRE_CHECKPOINT_EVERY", default_value_t = 100)]
     pub checkpoint_every: u32,
+    /// Serve Prometheus metrics (off by default) on --metrics-listen.
+    #[arg(long, env = "TRE_METRICS")]
+    pub metrics: bool,
+    /// The operators' metrics address: plain HTTP `GET /metrics`. Keep it
+    /// off the researchers' network.
+    #[arg(long, env = "TRE_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    pub metrics_listen: SocketAddr,
+}
+
+/// The `--config` file: every setting optional, unknown keys refused.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ServeConfig {
+    state: Option<PathBuf>,
+    data: Option<PathBuf>,
+    policy: Option<PathBuf>,
+    sdc_dir: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    projects: Option<Vec<String>>,
+    project_epsilon: Option<f64>,
+    project_days: Option<u64>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+    checkpoint_every: Option<u32>,
+    metrics: Option<bool>,
+    metrics_listen: Option<SocketAddr>,
+}
+
+/// Fill in, from `args.config`, every setting that neither a flag nor an
+/// environment variable gave (`matches` says which did).
+pub fn apply_config(args: &mut ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
+    use clap::parser::ValueSource;
+    let Some(path) = args.config.clone() else {
+        return Ok(());
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read config {}", path.display()))?;
+    let config: ServeConfig = toml::from_str(&text)
+        .with_context(|| format!("config {}: not valid tre serve settings", path.display()))?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+    let unset = |id: &str| {
+        !matches!(
+            matches.value_source(id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        )
+    };
+    macro_rules! fill {
+        ($($field:ident),* ; paths $($path:ident),* ; optional paths $($opt:ident),*) => {
+            $(if let (true, Some(v)) = (unset(stringify!($field)), config.$field) {
+                args.$field = v;
+            })*
+            $(if let (true, Some(v)) = (unset(stringify!($path)), config.$path) {
+                args.$path = resolve(v);
+            })*
+            $(if let (true, Some(v)) = (unset(stringify!($opt)), config.$opt) {
+                args.$opt = Some(resolve(v));
+            })*
+        };
+    }
+    fill!(listen, projects, project_days, checkpoint_every, metrics, metrics_listen;
+          paths state, data, key_file;
+          optional paths policy, sdc_dir, tls_cert, tls_key, tls_client_ca);
+    if let (true, Some(e)) = (unset("project_epsilon"), config.project_epsilon) {
+        args.project_epsilon = Some(e);
+    }
+    Ok(())
 }
 
 impl ServeArgs {
     /// Defaults for an in-process gateway over `data`, keeping state in `state`.
     pub fn local(state: PathBuf, data: PathBuf, key_file: PathBuf, listen: SocketAddr) -> Self {
         Self {
+            config: None,
             state,
             data,
             policy: None,
@@ -206,6 +285,8 @@ impl ServeArgs {
             tls_key: None,
             tls_client_ca: None,
             checkpoint_every: 100,
+            metrics: false,
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
         }
     }
 
@@ -218,7 +299,10 @@ impl ServeArgs {
                 key_pem: read(key)?,
                 client_ca_pem: self.tls_client_ca.as_ref().map(read).transpose()?,
             }),
-            _ => None,
+            (None, None) if self.tls_client_ca.is_none() => None,
+            _ => bail!(
+                "TLS needs both tls_cert and tls_key (and tls_client_ca only with them); set the missing one"
+            ),
         })
     }
 }
@@ -282,11 +366,13 @@ pub fn open_state(args: &ServeArgs) -> Result<AppState> {
         &args.key_file,
     )?;
     let notary: Arc<dyn tre_store::Notary> = Arc::new(AuditNotary::load_or_create(&args.state)?);
+    let metrics = tre_gateway::Metrics::new();
     let store = SqliteStore::open(
         &args.state.join("tre.db"),
         Arc::clone(&notary),
         args.checkpoint_every,
-    )?;
+    )?
+    .observed_by(Arc::clone(&metrics) as Arc<dyn tre_store::AuditObserver>)?;
     let interrupted = store.recover_interrupted()?;
     if interrupted > 0 {
         eprintln!(
@@ -325,6 +411,7 @@ pub fn open_state(args: &ServeArgs) -> Result<AppState> {
         issuer,
         notary,
         connections: Default::default(),
+        metrics,
     })
 }
 
@@ -351,7 +438,37 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         "audit key fingerprint {}; auditors: note it and verify with `tre audit verify --fingerprint`",
         tre_store::chain::key_fingerprint(&state.store.audit_public_key())
     );
-    tre_gateway::serve(state, listener, tls, tre_gateway::shutdown_signal()).await?;
+    // One signal stops both servers.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        tre_gateway::shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    if args.metrics {
+        let metrics = tokio::net::TcpListener::bind(args.metrics_listen)
+            .await
+            .with_context(|| format!("cannot listen for metrics on {}", args.metrics_listen))?;
+        let at = metrics.local_addr()?;
+        eprintln!(
+            "metrics on http://{at}/metrics{}",
+            if at.ip().is_loopback() {
+                ""
+            } else {
+                " (not loopback: keep this address to operators)"
+            }
+        );
+        let state = Arc::clone(&state);
+        let shutdown = until_stopped(stopped.clone());
+        tokio::spawn(async move {
+            if let Err(e) = tre_gateway::serve_metrics(state, metrics, shutdown).await {
+                eprintln!("{e}");
+            }
+        });
+    }
+    tre_gateway::serve(state, listener, tls, until_stopped(stopped)).await?;
     Ok(())
 }
 

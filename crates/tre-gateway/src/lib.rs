@@ -34,6 +34,7 @@ pub mod authz;
 mod convert;
 mod error;
 mod flight;
+pub mod metrics;
 mod projects;
 mod releases;
 mod service;
@@ -42,6 +43,7 @@ mod transport;
 pub use auth::{AuditNotary, Claims, Issuer};
 pub use error::{GatewayError, ServerFault};
 pub use flight::{DELTA_HEADER, EPSILON_HEADER, PROJECT_HEADER, TOTALS_HEADER};
+pub use metrics::{Metrics, serve_metrics};
 pub use transport::ConnectionLimits;
 
 /// What every handler shares.
@@ -53,6 +55,9 @@ pub struct AppState {
     pub notary: Arc<dyn tre_store::Notary>,
     /// Bounds on connections and request sizes.
     pub connections: ConnectionLimits,
+    /// Operator metrics; the store must be observed by the same (see
+    /// `SqliteStore::observed_by`) for calls to be counted.
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 /// TLS for the gateway: a server certificate and key (PEM) and, for mutual
@@ -115,11 +120,17 @@ pub async fn serve(
     // Operators and tools need no token to see what is served and whether
     // it is up (issue #14): gRPC server reflection (`grpcurl list`) and the
     // standard health service. Neither reads data or state.
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(tre_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| ServerFault::Startup(format!("cannot build the reflection service: {e}")))?;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tre_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_error =
+        |e| ServerFault::Startup(format!("cannot build the reflection service: {e}"));
+    // v1alpha too: older clients (Python's grpcio-reflection, some IDEs)
+    // speak only that; grpcurl tries v1 first.
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
+    let reflection = reflection().build_v1().map_err(reflection_error)?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<QueryServiceServer<service::Services>>()
@@ -148,6 +159,7 @@ pub async fn serve(
         })
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(QueryServiceServer::new(svc.clone()).max_decoding_message_size(max))
         .add_service(CatalogServiceServer::new(svc.clone()).max_decoding_message_size(max))
         .add_service(ProjectServiceServer::new(svc.clone()).max_decoding_message_size(max))

@@ -403,6 +403,7 @@ impl Services {
         let this = self.clone();
         let cancel = tokio_util::sync::CancellationToken::new();
         let _cancel_when_dropped = cancel.clone().drop_guard();
+        let started = std::time::Instant::now();
         let task = tokio::spawn(async move {
             let pipeline = this.pipeline();
             tokio::select! {
@@ -412,7 +413,15 @@ impl Services {
                 () = cancel.cancelled() => Err(tre_release::ReleaseError::Cancelled),
             }
         });
-        Ok(task.await??)
+        let released = task.await?;
+        let result = match &released {
+            Ok(r) if r.status == tre_store::ReleaseStatus::Released => "released",
+            Ok(r) if r.status == tre_store::ReleaseStatus::Held => "held",
+            Ok(_) => "not_released",
+            Err(_) => "error",
+        };
+        self.state.metrics.release_took(started.elapsed(), result);
+        Ok(released?)
     }
 
     /// Compile a researcher's query for a project they may query: what a

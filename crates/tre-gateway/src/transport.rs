@@ -195,9 +195,10 @@ pub(crate) struct RejectionAuditService<S> {
 
 /// Services outside the audit: the standard gRPC health check and server
 /// reflection, served without a token.
-const UNAUDITED_SERVICES: [&str; 2] = [
+const UNAUDITED_SERVICES: [&str; 3] = [
     "/grpc.health.v1.Health",
     "/grpc.reflection.v1.ServerReflection",
+    "/grpc.reflection.v1alpha.ServerReflection",
 ];
 
 /// What the transport saw of a request, for its event.

@@ -491,6 +491,18 @@ impl Engine {
         extracts.chain(reference).collect()
     }
 
+    /// Queries executing now (holding an admission slot), and bytes their
+    /// memory pools hold together: for the operator's metrics only. Both
+    /// depend on what is running, so never on a researcher's path.
+    pub fn load(&self) -> (usize, usize) {
+        let running = self
+            .limits
+            .concurrent_queries
+            .max(1)
+            .saturating_sub(self.slots.available_permits());
+        (running, self.sandbox.memory_in_use())
+    }
+
     /// Names of the public reference tables.
     pub fn reference_tables(&self) -> Vec<String> {
         self.reference.keys().cloned().collect()

@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 
 use async_trait::async_trait;
 
@@ -61,6 +62,9 @@ pub(crate) struct Sandbox {
     deterministic_seed: Option<u64>,
     extracts: Extracts,
     opted_out: OptedOut,
+    /// Bytes reserved now by every executing query's pool together: for
+    /// the operator's metrics, never for a researcher.
+    in_use: Arc<AtomicUsize>,
 }
 
 impl Sandbox {
@@ -170,7 +174,8 @@ impl Sandbox {
             })
             .map(|(name, _)| name)
             .collect();
-        let runtime = runtime_env(&master, limits.memory_per_query())?;
+        let in_use = Arc::new(AtomicUsize::new(0));
+        let runtime = runtime_env(&master, limits.memory_per_query(), Arc::clone(&in_use))?;
         Ok(Self {
             data_dir,
             runtime,
@@ -188,6 +193,7 @@ impl Sandbox {
                 sizes,
             },
             opted_out,
+            in_use,
         })
     }
 
@@ -205,6 +211,11 @@ impl Sandbox {
         &self.data_dir
     }
 
+    /// Bytes every executing query's pool holds now, together.
+    pub(crate) fn memory_in_use(&self) -> usize {
+        self.in_use.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub(crate) fn schemas(&self) -> impl Iterator<Item = (&str, &SchemaRef)> {
         self.tables
             .iter()
@@ -214,7 +225,7 @@ impl Sandbox {
     /// A session for executing one query, with a memory pool of its own:
     /// no other query's allocations can make it fail (issue #11).
     pub(crate) fn context_with_memory(&self, bytes: usize) -> Result<SessionContext, QueryError> {
-        Ok(self.context_in(runtime_env(&self.master, bytes)?))
+        Ok(self.context_in(runtime_env(&self.master, bytes, Arc::clone(&self.in_use))?))
     }
 
     /// A new session for compiling one query. Sessions share no state:
@@ -310,9 +321,13 @@ impl Sandbox {
 
 /// A DataFusion runtime with a memory pool of `bytes`, no disk to spill to,
 /// and the vault's decryption.
-fn runtime_env(master: &Arc<MasterKey>, bytes: usize) -> Result<Arc<RuntimeEnv>, QueryError> {
+fn runtime_env(
+    master: &Arc<MasterKey>,
+    bytes: usize,
+    in_use: Arc<AtomicUsize>,
+) -> Result<Arc<RuntimeEnv>, QueryError> {
     let runtime = RuntimeEnvBuilder::new()
-        .with_memory_pool(Arc::new(PeakPool::new(bytes)))
+        .with_memory_pool(Arc::new(PeakPool::new(bytes, in_use)))
         .with_disk_manager_builder(
             DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
         )
@@ -470,21 +485,25 @@ pub(crate) struct PeakPool {
     inner: FairSpillPool,
     /// What is reserved now, counted here rather than read under the inner
     /// pool's lock, since every reservation of every operator passes by.
-    held: std::sync::atomic::AtomicUsize,
-    peak: std::sync::atomic::AtomicUsize,
+    held: AtomicUsize,
+    peak: AtomicUsize,
+    /// What every pool of the engine holds now, together.
+    engine: Arc<AtomicUsize>,
 }
 
 impl PeakPool {
-    fn new(bytes: usize) -> Self {
+    fn new(bytes: usize, engine: Arc<AtomicUsize>) -> Self {
         Self {
             inner: FairSpillPool::new(bytes),
-            held: std::sync::atomic::AtomicUsize::new(0),
-            peak: std::sync::atomic::AtomicUsize::new(0),
+            held: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            engine,
         }
     }
 
     fn grew(&self, additional: usize) {
         use std::sync::atomic::Ordering::Relaxed;
+        self.engine.fetch_add(additional, Relaxed);
         let now = self
             .held
             .fetch_add(additional, Relaxed)
@@ -528,6 +547,8 @@ impl MemoryPool for PeakPool {
     fn shrink(&self, reservation: &MemoryReservation, shrink: usize) {
         self.inner.shrink(reservation, shrink);
         self.held
+            .fetch_sub(shrink, std::sync::atomic::Ordering::Relaxed);
+        self.engine
             .fetch_sub(shrink, std::sync::atomic::Ordering::Relaxed);
     }
 

@@ -26,7 +26,7 @@ mod sqlite;
 pub use chain::{AuditEvent, Checkpoint, Entry, Notary, StoredEvent, Tamper, VerifyReport};
 pub use migrations::PRE_GOVERNANCE;
 pub use rules::{Admitted, Transition};
-pub use sqlite::{INCIDENT_ACTOR, SqliteStore};
+pub use sqlite::{AuditObserver, INCIDENT_ACTOR, SqliteStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

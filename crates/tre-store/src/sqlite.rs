@@ -19,6 +19,16 @@ pub struct SqliteStore {
     conn: Mutex<Connection>,
     notary: Arc<dyn Notary>,
     checkpoint_every: i64,
+    /// Events appended by the open transaction, for the observer; `None`
+    /// without one.
+    pending: Option<Arc<Mutex<Vec<AuditEvent>>>>,
+}
+
+/// Told of each audit event once the transaction that wrote it commits
+/// (operator metrics, issue #14). Called with the store's connection held:
+/// it must be quick and must not call the store.
+pub trait AuditObserver: Send + Sync {
+    fn committed(&self, event: &AuditEvent);
 }
 
 const DATE: &str = "%Y-%m-%d";
@@ -41,7 +51,41 @@ impl SqliteStore {
             conn: Mutex::new(conn),
             notary,
             checkpoint_every: i64::from(checkpoint_every.max(1)),
+            pending: None,
         })
+    }
+
+    /// Tell `observer` of every audit event this store commits from now
+    /// on, and of none that is rolled back. (SQLite runs the commit hook
+    /// just before the commit ends: one that then fails on a full disk is
+    /// still told, and its call fails with `TRE-I002`.)
+    pub fn observed_by(mut self, observer: Arc<dyn AuditObserver>) -> Result<Self, StoreError> {
+        let pending: Arc<Mutex<Vec<AuditEvent>>> = Arc::default();
+        {
+            let conn = self.conn.get_mut().map_err(|_| StoreError::Poisoned)?;
+            let committed = Arc::clone(&pending);
+            conn.commit_hook(Some(move || {
+                let events = std::mem::take(
+                    &mut *committed
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner),
+                );
+                for e in &events {
+                    observer.committed(e);
+                }
+                // Never veto the commit.
+                false
+            }))?;
+            let rolled_back = Arc::clone(&pending);
+            conn.rollback_hook(Some(move || {
+                rolled_back
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clear();
+            }))?;
+        }
+        self.pending = Some(pending);
+        Ok(self)
     }
 
     fn conn(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
@@ -91,6 +135,12 @@ impl SqliteStore {
         )?;
         if seq % self.checkpoint_every == 0 {
             self.sign_checkpoint(tx, seq, &hash)?;
+        }
+        if let Some(pending) = &self.pending {
+            pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(e.clone());
         }
         Ok(seq)
     }
