@@ -301,6 +301,22 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         "▶ Q1 asked again: its stored release {} comes back, epsilon spent {}\n",
         again.release_id, again.epsilon_spent
     );
+    let researcher_token = token("rhea", Role::Researcher)?;
+    let table = flight_release(&url, &researcher_token, &project, sql, eps).await?;
+    let meta = table.schema().metadata().clone();
+    let field = |k: &str| meta.get(k).cloned().unwrap_or_default();
+    println!(
+        "▶ Q1 over Arrow Flight SQL, as ADBC from Python or R asks it: release {} again, epsilon spent {}, {} rows with intervals and statuses",
+        field("tre.release_id"),
+        field("tre.epsilon_spent"),
+        table.num_rows()
+    );
+    println!(
+        "{}\n",
+        datafusion::arrow::util::pretty::pretty_format_batches(&[
+            table.slice(0, table.num_rows().min(3))
+        ])?
+    );
 
     for (title, sql, eps) in [
         (
@@ -374,6 +390,70 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 
 /// `tre demo --serve`: an operator-seeded project `demo` and a token per
 /// role on disk, until Ctrl-C.
+/// One release over the gateway's Arrow Flight SQL endpoint, the way the
+/// stock ADBC driver asks for it: GetFlightInfo (the release runs), then
+/// DoGet of the ticket (the stored table).
+async fn flight_release(
+    url: &str,
+    token: &str,
+    project: &str,
+    sql: &str,
+    epsilon: f64,
+) -> Result<datafusion::arrow::array::RecordBatch> {
+    use arrow_flight::flight_service_client::FlightServiceClient;
+    use arrow_flight::sql::{CommandStatementQuery, ProstMessageExt};
+    use futures::TryStreamExt;
+
+    let headers = [
+        ("authorization", format!("Bearer {token}")),
+        (tre_gateway::PROJECT_HEADER, project.to_owned()),
+        (tre_gateway::EPSILON_HEADER, epsilon.to_string()),
+    ];
+    fn request<T>(msg: T, headers: &[(&'static str, String)]) -> Result<tonic::Request<T>> {
+        let mut r = tonic::Request::new(msg);
+        for (k, v) in headers {
+            r.metadata_mut().insert(*k, v.parse()?);
+        }
+        Ok(r)
+    }
+    let channel = tonic::transport::Channel::from_shared(url.to_owned())?
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {url}"))?;
+    let mut client = FlightServiceClient::new(channel);
+    let command = CommandStatementQuery {
+        query: sql.to_owned(),
+        transaction_id: None,
+    };
+    let descriptor =
+        arrow_flight::FlightDescriptor::new_cmd(prost::Message::encode_to_vec(&command.as_any()));
+    let info = client
+        .get_flight_info(request(descriptor, &headers)?)
+        .await
+        .map_err(|s| anyhow::anyhow!(status_text(&s)))?
+        .into_inner();
+    let ticket = info
+        .endpoint
+        .first()
+        .and_then(|e| e.ticket.clone())
+        .context("the FlightInfo has no ticket")?;
+    let stream = client
+        .do_get(request(ticket, &headers)?)
+        .await
+        .map_err(|s| anyhow::anyhow!(status_text(&s)))?
+        .into_inner();
+    let batches: Vec<_> = arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(
+        stream.map_err(arrow_flight::error::FlightError::from),
+    )
+    .try_collect()
+    .await?;
+    let schema = info.try_decode_schema()?;
+    Ok(datafusion::arrow::compute::concat_batches(
+        &std::sync::Arc::new(schema),
+        &batches,
+    )?)
+}
+
 /// What a researcher pastes into Python to query this server with the
 /// stock ADBC Flight SQL driver (issue #14): no tre code needed.
 fn python_snippet(bound: &SocketAddr, token_file: &Path) -> String {

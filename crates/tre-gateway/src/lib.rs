@@ -7,7 +7,8 @@
 //! one audit event per call (cancelled, panicking and transport-refused
 //! calls included), bounds connections and request sizes (`transport.rs`),
 //! serves the same releases over Arrow Flight SQL for stock clients
-//! (`flight.rs`), and converts between domain types and proto types.
+//! (`flight.rs`), serves operator metrics on an address of their own
+//! (`metrics.rs`), and converts between domain types and proto types.
 //! Errors become gRPC statuses in one exhaustive match (`error.rs`).
 //!
 //! This crate and tre-cli are the only ones that know tonic and the proto
