@@ -14,6 +14,7 @@ mod corpus;
 mod flight;
 mod fuzz;
 mod governance;
+mod import;
 mod pipeline;
 mod robustness;
 mod soundness;

@@ -335,7 +335,7 @@ pub fn open_state_limited(
     store
         .recover_interrupted()
         .unwrap_or_else(|e| panic!("{e}"));
-    seed_projects(&store, projects);
+    seed_projects_on(&store, &engine.policy().dataset, projects);
     let issuer = Issuer::load_or_create(state_dir).unwrap_or_else(|e| panic!("{e}"));
     AppState {
         engine,
@@ -350,12 +350,17 @@ pub fn open_state_limited(
 /// Seed `projects` (id, members, ε budget) on the fixture's dataset, active
 /// for 30 days.
 pub fn seed_projects(store: &dyn Store, projects: &[(&str, &[&str], f64)]) {
+    seed_projects_on(store, "nhs_epr", projects);
+}
+
+/// Seed `projects` on `dataset`.
+pub fn seed_projects_on(store: &dyn Store, dataset: &str, projects: &[(&str, &[&str], f64)]) {
     for (id, members, budget) in projects {
         store
             .seed_project(&ProjectSeed {
                 id: ProjectId::new(*id).unwrap_or_else(|e| panic!("{e}")),
                 title: (*id).to_owned(),
-                dataset: "nhs_epr".into(),
+                dataset: dataset.into(),
                 epsilon: Epsilon::new(*budget).unwrap_or_else(|e| panic!("{e}")),
                 delta: Delta::new(1e-5).unwrap_or_else(|e| panic!("{e}")),
                 members: members
@@ -379,6 +384,18 @@ pub async fn start_in(
 ) -> Server {
     let state = open_state(state_dir.path(), data, projects);
     serve_state(state_dir, state, tls).await
+}
+
+/// Start a gateway over the extracts in `data` under `policy`, with the
+/// projects approved for its dataset.
+pub async fn start_over(
+    data: &std::path::Path,
+    policy: Policy,
+    projects: &[(&str, &[&str], f64)],
+) -> Server {
+    let state_dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let state = open_state_with(state_dir.path(), data, projects, policy);
+    serve_state(state_dir, state, None).await
 }
 
 /// Start a gateway under the policy text `policy_toml`.

@@ -10,6 +10,7 @@ mod bench;
 mod client;
 mod demo;
 mod governance;
+mod import;
 mod load;
 mod setup;
 
@@ -26,10 +27,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Generate synthetic data or inspect extracts.
+    /// Generate synthetic data, or import a data team's own.
     Dataset {
         #[command(subcommand)]
         command: DatasetCommand,
+    },
+    /// Draft a dataset policy from its files, or check one.
+    Policy {
+        #[command(subcommand)]
+        command: import::PolicyCommand,
     },
     /// Start the gRPC gateway.
     Serve(setup::ServeArgs),
@@ -78,6 +84,9 @@ enum Command {
 enum DatasetCommand {
     /// Write synthetic NHS-style records as encrypted Parquet extracts.
     Generate(setup::GenerateArgs),
+    /// Import CSV, Parquet or OMOP CDM files under a custodian's policy
+    /// into encrypted, sorted, bounded extracts, with a report.
+    Import(import::ImportArgs),
 }
 
 #[derive(Subcommand)]
@@ -127,6 +136,10 @@ fn main() -> Result<()> {
             Command::Dataset {
                 command: DatasetCommand::Generate(args),
             } => setup::generate(&args).map(|_| ()),
+            Command::Dataset {
+                command: DatasetCommand::Import(args),
+            } => import::import(args).await,
+            Command::Policy { command } => import::policy(command),
             Command::Serve(args) => setup::serve(args).await,
             Command::Token {
                 command:

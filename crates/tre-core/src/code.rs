@@ -124,6 +124,13 @@ codes! {
     /// An extract tre's writer did not write: plaintext, a plaintext
     /// footer, no layout, or rows out of order or without a unit.
     ExtractLayout = "TRE-V004",
+    /// An import's input file cannot be read as the policy says: names the
+    /// file, the line or row group, the column and the fix (issue #15).
+    ImportInput = "TRE-V005",
+    /// An import's input does not match its policy: a table without a
+    /// file, a declared column missing, the output named otherwise than
+    /// the dataset.
+    ImportSchema = "TRE-V006",
 
     // Failures after data was touched: generic by design.
     ExecutionFailed = "TRE-E001",

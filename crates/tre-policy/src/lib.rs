@@ -151,6 +151,20 @@ pub struct ColumnPolicy {
     /// values it may hold, enforced by the extract writer. Bounds the
     /// memory of grouping by it (issue #13).
     pub max_distinct: Option<u64>,
+    /// What an import does with a numeric or date value outside the
+    /// column's bounds (queries clamp it regardless).
+    pub out_of_bounds: OutOfBounds,
+}
+
+/// An imported value outside its column's bounds (issue #15).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OutOfBounds {
+    /// Keep the row, with the value clamped to the nearer bound (what
+    /// every query would do with it anyway); counted in the report.
+    #[default]
+    Clamp,
+    /// Leave the row out; counted in the report.
+    Reject,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -182,6 +196,17 @@ impl Policy {
     /// Parse and validate. `source_name` (usually the file path) is quoted in
     /// every error so the operator knows which file to fix.
     pub fn from_toml(source_name: &str, text: &str) -> Result<Policy, PolicyError> {
+        // A drafted policy marks what only the custodian can decide (bounds,
+        // public values) as "TODO"; none may be guessed for them (issue #15).
+        if let Ok(value) = toml::from_str::<toml::Value>(text)
+            && let Some(field) = first_todo(&value, String::new())
+        {
+            return Err(PolicyError {
+                source_name: source_name.to_owned(),
+                field,
+                message: "is still TODO: the custodian must decide it (bounds and public values are never taken from the data)".into(),
+            });
+        }
         let raw: raw::RawPolicy = toml::from_str(text).map_err(|e| PolicyError {
             source_name: source_name.to_owned(),
             field: toml_error_field(&e),
@@ -199,6 +224,23 @@ impl Policy {
 
     pub fn table(&self, name: &str) -> Option<&TablePolicy> {
         self.tables.get(name)
+    }
+}
+
+/// The path of the first value that is, or holds, the text "TODO".
+fn first_todo(value: &toml::Value, path: String) -> Option<String> {
+    let join = |key: &str| {
+        if path.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{path}.{key}")
+        }
+    };
+    match value {
+        toml::Value::String(s) if s.trim_start().starts_with("TODO") => Some(path),
+        toml::Value::Array(items) => items.iter().find_map(|v| first_todo(v, path.clone())),
+        toml::Value::Table(t) => t.iter().find_map(|(k, v)| first_todo(v, join(k))),
+        _ => None,
     }
 }
 

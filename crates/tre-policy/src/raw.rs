@@ -7,8 +7,8 @@ use serde::Deserialize;
 use tre_core::{Delta, Epsilon};
 
 use crate::{
-    BudgetPolicy, ColumnClass, ColumnPolicy, ColumnRef, DomainValue, Policy, ReviewMode,
-    ReviewPolicy, TablePolicy, parse_date,
+    BudgetPolicy, ColumnClass, ColumnPolicy, ColumnRef, DomainValue, OutOfBounds, Policy,
+    ReviewMode, ReviewPolicy, TablePolicy, parse_date,
 };
 
 type Invalid = (String, String);
@@ -114,6 +114,7 @@ struct RawColumn {
     values: Option<Vec<DomainValue>>,
     bounds: Option<Vec<toml::Value>>,
     max_distinct: Option<i64>,
+    out_of_bounds: Option<String>,
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> Invalid {
@@ -386,11 +387,30 @@ impl RawTable {
                     ));
                 }
             };
+            let bounded = matches!(raw.class.as_str(), "numeric" | "date");
+            let out_of_bounds = match raw.out_of_bounds.as_deref() {
+                None => OutOfBounds::Clamp,
+                Some("clamp") if bounded => OutOfBounds::Clamp,
+                Some("reject") if bounded => OutOfBounds::Reject,
+                Some(_) if bounded => {
+                    return Err(invalid(
+                        format!("{cfield}.out_of_bounds"),
+                        "use \"clamp\" (keep the row, value at the nearer bound) or \"reject\" (leave the row out)",
+                    ));
+                }
+                Some(_) => {
+                    return Err(invalid(
+                        format!("{cfield}.out_of_bounds"),
+                        "only a numeric or date column has bounds to be outside of",
+                    ));
+                }
+            };
             columns.push(ColumnPolicy {
                 name: cname,
                 description: raw.description.clone(),
                 class: raw.validate(&cfield)?,
                 max_distinct,
+                out_of_bounds,
             });
         }
         match columns.iter().find(|c| c.name == unit) {

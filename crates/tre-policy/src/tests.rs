@@ -156,6 +156,29 @@ fn invalid_policies_name_the_field() {
             "columns.sex = { class = \"categorical\", max_distinct = 0 }",
             "tables.patients.columns.sex.max_distinct",
         ),
+        // Issue #15: what a draft leaves to the custodian is refused until
+        // decided, wherever it stands; out_of_bounds only where there are
+        // bounds, and only clamp or reject.
+        (
+            "bounds = [1900, 2024]",
+            "bounds = \"TODO: the oldest and newest plausible year of birth\"",
+            "tables.patients.columns.yob.bounds",
+        ),
+        (
+            "values = [\"F\", \"M\"]",
+            "values = [\"F\", \"TODO\"]",
+            "tables.patients.columns.sex.values",
+        ),
+        (
+            "bounds = [1900, 2024] }",
+            "bounds = [1900, 2024], out_of_bounds = \"drop\" }",
+            "tables.patients.columns.yob.out_of_bounds",
+        ),
+        (
+            "values = [\"F\", \"M\"] }",
+            "values = [\"F\", \"M\"], out_of_bounds = \"reject\" }",
+            "tables.patients.columns.sex.out_of_bounds",
+        ),
     ];
     for (from, to, field) in cases {
         assert!(BASE.contains(from), "{from}");

@@ -408,21 +408,7 @@ fn pseudonym_order(
     Ok((keys, opted_out))
 }
 
-/// Splits of the pseudonym space into equal ranges, by first hex digit:
-/// every table is stored in the same ranges, so that a reader can give
-/// each worker whole patients of every table (issue #13). They follow the
-/// pseudonym format and the number of patients asked for, never the data:
-/// one range per 250,000 patients, at least 2 and at most 16 (a power of
-/// two). More ranges than that only cut small tables into many small row
-/// groups, each with its own decryption and decoding set-up.
-pub fn pseudonym_splits(patients: u64) -> Vec<String> {
-    let ranges = (patients / 250_000)
-        .clamp(2, 16)
-        .next_power_of_two()
-        .min(16);
-    let step = 16 / ranges;
-    (1..ranges).map(|r| format!("P{:x}", r * step)).collect()
-}
+pub use tre_vault::pseudonym_splits;
 
 /// The 96 bits of a pseudonym `P<24 hex digits>`.
 fn pseudonym_bits(pseudonym: &str) -> u128 {
