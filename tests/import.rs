@@ -569,3 +569,112 @@ async fn faulty_rows_are_counted_by_reason_and_bad_files_refused_with_codes() {
         "fresh keys and bytes"
     );
 }
+
+/// A progress hook that makes the child's import last long enough to be
+/// killed in the middle.
+struct Slow;
+
+impl tre_import::Progress for Slow {
+    fn table(&self, _: &str, _: &str) {}
+    fn rows(&self, _: u64) {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// Issue #15: a kill during an import (SIGKILL: no destructor runs) leaves
+/// the previous dataset byte for byte as it was, and serveable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_import_leaves_the_previous_dataset_whole_and_serveable() {
+    const NAME: &str = "import::a_killed_import_leaves_the_previous_dataset_whole_and_serveable";
+    let policy = ok(Policy::from_toml("trust.toml", FAULTS_POLICY));
+    if let Ok(root) = std::env::var("TRE_IMPORT_CHILD") {
+        // The child: import the large input slowly, until killed.
+        let root = std::path::PathBuf::from(root);
+        let master = master();
+        let _ = Import {
+            policy: &policy,
+            from: &root.join("input"),
+            format: Format::Auto,
+            out: &root.join("trust"),
+            master: &master,
+            memory_bytes: 64 << 20,
+        }
+        .run(&Slow)
+        .await;
+        return;
+    }
+    let root = ok(tempfile::tempdir());
+    let input = root.path().join("input");
+    ok(std::fs::create_dir_all(&input));
+    ok(std::fs::write(input.join("patients.csv"), PATIENTS_CSV));
+    ok(std::fs::write(input.join("visits.csv"), VISITS_CSV));
+    let out = root.path().join("trust");
+    ok(import(&policy, &input, &out).await);
+    let files = ["patients.parquet", "visits.parquet"];
+    let before: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| ok(std::fs::read(out.join(f))))
+        .collect();
+
+    // Twenty batches of visits: the child takes at least four seconds.
+    let mut visits = String::from("person_id,visit_date,cost\n");
+    for i in 0..20 * 8192 {
+        let _ = writeln!(
+            visits,
+            "94347659{:02},2024-01-0{},{}",
+            19 + i % 7,
+            1 + i % 9,
+            i % 1000
+        );
+    }
+    ok(std::fs::write(input.join("visits.csv"), visits));
+    let mut child = ok(std::process::Command::new(ok(std::env::current_exe()))
+        .args([NAME, "--exact", "--nocapture", "--test-threads", "1"])
+        .env("TRE_IMPORT_CHILD", root.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn());
+    let staging = || {
+        ok(std::fs::read_dir(root.path()))
+            .filter_map(|e| e.ok())
+            .any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(".trust.importing-")
+            })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !staging() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the child never started importing"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    ok(child.kill());
+    let status = ok(child.wait());
+    assert!(!status.success(), "the child was killed, not finished");
+
+    let after: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| ok(std::fs::read(out.join(f))))
+        .collect();
+    assert!(before == after, "the previous dataset changed");
+    let server = tre_e2e::start_over(&out, policy.clone(), &[("t1", &["tess"], 10.0)]).await;
+    let (mut q, _) = server.clients().await;
+    let token = server.token("tess", Role::Researcher);
+    ok(q.submit(authed(
+        pb::QueryRequest {
+            project: "t1".into(),
+            sql: "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex".into(),
+            epsilon: Some(0.5),
+            ..Default::default()
+        },
+        &token,
+    ))
+    .await);
+    // The next import (with the killed one's staging left behind) works.
+    let report = ok(import(&policy, &input, &out).await);
+    assert_eq!(report.tables[1].tally.rows_read, 20 * 8192);
+}
