@@ -678,3 +678,86 @@ async fn a_killed_import_leaves_the_previous_dataset_whole_and_serveable() {
     let report = ok(import(&policy, &input, &out).await);
     assert_eq!(report.tables[1].tally.rows_read, 20 * 8192);
 }
+
+/// The exact number of rows `sql`'s one count measures, on `engine`.
+async fn exact_count(engine: &tre_query::Engine, sql: &str) -> i64 {
+    let (_, budget) = tre_e2e::compiled(engine, sql).await;
+    let exact = ok(engine.exact(sql, budget, &[]).await);
+    let counts: Vec<i64> = exact.laplace.values().flatten().copied().collect();
+    assert_eq!(counts.len(), 1, "{sql}: {:?}", exact.laplace);
+    counts[0]
+}
+
+/// Issue #15: a new National Data Opt-out list replaces the old one
+/// without a re-import; its patients leave every table, the dataset's
+/// version (snapshot hash, which manifests carry) changes, and the list
+/// stays with the dataset when it is imported again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opt_out_list_applies_without_a_reimport_and_makes_a_new_version() {
+    let input = ok(tempfile::tempdir());
+    let omop = omop_fixture(input.path());
+    let root = ok(tempfile::tempdir());
+    let out = root.path().join("omop_demo");
+    let policy = ok(Policy::from_toml("omop.toml", OMOP_POLICY));
+    ok(import(&policy, input.path(), &out).await);
+    let key = Arc::new(master());
+    let persons = "SELECT COUNT(*) AS n FROM person";
+    let conditions = "SELECT COUNT(*) AS n FROM condition_occurrence";
+    let before = ok(tre_e2e::engine_under(
+        policy.clone(),
+        &out,
+        Arc::clone(&key),
+    ));
+    assert_eq!(exact_count(&before, persons).await, omop.persons as i64);
+    let all_conditions = exact_count(&before, conditions).await;
+
+    // Persons 1 to 100 opt out (OMOP's ids are the direct identifiers
+    // here); a comment, a blank line and a repeat are not patients.
+    let mut list = String::from("# National Data Opt-out, this week\n\n");
+    for p in 1..=100 {
+        let _ = writeln!(list, "{p}");
+    }
+    list.push_str("7\n");
+    let list_file = root.path().join("optouts.txt");
+    ok(std::fs::write(&list_file, list));
+    let report = ok(tre_import::opt_outs::replace(
+        &out, &policy, &key, &list_file,
+    ));
+    assert_eq!((report.identifiers, report.patients), (101, 100));
+
+    let after = ok(tre_e2e::engine_under(
+        policy.clone(),
+        &out,
+        Arc::clone(&key),
+    ));
+    assert_eq!(
+        exact_count(&after, persons).await,
+        omop.persons as i64 - 100
+    );
+    let kept_conditions = exact_count(&after, conditions).await;
+    assert!(
+        kept_conditions < all_conditions && kept_conditions > 0,
+        "{kept_conditions} of {all_conditions} condition rows kept"
+    );
+    assert_ne!(
+        before.snapshot_hash(),
+        after.snapshot_hash(),
+        "a new version"
+    );
+
+    // Imported again, the dataset keeps its list.
+    ok(import(&policy, input.path(), &out).await);
+    let reimported = ok(tre_e2e::engine_under(
+        policy.clone(),
+        &out,
+        Arc::clone(&key),
+    ));
+    assert_eq!(
+        exact_count(&reimported, persons).await,
+        omop.persons as i64 - 100
+    );
+    // A list for another dataset's directory is refused.
+    let err = tre_import::opt_outs::replace(&root.path().join("other"), &policy, &key, &list_file)
+        .expect_err("wrong directory");
+    assert_eq!(err.code(), Code::ImportSchema);
+}

@@ -221,3 +221,55 @@ pub async fn import(args: ImportArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(Args)]
+pub struct OptOutArgs {
+    /// The dataset directory (named after the dataset).
+    #[arg(long)]
+    data: PathBuf,
+    /// The dataset's policy (defaults to the embedded policies/nhs_epr.toml).
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// The new list: one NHS number (or other direct identifier) per line.
+    #[arg(long)]
+    from: PathBuf,
+    #[arg(long, default_value = ".tre/master.key")]
+    key_file: PathBuf,
+    /// The gateway's state directory, whose audit log records the change.
+    #[arg(long, default_value = ".tre/server")]
+    state: PathBuf,
+}
+
+/// Replace the dataset's opt-out list, then record it in the audit log.
+pub fn optouts(args: OptOutArgs) -> Result<()> {
+    use std::sync::Arc;
+    use tre_store::Store;
+
+    let policy = setup::load_policy(args.policy.as_deref())?;
+    let master = setup::master_key(&args.key_file, false)?;
+    let report = tre_import::opt_outs::replace(&args.data, &policy, &master, &args.from)?;
+    let notary: Arc<dyn tre_store::Notary> =
+        Arc::new(tre_gateway::AuditNotary::load_or_create(&args.state)?);
+    let store = tre_store::SqliteStore::open(&args.state.join("tre.db"), notary, 100)?;
+    let mut event = tre_store::AuditEvent::new("(operator)", "admin", "", "dataset.optouts");
+    event.set_outcome(tre_core::Outcome::Allowed);
+    event.detail = format!(
+        "dataset {}: opt-out list replaced from {}: {} identifiers, {} patients (digest {}); the gateway applies it from its next start",
+        policy.dataset,
+        args.from.display(),
+        report.identifiers,
+        report.patients,
+        &report.digest[..16]
+    );
+    store.append_audit(&event).context(
+        "the opt-out list was replaced but its audit event could not be written; record it by hand",
+    )?;
+    println!(
+        "dataset '{}': {} opted-out patients from {} identifiers (digest {}); restart the gateway to apply the list",
+        policy.dataset,
+        report.patients,
+        report.identifiers,
+        &report.digest[..16]
+    );
+    Ok(())
+}

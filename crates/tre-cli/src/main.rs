@@ -87,6 +87,9 @@ enum DatasetCommand {
     /// Import CSV, Parquet or OMOP CDM files under a custodian's policy
     /// into encrypted, sorted, bounded extracts, with a report.
     Import(import::ImportArgs),
+    /// Replace a dataset's National Data Opt-out list without a re-import
+    /// (audited; the gateway applies it from its next start).
+    Optouts(import::OptOutArgs),
 }
 
 #[derive(Subcommand)]
@@ -139,6 +142,9 @@ fn main() -> Result<()> {
             Command::Dataset {
                 command: DatasetCommand::Import(args),
             } => import::import(args).await,
+            Command::Dataset {
+                command: DatasetCommand::Optouts(args),
+            } => import::optouts(args),
             Command::Policy { command } => import::policy(command),
             Command::Serve(args) => setup::serve(args).await,
             Command::Token {

@@ -193,6 +193,11 @@ pub struct OptOutsRemoved {
     pub rows: u64,
 }
 
+/// The file (`<name>.parquet` in a dataset's directory) holding the latest
+/// National Data Opt-out list: one column, the privacy unit, written by
+/// [`ExtractWriter`] like any extract (issue #15).
+pub const OPT_OUT_LIST: &str = "_opt_outs";
+
 /// SHA-256 over the sorted, newline-terminated units: the same set gives
 /// the same digest whatever order it is read in.
 pub fn opt_out_digest<'a>(units: impl IntoIterator<Item = &'a str>) -> String {

@@ -41,6 +41,7 @@ use tre_vault::MasterKey;
 
 mod convert;
 pub mod draft;
+pub mod opt_outs;
 
 pub use convert::Tally;
 
@@ -396,6 +397,11 @@ impl Import<'_> {
             ),
         };
         if self.out.exists() {
+            // The latest opt-out list stays with the dataset across imports.
+            let list = format!("{}.parquet", tre_extract::OPT_OUT_LIST);
+            if self.out.join(&list).exists() {
+                std::fs::copy(self.out.join(&list), data.join(&list)).map_err(|e| err(&e))?;
+            }
             rustix::fs::renameat_with(
                 rustix::fs::CWD,
                 data,

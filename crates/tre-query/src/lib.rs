@@ -319,7 +319,18 @@ impl Engine {
         let reference = reference::load(&policy.reference_tables)?;
         let sandbox =
             sandbox::Sandbox::open(&policy, data_dir, master, &limits, reference.clone())?;
-        let snapshot = snapshot_hash(data_dir, policy.tables.keys())?;
+        // The opt-out list is part of what is served: replacing it makes a
+        // new version, which releases and manifests name.
+        let list = tre_extract::OPT_OUT_LIST.to_owned();
+        let snapshot = snapshot_hash(
+            data_dir,
+            policy.tables.keys().chain(
+                data_dir
+                    .join(format!("{list}.parquet"))
+                    .exists()
+                    .then_some(&list),
+            ),
+        )?;
         let runtime = EngineRuntime::new(limits.engine_threads)?;
         let slots = Arc::new(Semaphore::new(limits.concurrent_queries.max(1)));
         Ok(Self {

@@ -148,16 +148,33 @@ impl Sandbox {
                 })?;
             tables.push((name.clone(), schema, url));
         }
-        let opted_out = match &policy.opt_out {
+        let mut opted_out = match &policy.opt_out {
             Some(o) => read_opted_out(
                 &data_dir.join(format!("{}.parquet", o.table)),
                 &format!("{dataset}/{}.parquet", o.table),
                 &master,
                 &policy.privacy_unit,
-                &o.column,
+                Some(&o.column),
             )?,
             None => OptedOut::default(),
         };
+        // The latest National Data Opt-out list, replaced without a
+        // re-import (`tre dataset optouts`, issue #15): its patients are
+        // left out as well as those the policy's column flags.
+        let list = data_dir.join(format!("{}.parquet", tre_extract::OPT_OUT_LIST));
+        let opt_out_list = list.exists();
+        if opt_out_list {
+            let listed = read_opted_out(
+                &list,
+                &format!("{dataset}/{}.parquet", tre_extract::OPT_OUT_LIST),
+                &master,
+                &policy.privacy_unit,
+                None,
+            )?;
+            let mut all = (*opted_out.0).clone();
+            all.extend(listed.0.iter().cloned());
+            opted_out = OptedOut(Arc::new(all));
+        }
         let ranged = Ranged::new(&layouts, &row_groups, limits.target_partitions);
         // A table needs no opt-out filter when nobody opted out, or when
         // its writer removed exactly the opt-outs read here (issue #13).
@@ -191,6 +208,7 @@ impl Sandbox {
                 opt_outs_removed,
                 excluded: Vec::new(),
                 sizes,
+                opt_out_list,
             },
             opted_out,
             in_use,
@@ -344,12 +362,14 @@ fn runtime_env(
 
 /// The units whose opt-out flag is true or NULL, read from the opt-out
 /// table's two columns only.
+/// The units `flag` marks in an extract, or, without a flag, every unit
+/// of an opt-out list.
 fn read_opted_out(
     path: &Path,
     file_id: &str,
     master: &Arc<MasterKey>,
     unit: &str,
-    flag: &str,
+    flag: Option<&str>,
 ) -> Result<OptedOut, QueryError> {
     let shown = path.display().to_string();
     let unreadable = |e: &dyn std::fmt::Display| QueryError::Setup {
@@ -357,7 +377,7 @@ fn read_opted_out(
         message: format!("opt-outs from {shown}: {e}"),
     };
     let builder = tre_extract::reader(path, file_id, master)?;
-    let mask = ProjectionMask::columns(builder.parquet_schema(), [unit, flag]);
+    let mask = ProjectionMask::columns(builder.parquet_schema(), [unit].into_iter().chain(flag));
     let reader = builder
         .with_projection(mask)
         .build()
@@ -365,12 +385,15 @@ fn read_opted_out(
     let mut set = datafusion::common::HashSet::default();
     for batch in reader {
         let batch = batch.map_err(|e| unreadable(&e))?;
-        let units = batch.column_by_name(unit).map(|c| c.as_string_opt::<i32>());
-        let flags = batch.column_by_name(flag).map(|c| c.as_boolean_opt());
-        let (Some(Some(units)), Some(Some(flags))) = (units, flags) else {
-            return Err(unreadable(&format!(
-                "{unit} must be text and {flag} true or false"
-            )));
+        let Some(Some(units)) = batch.column_by_name(unit).map(|c| c.as_string_opt::<i32>()) else {
+            return Err(unreadable(&format!("{unit} must be text")));
+        };
+        let Some(flag) = flag else {
+            set.extend(units.iter().flatten().map(str::to_owned));
+            continue;
+        };
+        let Some(Some(flags)) = batch.column_by_name(flag).map(|c| c.as_boolean_opt()) else {
+            return Err(unreadable(&format!("{flag} must be true or false")));
         };
         for (u, f) in units.iter().zip(flags.iter()) {
             if let (Some(u), Some(true) | None) = (u, f) {

@@ -591,6 +591,9 @@ pub(crate) struct Extracts {
     pub(crate) excluded: Vec<String>,
     /// The extracts' sizes, coarsened, for bounding a query's memory.
     pub(crate) sizes: Sizes,
+    /// An opt-out list (`tre dataset optouts`) adds patients the policy's
+    /// flag column does not mark: every table then filters on the set.
+    pub(crate) opt_out_list: bool,
 }
 
 /// How large the served extracts are, each count rounded up to a power of

@@ -94,7 +94,9 @@ pub(super) fn bounded_scan(
         _ if extracts.opt_outs_removed.contains(name) => scan,
         // The opt-out table's own flag says the same as the set read from
         // it, more cheaply than a lookup per row.
-        Some(o) if o.table == name => scan.filter(opt_out_flag_clear(name, &o.column))?,
+        Some(o) if o.table == name && !extracts.opt_out_list => {
+            scan.filter(opt_out_flag_clear(name, &o.column))?
+        }
         _ => scan.filter(udfs.admitted.call(vec![qcol(name, unit)]))?,
     };
     if !extracts.excluded.is_empty() {
