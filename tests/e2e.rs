@@ -53,7 +53,7 @@ async fn accepted_query_intervals_cover_the_exact_answer() {
     let (mut q, _) = server.clients().await;
     let token = server.token("alice", Role::Researcher);
 
-    let ctx = server.state.engine.sandbox_context();
+    let ctx = server.state.engines.first().sandbox_context();
     let exact = ctx
         .sql("SELECT region, COUNT(*) AS n, AVG(year_of_birth) AS m FROM patients WHERE NOT research_opt_out GROUP BY region")
         .await
@@ -101,6 +101,7 @@ async fn accepted_query_intervals_cover_the_exact_answer() {
                     epsilon: Some(0.2),
                     delta: None,
                     totals: false,
+                    dataset: String::new(),
                 },
                 &token,
             ))
@@ -286,6 +287,7 @@ async fn refusals_return_their_code_and_cost_nothing() {
                     epsilon: *eps,
                     delta: None,
                     totals: false,
+                    dataset: String::new(),
                 },
                 &alice,
             ))
@@ -354,6 +356,7 @@ async fn refusals_return_their_code_and_cost_nothing() {
                     epsilon: None,
                     delta: None,
                     totals: false,
+                    dataset: String::new(),
                 },
                 token,
             ))
@@ -390,6 +393,7 @@ async fn budget_exhaustion_is_refused() {
         epsilon: Some(eps),
         delta: None,
         totals: false,
+        dataset: String::new(),
     };
     let r = q
         .submit(authed(submit(0.6), &t))
@@ -505,6 +509,7 @@ async fn failure_after_touching_data_is_charged_and_generic() {
                 epsilon: Some(0.5),
                 delta: None,
                 totals: false,
+                dataset: String::new(),
             },
             &t,
         ))
@@ -561,6 +566,7 @@ async fn failure_after_touching_data_is_charged_and_generic() {
                 epsilon: Some(0.5),
                 delta: None,
                 totals: false,
+                dataset: String::new(),
             },
             &t,
         ))
@@ -599,6 +605,7 @@ async fn dry_run_describes_and_costs_nothing() {
                 epsilon: Some(0.9),
                 delta: None,
                 totals: false,
+                dataset: String::new(),
             },
             &t,
         ))

@@ -136,6 +136,7 @@ async fn call(ch: &Channel, rpc: Rpc, token: &str, tag: &str) -> Result<(), toni
         epsilon: Some(0.1),
         delta: None,
         totals: false,
+        dataset: String::new(),
     };
     let m = |what: &str| format!("m-{what}-{tag}");
     let h = |what: &str| format!("h-{what}-{tag}");
@@ -392,6 +393,7 @@ async fn authorisation_matrix() {
                 epsilon: Some(0.1),
                 delta: None,
                 totals: false,
+                dataset: String::new(),
             },
             &server.token("alice", Role::Researcher),
         ))
@@ -488,6 +490,7 @@ async fn project_lifecycle_over_grpc() {
         epsilon: Some(0.5),
         delta: None,
         totals: false,
+        dataset: String::new(),
     };
     let info = ok(p
         .request_project(authed(
@@ -662,6 +665,7 @@ async fn concurrent_queries_never_overspend() {
                     epsilon: Some(EPS),
                     delta: None,
                     totals: false,
+                    dataset: String::new(),
                 },
                 &token,
             ))
@@ -742,6 +746,7 @@ async fn auditor_verifies_and_exports_a_signed_log() {
                     epsilon: Some(0.1),
                     delta: None,
                     totals: false,
+                    dataset: String::new(),
                 },
                 &alice,
             ))
@@ -928,6 +933,7 @@ async fn crash_recovery_keeps_every_charge() {
                         epsilon: Some(0.1),
                         delta: None,
                         totals: false,
+                        dataset: String::new(),
                     },
                     &token,
                 ))
@@ -1148,6 +1154,7 @@ async fn airlock_holds_flagged_releases_until_a_custodian_approves() {
         epsilon: Some(0.5),
         delta: None,
         totals: false,
+        dataset: String::new(),
     };
     // Young patients by age band and sex: most cells are small.
     let small = "SELECT age_band, sex, COUNT(*) AS n FROM patients WHERE year_of_birth > 2010 GROUP BY age_band, sex";
@@ -1259,10 +1266,13 @@ async fn airlock_holds_flagged_releases_until_a_custodian_approves() {
         (m.sql.as_str(), m.epsilon_nanos, m.sdc_profile.as_str()),
         (small, 500_000_000, "nhs_sde")
     );
-    assert_eq!(m.policy_sha256, server.state.engine.policy().source_hash);
+    assert_eq!(
+        m.policy_sha256,
+        server.state.engines.first().policy().source_hash
+    );
     assert_eq!(
         m.dataset_snapshot_sha256,
-        server.state.engine.snapshot_hash()
+        server.state.engines.first().snapshot_hash()
     );
     assert!(m.cells.suppressed > 0 && m.sdc_outcome == "review");
     let outcomes = m.cell_outcomes.len() as u64;
@@ -1351,6 +1361,7 @@ async fn totals_keep_suppressed_cells_unsolvable() {
         epsilon: Some(1.0),
         delta: None,
         totals,
+        dataset: String::new(),
     };
     // Refused shapes cost nothing.
     for sql in [
@@ -1522,6 +1533,7 @@ async fn exact_rules_never_decide_what_the_researcher_sees() {
                     epsilon: Some(1.0),
                     delta: None,
                     totals: false,
+                    dataset: String::new(),
                 },
                 &alice,
             ))
@@ -1603,6 +1615,7 @@ async fn two_custodians_must_approve_when_the_policy_says_so() {
                 epsilon: Some(0.5),
                 delta: None,
                 totals: false,
+                dataset: String::new(),
             },
             &alice,
         ))

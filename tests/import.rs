@@ -761,3 +761,167 @@ async fn an_opt_out_list_applies_without_a_reimport_and_makes_a_new_version() {
         .expect_err("wrong directory");
     assert_eq!(err.code(), Code::ImportSchema);
 }
+
+/// Issue #15: one gateway serves the synthetic `nhs_epr` and an imported
+/// OMOP set. Each project queries the dataset it is approved for; one
+/// approved for both must say which; a custodian decides only on projects
+/// of the datasets they hold; each researcher's catalog shows only what
+/// their projects cover; and a join across the two datasets is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_datasets_one_gateway_with_scoped_custodians() {
+    use tre_proto::v1::catalog_service_client::CatalogServiceClient;
+    use tre_proto::v1::project_service_client::ProjectServiceClient;
+
+    let input = ok(tempfile::tempdir());
+    omop_fixture(input.path());
+    let root = ok(tempfile::tempdir());
+    let out = root.path().join("omop_demo");
+    let omop_policy = ok(Policy::from_toml("omop.toml", OMOP_POLICY));
+    ok(import(&omop_policy, input.path(), &out).await);
+    let key = Arc::new(master());
+    let engines = vec![
+        ok(tre_e2e::engine_on(
+            &tre_e2e::fixture().data,
+            Arc::clone(&key),
+        )),
+        ok(tre_e2e::engine_under(omop_policy, &out, Arc::clone(&key))),
+    ];
+    let server = tre_e2e::start_datasets(
+        engines,
+        &[
+            ("pn", &["alice"], "nhs_epr", 10.0),
+            ("po", &["olga"], "omop_demo", 10.0),
+        ],
+    )
+    .await;
+    let ch = server.channel().await;
+    let mut q = tre_proto::v1::query_service_client::QueryServiceClient::new(ch.clone());
+    let catalog = CatalogServiceClient::new(ch.clone());
+    let mut projects = ProjectServiceClient::new(ch);
+    let alice = server.token("alice", Role::Researcher);
+    let olga = server.token("olga", Role::Researcher);
+    let ask = |project: &str, dataset: &str, sql: &str| pb::QueryRequest {
+        project: project.into(),
+        sql: sql.into(),
+        epsilon: Some(0.5),
+        dataset: dataset.into(),
+        ..Default::default()
+    };
+    let nhs_sql = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex";
+    let omop_sql = "SELECT gender_concept_id, COUNT(*) AS n FROM person GROUP BY gender_concept_id";
+    let code = |r: Result<tonic::Response<pb::QueryResponse>, tonic::Status>| tre_e2e::code_of(r);
+
+    // Each project queries its own dataset, named or not.
+    assert_eq!(
+        code(q.submit(authed(ask("pn", "", nhs_sql), &alice)).await),
+        "ok"
+    );
+    assert_eq!(
+        code(
+            q.submit(authed(ask("po", "omop_demo", omop_sql), &olga))
+                .await
+        ),
+        "ok"
+    );
+    // Not the other's: that dataset is not approved, or its tables unknown.
+    assert_eq!(
+        code(
+            q.submit(authed(ask("pn", "omop_demo", omop_sql), &alice))
+                .await
+        ),
+        Code::DatasetNotApproved.as_str()
+    );
+    assert_eq!(
+        code(q.submit(authed(ask("pn", "", omop_sql), &alice)).await),
+        Code::UnknownTable.as_str()
+    );
+    // Each catalog shows what the caller's projects cover.
+    let listed = |token: String| {
+        let mut catalog = catalog.clone();
+        async move {
+            let r = ok(catalog
+                .list_datasets(authed(pb::ListDatasetsRequest {}, &token))
+                .await)
+            .into_inner();
+            r.datasets.into_iter().map(|d| d.name).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(listed(alice.clone()).await, ["nhs_epr"]);
+    assert_eq!(listed(olga.clone()).await, ["omop_demo"]);
+    assert_eq!(
+        listed(server.token("aziz", Role::Auditor)).await,
+        ["nhs_epr", "omop_demo"]
+    );
+
+    // A project over both datasets: only a custodian of both may approve.
+    let rita = server.token("rita", Role::Researcher);
+    ok(projects
+        .request_project(authed(
+            pb::RequestProjectRequest {
+                id: "both".into(),
+                title: "Both".into(),
+                purpose: "Compare the two extracts".into(),
+                datasets: vec!["nhs_epr".into(), "omop_demo".into()],
+                epsilon: 5.0,
+                delta: 1e-6,
+                members: vec!["rita".into()],
+                end_date: "2099-01-01".into(),
+            },
+            &rita,
+        ))
+        .await);
+    let scoped = |user: &str, held: &[&str]| {
+        let mut claims = ok(tre_gateway::Issuer::claims(
+            &ok(tre_core::UserId::new(user)),
+            Role::Custodian,
+            3600,
+        ));
+        claims.custodian_of = Some(held.iter().map(|d| (*d).to_owned()).collect());
+        ok(server.state.issuer.sign(&claims))
+    };
+    let approve = pb::ApproveProjectRequest {
+        id: "both".into(),
+        epsilon: None,
+        delta: None,
+        end_date: "2099-01-01".into(),
+        reason: "ethics ref 1".into(),
+    };
+    let refused = projects
+        .approve_project(authed(approve.clone(), &scoped("carl", &["omop_demo"])))
+        .await;
+    assert_eq!(tre_e2e::code_of(refused), Code::PermissionDenied.as_str());
+    ok(projects
+        .approve_project(authed(approve, &scoped("cora", &["nhs_epr", "omop_demo"])))
+        .await);
+    // Approved for both, a query must say which.
+    assert_eq!(
+        code(q.submit(authed(ask("both", "", nhs_sql), &rita)).await),
+        Code::InvalidArgument.as_str()
+    );
+    assert_eq!(
+        code(
+            q.submit(authed(ask("both", "nhs_epr", nhs_sql), &rita))
+                .await
+        ),
+        "ok"
+    );
+    assert_eq!(
+        code(
+            q.submit(authed(ask("both", "omop_demo", omop_sql), &rita))
+                .await
+        ),
+        "ok"
+    );
+    // A join across the two datasets is refused: each query runs on one.
+    let across = "SELECT p.sex, COUNT(*) AS n FROM patients p JOIN person q ON p.person_id = q.person_id GROUP BY p.sex";
+    assert_eq!(
+        code(
+            q.submit(authed(ask("both", "nhs_epr", across), &rita))
+                .await
+        ),
+        Code::UnknownTable.as_str()
+    );
+    // Each dataset keeps its own lifetime ledger.
+    let usage = |d: &str| ok(server.state.store.dataset_usage(d)).epsilon_nanos;
+    assert!(usage("nhs_epr") > 0 && usage("omop_demo") > 0);
+}

@@ -322,29 +322,10 @@ pub fn open_state_limited(
     let master = Arc::new(MasterKey::from_bytes(&MASTER).unwrap_or_else(|e| panic!("{e}")));
     let engine =
         Engine::open(policy, profile, data, master, limits).unwrap_or_else(|e| panic!("{e}"));
-    let notary: Arc<dyn tre_store::Notary> =
-        Arc::new(AuditNotary::load_or_create(state_dir).unwrap_or_else(|e| panic!("{e}")));
-    let metrics = tre_gateway::Metrics::new();
-    let store = SqliteStore::open(
-        &state_dir.join("tre.db"),
-        Arc::clone(&notary),
-        CHECKPOINT_EVERY,
-    )
-    .and_then(|s| s.observed_by(Arc::clone(&metrics) as Arc<dyn tre_store::AuditObserver>))
-    .unwrap_or_else(|e| panic!("{e}"));
-    store
-        .recover_interrupted()
-        .unwrap_or_else(|e| panic!("{e}"));
-    seed_projects_on(&store, &engine.policy().dataset, projects);
-    let issuer = Issuer::load_or_create(state_dir).unwrap_or_else(|e| panic!("{e}"));
-    AppState {
-        engine,
-        store: Box::new(store),
-        issuer,
-        notary,
-        connections: Default::default(),
-        metrics,
-    }
+    let dataset = engine.policy().dataset.clone();
+    let state = open_state_engines(state_dir, vec![engine]);
+    seed_projects_on(&*state.store, &dataset, projects);
+    state
 }
 
 /// Seed `projects` (id, members, ε budget) on the fixture's dataset, active
@@ -396,6 +377,43 @@ pub async fn start_over(
     let state_dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let state = open_state_with(state_dir.path(), data, projects, policy);
     serve_state(state_dir, state, None).await
+}
+
+/// Start one gateway serving every engine in `engines`, with projects
+/// seeded as (id, members, dataset, ε budget).
+pub async fn start_datasets(engines: Vec<Engine>, seeds: &[(&str, &[&str], &str, f64)]) -> Server {
+    let state_dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let state = open_state_engines(state_dir.path(), engines);
+    for (id, members, dataset, budget) in seeds {
+        seed_projects_on(&*state.store, dataset, &[(id, members, *budget)]);
+    }
+    serve_state(state_dir, state, None).await
+}
+
+/// The state of a gateway over `engines`, with no project.
+fn open_state_engines(state_dir: &std::path::Path, engines: Vec<Engine>) -> AppState {
+    let notary: Arc<dyn tre_store::Notary> =
+        Arc::new(AuditNotary::load_or_create(state_dir).unwrap_or_else(|e| panic!("{e}")));
+    let metrics = tre_gateway::Metrics::new();
+    let store = SqliteStore::open(
+        &state_dir.join("tre.db"),
+        Arc::clone(&notary),
+        CHECKPOINT_EVERY,
+    )
+    .and_then(|s| s.observed_by(Arc::clone(&metrics) as Arc<dyn tre_store::AuditObserver>))
+    .unwrap_or_else(|e| panic!("{e}"));
+    // A crash's interrupted queries are settled before serving.
+    store
+        .recover_interrupted()
+        .unwrap_or_else(|e| panic!("{e}"));
+    AppState {
+        engines: tre_gateway::Datasets::new(engines).unwrap_or_else(|e| panic!("{e}")),
+        store: Box::new(store),
+        issuer: Issuer::load_or_create(state_dir).unwrap_or_else(|e| panic!("{e}")),
+        notary,
+        connections: Default::default(),
+        metrics,
+    }
 }
 
 /// Start a gateway under the policy text `policy_toml`.

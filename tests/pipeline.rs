@@ -90,10 +90,10 @@ impl Desk {
 
 fn alice() -> Caller {
     Caller {
-        who: Principal {
-            user: UserId::new("alice").unwrap_or_else(|e| panic!("{e}")),
-            role: Role::Researcher,
-        },
+        who: Principal::new(
+            UserId::new("alice").unwrap_or_else(|e| panic!("{e}")),
+            Role::Researcher,
+        ),
         client: "test".into(),
         action: "query.submit",
     }

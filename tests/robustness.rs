@@ -209,6 +209,7 @@ fn ask(sql: &str, epsilon: f64, delta: Option<f64>) -> pb::QueryRequest {
         epsilon: Some(epsilon),
         delta,
         totals: false,
+        dataset: String::new(),
     }
 }
 

@@ -30,6 +30,7 @@ fn ask(sql: &str, epsilon: f64) -> pb::QueryRequest {
         epsilon: Some(epsilon),
         delta: None,
         totals: false,
+        dataset: String::new(),
     }
 }
 

@@ -58,6 +58,9 @@ pub struct QueryArgs {
     /// Add row, column and grand totals (one or two public keys, COUNT columns).
     #[arg(long)]
     pub totals: bool,
+    /// The dataset to query, when the project is approved for several.
+    #[arg(long)]
+    pub dataset: Option<String>,
     #[arg(long, value_enum, default_value_t)]
     pub format: Format,
     pub sql: String,
@@ -174,6 +177,7 @@ pub async fn query(args: QueryArgs) -> Result<()> {
         epsilon: args.epsilon,
         delta: args.delta,
         totals: args.totals,
+        dataset: args.dataset.unwrap_or_default(),
     };
     if args.dry_run {
         let r = rpc(c.query.dry_run(req).await)?;

@@ -138,16 +138,13 @@ async fn throughput(
     let mut c = Client::connect(url, token).await?;
     let repeats = tre_release::Repeats::default();
     let pipeline = tre_release::Pipeline {
-        engine: &state.engine,
+        engine: state.engines.first(),
         store: &*state.store,
         notary: &*state.notary,
         repeats: &repeats,
     };
     let caller = tre_release::Caller {
-        who: tre_core::Principal {
-            user: UserId::new("lena")?,
-            role: Role::Researcher,
-        },
+        who: tre_core::Principal::new(UserId::new("lena")?, Role::Researcher),
         client: "in-process".into(),
         action: "query.submit",
     };
@@ -211,6 +208,7 @@ fn light(sql: String, epsilon: f64) -> pb::QueryRequest {
         epsilon: Some(epsilon),
         delta: None,
         totals: false,
+        dataset: String::new(),
     }
 }
 
@@ -295,6 +293,7 @@ async fn heavy_client(
             epsilon: Some(EPSILON + STEP * i as f64),
             delta: None,
             totals: false,
+            dataset: String::new(),
         });
         // Stop with the phase: a cancelled heavy query frees its CPU.
         req.set_timeout(until.saturating_duration_since(Instant::now()));
@@ -427,6 +426,7 @@ pub async fn run(args: LoadArgs) -> Result<()> {
             epsilon: Some(EPSILON),
             delta: None,
             totals: false,
+            dataset: String::new(),
         })
         .await)?;
     if args.throughput {

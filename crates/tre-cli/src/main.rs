@@ -105,6 +105,11 @@ enum TokenCommand {
         /// Lifetime, e.g. 30m, 8h, 7d or 1h 30m.
         #[arg(long, default_value = "8h")]
         ttl: humantime::Duration,
+        /// For a custodian: the datasets they hold (comma-separated); they
+        /// decide only on projects and releases of those. Without it, every
+        /// dataset the gateway serves.
+        #[arg(long, value_delimiter = ',')]
+        custodian_of: Option<Vec<String>>,
     },
     /// Revoke a token by its id (printed when it was issued); needs an admin token.
     Revoke {
@@ -154,9 +159,11 @@ fn main() -> Result<()> {
                         user,
                         role,
                         ttl,
+                        custodian_of,
                     },
             } => {
-                let (token, jti) = setup::issue_token(&state, &user, &role, ttl.into())?;
+                let (token, jti) =
+                    setup::issue_token(&state, &user, &role, ttl.into(), custodian_of)?;
                 eprintln!("token id (for `tre token revoke --jti`): {jti}");
                 println!("{token}");
                 Ok(())

@@ -175,6 +175,11 @@ pub struct ServeArgs {
     /// Researchers' address: gRPC and Arrow Flight SQL.
     #[arg(long, env = "TRE_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Serve another dataset beside --data: DATA_DIR=POLICY_FILE
+    /// (repeatable; in TRE_ALSO_SERVE, separate them with ';'). Each has its
+    /// own policy, disclosure profile, keys and lifetime budget.
+    #[arg(long = "also-serve", env = "TRE_ALSO_SERVE", value_delimiter = ';')]
+    pub also_serve: Vec<String>,
     /// Seed a project: ID=USER[,USER...] (repeatable; in TRE_PROJECTS,
     /// separate projects with ';').
     #[arg(long = "project", env = "TRE_PROJECTS", value_delimiter = ';')]
@@ -215,6 +220,7 @@ struct ServeConfig {
     sdc_dir: Option<PathBuf>,
     key_file: Option<PathBuf>,
     listen: Option<SocketAddr>,
+    also_serve: Option<Vec<String>>,
     projects: Option<Vec<String>>,
     project_epsilon: Option<f64>,
     project_days: Option<u64>,
@@ -258,7 +264,7 @@ pub fn apply_config(args: &mut ServeArgs, matches: &clap::ArgMatches) -> Result<
             })*
         };
     }
-    fill!(listen, projects, project_days, checkpoint_every, metrics, metrics_listen;
+    fill!(listen, also_serve, projects, project_days, checkpoint_every, metrics, metrics_listen;
           paths state, data, key_file;
           optional paths policy, sdc_dir, tls_cert, tls_key, tls_client_ca);
     if let (true, Some(e)) = (unset("project_epsilon"), config.project_epsilon) {
@@ -278,6 +284,7 @@ impl ServeArgs {
             sdc_dir: None,
             key_file,
             listen,
+            also_serve: vec![],
             projects: vec![],
             project_epsilon: None,
             project_days: 365,
@@ -405,8 +412,21 @@ pub fn open_state(args: &ServeArgs) -> Result<AppState> {
             end_date,
         })?;
     }
+    let mut engines = vec![engine];
+    for spec in &args.also_serve {
+        let (data, policy) = spec
+            .split_once('=')
+            .with_context(|| format!("--also-serve {spec}: write DATA_DIR=POLICY_FILE"))?;
+        engines.push(open_engine(
+            Some(Path::new(policy)),
+            args.sdc_dir.as_deref(),
+            Path::new(data),
+            &args.key_file,
+        )?);
+    }
+    let engines = tre_gateway::Datasets::new(engines).map_err(|e| anyhow::anyhow!(e))?;
     Ok(AppState {
-        engine,
+        engines,
         store: Box::new(store),
         issuer,
         notary,
@@ -422,9 +442,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     eprintln!(
-        "tre gateway listening on {} (dataset {}, {}); audit public key in {}",
+        "tre gateway listening on {} (datasets {}, {}); audit public key in {}",
         listener.local_addr()?,
-        state.engine.policy().dataset,
+        state.engines.names().collect::<Vec<_>>().join(", "),
         match &tls {
             Some(t) if t.client_ca_pem.is_some() => "mutual TLS",
             Some(_) => "TLS",
@@ -478,9 +498,14 @@ pub fn issue_token(
     user: &str,
     role: &str,
     ttl: Duration,
+    custodian_of: Option<Vec<String>>,
 ) -> Result<(String, String)> {
     let issuer = Issuer::load_or_create(state)?;
     let role: Role = role.parse()?;
-    let claims = Issuer::claims(&UserId::new(user)?, role, ttl.as_secs())?;
+    if custodian_of.is_some() && role != Role::Custodian {
+        bail!("--custodian-of scopes a custodian's token; this token is for a {role}");
+    }
+    let mut claims = Issuer::claims(&UserId::new(user)?, role, ttl.as_secs())?;
+    claims.custodian_of = custodian_of;
     Ok((issuer.sign(&claims)?, claims.jti))
 }

@@ -368,6 +368,21 @@ impl fmt::Display for Outcome {
 pub struct Principal {
     pub user: UserId,
     pub role: Role,
+    /// For a custodian: the datasets they hold, whose projects and
+    /// releases they may decide on. `None` (a token issued without a
+    /// scope) holds every dataset the gateway serves.
+    pub custodian_of: Option<Vec<String>>,
+}
+
+impl Principal {
+    /// A principal whose token carries no dataset scope.
+    pub fn new(user: UserId, role: Role) -> Self {
+        Self {
+            user,
+            role,
+            custodian_of: None,
+        }
+    }
 }
 
 #[cfg(test)]

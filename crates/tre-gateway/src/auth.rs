@@ -28,6 +28,9 @@ pub struct Claims {
     pub iat: u64,
     pub exp: u64,
     pub jti: String,
+    /// A custodian's datasets (issue #15); absent: every dataset served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custodian_of: Option<Vec<String>>,
 }
 
 pub struct Issuer {
@@ -116,6 +119,7 @@ impl Issuer {
             iat: now,
             exp: now.saturating_add(ttl_secs),
             jti: hex::encode(jti),
+            custodian_of: None,
         })
     }
 
@@ -150,7 +154,14 @@ impl Issuer {
             data.claims.role.parse::<Role>().map_err(|_| {
                 GatewayError::Unauthenticated("the token names an unknown role".into())
             })?;
-        Ok((Principal { user, role }, data.claims.jti))
+        Ok((
+            Principal {
+                user,
+                role,
+                custodian_of: data.claims.custodian_of,
+            },
+            data.claims.jti,
+        ))
     }
 }
 

@@ -170,10 +170,30 @@ pub fn project_scope(who: &Principal, p: &Project, spend: bool) -> Result<(), Ga
 /// May this caller read a held release's table? Only a custodian who could
 /// decide on it: not the project's own people, whatever their role.
 pub fn may_review(who: &Principal, p: &Project) -> bool {
-    who.role == Role::Custodian && !p.involves(&who.user)
+    who.role == Role::Custodian && !p.involves(&who.user) && custodian_scope(who, p).is_ok()
 }
 
 /// Nobody decides on a project they requested or belong to.
+/// A custodian decides only for the datasets they hold: every dataset of
+/// the project must be theirs (issue #15).
+pub fn custodian_scope(who: &Principal, p: &Project) -> Result<(), GatewayError> {
+    let Some(held) = &who.custodian_of else {
+        return Ok(());
+    };
+    match p.datasets.iter().find(|d| !held.contains(d)) {
+        None => Ok(()),
+        Some(d) => Err(GatewayError::PermissionDenied(format!(
+            "project '{}' uses dataset '{d}', which you are not a custodian of (you hold {}); its own custodian must decide",
+            p.id,
+            if held.is_empty() {
+                "none".to_owned()
+            } else {
+                held.join(", ")
+            }
+        ))),
+    }
+}
+
 pub fn not_own_project(who: &UserId, p: &Project) -> Result<(), GatewayError> {
     if p.involves(who) {
         Err(GatewayError::OwnProject(format!(

@@ -44,7 +44,7 @@ use prost::Message;
 use ring::rand::SecureRandom;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
-use tre_core::{Principal, Role};
+use tre_core::Principal;
 use tre_query::{Cell, ReleaseColumn};
 use tre_store::ReleaseStatus;
 
@@ -65,6 +65,7 @@ pub const PROJECT_HEADER: &str = "x-tre-project";
 pub const EPSILON_HEADER: &str = "x-tre-epsilon";
 pub const DELTA_HEADER: &str = "x-tre-delta";
 pub const TOTALS_HEADER: &str = "x-tre-totals";
+pub const DATASET_HEADER: &str = "x-tre-dataset";
 
 /// How long a stored result or prepared statement lives, and how many one
 /// caller may hold (the oldest goes first).
@@ -107,6 +108,8 @@ struct Options {
     epsilon: Option<f64>,
     delta: Option<f64>,
     totals: bool,
+    /// Which of the project's datasets, when it has several.
+    dataset: Option<String>,
 }
 
 impl Target for Asked {
@@ -150,6 +153,7 @@ impl Asked {
                 epsilon: number(EPSILON_HEADER)?,
                 delta: number(DELTA_HEADER)?,
                 totals,
+                dataset: header(meta, DATASET_HEADER)?.filter(|d| !d.trim().is_empty()),
             })
         })();
         Self {
@@ -159,17 +163,21 @@ impl Asked {
         }
     }
 
-    fn query(&self) -> Result<tre_release::Query, GatewayError> {
+    /// The query, and the dataset it names (if any).
+    fn query(&self) -> Result<(tre_release::Query, Option<String>), GatewayError> {
         let o = self
             .options
             .as_ref()
             .map_err(|e| GatewayError::BadRequest(e.clone()))?;
-        Ok(tre_release::Query {
-            sql: self.sql.clone(),
-            epsilon: o.epsilon,
-            delta: o.delta,
-            totals: o.totals,
-        })
+        Ok((
+            tre_release::Query {
+                sql: self.sql.clone(),
+                epsilon: o.epsilon,
+                delta: o.delta,
+                totals: o.totals,
+            },
+            o.dataset.clone(),
+        ))
     }
 }
 
@@ -208,6 +216,7 @@ enum Item {
 /// A compiled statement: run at each GetFlightInfo on it.
 struct Prepared {
     project: String,
+    dataset: Option<String>,
     query: tre_release::Query,
 }
 
@@ -475,23 +484,6 @@ fn sql_info() -> Result<SqlInfoData, GatewayError> {
 }
 
 impl Flight {
-    fn dataset(&self) -> &str {
-        &self.services.state.engine.policy().dataset
-    }
-
-    /// May this caller see the dataset in a catalog? A researcher only
-    /// through a project of theirs that may query it today; custodians,
-    /// auditors and admins govern it, so they see it.
-    fn dataset_visible(&self, who: &Principal) -> Result<bool, GatewayError> {
-        if who.role != Role::Researcher {
-            return Ok(true);
-        }
-        let today = tre_store::today();
-        Ok(self.services.state.store.projects()?.iter().any(|p| {
-            p.members.contains(&who.user) && p.check_queryable(self.dataset(), today).is_ok()
-        }))
-    }
-
     fn sql_info_batch(
         &self,
         _who: &Principal,
@@ -508,8 +500,8 @@ impl Flight {
         cmd: CommandGetCatalogs,
     ) -> Result<RecordBatch, GatewayError> {
         let mut b: GetCatalogsBuilder = cmd.into_builder();
-        if self.dataset_visible(who)? {
-            b.append(self.dataset());
+        for e in self.services.visible_datasets(who)? {
+            b.append(&e.policy().dataset);
         }
         b.build().map_err(|e| arrow_fault("catalogs", e))
     }
@@ -520,8 +512,8 @@ impl Flight {
         cmd: CommandGetDbSchemas,
     ) -> Result<RecordBatch, GatewayError> {
         let mut b: GetDbSchemasBuilder = cmd.into_builder();
-        if self.dataset_visible(who)? {
-            b.append(self.dataset(), SCHEMA);
+        for e in self.services.visible_datasets(who)? {
+            b.append(&e.policy().dataset, SCHEMA);
         }
         b.build().map_err(|e| arrow_fault("schemas", e))
     }
@@ -530,9 +522,9 @@ impl Flight {
     /// policy class (what the policy says, never what the data holds).
     fn tables(&self, who: &Principal, cmd: CommandGetTables) -> Result<RecordBatch, GatewayError> {
         let mut b: GetTablesBuilder = cmd.into_builder();
-        if self.dataset_visible(who)? {
-            let policy = self.services.state.engine.policy();
-            for t in self.services.state.engine.table_schemas() {
+        for engine in self.services.visible_datasets(who)? {
+            let policy = engine.policy();
+            for t in engine.table_schemas() {
                 let table_policy = policy.table(&t.name);
                 let fields: Vec<Field> = t
                     .schema
@@ -558,7 +550,7 @@ impl Flight {
                     })
                     .collect();
                 let kind = if t.reference { REFERENCE } else { EXTRACT };
-                b.append(self.dataset(), SCHEMA, &t.name, kind, &Schema::new(fields))
+                b.append(&policy.dataset, SCHEMA, &t.name, kind, &Schema::new(fields))
                     .map_err(|e| arrow_fault("a table's schema", e))?;
             }
         }
@@ -624,18 +616,20 @@ impl Flight {
     }
 
     /// Run a statement's release (once) and keep its table for its owner.
+    #[allow(clippy::too_many_arguments)]
     async fn execute(
         &self,
         call: &crate::service::Call,
         who: &Principal,
         project: &str,
+        dataset: Option<&str>,
         query: tre_release::Query,
         descriptor: FlightDescriptor,
         note: &mut Note,
     ) -> Result<FlightInfo, GatewayError> {
         let released = self
             .services
-            .release(call, who, project, query, note)
+            .release(call, who, project, dataset, query, note)
             .await?;
         if released.status != ReleaseStatus::Released {
             return Err(GatewayError::NotReleased {
@@ -704,9 +698,17 @@ impl FlightSqlService for Flight {
             Rpc::Submit,
             req = asked,
             |call, who, note| async {
-                let query = req.query()?;
-                self.execute(&call, &who, &req.project, query, descriptor, note)
-                    .await
+                let (query, dataset) = req.query()?;
+                self.execute(
+                    &call,
+                    &who,
+                    &req.project,
+                    dataset.as_deref(),
+                    query,
+                    descriptor,
+                    note,
+                )
+                .await
             }
         )
     }
@@ -724,8 +726,11 @@ impl FlightSqlService for Flight {
             Rpc::DryRun,
             req = asked,
             |_call, who, note| async {
-                let query = req.query()?;
-                let (_, plan) = self.services.plan(&who, &req.project, &query, note).await?;
+                let (query, dataset) = req.query()?;
+                let (_, plan) = self
+                    .services
+                    .plan(&who, &req.project, dataset.as_deref(), &query, note)
+                    .await?;
                 let columns = plan.columns();
                 let schema = release_schema(&columns, &text_columns(&columns, &[]));
                 let IpcMessage(dataset_schema) =
@@ -736,6 +741,7 @@ impl FlightSqlService for Flight {
                     &who,
                     Item::Prepared(Arc::new(Prepared {
                         project: req.project.clone(),
+                        dataset,
                         query,
                     })),
                 )?;
@@ -768,8 +774,16 @@ impl FlightSqlService for Flight {
                 };
                 note.project = p.project.clone();
                 note.sql = p.query.sql.clone();
-                self.execute(&call, &who, &p.project, p.query.clone(), descriptor, note)
-                    .await
+                self.execute(
+                    &call,
+                    &who,
+                    &p.project,
+                    p.dataset.as_deref(),
+                    p.query.clone(),
+                    descriptor,
+                    note,
+                )
+                .await
             }
         )
     }

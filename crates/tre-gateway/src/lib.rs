@@ -26,13 +26,13 @@ use tre_proto::v1::catalog_service_server::CatalogServiceServer;
 use tre_proto::v1::project_service_server::ProjectServiceServer;
 use tre_proto::v1::query_service_server::QueryServiceServer;
 use tre_proto::v1::release_service_server::ReleaseServiceServer;
-use tre_query::Engine;
 use tre_store::Store;
 
 mod audit;
 mod auth;
 pub mod authz;
 mod convert;
+mod datasets;
 mod error;
 mod flight;
 pub mod metrics;
@@ -42,14 +42,16 @@ mod service;
 mod transport;
 
 pub use auth::{AuditNotary, Claims, Issuer};
+pub use datasets::Datasets;
 pub use error::{GatewayError, ServerFault};
-pub use flight::{DELTA_HEADER, EPSILON_HEADER, PROJECT_HEADER, TOTALS_HEADER};
+pub use flight::{DATASET_HEADER, DELTA_HEADER, EPSILON_HEADER, PROJECT_HEADER, TOTALS_HEADER};
 pub use metrics::{Metrics, serve_metrics};
 pub use transport::ConnectionLimits;
 
 /// What every handler shares.
 pub struct AppState {
-    pub engine: Engine,
+    /// The datasets served, each with its engine (issue #15).
+    pub engines: Datasets,
     pub store: Box<dyn Store>,
     pub issuer: Issuer,
     /// Signs release manifests (the same key as the audit log).

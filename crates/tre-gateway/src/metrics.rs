@@ -151,8 +151,13 @@ impl Metrics {
     }
 
     /// The text a scrape gets, with the engine's gauges read now.
-    pub fn render(&self, engine: &tre_query::Engine) -> Result<String, GatewayError> {
-        let (running, bytes) = engine.load();
+    pub fn render(&self, engines: &crate::Datasets) -> Result<String, GatewayError> {
+        let (running, bytes) = engines
+            .iter()
+            .map(tre_query::Engine::load)
+            .fold((0usize, 0usize), |(r, b), (r2, b2)| {
+                (r.saturating_add(r2), b.saturating_add(b2))
+            });
         self.active.set(i64::try_from(running).unwrap_or(i64::MAX));
         self.memory.set(i64::try_from(bytes).unwrap_or(i64::MAX));
         let mut out = String::new();
@@ -176,7 +181,7 @@ pub async fn serve_metrics(
     let scrape = move || {
         let state = Arc::clone(&state);
         async move {
-            match state.metrics.render(&state.engine) {
+            match state.metrics.render(&state.engines) {
                 Ok(text) => (
                     StatusCode::OK,
                     [(

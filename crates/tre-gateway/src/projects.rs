@@ -36,8 +36,8 @@ impl Services {
         req: pb::RequestProjectRequest,
         note: &mut Note,
     ) -> Result<pb::ProjectInfo, GatewayError> {
-        let served = &self.state.engine.policy().dataset;
-        if let Some(unknown) = req.datasets.iter().find(|d| *d != served) {
+        let engines = &self.state.engines;
+        if let Some(unknown) = req.datasets.iter().find(|d| engines.get(d).is_none()) {
             return Err(GatewayError::BadRequest(format!(
                 "no dataset '{unknown}' on this server; list datasets first"
             )));
@@ -121,6 +121,7 @@ impl Services {
         let id = ProjectId::new(id)?;
         let p = self.state.store.project(&id)?;
         authz::not_own_project(&who.user, &p)?;
+        authz::custodian_scope(who, &p)?;
         let decision = decision(&p)?;
         note.detail = match &decision {
             Decision::Approve {

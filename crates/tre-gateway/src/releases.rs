@@ -25,6 +25,24 @@ impl Services {
         Ok((r, p))
     }
 
+    /// Independent approvals a held release needs: its dataset's policy
+    /// says (its manifest names the dataset); if that cannot be read, the
+    /// most any served dataset asks.
+    fn approvals_for(&self, r: &StoredRelease) -> u8 {
+        let engines = &self.state.engines;
+        serde_json::from_str::<tre_store::manifest::SignedManifest>(&r.manifest)
+            .ok()
+            .and_then(|m| engines.get(&m.manifest.dataset))
+            .map(|e| e.policy().review.approvals)
+            .unwrap_or_else(|| {
+                engines
+                    .iter()
+                    .map(|e| e.policy().review.approvals)
+                    .max()
+                    .unwrap_or(2)
+            })
+    }
+
     fn get_release(
         &self,
         who: &Principal,
@@ -102,19 +120,20 @@ impl Services {
         action: ReviewAction,
         note: &mut Note,
     ) -> Result<pb::ReleaseSummary, GatewayError> {
-        let (_, p) = self.stored_release(&req.id)?;
+        let (r, p) = self.stored_release(&req.id)?;
         note.project = p.id.to_string();
         if action == ReviewAction::Withdraw {
             authz::project_scope(who, &p, true)?;
         } else {
             authz::not_own_project(&who.user, &p)?;
+            authz::custodian_scope(who, &p)?;
         }
         if action != ReviewAction::Approve && req.reason.trim().is_empty() {
             return Err(GatewayError::BadRequest(
                 "give a reason; the researcher sees it and it is recorded in the audit log".into(),
             ));
         }
-        let required = self.state.engine.policy().review.approvals;
+        let required = self.approvals_for(&r);
         // The decision and its audit event commit together.
         let event = self.event(call, note, None);
         let r = tre_release::off_worker(|| {

@@ -338,27 +338,37 @@ impl Services {
         Ok(())
     }
 
-    fn dataset(&self) -> &str {
-        &self.state.engine.policy().dataset
-    }
-
-    /// The project a researcher is querying: a member, active, unexpired,
-    /// approved for this dataset.
+    /// The project a researcher is querying, and the engine of the dataset
+    /// the query runs on: a member, the project active, unexpired and
+    /// approved for that dataset (the one `dataset` names, or the project's
+    /// only one served here).
     fn queryable_project(
         &self,
         who: &Principal,
         project: &str,
-    ) -> Result<tre_store::Project, GatewayError> {
+        dataset: Option<&str>,
+    ) -> Result<(tre_store::Project, &Arc<tre_query::Engine>), GatewayError> {
         let p = self.state.store.project(&ProjectId::new(project)?)?;
         authz::project_scope(who, &p, true)?;
-        p.check_queryable(self.dataset(), tre_store::today())?;
-        Ok(p)
+        let today = tre_store::today();
+        match self.state.engines.for_project(&p, dataset) {
+            Ok(engine) => {
+                p.check_queryable(&engine.policy().dataset, today)?;
+                Ok((p, engine))
+            }
+            Err(e) => {
+                // A suspended or expired project says so first.
+                let named = dataset.unwrap_or(&self.state.engines.first().policy().dataset);
+                p.check_queryable(named, today)?;
+                Err(e)
+            }
+        }
     }
 
-    /// The release pipeline over this server's engine, store and key.
-    fn pipeline(&self) -> Pipeline<'_> {
+    /// The release pipeline over `engine` and this server's store and key.
+    fn pipeline<'a>(&'a self, engine: &'a tre_query::Engine) -> Pipeline<'a> {
         Pipeline {
-            engine: &self.state.engine,
+            engine,
             store: &*self.state.store,
             notary: &*self.state.notary,
             repeats: &self.repeats,
@@ -373,8 +383,16 @@ impl Services {
         note: &mut Note,
     ) -> Result<pb::QueryResponse, GatewayError> {
         let project = req.project.clone();
+        let dataset = (!req.dataset.is_empty()).then(|| req.dataset.clone());
         let released = self
-            .release(call, who, &project, convert::query(req), note)
+            .release(
+                call,
+                who,
+                &project,
+                dataset.as_deref(),
+                convert::query(req),
+                note,
+            )
             .await?;
         Ok(convert::released(&released))
     }
@@ -386,10 +404,12 @@ impl Services {
         call: &Call,
         who: &Principal,
         project: &str,
+        dataset: Option<&str>,
         query: tre_release::Query,
         note: &mut Note,
     ) -> Result<tre_release::Released, GatewayError> {
-        let project = self.queryable_project(who, project)?;
+        let (project, engine) = self.queryable_project(who, project, dataset)?;
+        let engine = Arc::clone(engine);
         // From here the pipeline writes the event and settles any charge,
         // in a task of its own that runs whatever the client does. A client
         // that hangs up cancels it: before the charge nothing is spent;
@@ -405,7 +425,7 @@ impl Services {
         let _cancel_when_dropped = cancel.clone().drop_guard();
         let started = std::time::Instant::now();
         let task = tokio::spawn(async move {
-            let pipeline = this.pipeline();
+            let pipeline = this.pipeline(&engine);
             tokio::select! {
                 biased;
                 released = pipeline.submit(&caller, &project, &query) => released,
@@ -430,11 +450,12 @@ impl Services {
         &self,
         who: &Principal,
         project: &str,
+        dataset: Option<&str>,
         query: &tre_release::Query,
         note: &mut Note,
     ) -> Result<(tre_store::Project, tre_query::PrivatePlan), GatewayError> {
-        let project = self.queryable_project(who, project)?;
-        let plan = self.pipeline().plan(query).await?;
+        let (project, engine) = self.queryable_project(who, project, dataset)?;
+        let plan = self.pipeline(engine).plan(query).await?;
         note.plan_hash = plan.plan_hash().to_owned();
         Ok((project, plan))
     }
@@ -445,8 +466,15 @@ impl Services {
         req: &pb::QueryRequest,
         note: &mut Note,
     ) -> Result<pb::DryRunResponse, GatewayError> {
+        let dataset = (!req.dataset.is_empty()).then_some(req.dataset.as_str());
         let (project, plan) = self
-            .plan(who, &req.project, &convert::query(req.clone()), note)
+            .plan(
+                who,
+                &req.project,
+                dataset,
+                &convert::query(req.clone()),
+                note,
+            )
             .await?;
         Ok(pb::DryRunResponse {
             plan: plan.description().to_vec(),
@@ -475,13 +503,26 @@ impl Services {
         &self,
         req: &pb::DescribeTableRequest,
     ) -> Result<pb::DescribeTableResponse, GatewayError> {
-        let policy = self.state.engine.policy();
-        if !req.dataset.is_empty() && req.dataset != policy.dataset {
-            return Err(GatewayError::NotFound(format!(
-                "no dataset '{}'; list datasets first",
-                req.dataset
-            )));
-        }
+        let engines = &self.state.engines;
+        let policy = if req.dataset.is_empty() {
+            // The first dataset that has the table (the only one, on a
+            // single-dataset gateway).
+            engines
+                .iter()
+                .map(tre_query::Engine::policy)
+                .find(|p| p.table(&req.table).is_some())
+                .unwrap_or_else(|| engines.first().policy())
+        } else {
+            engines
+                .get(&req.dataset)
+                .map(tre_query::Engine::policy)
+                .ok_or_else(|| {
+                    GatewayError::NotFound(format!(
+                        "no dataset '{}'; list datasets first",
+                        req.dataset
+                    ))
+                })?
+        };
         policy
             .table(&req.table)
             .map(|t| convert::table(policy, t))
@@ -491,6 +532,40 @@ impl Services {
                     req.table, policy.dataset
                 ))
             })
+    }
+
+    /// The datasets a caller may see in the catalog: a researcher those
+    /// their projects may query today; a custodian those they hold;
+    /// auditors and admins every one served.
+    pub(crate) fn visible_datasets(
+        &self,
+        who: &Principal,
+    ) -> Result<Vec<&tre_query::Engine>, GatewayError> {
+        let engines = &self.state.engines;
+        if who.role != tre_core::Role::Researcher {
+            // A scoped custodian sees the datasets they hold.
+            return Ok(engines
+                .iter()
+                .filter(|e| {
+                    who.role != tre_core::Role::Custodian
+                        || who
+                            .custodian_of
+                            .as_ref()
+                            .is_none_or(|held| held.contains(&e.policy().dataset))
+                })
+                .collect());
+        }
+        let today = tre_store::today();
+        let projects = self.state.store.projects()?;
+        Ok(engines
+            .iter()
+            .filter(|e| {
+                projects.iter().any(|p| {
+                    p.members.contains(&who.user)
+                        && p.check_queryable(&e.policy().dataset, today).is_ok()
+                })
+            })
+            .collect())
     }
 }
 
@@ -532,9 +607,13 @@ impl CatalogService for Services {
             self,
             request,
             Rpc::ListDatasets,
-            |_call, _who, _req, _note| async {
+            |_call, who, _req, _note| async {
                 Ok(pb::ListDatasetsResponse {
-                    datasets: vec![convert::dataset(self.state.engine.policy())],
+                    datasets: self
+                        .visible_datasets(&who)?
+                        .into_iter()
+                        .map(|e| convert::dataset(e.policy()))
+                        .collect(),
                 })
             }
         )

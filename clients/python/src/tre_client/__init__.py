@@ -204,9 +204,14 @@ class Client:
             raise ValueError("give project= here or to Client(...)")
         return p
 
-    def _request(self, sql, epsilon, delta, totals, project) -> pb.QueryRequest:
+    def _request(self, sql, epsilon, delta, totals, project, dataset) -> pb.QueryRequest:
         return pb.QueryRequest(
-            project=self._project(project), sql=sql, epsilon=epsilon, delta=delta, totals=totals
+            project=self._project(project),
+            sql=sql,
+            epsilon=epsilon,
+            delta=delta,
+            totals=totals,
+            dataset=dataset or "",
         )
 
     def query(
@@ -217,12 +222,14 @@ class Client:
         delta: Optional[float] = None,
         totals: bool = False,
         project: Optional[str] = None,
+        dataset: Optional[str] = None,
     ) -> Release:
         """Submit a query and return its release. Spends epsilon (the
         policy's default when not given) unless an identical query was
-        released before. A held release raises :class:`ReleaseHeld`."""
+        released before. ``dataset`` names the dataset when the project is
+        approved for several. A held release raises :class:`ReleaseHeld`."""
         reply = self.call(
-            self._query.Submit, self._request(sql, epsilon, delta, totals, project)
+            self._query.Submit, self._request(sql, epsilon, delta, totals, project, dataset)
         )
         release = _release(reply)
         if release.status == "held":
@@ -231,10 +238,14 @@ class Client:
             raise TreError("TRE-R003", f"release {release.id} is {release.status}")
         return release
 
-    def dry_run(self, sql: str, *, epsilon=None, delta=None, totals=False, project=None) -> dict:
+    def dry_run(
+        self, sql: str, *, epsilon=None, delta=None, totals=False, project=None, dataset=None
+    ) -> dict:
         """What a query would cost and release, without running it: free."""
         return _dict(
-            self.call(self._query.DryRun, self._request(sql, epsilon, delta, totals, project))
+            self.call(
+                self._query.DryRun, self._request(sql, epsilon, delta, totals, project, dataset)
+            )
         )
 
     def budget(self, project: Optional[str] = None) -> dict:

@@ -687,10 +687,13 @@ pub(crate) async fn compile(
         .map_err(|e| QueryError::Internal(e.to_string()))?;
     let measurements = aggregates::mechanisms(drafts, eps_each, k_total)?;
 
-    // The plan hash identifies the query's meaning, before random salts.
+    // The plan hash identifies the query's meaning, before random salts,
+    // and the dataset it reads: one gateway may serve two datasets with
+    // tables of the same names, and a repeat must never cross them.
     let plan_hash = hex_digest(
         format!(
-            "{}\nepsilon={}\ndelta={}",
+            "dataset={}\n{}\nepsilon={}\ndelta={}",
+            policy.dataset,
             plan.display_indent(),
             budget.epsilon.as_nanos(),
             budget.delta.as_femtos()
