@@ -262,9 +262,10 @@ fn a_draft_leaves_every_bound_to_the_custodian() {
     assert!(err.to_string().contains("TODO"), "{err}");
     // A plain CSV set: text columns need public values or a cap.
     let plain = ok(tempfile::tempdir());
+    // With a byte-order mark, as spreadsheets write it.
     ok(std::fs::write(
         plain.path().join("Patients.csv"),
-        "person_id,Sex,weight_kg,admitted,NHS_Number\nP1,F,70.5,2024-01-02,123\n",
+        "\u{feff}person_id,Sex,weight_kg,admitted,NHS_Number\nP1,F,70.5,2024-01-02,123\n",
     ));
     let draft = ok(tre_import::draft::draft(
         &[plain.path().to_path_buf()],
@@ -273,6 +274,7 @@ fn a_draft_leaves_every_bound_to_the_custodian() {
     ));
     for line in [
         "[tables.patients]",
+        "columns.person_id = { class = \"identifier\" }",
         "columns.sex = { class = \"categorical\", values = \"TODO",
         "columns.weight_kg = { class = \"numeric\", bounds = \"TODO",
         "columns.admitted = { class = \"date\", bounds = \"TODO",

@@ -76,7 +76,9 @@ fn table_file(p: &Path) -> Option<String> {
 
 /// A policy name for an input name: lowercase, `_` for anything else.
 pub(crate) fn sanitise(name: &str) -> String {
+    // Spreadsheet exports often start with a UTF-8 byte-order mark.
     let s: String = name
+        .trim_start_matches('\u{feff}')
         .trim()
         .to_ascii_lowercase()
         .chars()
