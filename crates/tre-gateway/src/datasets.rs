@@ -11,7 +11,12 @@ use tre_store::Project;
 
 use crate::GatewayError;
 
-pub struct Datasets(BTreeMap<String, Arc<Engine>>);
+pub struct Datasets {
+    engines: BTreeMap<String, Arc<Engine>>,
+    /// The dataset listed first (by name), kept apart so that a gateway
+    /// can never be without one.
+    first: Arc<Engine>,
+}
 
 impl Datasets {
     /// The engines, by their policies' dataset names; two engines for one
@@ -26,40 +31,42 @@ impl Datasets {
                 ));
             }
         }
-        if map.is_empty() {
-            return Err("no dataset to serve".into());
-        }
-        Ok(Self(map))
+        let first = map
+            .values()
+            .next()
+            .cloned()
+            .ok_or_else(|| "no dataset to serve".to_owned())?;
+        Ok(Self {
+            engines: map,
+            first,
+        })
     }
 
     /// One dataset.
     pub fn one(engine: Engine) -> Self {
-        Self(BTreeMap::from([(
-            engine.policy().dataset.clone(),
-            Arc::new(engine),
-        )]))
+        let first = Arc::new(engine);
+        Self {
+            engines: BTreeMap::from([(first.policy().dataset.clone(), Arc::clone(&first))]),
+            first,
+        }
     }
 
     pub fn get(&self, dataset: &str) -> Option<&Engine> {
-        self.0.get(dataset).map(AsRef::as_ref)
+        self.engines.get(dataset).map(AsRef::as_ref)
     }
 
     /// The dataset listed first (by name): what a single-dataset gateway
     /// serves.
     pub fn first(&self) -> &Engine {
-        // `new` and `one` never build an empty map.
-        self.0
-            .values()
-            .next()
-            .unwrap_or_else(|| unreachable!("a gateway serves at least one dataset"))
+        &self.first
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Engine> {
-        self.0.values().map(AsRef::as_ref)
+        self.engines.values().map(AsRef::as_ref)
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.0.keys().map(String::as_str)
+        self.engines.keys().map(String::as_str)
     }
 
     /// The dataset a query of `project` runs on: the one asked for, which
@@ -74,7 +81,7 @@ impl Datasets {
             .datasets
             .iter()
             .map(String::as_str)
-            .filter(|d| self.0.contains_key(*d))
+            .filter(|d| self.engines.contains_key(*d))
             .collect();
         let name = match (asked, served.as_slice()) {
             (Some(d), _) if served.contains(&d) => d,
@@ -103,7 +110,7 @@ impl Datasets {
                 )));
             }
         };
-        self.0
+        self.engines
             .get(name)
             .ok_or_else(|| GatewayError::NotFound(format!("no dataset '{name}' on this server")))
     }
