@@ -360,10 +360,9 @@ fn runtime_env(
     Ok(runtime)
 }
 
-/// The units whose opt-out flag is true or NULL, read from the opt-out
-/// table's two columns only.
-/// The units `flag` marks in an extract, or, without a flag, every unit
-/// of an opt-out list.
+/// The units whose opt-out `flag` is true or NULL, read from the opt-out
+/// table's two columns only; without a flag, every unit of an opt-out
+/// list.
 fn read_opted_out(
     path: &Path,
     file_id: &str,
