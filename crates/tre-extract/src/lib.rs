@@ -193,6 +193,13 @@ pub struct OptOutsRemoved {
     pub rows: u64,
 }
 
+/// The identity bound into each extract (AAD prefix and key wrapping): the
+/// dataset directory name and the file name. Whatever writes an extract
+/// and whatever reads it must agree on it.
+pub fn file_id(dataset: &str, table: &str) -> String {
+    format!("{dataset}/{table}.parquet")
+}
+
 /// The file (`<name>.parquet` in a dataset's directory) holding the latest
 /// National Data Opt-out list: one column, the privacy unit, written by
 /// [`ExtractWriter`] like any extract (issue #15).

@@ -81,6 +81,27 @@ impl Kind {
     }
 }
 
+/// `x` held to the policy's `[lo, hi]`: as it is, clamped to the nearer
+/// bound (its row noted in `clamped`), or, when `strict`, the reason its
+/// row is rejected.
+fn held<T: PartialOrd + Copy>(
+    x: T,
+    lo: T,
+    hi: T,
+    strict: bool,
+    row: usize,
+    clamped: &mut Vec<usize>,
+) -> Result<T, &'static str> {
+    if x >= lo && x <= hi {
+        Ok(x)
+    } else if strict {
+        Err("outside the policy's bounds")
+    } else {
+        clamped.push(row);
+        Ok(if x < lo { lo } else { hi })
+    }
+}
+
 /// A table's conversion: which input column feeds each policy column.
 pub(crate) struct Table {
     columns: Vec<(String, usize, Kind)>,
@@ -262,15 +283,9 @@ impl Table {
                         reject(row, "not a number", &mut reason);
                         return None;
                     };
-                    if (*lo..=*hi).contains(&x) {
-                        Some(x)
-                    } else if *strict {
-                        reject(row, "outside the policy's bounds", &mut reason);
-                        None
-                    } else {
-                        clamped.push(row);
-                        Some(x.clamp(*lo, *hi))
-                    }
+                    held(x, *lo, *hi, *strict, row, &mut clamped)
+                        .map_err(|why| reject(row, why, &mut reason))
+                        .ok()
                 }))),
                 Kind::Date {
                     lo,
@@ -291,15 +306,9 @@ impl Table {
                             reject(row, "not a date (YYYY-MM-DD)", &mut reason);
                             return None;
                         };
-                        if (*lo..=*hi).contains(&d) {
-                            Some(d)
-                        } else if *strict {
-                            reject(row, "outside the policy's bounds", &mut reason);
-                            None
-                        } else {
-                            clamped.push(row);
-                            Some(d.clamp(*lo, *hi))
-                        }
+                        held(d, *lo, *hi, *strict, row, &mut clamped)
+                            .map_err(|why| reject(row, why, &mut reason))
+                            .ok()
                     })))
                 }
             };

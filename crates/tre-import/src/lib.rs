@@ -229,7 +229,7 @@ impl Import<'_> {
                 tally,
             });
         }
-        self.put_in_place(&staging, &data)?;
+        self.put_in_place(&data)?;
         Ok(ImportReport {
             dataset: dataset.clone(),
             tables,
@@ -352,14 +352,12 @@ impl Import<'_> {
             .execute_stream()
             .await
             .map_err(|e| err(&e))?;
-        let mut seed = [0u8; 32];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
-            .map_err(|_| err(&"the system random source failed"))?;
+        let seed = sampler_seed(name)?;
         let caps = policy
             .columns
             .iter()
             .filter_map(|c| c.max_distinct.map(|m| (c.name.clone(), m)));
-        let file_id = format!("{}/{name}.parquet", self.policy.dataset);
+        let file_id = tre_extract::file_id(&self.policy.dataset, name);
         let mut writer = ExtractWriter::create(
             &data.join(format!("{name}.parquet")),
             Arc::clone(&converted.schema),
@@ -388,7 +386,7 @@ impl Import<'_> {
     /// Put `data` where the dataset goes: a rename if there is none yet,
     /// else an atomic exchange with the previous one, which is then
     /// removed. A kill at any point leaves one whole dataset in place.
-    fn put_in_place(&self, staging: &Staging, data: &Path) -> Result<(), ImportError> {
+    fn put_in_place(&self, data: &Path) -> Result<(), ImportError> {
         let err = |e: &dyn std::fmt::Display| ImportError::Stage {
             table: "(all)".into(),
             reason: format!(
@@ -410,13 +408,22 @@ impl Import<'_> {
                 rustix::fs::RenameFlags::EXCHANGE,
             )
             .map_err(|e| err(&e))?;
-            // `data` now holds the previous dataset; `staging` removes it.
+            // `data` now holds the previous dataset; dropping the staging
+            // directory removes it.
         } else {
             std::fs::rename(data, self.out).map_err(|e| err(&e))?;
         }
-        let _ = &staging.0;
         Ok(())
     }
+}
+
+/// Fresh OS randomness for the writer's choice of rows kept for a patient
+/// over the bound: real data is never made again from a seed.
+fn sampler_seed(table: &str) -> Result<[u8; 32], ImportError> {
+    let mut seed = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
+        .map_err(|_| stage_err(table, "the system random source failed"))?;
+    Ok(seed)
 }
 
 fn stage_err(what: &str, e: impl std::fmt::Display) -> ImportError {

@@ -71,14 +71,8 @@ pub fn replace(
     }
     let unit = &policy.privacy_unit;
     let schema = Arc::new(Schema::new(vec![Field::new(unit, DataType::Utf8, false)]));
-    let mut seed = [0u8; 32];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed).map_err(|_| {
-        ImportError::Stage {
-            table: OPT_OUT_LIST.into(),
-            reason: "the system random source failed".into(),
-        }
-    })?;
-    let file_id = format!("{dataset}/{OPT_OUT_LIST}.parquet");
+    let seed = crate::sampler_seed(OPT_OUT_LIST)?;
+    let file_id = tre_extract::file_id(dataset, OPT_OUT_LIST);
     let mut writer = ExtractWriter::create(
         &data.join(format!("{OPT_OUT_LIST}.parquet")),
         Arc::clone(&schema),

@@ -94,7 +94,7 @@ impl Sandbox {
         let mut sizes = crate::compile::Sizes::default();
         for (name, table) in &policy.tables {
             let path = data_dir.join(format!("{name}.parquet"));
-            let file_id = format!("{dataset}/{name}.parquet");
+            let file_id = tre_extract::file_id(&dataset, name);
             let shown = path.display().to_string();
             let opened = tre_extract::open(&path, &file_id, &master)?;
             let schema = opened.schema;
@@ -151,7 +151,7 @@ impl Sandbox {
         let mut opted_out = match &policy.opt_out {
             Some(o) => read_opted_out(
                 &data_dir.join(format!("{}.parquet", o.table)),
-                &format!("{dataset}/{}.parquet", o.table),
+                &tre_extract::file_id(&dataset, &o.table),
                 &master,
                 &policy.privacy_unit,
                 Some(&o.column),
@@ -166,7 +166,7 @@ impl Sandbox {
         if opt_out_list {
             let listed = read_opted_out(
                 &list,
-                &format!("{dataset}/{}.parquet", tre_extract::OPT_OUT_LIST),
+                &tre_extract::file_id(&dataset, tre_extract::OPT_OUT_LIST),
                 &master,
                 &policy.privacy_unit,
                 None,

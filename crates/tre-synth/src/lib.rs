@@ -107,11 +107,7 @@ pub struct Counts {
     pub dropped: u64,
 }
 
-/// The identity bound into each extract (AAD prefix and key wrapping): the
-/// dataset directory name and the file name.
-pub fn file_id(dataset: &str, table: &str) -> String {
-    format!("{dataset}/{table}.parquet")
-}
+pub use tre_extract::file_id;
 
 pub fn schema(table: &str) -> SchemaRef {
     let s = |n: &str| Field::new(n, DataType::Utf8, false);
