@@ -77,16 +77,19 @@ fn held_release(server: &Server, project: &str, id: &str) {
     let store = &server.state.store;
     let alice = ok(UserId::new("alice"));
     let p = pid(project);
+    let nhs_epr = [tre_store::Lifetime {
+        dataset: "nhs_epr",
+        epsilon: ok(tre_core::Epsilon::new(100.0)),
+        delta: tre_core::Delta::ZERO,
+    }];
     let reserved = ok(store.reserve(&tre_store::Charge {
         project: &p,
-        dataset: "nhs_epr",
+        datasets: &nhs_epr,
         user: &alice,
         epsilon: ok(tre_core::Epsilon::new(0.001)),
         delta: tre_core::Delta::ZERO,
         plan_hash: id,
         today: tre_store::today(),
-        lifetime_epsilon: ok(tre_core::Epsilon::new(100.0)),
-        lifetime_delta: tre_core::Delta::ZERO,
     }));
     let mut event = tre_store::AuditEvent::new("alice", "researcher", project, "query.submit");
     event.release_id = id.to_owned();

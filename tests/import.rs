@@ -858,19 +858,7 @@ async fn two_datasets_one_gateway_with_scoped_custodians() {
     // A project over both datasets: only a custodian of both may approve.
     let rita = server.token("rita", Role::Researcher);
     ok(projects
-        .request_project(authed(
-            pb::RequestProjectRequest {
-                id: "both".into(),
-                title: "Both".into(),
-                purpose: "Compare the two extracts".into(),
-                datasets: vec!["nhs_epr".into(), "omop_demo".into()],
-                epsilon: 5.0,
-                delta: 1e-6,
-                members: vec!["rita".into()],
-                end_date: "2099-01-01".into(),
-            },
-            &rita,
-        ))
+        .request_project(authed(rita_asks("both", &["nhs_epr", "omop_demo"]), &rita))
         .await);
     let scoped = |user: &str, held: &[&str]| {
         let mut claims = ok(tre_gateway::Issuer::claims(
@@ -914,16 +902,330 @@ async fn two_datasets_one_gateway_with_scoped_custodians() {
         ),
         "ok"
     );
-    // A join across the two datasets is refused: each query runs on one.
-    let across = "SELECT p.sex, COUNT(*) AS n FROM patients p JOIN person q ON p.person_id = q.person_id GROUP BY p.sex";
+    // A join across the two datasets is refused: OMOP's person_id is not
+    // a pseudonym of the NHS number, as nhs_epr's is, so one person could
+    // be two units. Unqualified, the other dataset's table is unknown.
+    let across = "SELECT p.sex, COUNT(*) AS n FROM nhs_epr.patients p JOIN omop_demo.person q ON p.person_id = q.person_id GROUP BY p.sex";
+    let refused = q.submit(authed(ask("both", "", across), &rita)).await;
+    assert_eq!(
+        refused.as_ref().err().map(tonic::Status::code),
+        Some(tonic::Code::FailedPrecondition)
+    );
+    assert!(
+        refused.as_ref().err().is_some_and(|s| s
+            .message()
+            .starts_with("TRE-Q035 dataset 'omop_demo' declares no linkage")),
+        "{refused:?}"
+    );
+    let unqualified = "SELECT p.sex, COUNT(*) AS n FROM patients p JOIN person q ON p.person_id = q.person_id GROUP BY p.sex";
     assert_eq!(
         code(
-            q.submit(authed(ask("both", "nhs_epr", across), &rita))
+            q.submit(authed(ask("both", "nhs_epr", unqualified), &rita))
                 .await
         ),
         Code::UnknownTable.as_str()
     );
+    assert!(server.state.engines.joint_names().next().is_none());
     // Each dataset keeps its own lifetime ledger.
     let usage = |d: &str| ok(server.state.store.dataset_usage(d)).epsilon_nanos;
     assert!(usage("nhs_epr") > 0 && usage("omop_demo") > 0);
+}
+
+/// A GP patient survey keyed by NHS number, as a second trust would hold
+/// it: its unit is the same pseudonym as `nhs_epr`'s, so the two may be
+/// joined. Its own rules are stricter than `nhs_epr`'s on purpose: a
+/// stricter disclosure profile, two approvals, a lower per-query cap and a
+/// small lifetime budget.
+const SURVEY_POLICY: &str = r#"
+[dataset]
+name = "gp_survey"
+privacy_unit = "person_id"
+linkage = "nhs_number"
+sdc_profile = "all_of_us"
+
+[budget]
+default_epsilon_per_query = 0.5
+max_epsilon_per_query = 1.0
+project_epsilon = 1.0
+lifetime_epsilon = 1.2
+
+[review]
+mode = "flagged"
+approvals = 2
+
+[tables.responses]
+max_rows_per_unit = 1
+columns.person_id = { class = "identifier", description = "NHS number until imported" }
+columns.smoker = { class = "categorical", values = [true, false] }
+columns.wellbeing = { class = "numeric", bounds = [0, 10] }
+"#;
+
+/// Issue #15: a query may join datasets the project is approved for that
+/// hold one person under one unit. It runs under every rule at its
+/// strictest, leaves out whoever opted out of either, is charged to each
+/// dataset's lifetime budget, and is refused with a code otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_across_linked_datasets_runs_under_the_strictest_rules() {
+    use tre_proto::v1::project_service_client::ProjectServiceClient;
+
+    // The first 1,000 of the fixture's patients answered the survey, and
+    // 200 people the EPR does not hold.
+    let mut rng = ChaCha8Rng::seed_from_u64(151);
+    let mut csv = String::from("person_id,smoker,wellbeing\n");
+    let mut answers = BTreeMap::new();
+    for i in (0..1_000).chain(10_000..10_200) {
+        let nhs = tre_synth::nhs_number(i);
+        let smoker = rng.random_bool(0.3);
+        let _ = writeln!(csv, "{nhs},{smoker},{}", rng.random_range(0..=10));
+        answers.insert(master().pseudonymise(&nhs), smoker);
+    }
+    let input = ok(tempfile::tempdir());
+    ok(std::fs::write(input.path().join("responses.csv"), csv));
+    let root = ok(tempfile::tempdir());
+    let out = root.path().join("gp_survey");
+    let survey_policy = ok(Policy::from_toml("gp_survey.toml", SURVEY_POLICY));
+    ok(import(&survey_policy, input.path(), &out).await);
+    let key = Arc::new(master());
+    let all_of_us = ok(tre_sdc::Profile::from_toml(
+        "policies/sdc/all_of_us.toml",
+        include_str!("../policies/sdc/all_of_us.toml"),
+    ));
+    let nhs_epr = ok(tre_e2e::engine_on(
+        &tre_e2e::fixture().data,
+        Arc::clone(&key),
+    ));
+    // Who a join may count: the EPR's patients who did not opt out, by sex.
+    let batches = ok(ok(nhs_epr
+        .sandbox_context()
+        .sql("SELECT person_id, sex FROM patients WHERE research_opt_out = false")
+        .await)
+    .collect()
+    .await);
+    let text = |a: &datafusion::arrow::array::ArrayRef| -> Vec<String> {
+        use datafusion::arrow::array::AsArray;
+        let a = ok(datafusion::arrow::compute::cast(
+            a,
+            &datafusion::arrow::datatypes::DataType::Utf8,
+        ));
+        a.as_string::<i32>()
+            .iter()
+            .map(|v| v.unwrap_or_default().to_owned())
+            .collect()
+    };
+    let mut exact: BTreeMap<(String, String), f64> = BTreeMap::new();
+    for b in &batches {
+        let ids = text(b.column(0));
+        let sexes = text(b.column(1));
+        for (id, sex) in ids.iter().zip(&sexes) {
+            if let Some(smoker) = answers.get(id) {
+                *exact.entry((sex.clone(), smoker.to_string())).or_default() += 1.0;
+            }
+        }
+    }
+    let server = tre_e2e::start_datasets(
+        vec![
+            nhs_epr,
+            ok(tre_query::Engine::open(
+                survey_policy,
+                all_of_us,
+                &out,
+                Arc::clone(&key),
+                tre_query::Limits::default(),
+            )),
+        ],
+        &[("pn", &["alice"], "nhs_epr", 10.0)],
+    )
+    .await;
+    assert_eq!(
+        server.state.engines.joint_names().collect::<Vec<_>>(),
+        ["gp_survey+nhs_epr"]
+    );
+    // The joint engine's rules are each at its strictest.
+    let joint = server
+        .state
+        .engines
+        .get("gp_survey+nhs_epr")
+        .unwrap_or_else(|| panic!("no joint engine"));
+    assert_eq!(joint.profile().suppress_below, 21, "all_of_us's threshold");
+    assert!(!joint.profile().zero_allowed, "nhs_sde shows no zero");
+    assert_eq!(
+        joint.profile().rounding,
+        tre_sdc::Rounding::Base(5),
+        "nhs_sde rounds"
+    );
+    assert_eq!(joint.policy().review.approvals, 2);
+    assert_eq!(joint.policy().budget.max_epsilon_per_query.value(), 1.0);
+
+    let ch = server.channel().await;
+    let mut q = tre_proto::v1::query_service_client::QueryServiceClient::new(ch.clone());
+    let mut projects = ProjectServiceClient::new(ch);
+    let rita = server.token("rita", Role::Researcher);
+    ok(projects
+        .request_project(authed(
+            rita_asks("linked", &["nhs_epr", "gp_survey"]),
+            &rita,
+        ))
+        .await);
+    ok(projects
+        .approve_project(authed(
+            pb::ApproveProjectRequest {
+                id: "linked".into(),
+                epsilon: None,
+                delta: None,
+                end_date: "2099-01-01".into(),
+                reason: "ethics ref 2".into(),
+            },
+            &server.token("cora", Role::Custodian),
+        ))
+        .await);
+    // The catalog says which datasets join, among those the caller sees.
+    let (_, mut catalog) = server.clients().await;
+    for (token, want) in [
+        (
+            &rita,
+            vec![
+                ("gp_survey", vec!["nhs_epr"]),
+                ("nhs_epr", vec!["gp_survey"]),
+            ],
+        ),
+        (&alice_token(&server), vec![("nhs_epr", vec![])]),
+    ] {
+        let listed = ok(catalog
+            .list_datasets(authed(pb::ListDatasetsRequest {}, token))
+            .await)
+        .into_inner();
+        let got: Vec<(String, Vec<String>)> = listed
+            .datasets
+            .into_iter()
+            .map(|d| (d.name, d.joins_with))
+            .collect();
+        let want: Vec<(String, Vec<String>)> = want
+            .into_iter()
+            .map(|(d, j)| (d.to_owned(), j.into_iter().map(str::to_owned).collect()))
+            .collect();
+        assert_eq!(got, want);
+    }
+    let ask = |project: &str, sql: &str, epsilon: f64| pb::QueryRequest {
+        project: project.into(),
+        sql: sql.into(),
+        epsilon: Some(epsilon),
+        ..Default::default()
+    };
+    let code = |r: Result<tonic::Response<pb::QueryResponse>, tonic::Status>| tre_e2e::code_of(r);
+    let usage = |d: &str| ok(server.state.store.dataset_usage(d)).epsilon_nanos;
+
+    let join = "SELECT p.sex, s.smoker, COUNT(*) AS n FROM nhs_epr.patients p \
+                JOIN gp_survey.responses s ON p.person_id = s.person_id GROUP BY p.sex, s.smoker";
+    let reply = ok(q.submit(authed(ask("linked", join, 0.5), &rita)).await).into_inner();
+    assert_eq!(reply.sdc_profile, "all_of_us+nhs_sde");
+    assert_eq!(reply.rows.len(), 4, "sex by smoker: {reply:?}");
+    for row in &reply.rows {
+        let key = |i: usize| match &row.cells[i].content {
+            Some(pb::cell::Content::Key(k)) => k.clone(),
+            other => panic!("no key: {other:?}"),
+        };
+        let Some(pb::cell::Content::Value(v)) = &row.cells[2].content else {
+            panic!("no value: {row:?}");
+        };
+        let want = exact.get(&(key(0), key(1))).copied().unwrap_or(0.0);
+        assert!(want > 100.0, "every cell is large: {exact:?}");
+        // Discrete Laplace of scale 2 (epsilon 0.5, one row per patient in
+        // each table) and rounding to 5: 40 is over 15 scales away.
+        let noisy = v.value.unwrap_or_else(|| panic!("suppressed: {row:?}"));
+        assert!((noisy - want).abs() < 40.0, "{row:?}: {noisy} vs {want}");
+    }
+    // Charged once to the project, in full to each dataset's lifetime
+    // ledger; the ledger and the manifest name both datasets.
+    assert_eq!(
+        (usage("nhs_epr"), usage("gp_survey")),
+        (500_000_000, 500_000_000)
+    );
+    let linked = ok(tre_core::ProjectId::new("linked"));
+    let entries = ok(server.state.store.ledger(&linked));
+    assert_eq!(
+        entries
+            .iter()
+            .map(|e| e.dataset.as_str())
+            .collect::<Vec<_>>(),
+        ["gp_survey+nhs_epr"]
+    );
+    let stored = ok(server.state.store.release(&reply.release_id))
+        .unwrap_or_else(|| panic!("no release {}", reply.release_id));
+    let manifest: tre_store::manifest::SignedManifest = ok(serde_json::from_str(&stored.manifest));
+    assert_eq!(manifest.manifest.dataset, "gp_survey+nhs_epr");
+    assert_eq!(manifest.manifest.sdc_profile, "all_of_us+nhs_sde");
+
+    // Then, in order, each with what it must give: refusals are free.
+    let alice = alice_token(&server);
+    let join_by_sex = "SELECT p.sex, COUNT(*) AS n FROM nhs_epr.patients p \
+                       JOIN gp_survey.responses s ON p.person_id = s.person_id GROUP BY p.sex";
+    let join_by_smoker = "SELECT s.smoker, COUNT(*) AS n FROM nhs_epr.patients p \
+                          JOIN gp_survey.responses s ON p.person_id = s.person_id GROUP BY s.smoker";
+    let one = "SELECT sex, COUNT(*) AS n FROM nhs_epr.patients GROUP BY sex";
+    let steps = [
+        // A project approved for nhs_epr alone.
+        ("pn", join, 0.5, &alice, Code::DatasetNotApproved.as_str()),
+        // Across datasets, every table is named with its dataset.
+        (
+            "linked",
+            "SELECT s.smoker, COUNT(*) AS n FROM patients p JOIN gp_survey.responses s \
+             ON p.person_id = s.person_id GROUP BY s.smoker",
+            0.5,
+            &rita,
+            Code::UnknownTable.as_str(),
+        ),
+        // Joined on the unit, as within one dataset.
+        (
+            "linked",
+            "SELECT s.smoker, COUNT(*) AS n FROM nhs_epr.patients p JOIN gp_survey.responses s \
+             ON p.imd_quintile = s.wellbeing GROUP BY s.smoker",
+            0.5,
+            &rita,
+            Code::JoinNotOnPrivacyUnit.as_str(),
+        ),
+        // Above gp_survey's per-query cap, though nhs_epr allows 2.
+        ("linked", join, 1.5, &rita, Code::EpsilonAboveCap.as_str()),
+        // Qualified names work within one dataset too.
+        ("pn", one, 0.5, &alice, "ok"),
+        // gp_survey's lifetime budget (1.2) ends the joins, whatever
+        // nhs_epr and the project have left; nhs_epr alone goes on.
+        ("linked", join_by_sex, 0.5, &rita, "ok"),
+        (
+            "linked",
+            join_by_smoker,
+            0.5,
+            &rita,
+            Code::DatasetLifetimeExhausted.as_str(),
+        ),
+        ("linked", one, 0.5, &rita, "ok"),
+    ];
+    for (project, sql, epsilon, token, want) in steps {
+        assert_eq!(
+            code(q.submit(authed(ask(project, sql, epsilon), token)).await),
+            want,
+            "{sql}"
+        );
+    }
+    assert_eq!(
+        (usage("nhs_epr"), usage("gp_survey")),
+        (2_000_000_000, 1_000_000_000)
+    );
+}
+
+/// Rita's request for a project `id` over `datasets`.
+fn rita_asks(id: &str, datasets: &[&str]) -> pb::RequestProjectRequest {
+    pb::RequestProjectRequest {
+        id: id.into(),
+        title: format!("Across {}", datasets.join(" and ")),
+        purpose: "Compare what the datasets hold on the same patients".into(),
+        datasets: datasets.iter().map(|d| (*d).to_owned()).collect(),
+        epsilon: 5.0,
+        delta: 1e-6,
+        members: vec!["rita".into()],
+        end_date: "2099-01-01".into(),
+    }
+}
+
+fn alice_token(server: &tre_e2e::Server) -> String {
+    server.token("alice", Role::Researcher)
 }

@@ -213,6 +213,16 @@ pub async fn catalog(args: CatalogArgs) -> Result<()> {
                     d.max_epsilon_per_query,
                     d.tables.join(", ")
                 );
+                if !d.joins_with.is_empty() {
+                    println!(
+                        "  joins with: {} (the same {}, a pseudonym of {}); name each table with its dataset, as in {}.{}",
+                        d.joins_with.join(", "),
+                        d.privacy_unit,
+                        d.linkage,
+                        d.name,
+                        d.tables.first().map(String::as_str).unwrap_or("<table>")
+                    );
+                }
                 println!("  functions (each cannot fail on any value):");
                 for f in &d.functions {
                     println!("    {}", f.arguments);

@@ -452,6 +452,13 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         },
         args.state.join("audit.pub").display()
     );
+    let joints: Vec<&str> = state.engines.joint_names().collect();
+    if !joints.is_empty() {
+        eprintln!(
+            "datasets a query may join (one privacy unit and linkage; tables named dataset.table): {}",
+            joints.join(", ")
+        );
+    }
     // Written down by the auditor now, it pins later verification to this
     // key: a key swapped on disk no longer passes (issue #11).
     eprintln!(

@@ -104,6 +104,10 @@ codes! {
     CompileTimeout = "TRE-Q033",
     /// The query's plans could need more memory than a query may use.
     TooMuchMemory = "TRE-Q034",
+    /// A query names datasets that do not hold one person under one unit
+    /// (the same privacy unit and linkage), or whose per-query limits do
+    /// not overlap (issue #15).
+    DatasetsNotLinkable = "TRE-Q035",
 
     // Budget.
     BudgetExhausted = "TRE-B001",

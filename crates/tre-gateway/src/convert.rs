@@ -80,8 +80,12 @@ pub(crate) fn release(
     }
 }
 
-pub(crate) fn dataset(p: &Policy) -> pb::Dataset {
+/// A dataset as the catalog lists it, with the datasets a query may join
+/// it with.
+pub(crate) fn dataset(p: &Policy, joins_with: Vec<String>) -> pb::Dataset {
     pb::Dataset {
+        linkage: p.linkage.clone().unwrap_or_default(),
+        joins_with,
         name: p.dataset.clone(),
         description: p.description.clone(),
         privacy_unit: p.privacy_unit.clone(),

@@ -1,21 +1,33 @@
 //! The datasets one gateway serves (issue #15), each with its own engine:
 //! its policy, extracts, disclosure profile and lifetime budget. A query
-//! runs on the one dataset its project is approved for, or on the one it
-//! names when the project covers several.
+//! runs on the one dataset its project is approved for, or on the ones it
+//! names (the request's dataset, and the datasets its SQL qualifies tables
+//! with, as in `nhs_epr.patients`). Datasets that hold one person under
+//! one unit may be queried together, on an engine of their own built at
+//! start-up.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use tre_query::Engine;
+use tre_policy::Policy;
+use tre_query::{Engine, QueryError};
 use tre_store::Project;
 
 use crate::GatewayError;
+
+/// The most datasets one query may join. Every combination of datasets
+/// that may be joined gets an engine at start-up, so this bounds their
+/// number.
+pub const MAX_JOINED: usize = 3;
 
 pub struct Datasets {
     engines: BTreeMap<String, Arc<Engine>>,
     /// The dataset listed first (by name), kept apart so that a gateway
     /// can never be without one.
     first: Arc<Engine>,
+    /// An engine for each combination of datasets that may be queried
+    /// together, by `Policy::joint_name`.
+    joints: BTreeMap<String, Arc<Engine>>,
 }
 
 impl Datasets {
@@ -36,9 +48,11 @@ impl Datasets {
             .next()
             .cloned()
             .ok_or_else(|| "no dataset to serve".to_owned())?;
+        let joints = joints(&map.values().map(AsRef::as_ref).collect::<Vec<_>>())?;
         Ok(Self {
             engines: map,
             first,
+            joints,
         })
     }
 
@@ -48,11 +62,34 @@ impl Datasets {
         Self {
             engines: BTreeMap::from([(first.policy().dataset.clone(), Arc::clone(&first))]),
             first,
+            joints: BTreeMap::new(),
         }
     }
 
+    /// The engine of a dataset, or of datasets queried together (by their
+    /// joint name, as a release's manifest names them).
     pub fn get(&self, dataset: &str) -> Option<&Engine> {
-        self.engines.get(dataset).map(AsRef::as_ref)
+        self.engines
+            .get(dataset)
+            .or_else(|| self.joints.get(dataset))
+            .map(AsRef::as_ref)
+    }
+
+    /// The other datasets served here that a query may join with
+    /// `dataset`.
+    pub fn joins_with(&self, dataset: &str) -> Vec<String> {
+        self.names()
+            .filter(|d| {
+                *d != dataset && self.joints.contains_key(&Policy::joint_name([dataset, *d]))
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The names of the combinations of datasets that may be queried
+    /// together here.
+    pub fn joint_names(&self) -> impl Iterator<Item = &str> {
+        self.joints.keys().map(String::as_str)
     }
 
     /// The dataset listed first (by name): what a single-dataset gateway
@@ -69,49 +106,106 @@ impl Datasets {
         self.engines.keys().map(String::as_str)
     }
 
-    /// The dataset a query of `project` runs on: the one asked for, which
-    /// the project must be approved for; or, when none is asked for, the
-    /// project's only dataset served here.
+    /// The engine a query of `project` runs on: that of the datasets it
+    /// names (`asked`, and those `sql` qualifies its tables with), every
+    /// one of which the project must be approved for; or, when it names
+    /// none, that of the project's only dataset served here.
     pub(crate) fn for_project(
         &self,
         project: &Project,
         asked: Option<&str>,
+        sql: &str,
     ) -> Result<&Arc<Engine>, GatewayError> {
-        let served: Vec<&str> = project
+        let approved: Vec<&str> = project
             .datasets
             .iter()
             .map(String::as_str)
             .filter(|d| self.engines.contains_key(*d))
             .collect();
-        let name = match (asked, served.as_slice()) {
-            (Some(d), _) if served.contains(&d) => d,
-            (Some(d), _) => {
-                return Err(GatewayError::Store(
-                    tre_store::StoreError::DatasetNotApproved {
-                        project: project.id.to_string(),
-                        dataset: d.to_owned(),
-                    },
-                ));
-            }
-            (None, [one]) => one,
-            (None, []) => {
-                return Err(GatewayError::Store(
-                    tre_store::StoreError::DatasetNotApproved {
-                        project: project.id.to_string(),
-                        dataset: self.names().collect::<Vec<_>>().join(", "),
-                    },
-                ));
-            }
-            (None, several) => {
+        let not_approved = |dataset: &str| {
+            GatewayError::Store(tre_store::StoreError::DatasetNotApproved {
+                project: project.id.to_string(),
+                dataset: dataset.to_owned(),
+            })
+        };
+        // A qualifier that names no dataset served here is left to the
+        // compiler, which reports the table as unknown.
+        let mut named: BTreeSet<String> = tre_query::datasets_named(sql)
+            .into_iter()
+            .filter(|d| self.engines.contains_key(d))
+            .collect();
+        named.extend(asked.map(str::to_owned));
+        if let Some(d) = named.iter().find(|d| !approved.contains(&d.as_str())) {
+            return Err(not_approved(d));
+        }
+        let name = match (named.len(), approved.as_slice()) {
+            (0, [one]) => (*one).to_owned(),
+            (0, []) => return Err(not_approved(&self.names().collect::<Vec<_>>().join(", "))),
+            (0, several) => {
                 return Err(GatewayError::BadRequest(format!(
-                    "project '{}' is approved for datasets {}; name the one to query (the request's dataset, the x-tre-dataset header, or --dataset)",
+                    "project '{}' is approved for datasets {}; name the one to query (qualify its tables, as in {}.<table>, or give the request's dataset, the x-tre-dataset header, or --dataset)",
                     project.id,
-                    several.join(", ")
+                    several.join(", "),
+                    several.first().copied().unwrap_or_default()
                 )));
+            }
+            (1, _) => named.into_iter().next().unwrap_or_default(),
+            (n, _) if n > MAX_JOINED => {
+                return Err(GatewayError::BadRequest(format!(
+                    "the query names {n} datasets ({}); one query may join at most {MAX_JOINED}",
+                    named.into_iter().collect::<Vec<_>>().join(", ")
+                )));
+            }
+            (_, _) => {
+                let name = Policy::joint_name(named.iter().map(String::as_str));
+                if let Some(engine) = self.joints.get(&name) {
+                    return Ok(engine);
+                }
+                // Not joinable: say why, as the policies do.
+                let policies: Vec<&Policy> = named
+                    .iter()
+                    .filter_map(|d| self.engines.get(d))
+                    .map(|e| e.policy())
+                    .collect();
+                return Err(match Policy::joint(&policies) {
+                    Err(e) => GatewayError::Query(QueryError::Joint(e)),
+                    Ok(_) => GatewayError::Query(QueryError::Internal(format!(
+                        "datasets {name} may be joined but have no engine"
+                    ))),
+                });
             }
         };
         self.engines
-            .get(name)
+            .get(&name)
             .ok_or_else(|| GatewayError::NotFound(format!("no dataset '{name}' on this server")))
     }
+}
+
+/// An engine for every combination of two to [`MAX_JOINED`] of `engines`
+/// whose policies may be joined.
+fn joints(engines: &[&Engine]) -> Result<BTreeMap<String, Arc<Engine>>, String> {
+    let mut joints = BTreeMap::new();
+    let n = engines.len();
+    if n > 16 {
+        return Err(format!(
+            "{n} datasets are more than one gateway serves; serve at most 16"
+        ));
+    }
+    for mask in 1u32..(1 << n) {
+        let size = mask.count_ones() as usize;
+        if !(2..=MAX_JOINED).contains(&size) {
+            continue;
+        }
+        let parts: Vec<&Engine> = (0..n)
+            .filter(|i| mask & (1 << i) != 0)
+            .map(|i| engines[i])
+            .collect();
+        let policies: Vec<&Policy> = parts.iter().map(|e| e.policy()).collect();
+        if Policy::joint(&policies).is_err() {
+            continue;
+        }
+        let joint = Engine::join(&parts).map_err(|e| e.to_string())?;
+        joints.insert(joint.policy().dataset.clone(), Arc::new(joint));
+    }
+    Ok(joints)
 }

@@ -205,6 +205,8 @@ impl GatewayError {
                     code: Code::Busy, ..
                 } => GrpcCode::Unavailable,
                 QueryError::Refused { .. } => GrpcCode::InvalidArgument,
+                QueryError::Joint(tre_policy::JointError::Malformed(_)) => GrpcCode::Internal,
+                QueryError::Joint(_) => GrpcCode::FailedPrecondition,
                 QueryError::Execution { .. } => GrpcCode::Internal,
                 QueryError::Setup { .. }
                 | QueryError::Vault(_)

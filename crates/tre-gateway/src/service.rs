@@ -338,22 +338,25 @@ impl Services {
         Ok(())
     }
 
-    /// The project a researcher is querying, and the engine of the dataset
-    /// the query runs on: a member, the project active, unexpired and
-    /// approved for that dataset (the one `dataset` names, or the project's
-    /// only one served here).
+    /// The project a researcher is querying, and the engine of the
+    /// datasets the query runs on: a member, the project active, unexpired
+    /// and approved for each of them (those `dataset` and `sql` name, or
+    /// the project's only one served here).
     fn queryable_project(
         &self,
         who: &Principal,
         project: &str,
         dataset: Option<&str>,
+        sql: &str,
     ) -> Result<(tre_store::Project, &Arc<tre_query::Engine>), GatewayError> {
         let p = self.state.store.project(&ProjectId::new(project)?)?;
         authz::project_scope(who, &p, true)?;
         let today = tre_store::today();
-        match self.state.engines.for_project(&p, dataset) {
+        match self.state.engines.for_project(&p, dataset, sql) {
             Ok(engine) => {
-                p.check_queryable(&engine.policy().dataset, today)?;
+                for part in engine.policy().covers() {
+                    p.check_queryable(&part.dataset, today)?;
+                }
                 Ok((p, engine))
             }
             Err(e) => {
@@ -408,7 +411,7 @@ impl Services {
         query: tre_release::Query,
         note: &mut Note,
     ) -> Result<tre_release::Released, GatewayError> {
-        let (project, engine) = self.queryable_project(who, project, dataset)?;
+        let (project, engine) = self.queryable_project(who, project, dataset, &query.sql)?;
         let engine = Arc::clone(engine);
         // From here the pipeline writes the event and settles any charge,
         // in a task of its own that runs whatever the client does. A client
@@ -454,7 +457,7 @@ impl Services {
         query: &tre_release::Query,
         note: &mut Note,
     ) -> Result<(tre_store::Project, tre_query::PrivatePlan), GatewayError> {
-        let (project, engine) = self.queryable_project(who, project, dataset)?;
+        let (project, engine) = self.queryable_project(who, project, dataset, &query.sql)?;
         let plan = self.pipeline(engine).plan(query).await?;
         note.plan_hash = plan.plan_hash().to_owned();
         Ok((project, plan))
@@ -608,11 +611,21 @@ impl CatalogService for Services {
             request,
             Rpc::ListDatasets,
             |_call, who, _req, _note| async {
+                let visible = self.visible_datasets(&who)?;
+                let names: Vec<&str> = visible
+                    .iter()
+                    .map(|e| e.policy().dataset.as_str())
+                    .collect();
+                // Only datasets the caller may see are named as joinable.
+                let joins_with = |name: &str| {
+                    let mut joins = self.state.engines.joins_with(name);
+                    joins.retain(|d| names.contains(&d.as_str()));
+                    joins
+                };
                 Ok(pb::ListDatasetsResponse {
-                    datasets: self
-                        .visible_datasets(&who)?
-                        .into_iter()
-                        .map(|e| convert::dataset(e.policy()))
+                    datasets: visible
+                        .iter()
+                        .map(|e| convert::dataset(e.policy(), joins_with(&e.policy().dataset)))
                         .collect(),
                 })
             }

@@ -1,7 +1,9 @@
 //! Dataset policies: the custodian's TOML (`policies/*.toml`) parsed into raw
 //! structs, then validated into a [`Policy`] in which invalid states cannot be
 //! represented (bounds are ordered and finite, domains non-empty, every table
-//! carries the privacy unit as an identifier, budgets are ordered).
+//! carries the privacy unit as an identifier, budgets are ordered); and the
+//! policy of a query across datasets that hold one person under one unit
+//! ([`Policy::joint`], each rule at its strictest).
 //!
 //! Input is text; this crate never touches the file system, DataFusion, keys
 //! or the network. It depends only on `tre-core`.
@@ -11,7 +13,10 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use tre_core::{Code, Delta, Epsilon};
 
+mod joint;
 mod raw;
+
+pub use joint::JointError;
 
 /// A policy that failed validation, naming the source, the field and the fix.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -32,6 +37,11 @@ pub struct Policy {
     pub review: ReviewPolicy,
     pub description: String,
     pub privacy_unit: String,
+    /// The identifier the privacy unit is a keyed pseudonym of (e.g.
+    /// `nhs_number`). Datasets whose policies name the same privacy unit
+    /// and linkage hold one person under one unit, so a query may join
+    /// them (issue #15); without it the dataset is joined with none.
+    pub linkage: Option<String>,
     pub sdc_profile: String,
     /// National Data Opt-out: patients with this flag set are removed from
     /// every plan before anything else runs.
@@ -44,6 +54,9 @@ pub struct Policy {
     pub reference_tables: Vec<String>,
     pub budget: BudgetPolicy,
     pub tables: BTreeMap<String, TablePolicy>,
+    /// For a query across datasets, the policies it merges ([`Policy::joint`]);
+    /// empty for one dataset's own policy.
+    pub parts: Vec<Policy>,
 }
 
 /// Which releases are held for human review before the researcher sees

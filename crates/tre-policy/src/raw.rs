@@ -66,6 +66,7 @@ struct RawDataset {
     max_groups_per_unit: i64,
     #[serde(default)]
     reference_tables: Vec<String>,
+    linkage: Option<String>,
 }
 
 fn default_max_groups() -> i64 {
@@ -152,6 +153,12 @@ impl RawPolicy {
             return Err(invalid(
                 "dataset.privacy_unit",
                 "name the identifier column that identifies a patient, e.g. \"person_id\"",
+            ));
+        }
+        if d.linkage.as_deref().is_some_and(|l| !is_name(l)) {
+            return Err(invalid(
+                "dataset.linkage",
+                "name the identifier the privacy unit is a keyed pseudonym of, e.g. \"nhs_number\", or leave it out",
             ));
         }
         if !is_name(&d.sdc_profile) {
@@ -333,6 +340,7 @@ impl RawPolicy {
             review,
             description: d.description,
             privacy_unit: d.privacy_unit,
+            linkage: d.linkage,
             sdc_profile: d.sdc_profile,
             opt_out,
             max_groups_per_unit: u32::try_from(d.max_groups_per_unit)
@@ -340,6 +348,7 @@ impl RawPolicy {
             reference_tables: d.reference_tables,
             budget,
             tables,
+            parts: Vec::new(),
         })
     }
 }

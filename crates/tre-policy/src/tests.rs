@@ -213,3 +213,85 @@ fn dates_parse_to_unix_days() {
         assert_eq!(parse_date(s), d, "{s}");
     }
 }
+
+/// Issue #15: datasets may be queried together only when they hold one
+/// person under one unit, and then under each rule at its strictest.
+#[test]
+fn joint_policies_need_one_unit_and_take_the_strictest_rules() {
+    let policy = |name: &str, extra: &str| {
+        let text = BASE
+            .replace("name = \"d\"", &format!("name = \"{name}\"\n{extra}"))
+            .replace("max_epsilon_per_query = 1.0", "max_epsilon_per_query = 0.8");
+        Policy::from_toml(&format!("{name}.toml"), &text).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let linked = "linkage = \"nhs_number\"\nmax_groups_per_unit = 4";
+    let a = policy("a", linked);
+    let mut b = policy("b", "linkage = \"nhs_number\"");
+    b.review.mode = ReviewMode::Always;
+    b.review.approvals = 2;
+    b.budget.min_epsilon_per_query = Epsilon::new(0.1).unwrap_or_else(|e| panic!("{e}"));
+    let j = Policy::joint(&[&b, &a]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(j.dataset, "a+b");
+    assert_eq!(
+        j.tables.keys().collect::<Vec<_>>(),
+        ["a.patients", "b.patients"]
+    );
+    assert_eq!(
+        j.table("b.patients").map(|t| t.name.as_str()),
+        Some("b.patients")
+    );
+    assert_eq!(
+        j.covers()
+            .iter()
+            .map(|p| p.dataset.as_str())
+            .collect::<Vec<_>>(),
+        ["a", "b"]
+    );
+    assert_eq!(j.opt_out, None, "each part keeps its own opt-outs");
+    assert_eq!(j.max_groups_per_unit, 1);
+    assert_eq!(j.review.mode, ReviewMode::Always);
+    assert_eq!(j.review.approvals, 2);
+    assert_eq!(j.budget.min_epsilon_per_query.value(), 0.1);
+    assert_eq!(j.budget.max_epsilon_per_query.value(), 0.8);
+    assert_eq!(j.budget.default_epsilon_per_query.value(), 0.5);
+    assert_eq!(a.covers().len(), 1);
+
+    let unlinked = policy("c", "");
+    let refused = Policy::joint(&[&a, &unlinked]).err();
+    assert_eq!(refused, Some(JointError::NoLinkage("c".into())));
+    assert!(
+        refused
+            .map(|e| e.to_string())
+            .is_some_and(|m| m.starts_with("TRE-Q035 dataset 'c' declares no linkage")),
+    );
+    let other = policy("e", "linkage = \"local_mrn\"");
+    assert!(matches!(
+        Policy::joint(&[&a, &other]),
+        Err(JointError::DifferentUnits { b, .. }) if b == "e"
+    ));
+    let mut apart = policy("f", "linkage = \"nhs_number\"");
+    apart.budget.min_epsilon_per_query = Epsilon::new(0.9).unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(
+        Policy::joint(&[&a, &apart]),
+        Err(JointError::Caps(_))
+    ));
+    assert!(matches!(
+        Policy::joint(&[&a]),
+        Err(JointError::Malformed(_))
+    ));
+    assert!(matches!(
+        Policy::joint(&[&a, &a]),
+        Err(JointError::Malformed(_))
+    ));
+    assert!(matches!(
+        Policy::joint(&[&j, &a]),
+        Err(JointError::Malformed(_))
+    ));
+    assert!(
+        Policy::from_toml(
+            "x.toml",
+            &BASE.replace("name = \"d\"", "name = \"d\"\nlinkage = \"NHS\"")
+        )
+        .is_err()
+    );
+}

@@ -37,7 +37,7 @@ mod sandbox;
 mod stream;
 mod udf;
 
-pub use compile::{Budget, FIXED_POINT_SCALE, Measure, PrivatePlan};
+pub use compile::{Budget, FIXED_POINT_SCALE, Measure, PrivatePlan, datasets_named};
 
 /// A table a query may name, as catalogs list it.
 #[derive(Debug, Clone)]
@@ -70,6 +70,9 @@ pub enum QueryError {
     /// The engine could not start: a bad extract, key or policy mismatch.
     #[error("{code} {message}")]
     Setup { code: Code, message: String },
+    /// Datasets a query names that may not be queried together.
+    #[error(transparent)]
+    Joint(#[from] tre_policy::JointError),
     #[error(transparent)]
     Vault(#[from] tre_vault::VaultError),
     /// An extract tre's writer did not write, or one that does not open.
@@ -93,6 +96,7 @@ impl QueryError {
         match self {
             QueryError::Refused { code, .. } | QueryError::Setup { code, .. } => *code,
             QueryError::Execution { .. } => Code::ExecutionFailed,
+            QueryError::Joint(j) => j.code(),
             QueryError::Vault(v) => v.code(),
             QueryError::Extract(e) => e.code(),
             QueryError::Internal(_) => Code::Internal,
@@ -108,8 +112,11 @@ impl QueryError {
             QueryError::Setup { .. }
             | QueryError::Vault(_)
             | QueryError::Extract(_)
-            | QueryError::Internal(_) => true,
-            QueryError::Refused { .. } | QueryError::Execution { .. } => false,
+            | QueryError::Internal(_)
+            | QueryError::Joint(tre_policy::JointError::Malformed(_)) => true,
+            QueryError::Refused { .. } | QueryError::Execution { .. } | QueryError::Joint(_) => {
+                false
+            }
         }
     }
 }
@@ -318,7 +325,7 @@ impl Engine {
         let policy = Arc::new(policy);
         let reference = reference::load(&policy.reference_tables)?;
         let sandbox =
-            sandbox::Sandbox::open(&policy, data_dir, master, &limits, reference.clone())?;
+            sandbox::Sandbox::open(&policy, &[data_dir], master, &limits, reference.clone())?;
         // The opt-out list is part of what is served: replacing it makes a
         // new version, which releases and manifests name.
         let list = tre_extract::OPT_OUT_LIST.to_owned();
@@ -346,6 +353,66 @@ impl Engine {
         })
     }
 
+    /// The engine for one query over several datasets' engines (issue
+    /// #15): their policies merged by [`Policy::joint`] (refused with
+    /// `TRE-Q035` unless they hold one person under one unit), the
+    /// strictest of their disclosure profiles, and a sandbox over all
+    /// their extracts, each named `dataset.table`.
+    pub fn join(parts: &[&Engine]) -> Result<Self, QueryError> {
+        let policies: Vec<&Policy> = parts.iter().map(|e| e.policy()).collect();
+        let policy = Policy::joint(&policies)?;
+        let ordered: Vec<&Engine> = policy
+            .covers()
+            .iter()
+            .filter_map(|p| parts.iter().find(|e| e.policy.dataset == p.dataset))
+            .copied()
+            .collect();
+        let (Some(first), true) = (ordered.first(), ordered.len() == parts.len()) else {
+            return Err(QueryError::Internal("joined engines out of step".into()));
+        };
+        let mut profiles: Vec<Profile> = Vec::new();
+        for e in &ordered {
+            if profiles.iter().all(|p| p.hash != e.profile.hash) {
+                profiles.push((*e.profile).clone());
+            }
+        }
+        let mut profile = Profile::strictest(&profiles)
+            .ok_or_else(|| QueryError::Internal("no profile to join".into()))?;
+        profile.name = policy.sdc_profile.clone();
+        let dirs: Vec<&Path> = ordered
+            .iter()
+            .flat_map(|e| e.sandbox.data_dirs())
+            .map(PathBuf::as_path)
+            .collect();
+        let limits = first.limits.clone();
+        let reference = reference::load(&policy.reference_tables)?;
+        let sandbox = sandbox::Sandbox::open(
+            &policy,
+            &dirs,
+            first.sandbox.master(),
+            &limits,
+            reference.clone(),
+        )?;
+        let snapshots: String = ordered
+            .iter()
+            .map(|e| format!("{}:{}\n", e.policy.dataset, e.snapshot))
+            .collect();
+        Ok(Self {
+            policy: Arc::new(policy),
+            profile: Arc::new(profile),
+            snapshot: hex::encode(ring::digest::digest(
+                &ring::digest::SHA256,
+                snapshots.as_bytes(),
+            )),
+            sandbox,
+            runtime: EngineRuntime::new(limits.engine_threads)?,
+            slots: Arc::new(Semaphore::new(limits.concurrent_queries.max(1))),
+            limits,
+            reference,
+            tenants: Mutex::default(),
+        })
+    }
+
     pub fn policy(&self) -> &Policy {
         &self.policy
     }
@@ -360,8 +427,10 @@ impl Engine {
         &self.profile
     }
 
-    pub fn data_dir(&self) -> &PathBuf {
-        self.sandbox.data_dir()
+    /// Where the extracts are: one directory per dataset, in the order of
+    /// `Policy::covers`.
+    pub fn data_dirs(&self) -> &[PathBuf] {
+        self.sandbox.data_dirs()
     }
 
     /// A fresh sandboxed session (for benchmarks and tests that need plain

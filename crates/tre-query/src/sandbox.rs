@@ -12,6 +12,7 @@ use async_trait::async_trait;
 
 use datafusion::arrow::array::AsArray;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::common::TableReference;
 use datafusion::common::config::{EncryptionFactoryOptions, TableParquetOptions};
 use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
@@ -44,12 +45,13 @@ use crate::{Limits, QueryError};
 pub const FACTORY_ID: &str = "tre_vault";
 
 pub(crate) struct Sandbox {
-    data_dir: PathBuf,
+    /// Each dataset's directory, in the order of `Policy::covers`.
+    data_dirs: Vec<PathBuf>,
     /// For compiling (which executes nothing) and the benchmark's plain
     /// sessions; every executed query gets a runtime of its own.
     runtime: Arc<RuntimeEnv>,
     master: Arc<MasterKey>,
-    tables: Vec<(String, SchemaRef, ListingTableUrl)>,
+    tables: Vec<SandboxTable>,
     /// Each table's row groups per worker, when every table is stored in
     /// the same unit ranges (see [`RangedTable`]).
     ranged: Option<Ranged>,
@@ -67,134 +69,178 @@ pub(crate) struct Sandbox {
     in_use: Arc<AtomicUsize>,
 }
 
+/// One extract as a query may name it.
+struct SandboxTable {
+    /// The policy's name for it: `table`, or `dataset.table` across
+    /// datasets.
+    key: String,
+    schema: SchemaRef,
+    url: ListingTableUrl,
+    /// The names it is registered under: `dataset.table` always (so a
+    /// query may qualify its tables), and plain `table` for one dataset.
+    names: Vec<TableReference>,
+}
+
 impl Sandbox {
+    /// The sandbox over the extracts of each dataset `policy` covers,
+    /// `data_dirs[i]` holding those of `policy.covers()[i]`.
     pub(crate) fn open(
         policy: &Policy,
-        data_dir: &Path,
+        data_dirs: &[&Path],
         master: Arc<MasterKey>,
         limits: &Limits,
         reference: RefTables,
     ) -> Result<Self, QueryError> {
-        let dataset = data_dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default()
-            .to_owned();
-        let data_dir = data_dir.canonicalize().map_err(|e| QueryError::Setup {
-            code: Code::ExtractUnreadable,
-            message: format!(
-                "data directory {}: {e}; run `tre dataset generate` first",
-                data_dir.display()
-            ),
-        })?;
+        let parts = policy.covers();
+        if parts.len() != data_dirs.len() {
+            return Err(QueryError::Internal(format!(
+                "{} datasets but {} data directories",
+                parts.len(),
+                data_dirs.len()
+            )));
+        }
+        let joint = !policy.parts.is_empty();
         let mut tables = Vec::new();
         let mut bounded_at_write = BTreeSet::new();
         let mut layouts = Vec::new();
         let mut row_groups = Vec::new();
         let mut sizes = crate::compile::Sizes::default();
-        for (name, table) in &policy.tables {
-            let path = data_dir.join(format!("{name}.parquet"));
-            let file_id = tre_extract::file_id(&dataset, name);
-            let shown = path.display().to_string();
-            let opened = tre_extract::open(&path, &file_id, &master)?;
-            let schema = opened.schema;
-            check_schema(policy, name, table, &schema, &shown)?;
-            let layout = opened.layout;
-            row_groups.push(opened.row_groups);
-            // Grouping by a column without a public domain is bounded in
-            // memory by its cap, so the cap must be a fact the writer
-            // enforced, not only the policy's word.
-            for column in &table.columns {
-                let Some(cap) = column.max_distinct else {
-                    continue;
+        let mut dirs = Vec::new();
+        let mut opted_out = datafusion::common::HashSet::default();
+        let mut opt_out_list = false;
+        for (part, data_dir) in parts.iter().zip(data_dirs) {
+            let dataset = data_dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_owned();
+            let data_dir = data_dir.canonicalize().map_err(|e| QueryError::Setup {
+                code: Code::ExtractUnreadable,
+                message: format!(
+                    "data directory {}: {e}; run `tre dataset generate` first",
+                    data_dir.display()
+                ),
+            })?;
+            for (name, table) in &part.tables {
+                let key = if joint {
+                    format!("{}.{name}", part.dataset)
+                } else {
+                    name.clone()
                 };
-                if layout
-                    .distinct_caps
-                    .get(&column.name)
-                    .is_none_or(|&c| c > cap)
-                {
+                let path = data_dir.join(format!("{name}.parquet"));
+                let file_id = tre_extract::file_id(&dataset, name);
+                let shown = path.display().to_string();
+                let opened = tre_extract::open(&path, &file_id, &master)?;
+                let schema = opened.schema;
+                check_schema(part, name, table, &schema, &shown)?;
+                let layout = opened.layout;
+                row_groups.push(opened.row_groups);
+                // Grouping by a column without a public domain is bounded in
+                // memory by its cap, so the cap must be a fact the writer
+                // enforced, not only the policy's word.
+                for column in &table.columns {
+                    let Some(cap) = column.max_distinct else {
+                        continue;
+                    };
+                    if layout
+                        .distinct_caps
+                        .get(&column.name)
+                        .is_none_or(|&c| c > cap)
+                    {
+                        return Err(QueryError::Setup {
+                            code: Code::ExtractLayout,
+                            message: format!(
+                                "extract {shown} was not written holding {} to the policy's max_distinct ({cap}); write it again with `tre dataset generate`",
+                                column.name
+                            ),
+                        });
+                    }
+                }
+                sizes.units = sizes.units.max(layout.units.next_power_of_two());
+                sizes.rows = sizes.rows.max(layout.rows.next_power_of_two());
+                sizes.unit_rows = sizes.unit_rows.max(u64::from(layout.max_rows_per_unit));
+                if layout.sorted_by != policy.privacy_unit {
                     return Err(QueryError::Setup {
                         code: Code::ExtractLayout,
                         message: format!(
-                            "extract {shown} was not written holding {} to the policy's max_distinct ({cap}); write it again with `tre dataset generate`",
-                            column.name
+                            "extract {shown} is bounded per {} but the policy's privacy unit is {}; write it again with `tre dataset generate`",
+                            layout.sorted_by, policy.privacy_unit
                         ),
                     });
                 }
-            }
-            sizes.units = sizes.units.max(layout.units.next_power_of_two());
-            sizes.rows = sizes.rows.max(layout.rows.next_power_of_two());
-            sizes.unit_rows = sizes.unit_rows.max(u64::from(layout.max_rows_per_unit));
-            if layout.sorted_by != policy.privacy_unit {
-                return Err(QueryError::Setup {
-                    code: Code::ExtractLayout,
-                    message: format!(
-                        "extract {shown} is bounded per {} but the policy's privacy unit is {}; write it again with `tre dataset generate`",
-                        layout.sorted_by, policy.privacy_unit
-                    ),
+                // A stored bound within the policy's needs nothing per query;
+                // a policy tightened since the extract was written is enforced
+                // per query, as before issue #13.
+                if layout.max_rows_per_unit <= table.max_rows_per_unit {
+                    bounded_at_write.insert(key.clone());
+                }
+                layouts.push((key.clone(), layout));
+                let url = ListingTableUrl::parse(path.to_string_lossy()).map_err(|e| {
+                    QueryError::Setup {
+                        code: Code::ExtractUnreadable,
+                        message: format!("extract {shown}: {e}"),
+                    }
+                })?;
+                let qualified = TableReference::partial(part.dataset.as_str(), name.as_str());
+                let names = if joint {
+                    vec![qualified]
+                } else {
+                    vec![TableReference::bare(name.as_str()), qualified]
+                };
+                tables.push(SandboxTable {
+                    key,
+                    schema,
+                    url,
+                    names,
                 });
             }
-            // A stored bound within the policy's needs nothing per query;
-            // a policy tightened since the extract was written is enforced
-            // per query, as before issue #13.
-            if layout.max_rows_per_unit <= table.max_rows_per_unit {
-                bounded_at_write.insert(name.clone());
+            if let Some(o) = &part.opt_out {
+                opted_out.extend(read_opted_out(
+                    &data_dir.join(format!("{}.parquet", o.table)),
+                    &tre_extract::file_id(&dataset, &o.table),
+                    &master,
+                    &policy.privacy_unit,
+                    Some(&o.column),
+                )?);
             }
-            layouts.push((name.clone(), layout));
-            let url =
-                ListingTableUrl::parse(path.to_string_lossy()).map_err(|e| QueryError::Setup {
-                    code: Code::ExtractUnreadable,
-                    message: format!("extract {shown}: {e}"),
-                })?;
-            tables.push((name.clone(), schema, url));
+            // The latest National Data Opt-out list, replaced without a
+            // re-import (`tre dataset optouts`, issue #15): its patients are
+            // left out as well as those the policy's column flags. Across
+            // datasets, a patient who opted out of any is left out of all.
+            let list = data_dir.join(format!("{}.parquet", tre_extract::OPT_OUT_LIST));
+            if list.exists() {
+                opt_out_list = true;
+                opted_out.extend(read_opted_out(
+                    &list,
+                    &tre_extract::file_id(&dataset, tre_extract::OPT_OUT_LIST),
+                    &master,
+                    &policy.privacy_unit,
+                    None,
+                )?);
+            }
+            dirs.push(data_dir);
         }
-        let mut opted_out = match &policy.opt_out {
-            Some(o) => read_opted_out(
-                &data_dir.join(format!("{}.parquet", o.table)),
-                &tre_extract::file_id(&dataset, &o.table),
-                &master,
-                &policy.privacy_unit,
-                Some(&o.column),
-            )?,
-            None => OptedOut::default(),
-        };
-        // The latest National Data Opt-out list, replaced without a
-        // re-import (`tre dataset optouts`, issue #15): its patients are
-        // left out as well as those the policy's column flags.
-        let list = data_dir.join(format!("{}.parquet", tre_extract::OPT_OUT_LIST));
-        let opt_out_list = list.exists();
-        if opt_out_list {
-            let listed = read_opted_out(
-                &list,
-                &tre_extract::file_id(&dataset, tre_extract::OPT_OUT_LIST),
-                &master,
-                &policy.privacy_unit,
-                None,
-            )?;
-            let mut all = (*opted_out.0).clone();
-            all.extend(listed.0.iter().cloned());
-            opted_out = OptedOut(Arc::new(all));
-        }
+        let opted_out = OptedOut(Arc::new(opted_out));
         let ranged = Ranged::new(&layouts, &row_groups, limits.target_partitions);
         // A table needs no opt-out filter when nobody opted out, or when
         // its writer removed exactly the opt-outs read here (issue #13).
+        // Across datasets (no single flag column) every table is filtered.
         let source = policy.opt_out.as_ref().map(ToString::to_string);
         let digest = tre_extract::opt_out_digest(opted_out.0.iter().map(String::as_str));
         let opt_outs_removed = layouts
             .into_iter()
             .filter(|(_, layout)| {
                 opted_out.0.is_empty()
-                    || layout
-                        .opt_outs_removed
-                        .as_ref()
-                        .is_some_and(|r| Some(&r.source) == source.as_ref() && r.digest == digest)
+                    || layout.opt_outs_removed.as_ref().is_some_and(|r| {
+                        source.is_some() && Some(&r.source) == source.as_ref() && r.digest == digest
+                    })
             })
             .map(|(name, _)| name)
             .collect();
         let in_use = Arc::new(AtomicUsize::new(0));
         let runtime = runtime_env(&master, limits.memory_per_query(), Arc::clone(&in_use))?;
         Ok(Self {
-            data_dir,
+            data_dirs: dirs,
             runtime,
             master,
             tables,
@@ -225,8 +271,13 @@ impl Sandbox {
         self.deterministic_seed = seed;
     }
 
-    pub(crate) fn data_dir(&self) -> &PathBuf {
-        &self.data_dir
+    pub(crate) fn master(&self) -> Arc<MasterKey> {
+        Arc::clone(&self.master)
+    }
+
+    /// Each dataset's directory, in the order of `Policy::covers`.
+    pub(crate) fn data_dirs(&self) -> &[PathBuf] {
+        &self.data_dirs
     }
 
     /// Bytes every executing query's pool holds now, together.
@@ -235,9 +286,7 @@ impl Sandbox {
     }
 
     pub(crate) fn schemas(&self) -> impl Iterator<Item = (&str, &SchemaRef)> {
-        self.tables
-            .iter()
-            .map(|(name, schema, _)| (name.as_str(), schema))
+        self.tables.iter().map(|t| (t.key.as_str(), &t.schema))
     }
 
     /// A session for executing one query, with a memory pool of its own:
@@ -293,7 +342,8 @@ impl Sandbox {
                 let _ = ctx.register_table(name.as_str(), Arc::new(t));
             }
         }
-        for (name, schema, url) in &self.tables {
+        let catalog = ctx.catalog(&ctx.copied_config().options().catalog.default_catalog);
+        for t in &self.tables {
             let mut opts = TableParquetOptions::default();
             opts.crypto
                 .configure_factory(FACTORY_ID, &VaultFactoryOptions::default());
@@ -312,26 +362,36 @@ impl Sandbox {
                     ))
                     .sort(true, false),
                 ]]);
-            let config = ListingTableConfig::new(url.clone())
+            let config = ListingTableConfig::new(t.url.clone())
                 .with_listing_options(listing)
-                .with_schema(Arc::clone(schema));
+                .with_schema(Arc::clone(&t.schema));
             // Registration cannot fail for a schema we already read; if it
             // does, the table is simply absent and planning reports it.
             let Ok(table) = ListingTable::try_new(config) else {
                 continue;
             };
-            let parts = self.ranged.as_ref().and_then(|r| r.table(name));
-            let _ = match parts {
-                Some(parts) => ctx.register_table(
-                    name.as_str(),
-                    Arc::new(RangedTable {
+            let provider: Arc<dyn datafusion::catalog::TableProvider> =
+                match self.ranged.as_ref().and_then(|r| r.table(&t.key)) {
+                    Some(parts) => Arc::new(RangedTable {
                         inner: table,
                         parts,
                         unit: self.sorted_by.clone(),
                     }),
-                ),
-                None => ctx.register_table(name.as_str(), Arc::new(table)),
-            };
+                    None => Arc::new(table),
+                };
+            for name in &t.names {
+                // A dataset is a schema of the default catalog, so that
+                // `dataset.table` names its table.
+                if let (Some(schema), Some(catalog)) = (name.schema(), &catalog)
+                    && catalog.schema(schema).is_none()
+                {
+                    let _ = catalog.register_schema(
+                        schema,
+                        Arc::new(datafusion::catalog::MemorySchemaProvider::new()),
+                    );
+                }
+                let _ = ctx.register_table(name.clone(), Arc::clone(&provider));
+            }
         }
         ctx
     }
@@ -369,7 +429,7 @@ fn read_opted_out(
     master: &Arc<MasterKey>,
     unit: &str,
     flag: Option<&str>,
-) -> Result<OptedOut, QueryError> {
+) -> Result<datafusion::common::HashSet<String>, QueryError> {
     let shown = path.display().to_string();
     let unreadable = |e: &dyn std::fmt::Display| QueryError::Setup {
         code: Code::ExtractUnreadable,
@@ -400,7 +460,7 @@ fn read_opted_out(
             }
         }
     }
-    Ok(OptedOut(Arc::new(set)))
+    Ok(set)
 }
 
 fn check_schema(

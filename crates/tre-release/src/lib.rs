@@ -21,7 +21,9 @@ use std::sync::Arc;
 use tre_core::{Code, Principal};
 use tre_query::{Cell, CellStatus, Engine, PrivatePlan, QueryError, Release};
 use tre_store::manifest::{CellCounts, Manifest, ManifestColumn};
-use tre_store::{Charge, Notary, Project, ReleaseStatus, Store, StoreError, StoredRelease, chain};
+use tre_store::{
+    Charge, Lifetime, Notary, Project, ReleaseStatus, Store, StoreError, StoredRelease, chain,
+};
 
 mod record;
 
@@ -262,17 +264,26 @@ impl Pipeline<'_> {
         }
         // A slot before the charge: a full engine refuses for free.
         let admission = self.engine.admit(project.id.as_str()).await?;
-        let policy = self.engine.policy();
+        // Every dataset the query reads pays from its own lifetime cap.
+        let lifetimes: Vec<Lifetime<'_>> = self
+            .engine
+            .policy()
+            .covers()
+            .into_iter()
+            .map(|p| Lifetime {
+                dataset: &p.dataset,
+                epsilon: p.budget.lifetime_epsilon,
+                delta: p.budget.lifetime_delta,
+            })
+            .collect();
         let charge = Charge {
             project: &project.id,
-            dataset: &policy.dataset,
+            datasets: &lifetimes,
             user: &caller.who.user,
             epsilon: plan.epsilon(),
             delta: plan.delta(),
             plan_hash: plan.plan_hash(),
             today: tre_store::today(),
-            lifetime_epsilon: policy.budget.lifetime_epsilon,
-            lifetime_delta: policy.budget.lifetime_delta,
         };
         let reserved = off_worker(|| self.store.reserve(&charge))?;
         // From here on the budget is spent, whatever happens: the record

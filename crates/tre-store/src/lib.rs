@@ -312,14 +312,32 @@ impl Project {
 #[derive(Debug, Clone)]
 pub struct Charge<'a> {
     pub project: &'a ProjectId,
-    pub dataset: &'a str,
+    /// Every dataset the query reads, each with its lifetime caps: a query
+    /// across datasets is charged in full to each one's lifetime ledger
+    /// (issue #15), since it is that private for each.
+    pub datasets: &'a [Lifetime<'a>],
     pub user: &'a UserId,
     pub epsilon: Epsilon,
     pub delta: Delta,
     pub plan_hash: &'a str,
     pub today: NaiveDate,
-    pub lifetime_epsilon: Epsilon,
-    pub lifetime_delta: Delta,
+}
+
+impl Charge<'_> {
+    /// The name the ledger records: the dataset, or the datasets joined
+    /// by `+`.
+    pub fn dataset_name(&self) -> String {
+        let names: Vec<&str> = self.datasets.iter().map(|d| d.dataset).collect();
+        names.join("+")
+    }
+}
+
+/// A dataset a query reads and its lifetime caps across all projects.
+#[derive(Debug, Clone, Copy)]
+pub struct Lifetime<'a> {
+    pub dataset: &'a str,
+    pub epsilon: Epsilon,
+    pub delta: Delta,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -134,13 +134,27 @@ pub struct Admitted {
 }
 
 impl Project {
-    /// Whether this project may pay for `charge`, given what the dataset
-    /// has spent over its lifetime (`used`): queryable today on the
-    /// charge's dataset, within its ε and δ budgets, and within the
-    /// dataset's lifetime caps. Checked in this order, so a project that
-    /// cannot query is told that before anything about budgets.
-    pub fn admit(&self, charge: &Charge<'_>, used: &DatasetUsage) -> Result<Admitted, StoreError> {
-        self.check_queryable(charge.dataset, charge.today)?;
+    /// Whether this project may pay for `charge`, given what each of its
+    /// datasets has spent over its lifetime (`used`, in the order of
+    /// `charge.datasets`): queryable today on every dataset, within its ε
+    /// and δ budgets, and within every dataset's lifetime caps. Checked in
+    /// this order, so a project that cannot query is told that before
+    /// anything about budgets.
+    pub fn admit(
+        &self,
+        charge: &Charge<'_>,
+        used: &[DatasetUsage],
+    ) -> Result<Admitted, StoreError> {
+        if charge.datasets.is_empty() || charge.datasets.len() != used.len() {
+            return Err(StoreError::Corrupt(format!(
+                "a charge for {} datasets with the usage of {}",
+                charge.datasets.len(),
+                used.len()
+            )));
+        }
+        for d in charge.datasets {
+            self.check_queryable(d.dataset, charge.today)?;
+        }
         let (eps, delta) = (charge.epsilon.as_nanos(), charge.delta.as_femtos());
         if checked_add(self.epsilon_spent_nanos, eps)? > self.epsilon_budget_nanos {
             return Err(StoreError::BudgetExhausted {
@@ -156,10 +170,12 @@ impl Project {
                 remaining: self.delta_remaining(),
             });
         }
-        if checked_add(used.epsilon_nanos, eps)? > charge.lifetime_epsilon.as_nanos()
-            || checked_add(used.delta_femtos, delta)? > charge.lifetime_delta.as_femtos()
-        {
-            return Err(StoreError::LifetimeExhausted(charge.dataset.to_owned()));
+        for (d, used) in charge.datasets.iter().zip(used) {
+            if checked_add(used.epsilon_nanos, eps)? > d.epsilon.as_nanos()
+                || checked_add(used.delta_femtos, delta)? > d.delta.as_femtos()
+            {
+                return Err(StoreError::LifetimeExhausted(d.dataset.to_owned()));
+            }
         }
         Ok(Admitted {
             epsilon_remaining_nanos: self.epsilon_budget_nanos - self.epsilon_spent_nanos - eps,
@@ -200,6 +216,7 @@ mod tests {
     use tre_core::{Delta, Epsilon, ProjectId, UserId};
 
     use super::*;
+    use crate::Lifetime;
     use crate::ProjectStatus::{Active, Rejected, Requested, Revoked, Suspended};
 
     fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
@@ -368,17 +385,28 @@ mod tests {
         }
     }
 
-    fn charge<'a>(p: &'a Project, epsilon: f64, delta: f64, lifetime: f64) -> Charge<'a> {
+    fn charge<'a>(
+        p: &'a Project,
+        epsilon: f64,
+        delta: f64,
+        lifetimes: &'a [Lifetime<'a>],
+    ) -> Charge<'a> {
         Charge {
             project: &p.id,
-            dataset: "nhs_epr",
+            datasets: lifetimes,
             user: &p.members[0],
             epsilon: ok(Epsilon::new(epsilon)),
             delta: ok(Delta::new(delta)),
             plan_hash: "h",
             today: today(),
-            lifetime_epsilon: ok(Epsilon::new(lifetime)),
-            lifetime_delta: ok(Delta::new(1e-3)),
+        }
+    }
+
+    fn lifetime(dataset: &str, epsilon: f64) -> Lifetime<'_> {
+        Lifetime {
+            dataset,
+            epsilon: ok(Epsilon::new(epsilon)),
+            delta: ok(Delta::new(1e-3)),
         }
     }
 
@@ -388,30 +416,63 @@ mod tests {
         p.end_date = Some(today() + Days::new(1));
         p.epsilon_spent_nanos = 600_000_000;
         p.delta_budget_femtos = 1_000;
-        let none = DatasetUsage::default();
-        let admitted = ok(p.admit(&charge(&p, 0.4, 0.0, 10.0), &none));
+        let none = [DatasetUsage::default()];
+        let nhs = [lifetime("nhs_epr", 10.0)];
+        let admitted = ok(p.admit(&charge(&p, 0.4, 0.0, &nhs), &none));
         assert_eq!(admitted.epsilon_remaining_nanos, 0, "exactly the budget");
         assert!(matches!(
-            p.admit(&charge(&p, 0.5, 0.0, 10.0), &none),
+            p.admit(&charge(&p, 0.5, 0.0, &nhs), &none),
             Err(StoreError::BudgetExhausted { .. })
         ));
         assert!(matches!(
-            p.admit(&charge(&p, 0.1, 1e-9, 10.0), &none),
+            p.admit(&charge(&p, 0.1, 1e-9, &nhs), &none),
             Err(StoreError::DeltaExhausted { .. })
         ));
-        let spent = DatasetUsage {
+        let spent = [DatasetUsage {
             epsilon_nanos: 9_950_000_000,
             delta_femtos: 0,
-        };
+        }];
         assert!(matches!(
-            p.admit(&charge(&p, 0.1, 0.0, 10.0), &spent),
+            p.admit(&charge(&p, 0.1, 0.0, &nhs), &spent),
             Err(StoreError::LifetimeExhausted(_))
         ));
         // A project that cannot query is told so first.
         p.status = Suspended;
         assert!(matches!(
-            p.admit(&charge(&p, 5.0, 0.0, 10.0), &spent),
+            p.admit(&charge(&p, 5.0, 0.0, &nhs), &spent),
             Err(StoreError::ProjectNotActive { .. })
+        ));
+    }
+
+    /// Issue #15: a query across datasets needs every dataset approved and
+    /// within every dataset's lifetime cap.
+    #[test]
+    fn a_charge_across_datasets_is_admitted_by_each() {
+        let mut p = project(Active);
+        p.end_date = Some(today() + Days::new(1));
+        p.datasets.push("omop_demo".into());
+        let both = [lifetime("nhs_epr", 10.0), lifetime("omop_demo", 1.0)];
+        let fresh = [DatasetUsage::default(), DatasetUsage::default()];
+        ok(p.admit(&charge(&p, 0.5, 0.0, &both), &fresh));
+        let omop_spent = [
+            DatasetUsage::default(),
+            DatasetUsage {
+                epsilon_nanos: 600_000_000,
+                delta_femtos: 0,
+            },
+        ];
+        assert!(matches!(
+            p.admit(&charge(&p, 0.5, 0.0, &both), &omop_spent),
+            Err(StoreError::LifetimeExhausted(d)) if d == "omop_demo"
+        ));
+        let other = [lifetime("nhs_epr", 10.0), lifetime("cprd", 10.0)];
+        assert!(matches!(
+            p.admit(&charge(&p, 0.5, 0.0, &other), &fresh),
+            Err(StoreError::DatasetNotApproved { dataset, .. }) if dataset == "cprd"
+        ));
+        assert!(matches!(
+            p.admit(&charge(&p, 0.5, 0.0, &both), &fresh[..1]),
+            Err(StoreError::Corrupt(_))
         ));
     }
 

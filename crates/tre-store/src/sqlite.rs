@@ -624,26 +624,33 @@ impl crate::Store for SqliteStore {
         let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let p = Self::load_project(&tx, c.project)?;
-        let admitted = p.admit(c, &usage(&tx, c.dataset)?)?;
+        let used = c
+            .datasets
+            .iter()
+            .map(|d| usage(&tx, d.dataset))
+            .collect::<Result<Vec<_>, _>>()?;
+        let admitted = p.admit(c, &used)?;
         let (eps, delta) = (c.epsilon.as_nanos(), c.delta.as_femtos());
         tx.execute(
             "UPDATE projects SET epsilon_spent_nanos = epsilon_spent_nanos + ?2,
                     delta_spent_femtos = delta_spent_femtos + ?3 WHERE id = ?1",
             params![c.project.as_str(), eps, delta],
         )?;
-        tx.execute(
-            "INSERT INTO dataset_usage(dataset, epsilon_nanos, delta_femtos) VALUES (?1, ?2, ?3)
-             ON CONFLICT(dataset) DO UPDATE SET epsilon_nanos = epsilon_nanos + ?2,
-                                                delta_femtos = delta_femtos + ?3",
-            params![c.dataset, eps, delta],
-        )?;
+        for d in c.datasets {
+            tx.execute(
+                "INSERT INTO dataset_usage(dataset, epsilon_nanos, delta_femtos) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(dataset) DO UPDATE SET epsilon_nanos = epsilon_nanos + ?2,
+                                                    delta_femtos = delta_femtos + ?3",
+                params![d.dataset, eps, delta],
+            )?;
+        }
         tx.execute(
             "INSERT INTO ledger(project_id, dataset, user_id, epsilon_nanos, delta_femtos,
                                 plan_hash, status, at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'reserved', ?7)",
             params![
                 c.project.as_str(),
-                c.dataset,
+                c.dataset_name(),
                 c.user.as_str(),
                 eps,
                 delta,

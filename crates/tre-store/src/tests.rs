@@ -78,18 +78,31 @@ fn seed(s: &SqliteStore, id: &str, budget: f64, delta_budget: f64) -> ProjectId 
     id
 }
 
-fn charge<'a>(p: &'a ProjectId, user: &'a UserId, e: f64, d: f64, lifetime: f64) -> Charge<'a> {
+fn charge<'a>(
+    p: &'a ProjectId,
+    user: &'a UserId,
+    e: f64,
+    d: f64,
+    lifetime: &'a [Lifetime<'a>],
+) -> Charge<'a> {
     Charge {
         project: p,
-        dataset: "nhs_epr",
+        datasets: lifetime,
         user,
         epsilon: eps(e),
         delta: Delta::new(d).unwrap_or(Delta::ZERO),
         plan_hash: "h",
         today: today(),
-        lifetime_epsilon: eps(lifetime),
-        lifetime_delta: delta(1e-4),
     }
+}
+
+/// The lifetime caps of `nhs_epr`, as one dataset a charge reads.
+fn nhs_epr(lifetime: f64) -> [Lifetime<'static>; 1] {
+    [Lifetime {
+        dataset: "nhs_epr",
+        epsilon: eps(lifetime),
+        delta: delta(1e-4),
+    }]
 }
 
 #[test]
@@ -110,8 +123,9 @@ fn reservations_never_overspend_epsilon_delta_or_the_dataset_lifetime() {
         (&b, 0.5, 0.0, None),
         (&b, 0.1, 0.0, Some(Code::DatasetLifetimeExhausted)),
     ];
+    let caps = nhs_epr(1.5);
     for (p, e, d, want) in cases {
-        let r = s.reserve(&charge(p, &alice, *e, *d, 1.5));
+        let r = s.reserve(&charge(p, &alice, *e, *d, &caps));
         assert_eq!(
             r.as_ref().err().map(StoreError::code),
             *want,
@@ -132,13 +146,18 @@ fn only_active_unexpired_projects_on_approved_datasets_can_spend() {
     let p = seed(&s, "p", 5.0, 0.0);
     let alice = uid("alice");
     let carol = uid("carol");
-    let mut c = charge(&p, &alice, 0.1, 0.0, 100.0);
-    c.dataset = "other";
+    let caps = nhs_epr(100.0);
+    let other = [Lifetime {
+        dataset: "other",
+        ..caps[0]
+    }];
+    let mut c = charge(&p, &alice, 0.1, 0.0, &caps);
+    c.datasets = &other;
     assert_eq!(
         s.reserve(&c).err().map(|e| e.code()),
         Some(Code::DatasetNotApproved)
     );
-    let mut c = charge(&p, &alice, 0.1, 0.0, 100.0);
+    let mut c = charge(&p, &alice, 0.1, 0.0, &caps);
     c.today = in_days(31);
     assert_eq!(
         s.reserve(&c).err().map(|e| e.code()),
@@ -146,13 +165,13 @@ fn only_active_unexpired_projects_on_approved_datasets_can_spend() {
     );
     ok(s.decide(&p, &Decision::Suspend, &carol, "ethics query", &ev()));
     assert_eq!(
-        s.reserve(&charge(&p, &alice, 0.1, 0.0, 100.0))
+        s.reserve(&charge(&p, &alice, 0.1, 0.0, &caps))
             .err()
             .map(|e| e.code()),
         Some(Code::ProjectNotActive)
     );
     ok(s.decide(&p, &Decision::Resume, &carol, "resolved", &ev()));
-    ok(s.reserve(&charge(&p, &alice, 0.1, 0.0, 100.0)));
+    ok(s.reserve(&charge(&p, &alice, 0.1, 0.0, &caps)));
 }
 
 #[test]
@@ -254,7 +273,8 @@ fn interrupted_reservations_keep_their_charge_and_are_audited() {
     let (dir, s) = store();
     let p = seed(&s, "p", 5.0, 0.0);
     let alice = uid("alice");
-    let r = ok(s.reserve(&charge(&p, &alice, 0.5, 0.0, 100.0)));
+    let caps = nhs_epr(100.0);
+    let r = ok(s.reserve(&charge(&p, &alice, 0.5, 0.0, &caps)));
     drop(s);
     // As after kill -9: reopen and recover.
     let s = open(&dir, 10);
@@ -648,7 +668,8 @@ fn revoked_tokens_are_remembered() {
 
 fn held(s: &SqliteStore, p: &ProjectId, id: &str) {
     let alice = uid("alice");
-    let r = ok(s.reserve(&charge(p, &alice, 0.1, 0.0, 100.0)));
+    let caps = nhs_epr(100.0);
+    let r = ok(s.reserve(&charge(p, &alice, 0.1, 0.0, &caps)));
     ok(s.commit_release(
         r.ledger_id,
         &StoredRelease {

@@ -124,7 +124,7 @@ pub(super) fn subquery_refusal(plan: &LogicalPlan, policy: &Policy) -> Option<Qu
     let mut correlated = false;
     let _ = plan.apply_with_subqueries(|n| {
         if let LogicalPlan::TableScan(s) = n {
-            private |= policy.table(s.table_name.table()).is_some();
+            private |= policy.table(&table_key(policy, &s.table_name)).is_some();
         }
         let _ = n.apply_expressions(|e| {
             e.apply(|e| {

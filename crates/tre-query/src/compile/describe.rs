@@ -9,6 +9,15 @@ pub(super) fn describe(
     budget: Budget,
 ) -> Vec<String> {
     let mut d = Vec::new();
+    if !policy.parts.is_empty() {
+        let names: Vec<&str> = policy.parts.iter().map(|p| p.dataset.as_str()).collect();
+        d.push(format!(
+            "join datasets {} on {}, the pseudonym of {} they share, under the strictest of their rules; remove patients who opted out of any of them from every table, before anything else",
+            names.join(" and "),
+            policy.privacy_unit,
+            policy.linkage.as_deref().unwrap_or_default()
+        ));
+    }
     if let Some(o) = &policy.opt_out {
         d.push(format!(
             "remove patients who opted out ({o} = true) from every table, before anything else"

@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex};
 use datafusion::arrow::datatypes::DataType;
 use datafusion::catalog::TableProvider;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
-use datafusion::common::{Column, DFSchemaRef, ScalarValue};
+use datafusion::common::{Column, DFSchemaRef, ScalarValue, TableReference};
 use datafusion::datasource::provider_as_source;
 use datafusion::functions_aggregate::expr_fn::{count, count_distinct};
 use datafusion::functions_window::expr_fn::{dense_rank, row_number};
@@ -607,6 +607,39 @@ pub(crate) struct Sizes {
     pub(crate) rows: u64,
     /// The most rows one patient has in a stored table (the stored bound).
     pub(crate) unit_rows: u64,
+}
+
+/// The schemas a query's SQL qualifies its tables with (`nhs_epr` in
+/// `nhs_epr.patients`): the datasets it names, for choosing the engine
+/// that runs it (issue #15). SQL that does not parse names none; compiling
+/// it reports why.
+pub fn datasets_named(sql: &str) -> BTreeSet<String> {
+    let Ok(statements) = bounds::parse_bounded(sql, bounds::SQL_LIMITS) else {
+        return BTreeSet::new();
+    };
+    statements
+        .into_iter()
+        .filter_map(|s| {
+            datafusion::sql::resolve::resolve_table_references(
+                &DfStatement::Statement(Box::new(s)),
+                true,
+            )
+            .ok()
+        })
+        .flat_map(|(tables, _)| tables)
+        .filter_map(|t| t.schema().map(str::to_owned))
+        .collect()
+}
+
+/// The policy's name for a table a plan scans (or a column's relation):
+/// `table` for one dataset; `dataset.table` across datasets, where every
+/// dataset table is registered qualified (issue #15). Never a shorter name
+/// than the policy's, so a private table cannot pass for a public one.
+pub(crate) fn table_key(policy: &Policy, name: &TableReference) -> String {
+    match name.schema() {
+        Some(schema) if !policy.parts.is_empty() => format!("{schema}.{}", name.table()),
+        _ => name.table().to_owned(),
+    }
 }
 
 pub(crate) async fn compile(

@@ -7,6 +7,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::table_key;
+
 use datafusion::arrow::array::{ArrayRef, RecordBatch, UInt32Array, new_null_array};
 use datafusion::arrow::compute::kernels::partition::partition;
 use datafusion::arrow::compute::{sort, take};
@@ -328,7 +330,8 @@ impl<'a> Analyzer<'a> {
     }
 
     fn scan(&mut self, scan: &datafusion::logical_expr::TableScan) -> Result<Rel, QueryError> {
-        let name = scan.table_name.table();
+        let name = table_key(self.policy, &scan.table_name);
+        let name = name.as_str();
         let schema = &scan.projected_schema;
         if let Some(table) = self.policy.table(name) {
             let unit = &self.policy.privacy_unit;

@@ -35,7 +35,8 @@ pub(super) async fn bound_scans(
     input
         .clone()
         .transform_up_with_subqueries(|node| match node {
-            LogicalPlan::TableScan(scan) => match bounded.get(scan.table_name.table()) {
+            LogicalPlan::TableScan(scan) => match bounded.get(&table_key(policy, &scan.table_name))
+            {
                 // Keep the researcher's qualifier (alias or table name).
                 Some(plan) => LogicalPlanBuilder::from(plan.clone())
                     .alias(scan.table_name.clone())

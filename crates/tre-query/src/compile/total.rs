@@ -30,6 +30,8 @@
 
 use std::sync::Arc;
 
+use super::table_key;
+
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{DFSchema, ScalarValue};
@@ -440,7 +442,14 @@ fn plan_work(
             .projected_schema
             .fields()
             .iter()
-            .map(|f| column_len(policy, reference, scan.table_name.table(), f.name()))
+            .map(|f| {
+                column_len(
+                    policy,
+                    reference,
+                    &table_key(policy, &scan.table_name),
+                    f.name(),
+                )
+            })
             .collect(),
         LogicalPlan::Projection(p) => p.expr.iter().map(|e| lens(e, &mut work)).collect(),
         LogicalPlan::Aggregate(a) => {

@@ -118,7 +118,9 @@ pub(super) fn verify(
         match node {
             LogicalPlan::Window(_) => windows += 1,
             LogicalPlan::TableScan(scan)
-                if extracts.bounded_at_write.contains(scan.table_name.table()) =>
+                if extracts
+                    .bounded_at_write
+                    .contains(&table_key(policy, &scan.table_name)) =>
             {
                 at_write += 1
             }
@@ -183,8 +185,10 @@ pub(super) fn unbounded_scans(
     }
     if let LogicalPlan::TableScan(scan) = plan
         && !bounded
-        && policy.tables.contains_key(scan.table_name.table())
-        && !clean_at_write(scan.table_name.table(), extracts)
+        && policy
+            .tables
+            .contains_key(&table_key(policy, &scan.table_name))
+        && !clean_at_write(&table_key(policy, &scan.table_name), extracts)
     {
         out.push(scan.table_name.to_string());
     }
@@ -213,12 +217,13 @@ fn admits_a_scan_bounded_at_write(
     let LogicalPlan::TableScan(scan) = filter.input.as_ref() else {
         return false;
     };
-    let table = scan.table_name.table();
+    let table = table_key(policy, &scan.table_name);
+    let table = table.as_str();
     let admits_unit = matches!(
         &filter.predicate,
         Expr::ScalarFunction(f)
             if f.func.name() == Internal::Admitted.name()
-                && matches!(f.args.as_slice(), [Expr::Column(c)] if c.name == policy.privacy_unit && c.relation.as_ref().is_some_and(|r| r.table() == table))
+                && matches!(f.args.as_slice(), [Expr::Column(c)] if c.name == policy.privacy_unit && c.relation.as_ref().is_some_and(|r| table_key(policy, r) == table))
     );
     let flag_clear = policy.opt_out.as_ref().is_some_and(|o| {
         o.table == table && filter.predicate == super::rewrite::opt_out_flag_clear(table, &o.column)
