@@ -1054,6 +1054,13 @@ async fn a_join_across_linked_datasets_runs_under_the_strictest_rules() {
         "nhs_sde rounds"
     );
     assert_eq!(joint.policy().review.approvals, 2);
+    // One admission for the gateway: a query running on the joint engine
+    // holds a slot every engine counts.
+    let held = ok(joint.admit("linked").await);
+    let running = |d: &str| server.state.engines.get(d).map(|e| e.load().0);
+    assert_eq!((running("nhs_epr"), running("gp_survey")), (Some(1), Some(1)));
+    drop(held);
+    assert_eq!(running("nhs_epr"), Some(0));
     assert_eq!(joint.policy().budget.max_epsilon_per_query.value(), 1.0);
 
     let ch = server.channel().await;

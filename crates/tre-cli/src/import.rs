@@ -225,7 +225,7 @@ pub async fn import(args: ImportArgs) -> Result<()> {
 #[derive(Args)]
 pub struct OptOutArgs {
     /// The dataset directory (named after the dataset).
-    #[arg(long)]
+    #[arg(long, visible_alias = "dataset")]
     data: PathBuf,
     /// The dataset's policy (defaults to the embedded policies/nhs_epr.toml).
     #[arg(long)]

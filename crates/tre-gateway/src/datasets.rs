@@ -33,7 +33,14 @@ pub struct Datasets {
 impl Datasets {
     /// The engines, by their policies' dataset names; two engines for one
     /// dataset are refused.
-    pub fn new(engines: Vec<Engine>) -> Result<Self, String> {
+    pub fn new(mut engines: Vec<Engine>) -> Result<Self, String> {
+        // One admission for the gateway: its limits bound all queries,
+        // whatever datasets they read.
+        if let Some((first, rest)) = engines.split_first_mut() {
+            for e in rest {
+                e.share_slots(first);
+            }
+        }
         let mut map = BTreeMap::new();
         for e in engines {
             let name = e.policy().dataset.clone();
@@ -98,8 +105,15 @@ impl Datasets {
         &self.first
     }
 
+    /// The engine of each dataset.
     pub fn iter(&self) -> impl Iterator<Item = &Engine> {
         self.engines.values().map(AsRef::as_ref)
+    }
+
+    /// Every engine: each dataset's, and each for datasets queried
+    /// together.
+    pub fn all(&self) -> impl Iterator<Item = &Engine> {
+        self.iter().chain(self.joints.values().map(AsRef::as_ref))
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {

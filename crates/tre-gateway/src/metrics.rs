@@ -152,12 +152,13 @@ impl Metrics {
 
     /// The text a scrape gets, with the engine's gauges read now.
     pub fn render(&self, engines: &crate::Datasets) -> Result<String, GatewayError> {
-        let (running, bytes) = engines
-            .iter()
-            .map(tre_query::Engine::load)
-            .fold((0usize, 0usize), |(r, b), (r2, b2)| {
-                (r.saturating_add(r2), b.saturating_add(b2))
-            });
+        // The engines share one admission, so any of them counts the
+        // queries running; each holds its own queries' pools.
+        let (running, _) = engines.first().load();
+        let bytes = engines
+            .all()
+            .map(|e| e.load().1)
+            .fold(0usize, usize::saturating_add);
         self.active.set(i64::try_from(running).unwrap_or(i64::MAX));
         self.memory.set(i64::try_from(bytes).unwrap_or(i64::MAX));
         let mut out = String::new();

@@ -298,8 +298,24 @@ pub struct Engine {
     limits: Limits,
     reference: reference::RefTables,
     runtime: EngineRuntime,
-    slots: Arc<Semaphore>,
+    admission: Arc<Slots>,
+}
+
+/// Who may execute now: the slots for all queries and each tenant's
+/// share of them. One gateway's engines share one (`Engine::share_slots`,
+/// `Engine::join`), so `Limits` bound the process, not each dataset.
+struct Slots {
+    all: Arc<Semaphore>,
     tenants: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl Slots {
+    fn new(limits: &Limits) -> Arc<Self> {
+        Arc::new(Self {
+            all: Arc::new(Semaphore::new(limits.concurrent_queries.max(1))),
+            tenants: Mutex::default(),
+        })
+    }
 }
 
 impl Engine {
@@ -339,18 +355,24 @@ impl Engine {
             ),
         )?;
         let runtime = EngineRuntime::new(limits.engine_threads)?;
-        let slots = Arc::new(Semaphore::new(limits.concurrent_queries.max(1)));
         Ok(Self {
             policy,
             profile: Arc::new(profile),
             snapshot,
             sandbox,
+            admission: Slots::new(&limits),
             limits,
             reference,
             runtime,
-            slots,
-            tenants: Mutex::default(),
         })
+    }
+
+    /// Admit this engine's queries from `other`'s slots, so that one
+    /// gateway's engines together run at most `Limits::concurrent_queries`
+    /// queries, and one tenant at most its share, whatever datasets they
+    /// read.
+    pub fn share_slots(&mut self, other: &Engine) {
+        self.admission = Arc::clone(&other.admission);
     }
 
     /// The engine for one query over several datasets' engines (issue
@@ -406,10 +428,9 @@ impl Engine {
             )),
             sandbox,
             runtime: EngineRuntime::new(limits.engine_threads)?,
-            slots: Arc::new(Semaphore::new(limits.concurrent_queries.max(1))),
+            admission: Arc::clone(&first.admission),
             limits,
             reference,
-            tenants: Mutex::default(),
         })
     }
 
@@ -571,15 +592,16 @@ impl Engine {
         extracts.chain(reference).collect()
     }
 
-    /// Queries executing now (holding an admission slot), and bytes their
-    /// memory pools hold together: for the operator's metrics only. Both
-    /// depend on what is running, so never on a researcher's path.
+    /// Queries executing now (holding an admission slot, on any engine
+    /// sharing this one's slots), and bytes the pools of this engine's
+    /// queries hold together: for the operator's metrics only. Both depend
+    /// on what is running, so never on a researcher's path.
     pub fn load(&self) -> (usize, usize) {
         let running = self
             .limits
             .concurrent_queries
             .max(1)
-            .saturating_sub(self.slots.available_permits());
+            .saturating_sub(self.admission.all.available_permits());
         (running, self.sandbox.memory_in_use())
     }
 
@@ -595,17 +617,17 @@ impl Engine {
     pub async fn admit(&self, tenant: &str) -> Result<Admission, QueryError> {
         let tenant_slots =
             {
-                let mut tenants = self
-                    .tenants
-                    .lock()
-                    .map_err(|_| QueryError::Internal("the admission table is poisoned".into()))?;
+                let mut tenants =
+                    self.admission.tenants.lock().map_err(|_| {
+                        QueryError::Internal("the admission table is poisoned".into())
+                    })?;
                 Arc::clone(tenants.entry(tenant.to_owned()).or_insert_with(|| {
                     Arc::new(Semaphore::new(self.limits.per_tenant_queries.max(1)))
                 }))
             };
         let permits = async {
             let tenant = tenant_slots.acquire_owned().await;
-            let slot = Arc::clone(&self.slots).acquire_owned().await;
+            let slot = Arc::clone(&self.admission.all).acquire_owned().await;
             (tenant, slot)
         };
         let busy = || {

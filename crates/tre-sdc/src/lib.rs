@@ -201,8 +201,8 @@ impl Profile {
         let (first, rest) = profiles.split_first()?;
         let mut p = first.clone();
         for q in rest {
-            p.name = format!("{}+{}", p.name, q.name);
             p.description = format!("strictest of {} and {}", p.name, q.name);
+            p.name = format!("{}+{}", p.name, q.name);
             p.hash = hex::encode(ring::digest::digest(
                 &ring::digest::SHA256,
                 format!("{}{}", p.hash, q.hash).as_bytes(),
