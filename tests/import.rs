@@ -441,6 +441,65 @@ person_id,visit_date,cost
 9434765921,2024-03-01,abc
 ";
 
+/// Issue #15: the operator-side profile describes the input's values for
+/// the custodian filling in a draft (exactly, faults included), says
+/// first that it discloses data, and never lists an identifier's values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profile_describes_the_input_for_the_custodian_only() {
+    let input = ok(tempfile::tempdir());
+    ok(std::fs::write(
+        input.path().join("patients.csv"),
+        PATIENTS_CSV,
+    ));
+    ok(std::fs::write(input.path().join("visits.csv"), VISITS_CSV));
+    let report =
+        ok(tre_import::profile::profile(&[input.path().to_owned()], "person_id", 16 << 20).await);
+    assert!(report.notice.starts_with("OPERATOR-SIDE REPORT"));
+    let [patients, visits] = report.tables.as_slice() else {
+        panic!("two tables: {report:?}");
+    };
+    let column = |t: &tre_import::profile::TableProfile, c: &str| {
+        t.columns
+            .iter()
+            .find(|x| x.column == c)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {c}"))
+    };
+    // Nine lines, the repeated header among them: counted, not hidden.
+    assert_eq!(patients.rows, 9);
+    let id = column(patients, "person_id");
+    assert_eq!((id.missing, id.numbers, id.distinct), (1, 7, 8));
+    assert!(id.values.is_empty(), "identifiers are never listed");
+    assert!(column(patients, "nhs_number").values.is_empty());
+    let sex = column(patients, "sex");
+    let listed: Vec<(&str, u64)> = sex.values.iter().map(|(v, n)| (v.as_str(), *n)).collect();
+    assert_eq!(listed, [("F", 4), ("M", 3), ("X", 1), ("sex", 1)]);
+    assert_eq!(
+        column(patients, "year_of_birth").number_range,
+        Some((1850.0, 2030.0))
+    );
+    let died = column(patients, "date_of_death");
+    assert_eq!((died.missing, died.dates), (4, 2), "2024-02-31 is no date");
+    assert_eq!(
+        died.date_range,
+        Some(("2023-03-03".to_owned(), "2025-06-01".to_owned()))
+    );
+    assert_eq!(patients.patients, Some(8));
+    // Rows per patient, as the import's report buckets them.
+    assert_eq!(visits.rows, 8);
+    assert_eq!(visits.patients, Some(3));
+    assert_eq!(
+        visits.rows_per_patient,
+        BTreeMap::from([("1".into(), 1), ("2".into(), 1), ("3-5".into(), 1)])
+    );
+    assert_eq!(
+        (visits.most_rows_for_one_patient, visits.rows_for_99_percent),
+        (5, 5)
+    );
+    let cost = column(visits, "cost");
+    assert_eq!((cost.numbers, cost.number_range), (7, Some((10.0, 5000.0))));
+}
+
 /// Issue #15: every fault is a counted rejection (by reason) or a coded
 /// error naming the file, the line and the fix; nothing is lost uncounted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1058,7 +1117,10 @@ async fn a_join_across_linked_datasets_runs_under_the_strictest_rules() {
     // holds a slot every engine counts.
     let held = ok(joint.admit("linked").await);
     let running = |d: &str| server.state.engines.get(d).map(|e| e.load().0);
-    assert_eq!((running("nhs_epr"), running("gp_survey")), (Some(1), Some(1)));
+    assert_eq!(
+        (running("nhs_epr"), running("gp_survey")),
+        (Some(1), Some(1))
+    );
     drop(held);
     assert_eq!(running("nhs_epr"), Some(0));
     assert_eq!(joint.policy().budget.max_epsilon_per_query.value(), 1.0);

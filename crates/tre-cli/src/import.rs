@@ -223,6 +223,82 @@ pub async fn import(args: ImportArgs) -> Result<()> {
 }
 
 #[derive(Args)]
+pub struct ProfileArgs {
+    /// A directory of `<table>.csv` / `<table>.parquet`, or the files.
+    #[arg(long, required = true, num_args = 1..)]
+    from: Vec<PathBuf>,
+    /// The column naming the patient, for rows per patient.
+    #[arg(long, default_value = "person_id")]
+    unit: String,
+    /// Memory the counts may hold before they spill to disk (MiB).
+    #[arg(long, default_value_t = 512)]
+    memory_mib: usize,
+    /// Write the report (JSON) here too.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+/// Print what the input's values look like, under the report's notice.
+pub async fn profile(args: ProfileArgs) -> Result<()> {
+    let report = tre_import::profile::profile(
+        &args.from,
+        &args.unit,
+        args.memory_mib.saturating_mul(1 << 20),
+    )
+    .await?;
+    println!("{}\n", report.notice);
+    for t in &report.tables {
+        match t.patients {
+            Some(p) => println!(
+                "{} ({}): {} rows, {p} patients; most rows for one patient {}, 99% of patients have at most {}; patients by rows: {}",
+                t.table,
+                t.file,
+                t.rows,
+                t.most_rows_for_one_patient,
+                t.rows_for_99_percent,
+                t.rows_per_patient
+                    .iter()
+                    .map(|(b, n)| format!("{b}: {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            None => println!(
+                "{} ({}): {} rows; no {} column",
+                t.table, t.file, t.rows, args.unit
+            ),
+        }
+        let mut table = comfy_table::Table::new();
+        table.set_header([
+            "column", "missing", "numbers", "range", "dates", "range", "distinct", "values",
+        ]);
+        for c in &t.columns {
+            let listed: Vec<String> = c.values.iter().map(|(v, n)| format!("{v} ({n})")).collect();
+            table.add_row([
+                c.column.clone(),
+                c.missing.to_string(),
+                c.numbers.to_string(),
+                c.number_range
+                    .map(|(lo, hi)| format!("{lo} .. {hi}"))
+                    .unwrap_or_default(),
+                c.dates.to_string(),
+                c.date_range
+                    .as_ref()
+                    .map(|(lo, hi)| format!("{lo} .. {hi}"))
+                    .unwrap_or_default(),
+                c.distinct.to_string(),
+                listed.join(", "),
+            ]);
+        }
+        println!("{table}\n");
+    }
+    if let Some(path) = args.report {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+#[derive(Args)]
 pub struct OptOutArgs {
     /// The dataset directory (named after the dataset).
     #[arg(long, visible_alias = "dataset")]

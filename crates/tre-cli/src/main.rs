@@ -90,6 +90,10 @@ enum DatasetCommand {
     /// Replace a dataset's National Data Opt-out list without a re-import
     /// (audited; the gateway applies it from its next start).
     Optouts(import::OptOutArgs),
+    /// Describe the input's values for the custodian finishing a draft:
+    /// missing values, ranges, values with counts, rows per patient. It
+    /// discloses the data: for the operator and custodian only.
+    Profile(import::ProfileArgs),
 }
 
 #[derive(Subcommand)]
@@ -150,6 +154,9 @@ fn main() -> Result<()> {
             Command::Dataset {
                 command: DatasetCommand::Optouts(args),
             } => import::optouts(args),
+            Command::Dataset {
+                command: DatasetCommand::Profile(args),
+            } => import::profile(args).await,
             Command::Policy { command } => import::policy(command),
             Command::Serve(args) => setup::serve(args).await,
             Command::Token {

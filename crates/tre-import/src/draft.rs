@@ -35,6 +35,16 @@ struct Seen {
 /// Draft a policy for the tables in `from` (a directory of `*.csv` and
 /// `*.parquet`, or those files themselves).
 pub fn draft(from: &[PathBuf], dataset: &str, flavour: Flavour) -> Result<String, ImportError> {
+    let mut tables = Vec::new();
+    for (table, f) in table_files(from)? {
+        tables.push((table, columns(&f)?));
+    }
+    Ok(render(dataset, flavour, &tables))
+}
+
+/// Each table's file in `from` (directories and files), with the table's
+/// name, in name order within each directory.
+pub(crate) fn table_files(from: &[PathBuf]) -> Result<Vec<(String, PathBuf)>, ImportError> {
     let mut files = Vec::new();
     for p in from {
         if p.is_dir() {
@@ -51,17 +61,18 @@ pub fn draft(from: &[PathBuf], dataset: &str, flavour: Flavour) -> Result<String
     }
     if files.is_empty() {
         return Err(ImportError::Schema(
-            "no .csv or .parquet files to draft a policy from; name one file per table, e.g. person.csv".into(),
+            "no .csv or .parquet files found; name one file per table, e.g. person.csv".into(),
         ));
     }
-    let mut tables = Vec::new();
-    for f in &files {
-        let table = table_file(f).ok_or_else(|| {
-            ImportError::Schema(format!("{} is neither .csv nor .parquet", f.display()))
-        })?;
-        tables.push((table, columns(f)?));
-    }
-    Ok(render(dataset, flavour, &tables))
+    files
+        .into_iter()
+        .map(|f| {
+            let table = table_file(&f).ok_or_else(|| {
+                ImportError::Schema(format!("{} is neither .csv nor .parquet", f.display()))
+            })?;
+            Ok((table, f))
+        })
+        .collect()
 }
 
 /// A table name from a file name: `condition_occurrence.csv` →
@@ -206,17 +217,20 @@ fn omop(table: &str, column: &str) -> Option<Guess> {
     })
 }
 
+/// A column name that names people or records rather than describing
+/// them: an NHS number, an id, a postcode, a name.
+pub(crate) fn looks_like_identifier(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    n.contains("nhs_number") || n.ends_with("_id") || n.contains("postcode") || n.contains("name")
+}
+
 /// A column's guess from its name and type alone.
 fn generic(column: &Seen, unit: &str) -> Guess {
     let n = column.name.to_ascii_lowercase();
     if n == unit {
         return identifier("the privacy unit; replaced by a keyed pseudonym on import");
     }
-    if n.contains("nhs_number")
-        || n.ends_with("_id")
-        || n.contains("postcode")
-        || n.contains("name")
-    {
+    if looks_like_identifier(&n) {
         return identifier(
             "looks like an identifier: replaced by a keyed pseudonym on import and never released. Delete it to leave it out",
         );

@@ -14,8 +14,12 @@
 //! previous one) in one rename, so an interrupted import leaves the
 //! previous dataset as it was.
 //!
-//! Owns: input reading, the policy draft, row validation, the import
-//! report. Must never depend on the query engine (`tre-query`), storage
+//! `profile` describes the input's values for the custodian deciding the
+//! draft's TODOs: an operator-side report that says it discloses data, and
+//! that nothing here copies into a policy.
+//!
+//! Owns: input reading, the policy draft, the input profile, row
+//! validation, the import report. Must never depend on the query engine (`tre-query`), storage
 //! (`tre-store`, `rusqlite`) or the network (`tonic`, `hyper`).
 
 use std::collections::BTreeMap;
@@ -42,6 +46,7 @@ use tre_vault::MasterKey;
 mod convert;
 pub mod draft;
 pub mod opt_outs;
+pub mod profile;
 
 pub use convert::Tally;
 
@@ -463,21 +468,28 @@ impl Runs {
         if self.run == 0 {
             return;
         }
-        let bucket = match self.run {
-            1 => "1",
-            2 => "2",
-            3..=5 => "3-5",
-            6..=10 => "6-10",
-            11..=100 => "11-100",
-            _ => ">100",
-        };
-        *self.histogram.entry(bucket.to_owned()).or_default() += 1;
+        *self
+            .histogram
+            .entry(bucket(self.run).to_owned())
+            .or_default() += 1;
         self.most = self.most.max(self.run);
     }
 
     fn finish(mut self) -> (BTreeMap<String, u64>, u64) {
         self.close_run();
         (self.histogram, self.most)
+    }
+}
+
+/// The report's bucket for a patient with `rows` rows.
+pub(crate) fn bucket(rows: u64) -> &'static str {
+    match rows {
+        0 | 1 => "1",
+        2 => "2",
+        3..=5 => "3-5",
+        6..=10 => "6-10",
+        11..=100 => "11-100",
+        _ => ">100",
     }
 }
 
