@@ -452,12 +452,26 @@ async fn a_profile_describes_the_input_for_the_custodian_only() {
         PATIENTS_CSV,
     ));
     ok(std::fs::write(input.path().join("visits.csv"), VISITS_CSV));
+    // One patient with 12 lab results, one with 2.
+    let mut labs = String::from("person_id,result\n");
+    for i in 0..14 {
+        let _ = writeln!(labs, "{},{i}", if i < 12 { "P1" } else { "P2" });
+    }
+    ok(std::fs::write(input.path().join("labs.csv"), labs));
     let report =
         ok(tre_import::profile::profile(&[input.path().to_owned()], "person_id", 16 << 20).await);
     assert!(report.notice.starts_with("OPERATOR-SIDE REPORT"));
-    let [patients, visits] = report.tables.as_slice() else {
-        panic!("two tables: {report:?}");
+    let [labs, patients, visits] = report.tables.as_slice() else {
+        panic!("three tables: {report:?}");
     };
+    assert_eq!(
+        labs.rows_per_patient,
+        BTreeMap::from([("11-100".into(), 1), ("2".into(), 1)])
+    );
+    assert_eq!(
+        (labs.most_rows_for_one_patient, labs.rows_for_99_percent),
+        (12, 12)
+    );
     let column = |t: &tre_import::profile::TableProfile, c: &str| {
         t.columns
             .iter()

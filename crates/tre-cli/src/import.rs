@@ -256,9 +256,9 @@ pub async fn profile(args: ProfileArgs) -> Result<()> {
                 t.rows,
                 t.most_rows_for_one_patient,
                 t.rows_for_99_percent,
-                t.rows_per_patient
+                tre_import::BUCKETS
                     .iter()
-                    .map(|(b, n)| format!("{b}: {n}"))
+                    .filter_map(|b| t.rows_per_patient.get(*b).map(|n| format!("{b}: {n}")))
                     .collect::<Vec<_>>()
                     .join(", ")
             ),

@@ -481,6 +481,10 @@ impl Runs {
     }
 }
 
+/// The buckets of rows per patient the reports count patients in, in
+/// order.
+pub const BUCKETS: [&str; 6] = ["1", "2", "3-5", "6-10", "11-100", ">100"];
+
 /// The report's bucket for a patient with `rows` rows.
 pub(crate) fn bucket(rows: u64) -> &'static str {
     match rows {

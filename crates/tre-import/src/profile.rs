@@ -258,13 +258,14 @@ async fn profile_table(
     if let Some(u) = header.iter().find(|h| crate::draft::sanitise(h) == unit) {
         let v = text(u);
         let sql = format!(
-            "SELECT CAST(n AS VARCHAR), COUNT(*) FROM (SELECT {v} AS u, COUNT(*) AS n FROM {registered} WHERE {v} IS NOT NULL GROUP BY 1) GROUP BY n ORDER BY n"
+            "SELECT CAST(n AS VARCHAR), COUNT(*) FROM (SELECT {v} AS u, COUNT(*) AS n FROM {registered} WHERE {v} IS NOT NULL GROUP BY 1) GROUP BY n"
         );
-        let by_rows: Vec<(u64, u64)> = pairs(ctx, &sql, path)
+        let mut by_rows: Vec<(u64, u64)> = pairs(ctx, &sql, path)
             .await?
             .into_iter()
             .filter_map(|(n, patients)| Some((n.parse().ok()?, patients)))
             .collect();
+        by_rows.sort_unstable();
         let patients: u64 = by_rows.iter().map(|(_, p)| p).sum();
         let mut kept = 0;
         for &(n, p) in &by_rows {
