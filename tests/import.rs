@@ -40,7 +40,7 @@ struct Omop {
 
 /// A small OMOP CDM v5.4 extract: person, observation_period,
 /// visit_occurrence, condition_occurrence, drug_exposure, measurement,
-/// death. Person ids are integers, as OMOP's are.
+/// death (tab-separated). Person ids are integers, as OMOP's are.
 fn omop_fixture(dir: &Path) -> Omop {
     let mut rng = ChaCha8Rng::seed_from_u64(15);
     let mut person = String::from(
@@ -144,7 +144,15 @@ fn omop_fixture(dir: &Path) -> Omop {
         ("measurement", measurement),
         ("death", death),
     ] {
-        ok(std::fs::write(dir.join(format!("{name}.csv")), text));
+        // Tab-separated, as many OMOP exports come.
+        if name == "death" {
+            ok(std::fs::write(
+                dir.join("death.tsv"),
+                text.replace(',', "\t"),
+            ));
+        } else {
+            ok(std::fs::write(dir.join(format!("{name}.csv")), text));
+        }
     }
     omop
 }
@@ -452,12 +460,12 @@ async fn a_profile_describes_the_input_for_the_custodian_only() {
         PATIENTS_CSV,
     ));
     ok(std::fs::write(input.path().join("visits.csv"), VISITS_CSV));
-    // One patient with 12 lab results, one with 2.
-    let mut labs = String::from("person_id,result\n");
+    // One patient with 12 lab results, one with 2; tab-separated.
+    let mut labs = String::from("person_id\tresult\n");
     for i in 0..14 {
-        let _ = writeln!(labs, "{},{i}", if i < 12 { "P1" } else { "P2" });
+        let _ = writeln!(labs, "{}\t{i}", if i < 12 { "P1" } else { "P2" });
     }
-    ok(std::fs::write(input.path().join("labs.csv"), labs));
+    ok(std::fs::write(input.path().join("labs.tsv"), labs));
     let report =
         ok(tre_import::profile::profile(&[input.path().to_owned()], "person_id", 16 << 20).await);
     assert!(report.notice.starts_with("OPERATOR-SIDE REPORT"));
@@ -479,6 +487,11 @@ async fn a_profile_describes_the_input_for_the_custodian_only() {
             .cloned()
             .unwrap_or_else(|| panic!("no {c}"))
     };
+    assert_eq!(
+        (column(labs, "result").numbers, labs.columns.len()),
+        (14, 2),
+        "tab-separated"
+    );
     // Nine lines, the repeated header among them: counted, not hidden.
     assert_eq!(patients.rows, 9);
     let id = column(patients, "person_id");

@@ -61,14 +61,15 @@ pub(crate) fn table_files(from: &[PathBuf]) -> Result<Vec<(String, PathBuf)>, Im
     }
     if files.is_empty() {
         return Err(ImportError::Schema(
-            "no .csv or .parquet files found; name one file per table, e.g. person.csv".into(),
+            "no .csv, .tsv or .parquet files found; name one file per table, e.g. person.csv"
+                .into(),
         ));
     }
     files
         .into_iter()
         .map(|f| {
             let table = table_file(&f).ok_or_else(|| {
-                ImportError::Schema(format!("{} is neither .csv nor .parquet", f.display()))
+                ImportError::Schema(format!("{} is not .csv, .tsv or .parquet", f.display()))
             })?;
             Ok((table, f))
         })
@@ -79,7 +80,7 @@ pub(crate) fn table_files(from: &[PathBuf]) -> Result<Vec<(String, PathBuf)>, Im
 /// `condition_occurrence`.
 fn table_file(p: &Path) -> Option<String> {
     let ext = p.extension()?.to_str()?;
-    if !matches!(ext, "csv" | "parquet") {
+    if !matches!(ext, "csv" | "tsv" | "parquet") {
         return None;
     }
     Some(sanitise(p.file_stem()?.to_str()?))
@@ -112,11 +113,12 @@ fn input_err(p: &Path, e: impl std::fmt::Display) -> ImportError {
 
 fn columns(f: &Path) -> Result<Vec<Seen>, ImportError> {
     let file = File::open(f).map_err(|e| input_err(f, e))?;
-    let schema = if f.extension().and_then(|e| e.to_str()) == Some("csv") {
+    let schema = if let Some(delimiter) = crate::delimiter(f) {
         // Types from the first rows' text, to tell numbers and dates from
         // text; no value is kept.
         Format::default()
             .with_header(true)
+            .with_delimiter(delimiter)
             .infer_schema(file, Some(1000))
             .map_err(|e| input_err(f, e))?
             .0

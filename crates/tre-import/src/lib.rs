@@ -86,7 +86,8 @@ impl ImportError {
 /// How the input is laid out: one file per table, named after it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
-    /// `<table>.csv` or `<table>.parquet`, whichever is there.
+    /// `<table>.csv` (or tab-separated `<table>.tsv`) or `<table>.parquet`,
+    /// whichever is there.
     Auto,
     Csv,
     Parquet,
@@ -243,13 +244,17 @@ impl Import<'_> {
 
     /// The input file of `table`.
     fn input(&self, table: &str) -> Result<Input, ImportError> {
-        let csv = self.from.join(format!("{table}.csv"));
-        let parquet = self.from.join(format!("{table}.parquet"));
-        let (path, csv_format) = match self.format {
-            Format::Csv => (csv, true),
-            Format::Parquet => (parquet, false),
-            Format::Auto if csv.exists() => (csv, true),
-            Format::Auto => (parquet, false),
+        let file = |ext: &str| self.from.join(format!("{table}.{ext}"));
+        let text = if file("tsv").exists() && !file("csv").exists() {
+            file("tsv")
+        } else {
+            file("csv")
+        };
+        let path = match self.format {
+            Format::Csv => text,
+            Format::Parquet => file("parquet"),
+            Format::Auto if text.exists() => text,
+            Format::Auto => file("parquet"),
         };
         if !path.exists() {
             return Err(ImportError::Schema(format!(
@@ -261,8 +266,8 @@ impl Import<'_> {
             )));
         }
         Ok(Input {
+            delimiter: delimiter(&path),
             path,
-            csv: csv_format,
         })
     }
 
@@ -497,10 +502,22 @@ pub(crate) fn bucket(rows: u64) -> &'static str {
     }
 }
 
-/// An input file: CSV (every column read as text) or Parquet.
+/// The field separator of a text input by its extension: `,` for `.csv`,
+/// a tab for `.tsv` (as OMOP vocabularies and many EPR exports come);
+/// none for Parquet.
+pub(crate) fn delimiter(path: &Path) -> Option<u8> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("csv") => Some(b','),
+        Some("tsv") => Some(b'\t'),
+        _ => None,
+    }
+}
+
+/// An input file: delimited text (every column read as text) or Parquet.
 struct Input {
     path: PathBuf,
-    csv: bool,
+    /// The field separator of a text file; none for Parquet.
+    delimiter: Option<u8>,
 }
 
 type Fault = (String, String);
@@ -518,9 +535,10 @@ impl Input {
                 )
             })
         };
-        if self.csv {
+        if let Some(delimiter) = self.delimiter {
             let (inferred, _) = CsvFormat::default()
                 .with_header(true)
+                .with_delimiter(delimiter)
                 .infer_schema(file()?, Some(0))
                 .map_err(|e| csv_fault(&e.to_string()))?;
             let header: Vec<String> = inferred.fields().iter().map(|f| f.name().clone()).collect();
@@ -543,6 +561,7 @@ impl Input {
             ));
             let reader = ReaderBuilder::new(schema)
                 .with_header(true)
+                .with_delimiter(delimiter)
                 .with_batch_size(BATCH_ROWS)
                 .build(file()?)
                 .map_err(|e| csv_fault(&e.to_string()))?;

@@ -69,7 +69,7 @@ pub struct ProfileReport {
     pub tables: Vec<TableProfile>,
 }
 
-/// Profile every `<table>.csv` / `<table>.parquet` in `from`, counting rows
+/// Profile every `<table>.csv` / `.tsv` / `.parquet` in `from`, counting rows
 /// per patient by `unit`, sorting in `memory_bytes` and spilling under a
 /// temporary directory.
 pub async fn profile(
@@ -109,7 +109,7 @@ fn unreadable(path: &Path, e: &dyn std::fmt::Display) -> ImportError {
     ImportError::Input {
         file: path.display().to_string(),
         reason: e.to_string(),
-        fix: "check that it is CSV with a header line, or Parquet".into(),
+        fix: "check that it is CSV or TSV with a header line, or Parquet".into(),
     }
 }
 
@@ -127,11 +127,11 @@ async fn profile_table(
     let shown = path.to_string_lossy();
     // One table at a time, deregistered when profiled.
     let registered = "profiled";
-    let csv = path.extension().and_then(|e| e.to_str()) == Some("csv");
-    let header: Vec<String> = if csv {
+    let header: Vec<String> = if let Some(delimiter) = crate::delimiter(path) {
         let file = std::fs::File::open(path).map_err(|e| unreadable(path, &e))?;
         let (inferred, _) = datafusion::arrow::csv::reader::Format::default()
             .with_header(true)
+            .with_delimiter(delimiter)
             .infer_schema(file, Some(0))
             .map_err(|e| unreadable(path, &e))?;
         let header: Vec<String> = inferred.fields().iter().map(|f| f.name().clone()).collect();
@@ -148,8 +148,9 @@ async fn profile_table(
             shown.as_ref(),
             CsvReadOptions::new()
                 .has_header(true)
+                .delimiter(delimiter)
                 .schema(&schema)
-                .file_extension(".csv"),
+                .file_extension(if delimiter == b'\t' { ".tsv" } else { ".csv" }),
         )
         .await
         .map_err(|e| unreadable(path, &e))?;
