@@ -121,9 +121,9 @@ impl Datasets {
     }
 
     /// The engine a query of `project` runs on: that of the datasets it
-    /// names (`asked`, and those `sql` qualifies its tables with), every
-    /// one of which the project must be approved for; or, when it names
-    /// none, that of the project's only dataset served here.
+    /// names (`asked`, which the project must be approved for, and those
+    /// of its approved datasets `sql` qualifies tables with); or, when it
+    /// names none, that of the project's only dataset served here.
     pub(crate) fn for_project(
         &self,
         project: &Project,
@@ -142,15 +142,19 @@ impl Datasets {
                 dataset: dataset.to_owned(),
             })
         };
-        // A qualifier that names no dataset served here is left to the
-        // compiler, which reports the table as unknown.
+        // A qualifier that names no dataset the project is approved for is
+        // left to the compiler, which reports the table as unknown: served
+        // or not, the answer is the same, so it cannot tell a researcher
+        // which datasets this gateway holds beyond their projects'.
         let mut named: BTreeSet<String> = tre_query::datasets_named(sql)
             .into_iter()
-            .filter(|d| self.engines.contains_key(d))
+            .filter(|d| approved.contains(&d.as_str()))
             .collect();
-        named.extend(asked.map(str::to_owned));
-        if let Some(d) = named.iter().find(|d| !approved.contains(&d.as_str())) {
-            return Err(not_approved(d));
+        if let Some(asked) = asked {
+            if !approved.contains(&asked) {
+                return Err(not_approved(asked));
+            }
+            named.insert(asked.to_owned());
         }
         let name = match (named.len(), approved.as_slice()) {
             (0, [one]) => (*one).to_owned(),

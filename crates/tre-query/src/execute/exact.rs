@@ -247,8 +247,8 @@ pub(crate) async fn preflight(
     profile_exact_rules: bool,
 ) -> Result<u64, QueryError> {
     // The plans execution runs as compiled are kept for it (`Prepared`);
-    // the post-processing plan is planned here over no cells and again at
-    // execution over the noisy ones.
+    // the post-processing plan is planned here over placeholder cells and
+    // again at execution over the noisy ones.
     // A fused plan's `main` is never run, so it is not planned either; nor
     // is one computed per patient first (`streamed`).
     let mut plans: Vec<(LogicalPlan, bool)> = Vec::new();
@@ -258,7 +258,22 @@ pub(crate) async fn preflight(
     plans.extend(plan.quantiles.iter().map(|(_, p)| (p.clone(), true)));
     plans.extend(plan.selection.iter().map(|s| (s.plan.clone(), true)));
     if !plan.totals {
-        plans.push((post_plan(plan, &[], &[])?, false));
+        // Over placeholder cells, as many as the release can have: over
+        // none, DataFusion plans less than it runs over the noisy cells (a
+        // round-robin repartition under a HAVING reserved 260 KB against a
+        // bound of 0; found by the generated queries of issue #15).
+        let n = usize::try_from(plan.memory.groups.clamp(1, 1 << 14)).unwrap_or(1 << 14);
+        let keys: Vec<Key> = vec![vec![ScalarValue::Null; plan.keys.len()]; n];
+        let values = vec![
+            vec![
+                Cell::Key {
+                    value: String::new()
+                };
+                plan.agg_schema.fields().len()
+            ];
+            n
+        ];
+        plans.push((post_plan(plan, &keys, &values)?, false));
     }
     if profile_exact_rules && plan.unit.is_some() {
         plans.push((per_patient_plan(plan)?, true));
