@@ -150,14 +150,19 @@ impl Gen {
         }
     }
 
-    /// A private table as FROM names it: qualified by one of the datasets,
-    /// if there are any.
+    /// A private table as FROM names it: qualified by one of the datasets
+    /// (`d.table` or `d.public.table`), if there are any.
     fn table_ref(&mut self, table: &str) -> String {
         if self.datasets.is_empty() {
             return table.to_owned();
         }
         let dataset = *self.pick(&self.datasets.clone());
-        format!("{dataset}.{table}")
+        // Now and then as Flight SQL lists it: catalog, schema, table.
+        if self.p(0.3) {
+            format!("{dataset}.public.{table}")
+        } else {
+            format!("{dataset}.{table}")
+        }
     }
 
     /// A call of any allow-listed function, its arguments drawn by the

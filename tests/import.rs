@@ -1253,11 +1253,13 @@ async fn a_join_across_linked_datasets_runs_under_the_strictest_rules() {
 
     // Then, in order, each with what it must give: refusals are free.
     let alice = alice_token(&server);
-    let join_by_sex = "SELECT p.sex, COUNT(*) AS n FROM nhs_epr.patients p \
-                       JOIN gp_survey.responses s ON p.person_id = s.person_id GROUP BY p.sex";
+    // As Flight SQL lists them: catalog (the dataset), schema, table.
+    let join_by_sex = "SELECT p.sex, COUNT(*) AS n FROM nhs_epr.public.patients p \
+                       JOIN gp_survey.public.responses s ON p.person_id = s.person_id GROUP BY p.sex";
     let join_by_smoker = "SELECT s.smoker, COUNT(*) AS n FROM nhs_epr.patients p \
                           JOIN gp_survey.responses s ON p.person_id = s.person_id GROUP BY s.smoker";
     let one = "SELECT sex, COUNT(*) AS n FROM nhs_epr.patients GROUP BY sex";
+    let one_full = "SELECT sex, COUNT(*) AS n FROM nhs_epr.public.patients GROUP BY sex";
     let steps = [
         // A project approved for nhs_epr alone: gp_survey's tables are
         // unknown to it, as if the dataset were not served.
@@ -1294,7 +1296,7 @@ async fn a_join_across_linked_datasets_runs_under_the_strictest_rules() {
             &rita,
             Code::DatasetLifetimeExhausted.as_str(),
         ),
-        ("linked", one, 0.5, &rita, "ok"),
+        ("linked", one_full, 0.5, &rita, "ok"),
     ];
     for (project, sql, epsilon, token, want) in steps {
         assert_eq!(

@@ -149,6 +149,14 @@ impl RawPolicy {
                 "use lowercase letters, digits and '_'",
             ));
         }
+        // A query names a dataset's tables `dataset.table` or
+        // `dataset.public.table`: these names are the engine's own.
+        if ["datafusion", "public", "information_schema"].contains(&d.name.as_str()) {
+            return Err(invalid(
+                "dataset.name",
+                "is reserved for the query engine's own catalog and schemas; choose another name",
+            ));
+        }
         if !is_name(&d.privacy_unit) {
             return Err(invalid(
                 "dataset.privacy_unit",

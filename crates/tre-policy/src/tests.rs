@@ -294,4 +294,9 @@ fn joint_policies_need_one_unit_and_take_the_strictest_rules() {
         )
         .is_err()
     );
+    // Names a query uses for the engine's own catalog and schemas.
+    for reserved in ["public", "datafusion", "information_schema"] {
+        let text = BASE.replace("name = \"d\"", &format!("name = \"{reserved}\""));
+        assert!(Policy::from_toml("x.toml", &text).is_err(), "{reserved}");
+    }
 }

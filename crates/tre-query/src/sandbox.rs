@@ -76,8 +76,9 @@ struct SandboxTable {
     key: String,
     schema: SchemaRef,
     url: ListingTableUrl,
-    /// The names it is registered under: `dataset.table` always (so a
-    /// query may qualify its tables), and plain `table` for one dataset.
+    /// The names it is registered under: `dataset.table` and
+    /// `dataset.public.table` always (so a query may qualify its tables),
+    /// and plain `table` for one dataset.
     names: Vec<TableReference>,
 }
 
@@ -181,12 +182,16 @@ impl Sandbox {
                         message: format!("extract {shown}: {e}"),
                     }
                 })?;
-                let qualified = TableReference::partial(part.dataset.as_str(), name.as_str());
-                let names = if joint {
-                    vec![qualified]
-                } else {
-                    vec![TableReference::bare(name.as_str()), qualified]
-                };
+                // `dataset.table`, and `dataset.public.table` as Flight SQL
+                // lists it (catalog, schema, table); the bare name only for
+                // one dataset.
+                let mut names = vec![
+                    TableReference::partial(part.dataset.as_str(), name.as_str()),
+                    TableReference::full(part.dataset.as_str(), "public", name.as_str()),
+                ];
+                if !joint {
+                    names.push(TableReference::bare(name.as_str()));
+                }
                 tables.push(SandboxTable {
                     key,
                     schema,
@@ -342,7 +347,7 @@ impl Sandbox {
                 let _ = ctx.register_table(name.as_str(), Arc::new(t));
             }
         }
-        let catalog = ctx.catalog(&ctx.copied_config().options().catalog.default_catalog);
+        let default = ctx.catalog(&ctx.copied_config().options().catalog.default_catalog);
         for t in &self.tables {
             let mut opts = TableParquetOptions::default();
             opts.crypto
@@ -380,8 +385,17 @@ impl Sandbox {
                     None => Arc::new(table),
                 };
             for name in &t.names {
-                // A dataset is a schema of the default catalog, so that
-                // `dataset.table` names its table.
+                // A dataset is a schema of the default catalog (for
+                // `dataset.table`) and a catalog of its own with schema
+                // `public` (for `dataset.public.table`).
+                let catalog = match name {
+                    TableReference::Full { catalog: c, .. } => ctx.catalog(c).or_else(|| {
+                        let new = Arc::new(datafusion::catalog::MemoryCatalogProvider::new());
+                        ctx.register_catalog(c.as_ref(), Arc::clone(&new) as _);
+                        Some(new as _)
+                    }),
+                    _ => default.clone(),
+                };
                 if let (Some(schema), Some(catalog)) = (name.schema(), &catalog)
                     && catalog.schema(schema).is_none()
                 {

@@ -609,8 +609,8 @@ pub(crate) struct Sizes {
     pub(crate) unit_rows: u64,
 }
 
-/// The schemas a query's SQL qualifies its tables with (`nhs_epr` in
-/// `nhs_epr.patients`): the datasets it names, for choosing the engine
+/// The datasets a query's SQL qualifies its tables with (`nhs_epr` in
+/// `nhs_epr.patients` or `nhs_epr.public.patients`): the datasets it names, for choosing the engine
 /// that runs it (issue #15). SQL that does not parse names none; compiling
 /// it reports why.
 pub fn datasets_named(sql: &str) -> BTreeSet<String> {
@@ -627,17 +627,34 @@ pub fn datasets_named(sql: &str) -> BTreeSet<String> {
             .ok()
         })
         .flat_map(|(tables, _)| tables)
-        .filter_map(|t| t.schema().map(str::to_owned))
+        .filter_map(|t| dataset_of(&t).map(str::to_owned))
         .collect()
 }
+
+/// The dataset a table reference names: `d` in `d.table`, and in
+/// `d.public.table` (the catalog and schema Flight SQL lists a dataset's
+/// tables under); none for a bare name.
+pub(crate) fn dataset_of(name: &TableReference) -> Option<&str> {
+    match name {
+        TableReference::Bare { .. } => None,
+        TableReference::Partial { schema, .. } => Some(schema),
+        TableReference::Full {
+            catalog, schema, ..
+        } if catalog.as_ref() == DEFAULT_CATALOG => Some(schema),
+        TableReference::Full { catalog, .. } => Some(catalog),
+    }
+}
+
+/// The catalog a session resolves `schema.table` in.
+pub(crate) const DEFAULT_CATALOG: &str = "datafusion";
 
 /// The policy's name for a table a plan scans (or a column's relation):
 /// `table` for one dataset; `dataset.table` across datasets, where every
 /// dataset table is registered qualified (issue #15). Never a shorter name
 /// than the policy's, so a private table cannot pass for a public one.
 pub(crate) fn table_key(policy: &Policy, name: &TableReference) -> String {
-    match name.schema() {
-        Some(schema) if !policy.parts.is_empty() => format!("{schema}.{}", name.table()),
+    match dataset_of(name) {
+        Some(dataset) if !policy.parts.is_empty() => format!("{dataset}.{}", name.table()),
         _ => name.table().to_owned(),
     }
 }
