@@ -146,6 +146,14 @@ def test_catalog_metadata_shows_the_policy(server):
     assert schema.field("person_id").metadata[b"tre.class"] == b"identifier"
 
 
+def test_a_table_named_as_the_catalog_lists_it_is_queried(server):
+    # Issue #15: catalog.schema.table, as GUI tools write it from the listing.
+    with adbc(server, epsilon="0.3") as conn, conn.cursor() as cur:
+        cur.execute('SELECT sex, COUNT(*) AS n FROM "nhs_epr"."public"."patients" GROUP BY sex')
+        df = cur.fetch_arrow_table().to_pandas()
+    assert {"F", "M"} <= set(df.sex)
+
+
 def test_flightsql_dbapi_is_a_second_client_stack(server):
     client = FlightSQLClient(host="127.0.0.1", port=server.port, insecure=True,
                              token=server.token("alice"),
