@@ -158,7 +158,9 @@ impl Datasets {
         }
         let name = match (named.len(), approved.as_slice()) {
             (0, [one]) => (*one).to_owned(),
-            (0, []) => return Err(not_approved(&self.names().collect::<Vec<_>>().join(", "))),
+            // Without naming what is served: a researcher learns of the
+            // datasets only through their projects.
+            (0, []) => return Err(not_approved("any served here")),
             (0, several) => {
                 return Err(GatewayError::BadRequest(format!(
                     "project '{}' is approved for datasets {}; name the one to query (qualify its tables, as in {}.<table>, or give the request's dataset, the x-tre-dataset header, or --dataset)",
