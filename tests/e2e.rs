@@ -53,7 +53,7 @@ async fn accepted_query_intervals_cover_the_exact_answer() {
     let (mut q, _) = server.clients().await;
     let token = server.token("alice", Role::Researcher);
 
-    let ctx = server.state.engines.first().sandbox_context();
+    let ctx = server.state.engines.now().first().sandbox_context();
     let exact = ctx
         .sql("SELECT region, COUNT(*) AS n, AVG(year_of_birth) AS m FROM patients WHERE NOT research_opt_out GROUP BY region")
         .await

@@ -1271,11 +1271,11 @@ async fn airlock_holds_flagged_releases_until_a_custodian_approves() {
     );
     assert_eq!(
         m.policy_sha256,
-        server.state.engines.first().policy().source_hash
+        server.state.engines.now().first().policy().source_hash
     );
     assert_eq!(
         m.dataset_snapshot_sha256,
-        server.state.engines.first().snapshot_hash()
+        server.state.engines.now().first().snapshot_hash()
     );
     assert!(m.cells.suppressed > 0 && m.sdc_outcome == "review");
     let outcomes = m.cell_outcomes.len() as u64;

@@ -767,6 +767,31 @@ async fn a_killed_import_leaves_the_previous_dataset_whole_and_serveable() {
     assert_eq!(report.tables[1].tally.rows_read, 20 * 8192);
 }
 
+/// The OMOP fixture, imported as `omop_demo` under `OMOP_POLICY`.
+struct ImportedOmop {
+    input: tempfile::TempDir,
+    root: tempfile::TempDir,
+    out: std::path::PathBuf,
+    policy: Policy,
+    omop: Omop,
+}
+
+async fn imported_omop() -> ImportedOmop {
+    let input = ok(tempfile::tempdir());
+    let omop = omop_fixture(input.path());
+    let root = ok(tempfile::tempdir());
+    let out = root.path().join("omop_demo");
+    let policy = ok(Policy::from_toml("omop.toml", OMOP_POLICY));
+    ok(import(&policy, input.path(), &out).await);
+    ImportedOmop {
+        input,
+        root,
+        out,
+        policy,
+        omop,
+    }
+}
+
 /// The exact number of rows `sql`'s one count measures, on `engine`.
 async fn exact_count(engine: &tre_query::Engine, sql: &str) -> i64 {
     let (_, budget) = tre_e2e::compiled(engine, sql).await;
@@ -782,12 +807,13 @@ async fn exact_count(engine: &tre_query::Engine, sql: &str) -> i64 {
 /// stays with the dataset when it is imported again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_opt_out_list_applies_without_a_reimport_and_makes_a_new_version() {
-    let input = ok(tempfile::tempdir());
-    let omop = omop_fixture(input.path());
-    let root = ok(tempfile::tempdir());
-    let out = root.path().join("omop_demo");
-    let policy = ok(Policy::from_toml("omop.toml", OMOP_POLICY));
-    ok(import(&policy, input.path(), &out).await);
+    let ImportedOmop {
+        input,
+        root,
+        out,
+        policy,
+        omop,
+    } = imported_omop().await;
     let key = Arc::new(master());
     let persons = "SELECT COUNT(*) AS n FROM person";
     let conditions = "SELECT COUNT(*) AS n FROM condition_occurrence";
@@ -848,6 +874,89 @@ async fn an_opt_out_list_applies_without_a_reimport_and_makes_a_new_version() {
     let err = tre_import::opt_outs::replace(&root.path().join("other"), &policy, &key, &list_file)
         .expect_err("wrong directory");
     assert_eq!(err.code(), Code::ImportSchema);
+}
+
+/// Issue #15: a running gateway serves a new opt-out list from a reload
+/// (what SIGHUP does in `tre serve`), without a restart: queries after it
+/// leave the new opt-outs out and their manifests name the new version,
+/// while a query that began before it finishes on the old engines. A
+/// reload that would serve other datasets is refused and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_serves_a_new_opt_out_list_without_a_restart() {
+    let ImportedOmop {
+        root,
+        out,
+        policy,
+        omop,
+        ..
+    } = imported_omop().await;
+    let key = Arc::new(master());
+    let server = tre_e2e::start_over(&out, policy.clone(), &[("o1", &["olga"], 10.0)]).await;
+    let persons = "SELECT COUNT(*) AS n FROM person";
+    let before = server.state.engines.now();
+    assert_eq!(
+        exact_count(before.first(), persons).await,
+        omop.persons as i64
+    );
+
+    let mut list = String::new();
+    for p in 1..=50 {
+        let _ = writeln!(list, "{p}");
+    }
+    let list_file = root.path().join("optouts.txt");
+    ok(std::fs::write(&list_file, list));
+    ok(tre_import::opt_outs::replace(
+        &out, &policy, &key, &list_file,
+    ));
+    let reloaded = ok(server.state.engines.reload(vec![ok(tre_e2e::engine_under(
+        policy.clone(),
+        &out,
+        Arc::clone(&key),
+    ))]));
+    let after = server.state.engines.now();
+    assert!(Arc::ptr_eq(&reloaded, &after));
+    assert_ne!(
+        before.first().snapshot_hash(),
+        after.first().snapshot_hash()
+    );
+    assert_eq!(
+        exact_count(after.first(), persons).await,
+        omop.persons as i64 - 50
+    );
+    // Held by a query that began before the reload, the old engine still
+    // answers as it did.
+    assert_eq!(
+        exact_count(before.first(), persons).await,
+        omop.persons as i64
+    );
+    // A query now is served by the new version, which its manifest names.
+    let (mut q, _) = server.clients().await;
+    let reply = ok(q
+        .submit(authed(
+            pb::QueryRequest {
+                project: "o1".into(),
+                sql: persons.into(),
+                epsilon: Some(0.5),
+                ..Default::default()
+            },
+            &server.token("olga", Role::Researcher),
+        ))
+        .await)
+    .into_inner();
+    let stored = ok(server.state.store.release(&reply.release_id))
+        .unwrap_or_else(|| panic!("no release {}", reply.release_id));
+    let manifest: tre_store::manifest::SignedManifest = ok(serde_json::from_str(&stored.manifest));
+    assert_eq!(
+        manifest.manifest.dataset_snapshot_sha256,
+        after.first().snapshot_hash()
+    );
+    // Serving other datasets needs a restart; the reload changes nothing.
+    let other = ok(tre_e2e::engine_on(
+        &tre_e2e::fixture().data,
+        Arc::clone(&key),
+    ));
+    assert!(server.state.engines.reload(vec![other]).is_err());
+    assert!(Arc::ptr_eq(&server.state.engines.now(), &after));
 }
 
 /// Issue #15: one gateway serves the synthetic `nhs_epr` and an imported
@@ -1011,7 +1120,7 @@ async fn two_datasets_one_gateway_with_scoped_custodians() {
         ),
         Code::UnknownTable.as_str()
     );
-    assert!(server.state.engines.joint_names().next().is_none());
+    assert!(server.state.engines.now().joint_names().next().is_none());
     // Each dataset keeps its own lifetime ledger.
     let usage = |d: &str| ok(server.state.store.dataset_usage(d)).epsilon_nanos;
     assert!(usage("nhs_epr") > 0 && usage("omop_demo") > 0);
@@ -1122,14 +1231,13 @@ async fn a_join_across_linked_datasets_runs_under_the_strictest_rules() {
         &[("pn", &["alice"], "nhs_epr", 10.0)],
     )
     .await;
+    let served = server.state.engines.now();
     assert_eq!(
-        server.state.engines.joint_names().collect::<Vec<_>>(),
+        served.joint_names().collect::<Vec<_>>(),
         ["gp_survey+nhs_epr"]
     );
     // The joint engine's rules are each at its strictest.
-    let joint = server
-        .state
-        .engines
+    let joint = served
         .get("gp_survey+nhs_epr")
         .unwrap_or_else(|| panic!("no joint engine"));
     assert_eq!(joint.profile().suppress_below, 21, "all_of_us's threshold");
@@ -1143,7 +1251,7 @@ async fn a_join_across_linked_datasets_runs_under_the_strictest_rules() {
     // One admission for the gateway: a query running on the joint engine
     // holds a slot every engine counts.
     let held = ok(joint.admit("linked").await);
-    let running = |d: &str| server.state.engines.get(d).map(|e| e.load().0);
+    let running = |d: &str| served.get(d).map(|e| e.load().0);
     assert_eq!(
         (running("nhs_epr"), running("gp_survey")),
         (Some(1), Some(1))

@@ -407,7 +407,9 @@ fn open_state_engines(state_dir: &std::path::Path, engines: Vec<Engine>) -> AppS
         .recover_interrupted()
         .unwrap_or_else(|e| panic!("{e}"));
     AppState {
-        engines: tre_gateway::Datasets::new(engines).unwrap_or_else(|e| panic!("{e}")),
+        engines: tre_gateway::Served::new(
+            tre_gateway::Datasets::new(engines).unwrap_or_else(|e| panic!("{e}")),
+        ),
         store: Box::new(store),
         issuer: Issuer::load_or_create(state_dir).unwrap_or_else(|e| panic!("{e}")),
         notary,

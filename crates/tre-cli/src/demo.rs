@@ -189,7 +189,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             id: project.clone(),
             title: "NHS service use and outcomes".into(),
             purpose: "How do admissions, diabetes control, COVID-19 treatment and waiting times vary across England?".into(),
-            datasets: vec![state.engines.first().policy().dataset.clone()],
+            datasets: vec![state.engines.now().first().policy().dataset.clone()],
             epsilon: DEMO_BUDGET,
             delta: 1e-6,
             members: vec!["rhea".into()],
@@ -474,11 +474,11 @@ fn python_snippet(bound: &SocketAddr, token_file: &Path) -> String {
 }
 
 async fn serve_forever(args: &DemoArgs, state: Arc<AppState>) -> Result<()> {
-    let budget = state.engines.first().policy().budget;
+    let budget = state.engines.now().first().policy().budget;
     state.store.seed_project(&ProjectSeed {
         id: ProjectId::new("demo")?,
         title: "Demo: NHS service use and outcomes".into(),
-        dataset: state.engines.first().policy().dataset.clone(),
+        dataset: state.engines.now().first().policy().dataset.clone(),
         epsilon: budget.project_epsilon,
         delta: budget.project_delta,
         members: vec![UserId::new("researcher")?],

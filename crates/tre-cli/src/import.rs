@@ -327,10 +327,10 @@ pub fn optouts(args: OptOutArgs) -> Result<()> {
     let notary: Arc<dyn tre_store::Notary> =
         Arc::new(tre_gateway::AuditNotary::load_or_create(&args.state)?);
     let store = tre_store::SqliteStore::open(&args.state.join("tre.db"), notary, 100)?;
-    let mut event = tre_store::AuditEvent::new("(operator)", "admin", "", "dataset.optouts");
+    let mut event = tre_store::AuditEvent::new(setup::OPERATOR, "admin", "", "dataset.optouts");
     event.set_outcome(tre_core::Outcome::Allowed);
     event.detail = format!(
-        "dataset {}: opt-out list replaced from {}: {} identifiers, {} patients (digest {}); the gateway applies it from its next start",
+        "dataset {}: opt-out list replaced from {}: {} identifiers, {} patients (digest {}); the gateway applies it on SIGHUP or at its next start",
         policy.dataset,
         args.from.display(),
         report.identifiers,
@@ -341,7 +341,7 @@ pub fn optouts(args: OptOutArgs) -> Result<()> {
         "the opt-out list was replaced but its audit event could not be written; record it by hand",
     )?;
     println!(
-        "dataset '{}': {} opted-out patients from {} identifiers (digest {}); restart the gateway to apply the list",
+        "dataset '{}': {} opted-out patients from {} identifiers (digest {}); send the gateway SIGHUP (or restart it) to apply the list",
         policy.dataset,
         report.patients,
         report.identifiers,

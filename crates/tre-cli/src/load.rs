@@ -137,8 +137,9 @@ async fn throughput(
     // gateway calls, in this process (no transport, no authentication).
     let mut c = Client::connect(url, token).await?;
     let repeats = tre_release::Repeats::default();
+    let served = state.engines.now();
     let pipeline = tre_release::Pipeline {
-        engine: state.engines.first(),
+        engine: served.first(),
         store: &*state.store,
         notary: &*state.notary,
         repeats: &repeats,

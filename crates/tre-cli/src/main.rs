@@ -88,7 +88,7 @@ enum DatasetCommand {
     /// into encrypted, sorted, bounded extracts, with a report.
     Import(import::ImportArgs),
     /// Replace a dataset's National Data Opt-out list without a re-import
-    /// (audited; the gateway applies it from its next start).
+    /// (audited; the gateway applies it on SIGHUP or at its next start).
     Optouts(import::OptOutArgs),
     /// Describe the input's values for the custodian finishing a draft:
     /// missing values, ranges, values with counts, rows per patient. It

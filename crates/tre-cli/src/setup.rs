@@ -362,16 +362,35 @@ pub fn open_engine(
     )?)
 }
 
-/// Open everything the gateway needs, failing with the precise reason.
-pub fn open_state(args: &ServeArgs) -> Result<AppState> {
-    std::fs::create_dir_all(&args.state)
-        .with_context(|| format!("cannot create {}", args.state.display()))?;
-    let engine = open_engine(
+/// The engine of every dataset `args` serves: `--data` under `--policy`,
+/// then each `--also-serve`.
+pub fn open_engines(args: &ServeArgs) -> Result<Vec<Engine>> {
+    let mut engines = vec![open_engine(
         args.policy.as_deref(),
         args.sdc_dir.as_deref(),
         &args.data,
         &args.key_file,
-    )?;
+    )?];
+    for spec in &args.also_serve {
+        let (data, policy) = spec
+            .split_once('=')
+            .with_context(|| format!("--also-serve {spec}: write DATA_DIR=POLICY_FILE"))?;
+        engines.push(open_engine(
+            Some(Path::new(policy)),
+            args.sdc_dir.as_deref(),
+            Path::new(data),
+            &args.key_file,
+        )?);
+    }
+    Ok(engines)
+}
+
+/// Open everything the gateway needs, failing with the precise reason.
+pub fn open_state(args: &ServeArgs) -> Result<AppState> {
+    std::fs::create_dir_all(&args.state)
+        .with_context(|| format!("cannot create {}", args.state.display()))?;
+    let engines = open_engines(args)?;
+    let engine = engines.first().context("no dataset to serve")?;
     let notary: Arc<dyn tre_store::Notary> = Arc::new(AuditNotary::load_or_create(&args.state)?);
     let metrics = tre_gateway::Metrics::new();
     let store = SqliteStore::open(
@@ -412,19 +431,9 @@ pub fn open_state(args: &ServeArgs) -> Result<AppState> {
             end_date,
         })?;
     }
-    let mut engines = vec![engine];
-    for spec in &args.also_serve {
-        let (data, policy) = spec
-            .split_once('=')
-            .with_context(|| format!("--also-serve {spec}: write DATA_DIR=POLICY_FILE"))?;
-        engines.push(open_engine(
-            Some(Path::new(policy)),
-            args.sdc_dir.as_deref(),
-            Path::new(data),
-            &args.key_file,
-        )?);
-    }
-    let engines = tre_gateway::Datasets::new(engines).map_err(|e| anyhow::anyhow!(e))?;
+    let engines = tre_gateway::Served::new(
+        tre_gateway::Datasets::new(engines).map_err(|e| anyhow::anyhow!(e))?,
+    );
     Ok(AppState {
         engines,
         store: Box::new(store),
@@ -435,6 +444,54 @@ pub fn open_state(args: &ServeArgs) -> Result<AppState> {
     })
 }
 
+/// On each SIGHUP, open every dataset again (a new opt-out list, a new
+/// import) and serve the new engines from then on; queries already running
+/// finish on the old ones. Each reload is in the audit log, with the
+/// version (snapshot hash) now served, or why it failed, in which case the
+/// old engines stay.
+async fn reload_on_hangup(state: Arc<AppState>, args: ServeArgs) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        eprintln!("cannot listen for SIGHUP; restart the gateway to serve new versions");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        let args = args.clone();
+        let opened = tokio::task::spawn_blocking(move || open_engines(&args)).await;
+        let mut event = tre_store::AuditEvent::new(OPERATOR, "admin", "", "dataset.reload");
+        match opened
+            .map_err(|e| anyhow::anyhow!(e))
+            .and_then(|r| r)
+            .and_then(|engines| {
+                state
+                    .engines
+                    .reload(engines)
+                    .map_err(|e| anyhow::anyhow!(e))
+            }) {
+            Ok(served) => {
+                let versions: Vec<String> = served
+                    .iter()
+                    .map(|e| format!("{} {}", e.policy().dataset, e.snapshot_hash()))
+                    .collect();
+                eprintln!("reloaded: {}", versions.join(", "));
+                event.set_outcome(tre_core::Outcome::Allowed);
+                event.detail = format!("serving {}", versions.join(", "));
+            }
+            Err(e) => {
+                eprintln!("reload failed, still serving the previous versions: {e:#}");
+                event.set_outcome(tre_core::Outcome::Refused);
+                event.detail = format!("reload failed: {e:#}");
+            }
+        }
+        if let Err(e) = state.store.append_audit(&event) {
+            eprintln!("cannot record the reload in the audit log: {e}");
+        }
+    }
+}
+
+/// Who the audit log names for what the operator does at the server.
+pub const OPERATOR: &str = "(operator)";
+
 pub async fn serve(args: ServeArgs) -> Result<()> {
     let tls = args.tls()?;
     let state = Arc::new(open_state(&args)?);
@@ -444,7 +501,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     eprintln!(
         "tre gateway listening on {} (datasets {}, {}); audit public key in {}",
         listener.local_addr()?,
-        state.engines.names().collect::<Vec<_>>().join(", "),
+        state.engines.now().names().collect::<Vec<_>>().join(", "),
         match &tls {
             Some(t) if t.client_ca_pem.is_some() => "mutual TLS",
             Some(_) => "TLS",
@@ -452,13 +509,20 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         },
         args.state.join("audit.pub").display()
     );
-    let joints: Vec<&str> = state.engines.joint_names().collect();
+    let served = state.engines.now();
+    let joints: Vec<&str> = served.joint_names().collect();
     if !joints.is_empty() {
         eprintln!(
             "datasets a query may join (one privacy unit and linkage; tables named dataset.table): {}",
             joints.join(", ")
         );
     }
+    drop(served);
+    eprintln!(
+        "after `tre dataset optouts` or an import, send SIGHUP (kill -HUP {}) to serve the new versions without a restart",
+        std::process::id()
+    );
+    tokio::spawn(reload_on_hangup(Arc::clone(&state), args.clone()));
     // Written down by the auditor now, it pins later verification to this
     // key: a key swapped on disk no longer passes (issue #11).
     eprintln!(

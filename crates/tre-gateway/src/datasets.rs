@@ -15,6 +15,52 @@ use tre_store::Project;
 
 use crate::GatewayError;
 
+/// What a gateway serves now: its [`Datasets`], replaced whole when the
+/// operator reloads them (a new opt-out list or import, issue #15). A call
+/// takes the current set once and keeps it, so a query started before a
+/// reload finishes on the engines it began with.
+pub struct Served {
+    current: std::sync::RwLock<Arc<Datasets>>,
+}
+
+impl Served {
+    pub fn new(datasets: Datasets) -> Self {
+        Self {
+            current: std::sync::RwLock::new(Arc::new(datasets)),
+        }
+    }
+
+    /// The datasets served now.
+    pub fn now(&self) -> Arc<Datasets> {
+        // A poisoned lock still holds a whole set: swaps never fail half
+        // way.
+        Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Serve `engines` from now on, in place of the current set, which
+    /// must name the same datasets. They are admitted from the current
+    /// slots, so queries on the old and the new engines together stay
+    /// within the limits.
+    pub fn reload(&self, mut engines: Vec<Engine>) -> Result<Arc<Datasets>, String> {
+        let old = self.now();
+        if let Some(first) = engines.first_mut() {
+            first.share_slots(old.first());
+        }
+        let new = Datasets::new(engines)?;
+        let (was, is): (Vec<&str>, Vec<&str>) = (old.names().collect(), new.names().collect());
+        if was != is {
+            return Err(format!(
+                "a reload serves the same datasets ({}), not {}; restart the gateway to change them",
+                was.join(", "),
+                is.join(", ")
+            ));
+        }
+        let new = Arc::new(new);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&new);
+        Ok(new)
+    }
+}
+
 /// The most datasets one query may join. Every combination of datasets
 /// that may be joined gets an engine at start-up, so this bounds their
 /// number.
@@ -91,6 +137,22 @@ impl Datasets {
             })
             .map(str::to_owned)
             .collect()
+    }
+
+    /// The engine of one dataset served here (not of datasets queried
+    /// together).
+    pub fn dataset(&self, name: &str) -> Option<&Engine> {
+        self.engines.get(name).map(AsRef::as_ref)
+    }
+
+    /// Whether one dataset of this name is served here.
+    pub fn serves(&self, name: &str) -> bool {
+        self.engines.contains_key(name)
+    }
+
+    /// The engine of each dataset, shared.
+    pub fn arcs(&self) -> impl Iterator<Item = &Arc<Engine>> {
+        self.engines.values()
     }
 
     /// The names of the combinations of datasets that may be queried

@@ -42,7 +42,7 @@ mod service;
 mod transport;
 
 pub use auth::{AuditNotary, Claims, Issuer};
-pub use datasets::Datasets;
+pub use datasets::{Datasets, Served};
 pub use error::{GatewayError, ServerFault};
 pub use flight::{DATASET_HEADER, DELTA_HEADER, EPSILON_HEADER, PROJECT_HEADER, TOTALS_HEADER};
 pub use metrics::{Metrics, serve_metrics};
@@ -50,8 +50,9 @@ pub use transport::ConnectionLimits;
 
 /// What every handler shares.
 pub struct AppState {
-    /// The datasets served, each with its engine (issue #15).
-    pub engines: Datasets,
+    /// The datasets served, each with its engine (issue #15), replaced
+    /// whole on a reload.
+    pub engines: Served,
     pub store: Box<dyn Store>,
     pub issuer: Issuer,
     /// Signs release manifests (the same key as the audit log).

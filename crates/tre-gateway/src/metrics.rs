@@ -182,7 +182,7 @@ pub async fn serve_metrics(
     let scrape = move || {
         let state = Arc::clone(&state);
         async move {
-            match state.metrics.render(&state.engines) {
+            match state.metrics.render(&state.engines.now()) {
                 Ok(text) => (
                     StatusCode::OK,
                     [(

@@ -36,8 +36,8 @@ impl Services {
         req: pb::RequestProjectRequest,
         note: &mut Note,
     ) -> Result<pb::ProjectInfo, GatewayError> {
-        let engines = &self.state.engines;
-        if let Some(unknown) = req.datasets.iter().find(|d| engines.get(d).is_none()) {
+        let engines = self.state.engines.now();
+        if let Some(unknown) = req.datasets.iter().find(|d| !engines.serves(d)) {
             return Err(GatewayError::BadRequest(format!(
                 "no dataset '{unknown}' on this server; list datasets first"
             )));

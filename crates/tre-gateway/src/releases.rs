@@ -29,7 +29,7 @@ impl Services {
     /// says (its manifest names the dataset); if that cannot be read, the
     /// most any served dataset asks.
     fn approvals_for(&self, r: &StoredRelease) -> u8 {
-        let engines = &self.state.engines;
+        let engines = self.state.engines.now();
         serde_json::from_str::<tre_store::manifest::SignedManifest>(&r.manifest)
             .ok()
             .and_then(|m| engines.get(&m.manifest.dataset))

@@ -348,11 +348,12 @@ impl Services {
         project: &str,
         dataset: Option<&str>,
         sql: &str,
-    ) -> Result<(tre_store::Project, &Arc<tre_query::Engine>), GatewayError> {
+    ) -> Result<(tre_store::Project, Arc<tre_query::Engine>), GatewayError> {
         let p = self.state.store.project(&ProjectId::new(project)?)?;
         authz::project_scope(who, &p, true)?;
         let today = tre_store::today();
-        match self.state.engines.for_project(&p, dataset, sql) {
+        let served = self.state.engines.now();
+        match served.for_project(&p, dataset, sql).map(Arc::clone) {
             Ok(engine) => {
                 for part in engine.policy().covers() {
                     p.check_queryable(&part.dataset, today)?;
@@ -361,7 +362,7 @@ impl Services {
             }
             Err(e) => {
                 // A suspended or expired project says so first.
-                let named = dataset.unwrap_or(&self.state.engines.first().policy().dataset);
+                let named = dataset.unwrap_or(&served.first().policy().dataset);
                 p.check_queryable(named, today)?;
                 Err(e)
             }
@@ -412,7 +413,6 @@ impl Services {
         note: &mut Note,
     ) -> Result<tre_release::Released, GatewayError> {
         let (project, engine) = self.queryable_project(who, project, dataset, &query.sql)?;
-        let engine = Arc::clone(engine);
         // From here the pipeline writes the event and settles any charge,
         // in a task of its own that runs whatever the client does. A client
         // that hangs up cancels it: before the charge nothing is spent;
@@ -458,7 +458,7 @@ impl Services {
         note: &mut Note,
     ) -> Result<(tre_store::Project, tre_query::PrivatePlan), GatewayError> {
         let (project, engine) = self.queryable_project(who, project, dataset, &query.sql)?;
-        let plan = self.pipeline(engine).plan(query).await?;
+        let plan = self.pipeline(&engine).plan(query).await?;
         note.plan_hash = plan.plan_hash().to_owned();
         Ok((project, plan))
     }
@@ -506,7 +506,7 @@ impl Services {
         &self,
         req: &pb::DescribeTableRequest,
     ) -> Result<pb::DescribeTableResponse, GatewayError> {
-        let engines = &self.state.engines;
+        let engines = self.state.engines.now();
         let policy = if req.dataset.is_empty() {
             // The first dataset that has the table (the only one, on a
             // single-dataset gateway).
@@ -517,7 +517,7 @@ impl Services {
                 .unwrap_or_else(|| engines.first().policy())
         } else {
             engines
-                .get(&req.dataset)
+                .dataset(&req.dataset)
                 .map(tre_query::Engine::policy)
                 .ok_or_else(|| {
                     GatewayError::NotFound(format!(
@@ -543,12 +543,12 @@ impl Services {
     pub(crate) fn visible_datasets(
         &self,
         who: &Principal,
-    ) -> Result<Vec<&tre_query::Engine>, GatewayError> {
-        let engines = &self.state.engines;
+    ) -> Result<Vec<Arc<tre_query::Engine>>, GatewayError> {
+        let engines = self.state.engines.now();
         if who.role != tre_core::Role::Researcher {
             // A scoped custodian sees the datasets they hold.
             return Ok(engines
-                .iter()
+                .arcs()
                 .filter(|e| {
                     who.role != tre_core::Role::Custodian
                         || who
@@ -556,18 +556,20 @@ impl Services {
                             .as_ref()
                             .is_none_or(|held| held.contains(&e.policy().dataset))
                 })
+                .cloned()
                 .collect());
         }
         let today = tre_store::today();
         let projects = self.state.store.projects()?;
         Ok(engines
-            .iter()
+            .arcs()
             .filter(|e| {
                 projects.iter().any(|p| {
                     p.members.contains(&who.user)
                         && p.check_queryable(&e.policy().dataset, today).is_ok()
                 })
             })
+            .cloned()
             .collect())
     }
 }
@@ -618,7 +620,7 @@ impl CatalogService for Services {
                     .collect();
                 // Only datasets the caller may see are named as joinable.
                 let joins_with = |name: &str| {
-                    let mut joins = self.state.engines.joins_with(name);
+                    let mut joins = self.state.engines.now().joins_with(name);
                     joins.retain(|d| names.contains(&d.as_str()));
                     joins
                 };

@@ -4,8 +4,9 @@
 //! import, so it names the same patients, and written beside the extracts
 //! as `_opt_outs.parquet` through `ExtractWriter`: encrypted, sorted, and
 //! in place in one rename. The server leaves these patients out of every
-//! table from its next start, and the dataset's version (the snapshot hash
-//! that releases and manifests carry) changes with the list.
+//! table once it reloads its datasets (SIGHUP, or its next start), and the
+//! dataset's version (the snapshot hash that releases and manifests carry)
+//! changes with the list.
 
 use std::collections::BTreeSet;
 use std::io::BufRead;
