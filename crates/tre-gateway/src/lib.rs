@@ -8,7 +8,10 @@
 //! calls included), bounds connections and request sizes (`transport.rs`),
 //! serves the same releases over Arrow Flight SQL for stock clients
 //! (`flight.rs`), serves operator metrics on an address of their own
-//! (`metrics.rs`), and converts between domain types and proto types.
+//! (`metrics.rs`), chooses the engine of the datasets a query names, one
+//! dataset's or a joint one's, from the set it serves now, which a reload
+//! replaces whole (`datasets.rs`), and converts between domain types and
+//! proto types.
 //! Errors become gRPC statuses in one exhaustive match (`error.rs`).
 //!
 //! This crate and tre-cli are the only ones that know tonic and the proto
